@@ -1,0 +1,32 @@
+# quantbench: `make demo` runs the comparison on the bundled sample model; `make test` runs
+# every test. Both create .venv if missing and install torch==2.13.0 (the CPU wheel) first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.quantbench-installed
+DEMO_OUT ?= demo-results
+
+.PHONY: demo test test-fast venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
+	$(BIN)/python -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/quantbench compare sample:smollm2 --method absmax,zeropoint --bits 8,4 \
+		--group-size 64 --json $(DEMO_OUT)/compare.json --plot $(DEMO_OUT)/compare.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,22 @@
+"""quantbench: quantize language models, write the formats runtimes load, prove the quality."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from quantbench.api import compare, evaluate, inspect, load_model, quantize, save  # noqa: E402
+from quantbench.config import IntGridConfig, QuantizeConfig, TargetConfig  # noqa: E402
+from quantbench.tensor import QuantizedTensor  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "quantize",
+    "save",
+    "evaluate",
+    "compare",
+    "inspect",
+    "IntGridConfig",
+    "QuantizeConfig",
+    "TargetConfig",
+    "QuantizedTensor",
+]

@@ -1,0 +1,62 @@
+"""The Python API: ``load_model``, ``quantize``, ``save``, ``evaluate``, ``compare``, ``inspect``.
+
+Thin wrappers that accept friendly arguments and delegate to the registered pieces.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from quantbench.config import QuantizeConfig, TargetConfig
+from quantbench.models.loader import Model, load_model
+
+
+def _as_model(model: "Model | str | os.PathLike", trust_remote_code: bool = False) -> Model:
+    return model if isinstance(model, Model) else load_model(model, trust_remote_code)
+
+
+def quantize(model: "Model | str", method: str = "zeropoint", bits: int = 4,
+             group_size: int = 128, symmetric: bool | None = None,
+             targets: TargetConfig | None = None, config: QuantizeConfig | None = None,
+             **options: Any):
+    """Quantize ``model`` (a ``Model`` or a source string); returns a lazy ``QuantizedModel``.
+
+    >>> q = quantize("sample:smollm2", method="zeropoint", bits=4, group_size=64)  # doctest: +SKIP
+    """
+    from quantbench.quant.run import make_config, quantize as run_quantize
+
+    if config is None:
+        config = make_config(method, bits, group_size, symmetric, targets, **options)
+    return run_quantize(_as_model(model), config)
+
+
+def save(qmodel, out: "str | os.PathLike", format: str = "dense", overwrite: bool = False,
+         progress: bool = False) -> Path:
+    """Write a quantized model in ``format``; atomic: a failure leaves nothing behind."""
+    from quantbench.formats.io import write_artifact
+    from quantbench.progress import block_progress
+
+    with block_progress(qmodel.num_steps(), f"writing {format}", enabled=progress) as step:
+        return write_artifact(qmodel, Path(out), format, overwrite=overwrite, on_step=step)
+
+
+def evaluate(target, baseline=None, **kwargs: Any):
+    """Perplexity, KLD and top-1 of an artifact (or source) against its FP baseline."""
+    from quantbench.eval.run import evaluate_one
+
+    return evaluate_one(target, baseline=baseline, **kwargs)
+
+
+def compare(source, methods=("absmax", "zeropoint"), bits=(8, 4), **kwargs: Any):
+    """Quantize ``source`` with every method × bits, write, read back, evaluate, tabulate."""
+    from quantbench.eval.compare import run_compare
+
+    return run_compare(source, methods=methods, bits=bits, **kwargs)
+
+
+def inspect(path: "str | os.PathLike") -> dict[str, Any]:
+    """Format, config, tensors with dtypes/shapes/bits, total size and bits per weight."""
+    from quantbench.formats.inspect import inspect_artifact
+
+    return inspect_artifact(Path(path))

@@ -1,0 +1,250 @@
+"""``quantbench`` command line: convert, eval, compare, inspect, list."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from quantbench.errors import QuantbenchError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _csv(kind):
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError as exc:
+            raise click.BadParameter(f"expected a comma-separated list ({exc})") from exc
+    return convert
+
+
+def _protocol_options(f):
+    options = [
+        click.option("--ctx", type=int, default=None, help="Context length per window (512)."),
+        click.option("--max-tokens", type=int, default=None,
+                     help="Cap on evaluated tokens (16384; 0 = whole text)."),
+        click.option("--windows", "n_windows", type=int, default=None, help="Cap on windows."),
+        click.option("--scoring", type=click.Choice(["full", "half"]), default=None,
+                     help="full: every next token; half: llama.cpp's second-half scoring."),
+        click.option("--data", type=str, default=None,
+                     help="Eval text: .txt or .jsonl with a 'text' field (WikiText-2 test)."),
+        click.option("--no-cache", is_flag=True, help="Do not read or write the baseline cache."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _protocol_fields(ctx, max_tokens, n_windows, scoring, data) -> dict[str, Any]:
+    fields = {"ctx": ctx, "n_windows": n_windows, "scoring": scoring, "data": data}
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens or None
+    return fields
+
+
+def _write_json(path: str | None, payload: Any) -> None:
+    if path:
+        from quantbench.formats.manifest import write_json_atomic
+
+        write_json_atomic(Path(path), payload)
+        err.print(f"wrote {path}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantbench")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """Quantize language models, write the formats runtimes load, and prove the quality."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--method", "-m", default="zeropoint", show_default=True)
+@click.option("--bits", "-b", type=int, default=4, show_default=True)
+@click.option("--group-size", "-g", type=int, default=128, show_default=True,
+              help="Columns per group; -1 per output channel, 0 per tensor.")
+@click.option("--symmetric/--zero-point", default=None,
+              help="Grid kind (default: what the method implies).")
+@click.option("--format", "-f", "fmt", default="dense", show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--include", multiple=True, help="Regex of module names to quantize (repeatable).")
+@click.option("--exclude", multiple=True, help="Regex of module names to keep (repeatable).")
+@click.option("--quantize-embeddings", is_flag=True, help="Also quantize the token embeddings.")
+@click.option("--quantize-lm-head", is_flag=True, help="Also quantize lm_head.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code.")
+@click.option("--json", "json_path", default=None, help="Write the manifest summary here.")
+def convert(source, method, bits, group_size, symmetric, fmt, output, include, exclude,
+            quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code, json_path):
+    """Quantize SOURCE and write it to OUTPUT in --format."""
+    from quantbench.config import TargetConfig
+    from quantbench.formats.io import write_artifact
+    from quantbench.models.loader import load_model
+    from quantbench.progress import block_progress
+    from quantbench.quant.run import make_config, quantize
+    from quantbench.registry import get_format
+
+    targets = TargetConfig(tuple(include), tuple(exclude), quantize_embeddings, quantize_lm_head)
+    config = make_config(method, bits, group_size, symmetric, targets)
+    writer = get_format(fmt)()
+    model = load_model(source, trust_remote_code=trust_remote_code)
+    qmodel = quantize(model, config)
+    writer.check(config, model.tied_embeddings, qmodel.targets)
+    with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
+        write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step)
+    manifest = json.loads((output / "quantbench.json").read_text())
+    summary = manifest["summary"]
+    out.print(f"[green]wrote[/] {output}  ({fmt}, {len(qmodel.targets)} tensors quantized, "
+              f"{summary['bits_per_weight_quantized']} bits/weight, "
+              f"{summary['size_bytes'] / 1e6:.1f} MB)")
+    _write_json(json_path, manifest)
+
+
+@cli.command(name="eval")
+@click.argument("target")
+@click.option("--baseline", default=None, help="Baseline source (default: the artifact's source).")
+@_protocol_options
+@click.option("--json", "json_path", default=None, help="Write the report as JSON.")
+def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cache, json_path):
+    """Perplexity, KLD and top-1 of TARGET against its FP baseline (or of a source alone)."""
+    from quantbench.eval.run import evaluate_one
+
+    report = evaluate_one(target, baseline=baseline, progress=True, use_cache=not no_cache,
+                          **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
+    table = Table(title=f"{target} — {report.protocol.describe()}")
+    for col in ("model", "ppl", "Δppl %", "KLD mean", "KLD p99", "top-1 %", "tokens"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    b = report.baseline
+    table.add_row("baseline" + (" (cached)" if b.cached else ""), f"{b.ppl:.4f}", "", "", "", "",
+                  str(b.n_tokens))
+    for name, r in report.results.items():
+        table.add_row(name, f"{r.ppl:.4f}", f"{r.delta_ppl_pct:+.3f}", f"{r.kld_mean:.5f}",
+                      f"{r.kld_p99:.4f}", f"{100 * r.top1:.2f}", str(r.n_tokens))
+    out.print(table)
+    _write_json(json_path, report.to_dict())
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--method", "-m", "methods", default="absmax,zeropoint", show_default=True,
+              callback=_csv(str))
+@click.option("--bits", "-b", default="8,4", show_default=True, callback=_csv(int))
+@click.option("--group-size", "-g", type=int, default=128, show_default=True)
+@click.option("--format", "-f", "fmt", default="compressed-tensors", show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep the artifacts here (default: a temporary directory).")
+@_protocol_options
+@click.option("--json", "json_path", default="compare.json", show_default=True)
+@click.option("--plot", "plot_path", default="compare.png", show_default=True)
+def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_windows,
+            scoring, data, no_cache, json_path, plot_path):
+    """Quantize SOURCE with each method × bits, evaluate all, print a table, save JSON + plot."""
+    from quantbench.eval.compare import run_compare
+    from quantbench.eval.report import plot_size_vs_quality, render_table
+
+    result = run_compare(source, methods=methods, bits=bits, group_size=group_size, fmt=fmt,
+                         out_dir=out_dir, progress=True, use_cache=not no_cache,
+                         **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
+    title = f"quantbench compare — {source} ({fmt})"
+    out.print(render_table(result.rows, title, result.report.protocol.describe()))
+    _write_json(json_path, {"source": source, "format": fmt, **result.to_dict()})
+    if plot_path:
+        plot_size_vs_quality(result.rows, Path(plot_path), title)
+        err.print(f"wrote {plot_path}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--tensors/--no-tensors", default=False, help="List every tensor.")
+@click.option("--json", "json_path", default=None)
+def inspect(artifact, tensors, json_path):
+    """Format, config, tensors, size and bits per weight of ARTIFACT."""
+    from quantbench.formats.inspect import inspect_artifact
+
+    info = inspect_artifact(artifact)
+    head = Table(title=str(artifact), show_header=False)
+    for key in ("format", "architecture", "size_bytes", "weights", "quantized_weights",
+                "bits_per_weight_quantized", "bits_per_weight", "files_ok"):
+        head.add_row(key, str(info[key]))
+    if info.get("quantize"):
+        q = info["quantize"]
+        head.add_row("method", f"{q['method']} {q['grid']}")
+    if info.get("eval"):
+        e = info["eval"]
+        head.add_row("eval", f"ppl {e.get('ppl')}  Δppl {e.get('delta_ppl_pct')}%  "
+                     f"KLD {e.get('kld_mean')}")
+    out.print(head)
+    if tensors:
+        table = Table()
+        for col in ("tensor", "shape", "dtype", "grid", "bits/weight"):
+            table.add_column(col)
+        for t in info["tensors"]:
+            table.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"],
+                          t["grid"] or "", str(t["bits_per_weight"]))
+        out.print(table)
+    _write_json(json_path, info)
+
+
+@cli.command(name="list")
+def list_cmd():
+    """Registered methods and formats."""
+    from quantbench.registry import format_names, get_format, get_method, method_names
+
+    table = Table(title="methods")
+    table.add_column("name")
+    table.add_column("what")
+    for name in method_names():
+        table.add_row(name, escape(get_method(name).description))
+    out.print(table)
+    table = Table(title="formats")
+    table.add_column("name")
+    table.add_column("what")
+    for name in format_names():
+        table.add_row(name, escape(get_format(name).description))
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        err.print(f"error: {exc.format_message()}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except QuantbenchError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # last resort: one line, traceback only with --debug
+        if debug:
+            raise
+        err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                  "traceback and report it)", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Frozen configuration dataclasses for grids, target selection and quantization runs.
+
+Every config serialises with ``to_dict`` / ``from_dict`` and carries ``CONFIG_VERSION`` so a
+manifest written today can be read (or refused with a clear message) by a later version.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from quantbench.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def _check_version(data: Mapping[str, Any], what: str) -> None:
+    version = data.get("version", CONFIG_VERSION)
+    if version > CONFIG_VERSION:
+        raise ConfigError(
+            f"{what} config version {version} is newer than this quantbench understands "
+            f"({CONFIG_VERSION}); upgrade quantbench"
+        )
+
+
+@dataclass(frozen=True)
+class IntGridConfig:
+    """An integer grid: ``bits``-wide unsigned codes with a scale (and zero-point) per group.
+
+    Codes are stored unsigned in ``[0, 2**bits - 1]`` and dequantize as
+    ``scale * (code - zero)``. A symmetric grid has the implicit zero ``2**(bits-1)`` and
+    ``scale = absmax / (2**(bits-1) - 0.5)`` (GPTQ and compressed-tensors agree on this), so
+    signed values span ``[-2**(bits-1), 2**(bits-1) - 1]``. A zero-point grid stretches
+    ``[min(w, 0), max(w, 0)]`` over all ``2**bits`` codes with an integer zero.
+
+    Granularity ``group`` cuts each row (input dimension) into groups of ``group_size``
+    columns; when ``group_size`` does not divide the row the last group is shorter
+    (``ceil(in / group_size)`` groups, column ``c`` in group ``c // group_size``), which is
+    exactly what GPTQ's ``g_idx`` and compressed-tensors' group strategy express.
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: str = "group"
+    group_size: int = 128
+
+    kind: ClassVar[str] = "int"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ConfigError(
+                    f"group size must be a positive integer, got {self.group_size!r}; "
+                    "use -1 for per-channel or 0 for per-tensor"
+                )
+
+    @classmethod
+    def from_group_size(cls, bits: int, group_size: int, symmetric: bool) -> "IntGridConfig":
+        """CLI convention: ``-1`` per output channel, ``0`` per tensor, ``>0`` groups."""
+        if group_size == -1:
+            return cls(bits=bits, symmetric=symmetric, granularity="channel", group_size=-1)
+        if group_size == 0:
+            return cls(bits=bits, symmetric=symmetric, granularity="tensor", group_size=0)
+        if group_size < -1:
+            raise ConfigError(
+                f"group size {group_size} is not valid; use a positive size, -1 (per-channel) "
+                "or 0 (per-tensor)"
+            )
+        return cls(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def sym_zero(self) -> int:
+        return 1 << (self.bits - 1)
+
+    @property
+    def cli_group_size(self) -> int:
+        return {"tensor": 0, "channel": -1}.get(self.granularity, self.group_size)
+
+    def n_groups(self, in_features: int) -> int:
+        if self.granularity == "group":
+            return -(-in_features // self.group_size)
+        return 1
+
+    def group_width(self, in_features: int) -> int:
+        return self.group_size if self.granularity == "group" else in_features
+
+    def check_shape(self, name: str, out_features: int, in_features: int) -> None:
+        """Refuse a grid that cannot work for a weight of this shape, before any work."""
+        if self.granularity == "group" and self.group_size > in_features:
+            raise ConfigError(
+                f"group size {self.group_size} is larger than the row length {in_features} of "
+                f"{name}; use a group size <= {in_features} or -1 for per-channel"
+            )
+
+    def describe(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(
+            self.granularity, f"g{self.group_size}"
+        )
+        return f"int{self.bits} {kind} {gran}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "IntGridConfig":
+        _check_version(data, "grid")
+        if data.get("kind", cls.kind) != cls.kind:
+            raise ConfigError(f"expected an '{cls.kind}' grid, got {data.get('kind')!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Which tensors a run quantizes.
+
+    By default every linear of the decoder blocks (as the architecture mapping lists them);
+    ``include``/``exclude`` are regular expressions on module names (``re.search``);
+    embeddings and lm_head are kept in the source dtype unless asked for.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    embeddings: bool = False
+    lm_head: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "embeddings": self.embeddings,
+            "lm_head": self.lm_head,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TargetConfig":
+        return cls(
+            include=tuple(data.get("include", ())),
+            exclude=tuple(data.get("exclude", ())),
+            embeddings=bool(data.get("embeddings", False)),
+            lm_head=bool(data.get("lm_head", False)),
+        )
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of per-method option dataclasses; data-free RTN methods need none."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """One quantization run: method × grid × targets (+ the method's own options)."""
+
+    method: str
+    grid: IntGridConfig = field(default_factory=IntGridConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    options: MethodOptions = field(default_factory=MethodOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CONFIG_VERSION,
+            "method": self.method,
+            "grid": self.grid.to_dict(),
+            "targets": self.targets.to_dict(),
+            "options": self.options.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantizeConfig":
+        from quantbench.registry import get_method
+
+        _check_version(data, "quantize")
+        method_cls = get_method(data["method"])
+        return cls(
+            method=data["method"],
+            grid=IntGridConfig.from_dict(data.get("grid", {})),
+            targets=TargetConfig.from_dict(data.get("targets", {})),
+            options=method_cls.options_cls(**data.get("options", {})),
+        )

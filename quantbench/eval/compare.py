@@ -1,0 +1,123 @@
+"""``compare``: every method × bits on one source, written, read back, evaluated in one pass."""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from quantbench.config import TargetConfig
+from quantbench.eval.evaluator import EvalReport, evaluate
+from quantbench.eval.protocol import EvalProtocol
+from quantbench.eval.report import ReportRow
+from quantbench.eval.run import artifact_factory, eval_cache_dir, make_protocol, source_factory
+from quantbench.formats.io import open_artifact, write_artifact
+from quantbench.formats.manifest import record_eval
+from quantbench.models.loader import Model, load_model
+from quantbench.progress import block_progress
+from quantbench.quant.run import make_config, quantize
+from quantbench.registry import get_format
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    method: str
+    bits: int
+    group_size: int
+    symmetric: bool | None = None
+
+    @property
+    def name(self) -> str:
+        group = {-1: "ch", 0: "t"}.get(self.group_size, str(self.group_size))
+        return f"{self.method}-w{self.bits}-g{group}"
+
+
+@dataclass
+class CompareResult:
+    rows: list[ReportRow]
+    report: EvalReport
+    out_dir: Path | None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.report.protocol.to_dict(),
+                "baseline": self.report.baseline.__dict__ if hasattr(self.report.baseline, "__dict__")
+                else self.report.baseline,
+                "rows": [row.__dict__ for row in self.rows]}
+
+
+def plan_jobs(methods: Sequence[str], bits: Sequence[int], group_size: int) -> list[Job]:
+    return [Job(m, b, group_size) for m in methods for b in bits]
+
+
+def _write_job(model: Model, job: Job, fmt: str, out: Path, targets: TargetConfig,
+               progress: bool) -> tuple[Path, float]:
+    config = make_config(job.method, job.bits, job.group_size, job.symmetric, targets)
+    qmodel = quantize(model, config)
+    start = time.perf_counter()
+    with block_progress(qmodel.num_steps(), f"{job.name} → {fmt}", enabled=progress) as step:
+        write_artifact(qmodel, out, fmt, overwrite=True, on_step=step)
+    return out, time.perf_counter() - start
+
+
+def _row(job: Job, path: Path, seconds: float, report: EvalReport) -> ReportRow:
+    art = open_artifact(path)
+    summary = (art.manifest or {}).get("summary", {})
+    res = report.results[job.name]
+    return ReportRow(name=job.name, method=job.method, bits=job.bits, group_size=job.group_size,
+                     bits_per_weight=summary.get("bits_per_weight_quantized"),
+                     size_bytes=art.size_bytes(), ppl=res.ppl,
+                     delta_ppl_pct=res.delta_ppl_pct, kld_mean=res.kld_mean,
+                     kld_p99=res.kld_p99, top1=res.top1, seconds=round(seconds, 2))
+
+
+def _baseline_row(model: Model, report: EvalReport) -> ReportRow:
+    size = sum(p.stat().st_size for p in model.weights.files())
+    bits = {"float16": 16, "bfloat16": 16, "float32": 32}.get(str(model.dtype).split(".")[-1], 16)
+    return ReportRow(name="baseline", method=str(model.dtype).split(".")[-1], bits=bits,
+                     group_size=None, bits_per_weight=float(bits), size_bytes=size,
+                     ppl=report.baseline.ppl, delta_ppl_pct=0.0, kld_mean=0.0, kld_p99=0.0,
+                     top1=1.0, seconds=None)
+
+
+def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zeropoint"),
+                bits: Sequence[int] = (8, 4), group_size: int = 128,
+                fmt: str = "compressed-tensors", out_dir: "str | Path | None" = None,
+                targets: TargetConfig | None = None, protocol: EvalProtocol | None = None,
+                progress: bool = False, use_cache: bool = True,
+                **protocol_fields: Any) -> CompareResult:
+    """Quantize with each method × bits, write with ``fmt``, read back, evaluate in lock-step."""
+    model = source if isinstance(source, Model) else load_model(source)
+    protocol = make_protocol(protocol, **protocol_fields)
+    targets = targets or TargetConfig()
+    jobs = plan_jobs(methods, bits, group_size)
+    writer = get_format(fmt)()
+    for job in jobs:  # refuse impossible combinations before any work
+        config = make_config(job.method, job.bits, job.group_size, job.symmetric, targets)
+        writer.check(config, model.tied_embeddings, [])
+    keep = out_dir is not None
+    root = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="quantbench-compare-"))
+    try:
+        written = {job.name: _write_job(model, job, fmt, root / job.name, targets, progress)
+                   for job in jobs}
+        factories = {name: artifact_factory(open_artifact(path))
+                     for name, (path, _) in written.items()}
+        report = evaluate(source_factory(model), factories, model.tokenizer(), protocol,
+                          baseline_key=model.fingerprint(),
+                          cache_dir=eval_cache_dir() if use_cache else None, progress=progress)
+        rows = [_baseline_row(model, report)]
+        for job in jobs:
+            path, seconds = written[job.name]
+            rows.append(_row(job, path, seconds, report))
+            record_eval(path, {"protocol": protocol.to_dict(), "baseline_ppl": report.baseline.ppl,
+                               **report.results[job.name].to_dict()})
+        return CompareResult(rows, report, root if keep else None,
+                             {n: p for n, (p, _) in written.items()} if keep else {})
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)

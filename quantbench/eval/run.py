@@ -1,0 +1,103 @@
+"""Glue between checkpoints and the evaluator: build models from what was written."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantbench.errors import QuantbenchError
+from quantbench.eval.evaluator import EvalReport, evaluate
+from quantbench.eval.protocol import EvalProtocol
+from quantbench.formats.base import Artifact
+from quantbench.formats.io import open_artifact
+from quantbench.formats.manifest import record_eval
+from quantbench.models.loader import Model, load_model
+from quantbench.models.torch_model import build_causal_lm, logits_fn
+
+log = logging.getLogger(__name__)
+
+
+def eval_cache_dir() -> Path:
+    from quantbench.models.sample import cache_root
+
+    return cache_root() / "eval"
+
+
+def source_factory(model: Model):
+    """Baseline: the source weights as stored, computed in float32."""
+    def build():
+        tensors = model.weights.iter(model.weights.names())
+        net = build_causal_lm(model.config, tensors, torch.float32, model.trust_remote_code)
+        return logits_fn(net)
+
+    return build
+
+
+def artifact_factory(artifact: Artifact):
+    """Candidate: the artifact read back through its format's reader, computed in float32."""
+    def build():
+        net = build_causal_lm(artifact.config, artifact.dequantized(), torch.float32)
+        return logits_fn(net)
+
+    return build
+
+
+def _is_artifact_dir(text: str) -> bool:
+    path = Path(text)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_baseline(artifact: Artifact, baseline: "Model | str | None") -> Model:
+    if isinstance(baseline, Model):
+        return baseline
+    if baseline is None:
+        source = ((artifact.manifest or {}).get("source") or {}).get("id")
+        if not source:
+            raise QuantbenchError(
+                f"{artifact.path} does not name its source model; pass --baseline SOURCE")
+        baseline = source
+    return load_model(baseline)
+
+
+def make_protocol(protocol: EvalProtocol | None, **kwargs: Any) -> EvalProtocol:
+    if protocol is not None:
+        return protocol
+    fields = {k: v for k, v in kwargs.items() if v is not None}
+    return EvalProtocol(**fields)
+
+
+def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | None" = None,
+                 protocol: EvalProtocol | None = None, progress: bool = False,
+                 cache_dir: Path | None = None, use_cache: bool = True,
+                 **protocol_fields: Any) -> EvalReport:
+    """Evaluate an artifact against its baseline, or a source model on its own."""
+    protocol = make_protocol(protocol, **protocol_fields)
+    cache = (cache_dir or eval_cache_dir()) if use_cache else None
+    if isinstance(target, Model) or not _is_artifact_dir(str(target)):
+        model = target if isinstance(target, Model) else load_model(str(target))
+        if baseline is None:
+            return evaluate(source_factory(model), {}, model.tokenizer(), protocol,
+                            baseline_key=model.fingerprint(), cache_dir=cache, progress=progress)
+        artifact = open_artifact(model.path)
+    else:
+        artifact = open_artifact(target)
+    base = resolve_baseline(artifact, baseline)
+    name = Path(artifact.path).name
+    report = evaluate(source_factory(base), {name: artifact_factory(artifact)}, base.tokenizer(),
+                      protocol, baseline_key=base.fingerprint(), cache_dir=cache,
+                      progress=progress)
+    if artifact.manifest is not None:
+        record_eval(artifact.path, summary_for(report, name))
+    return report
+
+
+def summary_for(report: EvalReport, name: str) -> dict[str, Any]:
+    result = report.results[name]
+    return {
+        "protocol": report.protocol.to_dict(),
+        "baseline_ppl": report.baseline.ppl,
+        **result.to_dict(),
+    }

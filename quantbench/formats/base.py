@@ -1,0 +1,108 @@
+"""What every checkpoint format implements, and the artifact its reader returns."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+
+from quantbench.config import QuantizeConfig
+from quantbench.errors import FormatError
+from quantbench.models.arch import ArchSpec, arch_for
+from quantbench.models.weights import LazyWeights
+from quantbench.tensor import QuantizedTensor
+
+MANIFEST = "quantbench.json"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Artifact:
+    """A written checkpoint read back: HF config, manifest, and its tensors.
+
+    ``quantized`` maps HF weight names (``...q_proj.weight``) to the QuantizedTensors the format
+    stores; ``plain`` lists the tensors stored as-is. ``dequantized()`` yields every HF tensor
+    as a runtime would see it, which is what the evaluator measures.
+    """
+
+    path: Path
+    format: str
+    config: dict[str, Any]
+    weights: LazyWeights
+    manifest: dict[str, Any] | None = None
+    decode: Callable[["Artifact", str], QuantizedTensor] | None = None
+    quantized_names: list[str] = field(default_factory=list)
+    plain_names: list[str] = field(default_factory=list)
+
+    @property
+    def arch(self) -> ArchSpec:
+        return arch_for(self.config.get("model_type"))
+
+    def quantized(self, name: str) -> QuantizedTensor:
+        if self.decode is None or name not in self.quantized_names:
+            raise KeyError(name)
+        return self.decode(self, name)
+
+    def dequantized(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.plain_names:
+            yield name, self.weights.get(name)
+        for name in self.quantized_names:
+            qt = self.quantized(name)
+            yield name, qt.dequantize(qt.dtype)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weights.files())
+
+    def n_weights(self) -> int:
+        total = 0
+        for name in self.plain_names:
+            total += _numel(self.weights.shape(name))
+        for name in self.quantized_names:
+            total += self.quantized(name).numel
+        return total
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+class Format:
+    """A writer and a reader for one on-disk layout, registered by name."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def check(self, config: QuantizeConfig, tied_embeddings: bool, targets: list[str]) -> None:
+        """Refuse a combination this layout cannot store, before any work starts."""
+
+    def quantization_config(self, config: QuantizeConfig, targets: list[str],
+                            arch: ArchSpec) -> dict[str, Any] | None:
+        """``config.json["quantization_config"]`` for this layout, or None."""
+        return None
+
+    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """Tensors (with their checkpoint names) that store one QuantizedTensor."""
+        raise NotImplementedError
+
+    @classmethod
+    def detect(cls, config: dict[str, Any], weights: LazyWeights) -> bool:
+        return False
+
+    def read(self, path: Path, config: dict[str, Any], weights: LazyWeights,
+             manifest: dict[str, Any] | None) -> Artifact:
+        raise NotImplementedError
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError as exc:
+        raise FormatError(f"{file} is not valid JSON ({exc}); the artifact is damaged") from exc

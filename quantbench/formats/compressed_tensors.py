@@ -1,0 +1,1 @@
+"""compressed-tensors pack-quantized format (being written)."""

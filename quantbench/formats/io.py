@@ -1,0 +1,181 @@
+"""Streaming, atomic artifact writing and format-detecting reading."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from quantbench.errors import FormatError, QuantbenchError
+from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
+from quantbench.formats.manifest import build_manifest, write_json_atomic
+from quantbench.models.weights import LazyWeights
+from quantbench.registry import format_names, get_format
+from quantbench.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is
+    removed, so no partial output is ever left behind."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QuantbenchError(f"output {out} exists and is not a directory; choose another path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise QuantbenchError(f"output {out} already exists and is not empty; pass --overwrite")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise QuantbenchError(f"cannot write to {parent} ({exc.strerror}); choose a writable "
+                              "output path") from exc
+    try:
+        yield tmp
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class ShardedWriter:
+    """Collect tensors and flush them to ``model-XXXXX.safetensors`` shards of bounded size."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 metadata: dict[str, str] | None = None):
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self._closed = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        if name in self._pending or any(name in s for s in self._shards):
+            raise ValueError(f"tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        save_file(self._pending, str(self.directory / f"shard-{index:05d}.tmp"), self.metadata)
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Finish: name shards ``model.safetensors`` or ``model-0000i-of-0000n``; write index."""
+        if self._pending or not self._shards:
+            self._flush()
+        self._closed = True
+        n = len(self._shards)
+        names = ["model.safetensors"] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map: dict[str, str] = {}
+        for i, (keys, fname) in enumerate(zip(self._shards, names)):
+            os.replace(self.directory / f"shard-{i:05d}.tmp", self.directory / fname)
+            weight_map.update({k: fname for k in keys})
+        if n > 1:
+            total = sum((self.directory / f).stat().st_size for f in names)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False,
+                   on_step: Callable[[str], None] | None = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Quantize block by block while streaming into ``out`` in format ``fmt``."""
+    writer_fmt = get_format(fmt)() if isinstance(fmt, str) else fmt
+    model = qmodel.source
+    writer_fmt.check(qmodel.config, model.tied_embeddings, qmodel.targets)
+    start = time.perf_counter()
+    tensor_info: dict[str, dict[str, Any]] = {}
+    with atomic_output_dir(Path(out), overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for label, tensors in qmodel.iter_blocks():
+            for name, value in tensors.items():
+                if isinstance(value, QuantizedTensor):
+                    for key, packed in writer_fmt.encode(name, value).items():
+                        writer.add(key, packed)
+                    tensor_info[name] = _qt_info(value)
+                else:
+                    writer.add(name, value)
+                    tensor_info[name] = _plain_info(value)
+            if on_step:
+                on_step(label)
+        writer.close()
+        _write_config(tmp, model, writer_fmt.quantization_config(
+            qmodel.config, qmodel.targets, model.arch))
+        for aux in model.aux_files():
+            shutil.copy2(aux, tmp / aux.name)
+        manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
+                                  write_seconds=time.perf_counter() - start)
+        write_json_atomic(tmp / MANIFEST, manifest)
+    log.info("wrote %s (%s)", out, writer_fmt.name)
+    return Path(out)
+
+
+def _qt_info(qt: QuantizedTensor) -> dict[str, Any]:
+    return {"shape": list(qt.shape), "quantized": True, "bits": qt.grid.bits,
+            "grid": qt.grid.describe(), "bits_per_weight": round(qt.bits_per_weight(), 4)}
+
+
+def _plain_info(t: torch.Tensor) -> dict[str, Any]:
+    return {"shape": list(t.shape), "quantized": False, "dtype": str(t.dtype).replace("torch.", ""),
+            "bits_per_weight": t.element_size() * 8}
+
+
+def _write_config(tmp: Path, model, qconfig: dict[str, Any] | None) -> None:
+    config = {k: v for k, v in model.config.items() if k != "quantization_config"}
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def open_artifact(path: str | os.PathLike) -> Artifact:
+    """Read an artifact back through its format's reader (detected from the files)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FormatError(f"{path} is not a directory; pass a quantbench output directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FormatError(f"{path} has no config.json; it is not a checkpoint directory")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except ValueError as exc:
+        raise FormatError(f"{cfg_file} is not valid JSON ({exc})") from exc
+    manifest = read_manifest(path)
+    weights = LazyWeights.from_dir(path)
+    name = (manifest or {}).get("format") or _detect(config, weights)
+    return get_format(name)().read(path, config, weights, manifest)
+
+
+def _detect(config: dict[str, Any], weights: LazyWeights) -> str:
+    for name in format_names():
+        if get_format(name).detect(config, weights):
+            return name
+    return "dense"

@@ -1,0 +1,95 @@
+"""Per-architecture knowledge, declared as data.
+
+Adding an architecture is adding an ``ArchSpec`` here (and a test), not an ``isinstance`` chain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantbench.errors import ModelLoadError
+
+LLAMA_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one architecture family lays out its checkpoint.
+
+    ``linears`` lists the quantizable linears of a block in forward order;
+    ``sequential_groups`` is the true-sequential order (linears sharing an input together);
+    ``scale_folding`` pairs a norm/linear with the linears it feeds (AWQ folds scales there);
+    ``gguf_names`` maps block-relative module names to llama.cpp tensor names.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    block_prefix: str = "model.layers"
+    num_blocks_key: str = "num_hidden_layers"
+    linears: tuple[str, ...] = LLAMA_LINEARS
+    sequential_groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    scale_folding: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    )
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    gguf_arch: str = "llama"
+    gguf_names: tuple[tuple[str, str], ...] = (
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+    )
+
+    def block_module(self, index: int, name: str) -> str:
+        return f"{self.block_prefix}.{index}.{name}"
+
+    def block_of(self, tensor_name: str) -> int | None:
+        """Index of the decoder block a tensor belongs to, or None for non-block tensors."""
+        prefix = self.block_prefix + "."
+        if not tensor_name.startswith(prefix):
+            return None
+        head = tensor_name[len(prefix) :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+
+LLAMA = ArchSpec(family="llama", model_types=("llama", "mistral"))
+QWEN2 = ArchSpec(family="qwen2", model_types=("qwen2",), gguf_arch="qwen2")
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+
+
+def arch_for(model_type: str | None) -> ArchSpec:
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    raise ModelLoadError(
+        f"unsupported architecture {model_type!r}; quantbench supports "
+        f"{', '.join(supported_model_types())}"
+    )

@@ -1,0 +1,179 @@
+"""Resolve a source (local dir, Hub id, ``sample:NAME``) into a lazy ``Model`` handle."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from quantbench.errors import ModelLoadError
+from quantbench.models.arch import ArchSpec, arch_for
+from quantbench.models.weights import LazyWeights, load_pickled_weights
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+AUX_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Model:
+    """A checkpoint opened lazily: config, architecture mapping, weights read on demand."""
+
+    source: str
+    path: Path
+    config: dict[str, Any]
+    arch: ArchSpec
+    weights: LazyWeights
+    trust_remote_code: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.config[self.arch.num_blocks_key])
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False)) or (
+            f"{self.arch.lm_head}.weight" not in self.weights
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        name = self.config.get("dtype") or self.config.get("torch_dtype")
+        if name in DTYPES:
+            return DTYPES[name]
+        first = next(iter(self.weights.names()))
+        return self.weights.get(first).dtype
+
+    def block_tensor_names(self, index: int) -> list[str]:
+        return [n for n in self.weights.names() if self.arch.block_of(n) == index]
+
+    def other_tensor_names(self) -> list[str]:
+        return [n for n in self.weights.names() if self.arch.block_of(n) is None]
+
+    def iter_blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Yield ``(index, {name: tensor})`` one decoder block at a time."""
+        for index in range(self.num_blocks):
+            yield index, dict(self.weights.iter(self.block_tensor_names(index)))
+
+    def aux_files(self) -> list[Path]:
+        """Tokenizer and generation files to carry into every output."""
+        return [self.path / name for name in AUX_FILES if (self.path / name).is_file()]
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(
+                str(self.path), trust_remote_code=self.trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"no usable tokenizer in {self.path} ({str(exc).splitlines()[0]}); "
+                "copy the tokenizer files of the source model there"
+            ) from exc
+
+    def fingerprint(self) -> str:
+        """Identity of the weights for caches: the source plus file sizes and mtimes."""
+        parts = [self.source, str(self.path)]
+        for path in self.weights.files():
+            stat = path.stat()
+            parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
+        return "|".join(parts)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(
+            f"{directory} is not a model directory (no config.json); point to a Hugging Face "
+            "checkpoint directory, a Hub id, or sample:smollm2"
+        )
+    try:
+        return json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc}); fix or re-download it") from exc
+
+
+def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False) -> Model:
+    config = _read_config(directory)
+    arch = arch_for(config.get("model_type"))
+    if list(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+        weights = LazyWeights.from_dir(directory)
+    elif list(directory.glob("pytorch_model*.bin")):
+        weights = load_pickled_weights(directory)
+    else:
+        raise ModelLoadError(
+            f"{directory} has a config.json but no weights (*.safetensors or pytorch_model*.bin)"
+        )
+    if not weights.names():
+        raise ModelLoadError(f"{directory} has no tensors in its weight files")
+    meta: dict[str, Any] = {}
+    sample_meta = directory / "quantbench_sample.json"
+    if sample_meta.is_file():
+        meta["sample"] = json.loads(sample_meta.read_text())
+    return Model(source, directory, config, arch, weights, trust_remote_code, meta)
+
+
+def _download_hub(repo_id: str, revision: str | None) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        hint = "HF_HUB_OFFLINE is set"
+    else:
+        hint = None
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # hub client raises many network/auth error types
+        reason = hint or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ModelLoadError(
+            f"cannot fetch {repo_id!r} from the Hugging Face Hub ({reason}); check the network "
+            "and unset HF_HUB_OFFLINE, or pass a local checkpoint directory"
+        ) from exc
+
+
+def load_model(source: str | os.PathLike, trust_remote_code: bool = False,
+               revision: str | None = None) -> Model:
+    """Open a model from a local directory, a Hub id, or ``sample:NAME``; nothing is preloaded."""
+    text = str(source)
+    if text.startswith("sample:"):
+        from quantbench.models.sample import resolve_sample
+
+        return open_model_dir(resolve_sample(text), text, trust_remote_code)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return open_model_dir(path, text, trust_remote_code)
+    if path.exists():
+        if path.suffix == ".gguf":
+            raise ModelLoadError(
+                f"{path} is a GGUF file; GGUF sources are not supported yet: pass a Hugging Face "
+                "checkpoint directory"
+            )
+        raise ModelLoadError(
+            f"{path} is a file, not a model directory; pass the directory that holds config.json"
+        )
+    if HUB_ID.match(text) and not text.startswith((".", "/")):
+        return open_model_dir(_download_hub(text, revision), text, trust_remote_code)
+    raise ModelLoadError(
+        f"{text} does not exist; pass a local checkpoint directory, a Hub id (org/name), "
+        "or sample:smollm2"
+    )

@@ -1,0 +1,144 @@
+"""Lazy tensor access to a checkpoint: one tensor (or one block) at a time."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from quantbench.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _open_checked(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+            "it may be truncated or corrupted: re-download or re-convert it"
+        ) from exc
+
+
+class LazyWeights:
+    """Name → tensor, read on demand with ``safe_open`` (memory-mapped, nothing preloaded)."""
+
+    def __init__(self, shards: dict[str, Path]):
+        self._shards = shards  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "LazyWeights":
+        index = directory / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from exc
+            shards = {name: directory / fname for name, fname in weight_map.items()}
+            missing = sorted({str(p) for p in shards.values() if not p.is_file()})
+            if missing:
+                raise ModelLoadError(f"shard {missing[0]} listed in {index.name} is missing")
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            shards = {}
+            for path in files:
+                for name in _open_checked(path).keys():
+                    shards[name] = path
+        weights = cls(shards)
+        weights.validate()
+        return weights
+
+    def validate(self) -> None:
+        """Open every shard once so a truncated file fails now, not half-way through."""
+        for path in sorted(set(self._shards.values())):
+            handle = self._handle(path)
+            size = path.stat().st_size
+            for name in handle.keys():
+                handle.get_slice(name)  # header entry is parseable
+            log.debug("checked %s (%d bytes)", path, size)
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = _open_checked(path)
+        return self._handles[path]
+
+    def names(self) -> list[str]:
+        return list(self._shards)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shards
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._shards.values()))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self._shards[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._shards:
+            raise KeyError(name)
+        try:
+            return self._handle(self._shards[name]).get_tensor(name)
+        except SafetensorError as exc:
+            raise ModelLoadError(
+                f"cannot read {name} from {self._shards[name]} ({exc}); the file may be "
+                "truncated: re-download or re-convert it"
+            ) from exc
+
+    def iter(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.get(name)
+
+
+class InMemoryWeights(LazyWeights):
+    """Weights already in memory (a ``.bin`` checkpoint or a model built in a notebook)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__({})
+        self._tensors = tensors
+
+    def validate(self) -> None:
+        return None
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def files(self) -> list[Path]:
+        return []
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def load_pickled_weights(directory: Path) -> InMemoryWeights:
+    """``pytorch_model*.bin`` with ``weights_only=True`` (never full unpickling)."""
+    files = sorted(directory.glob("pytorch_model*.bin"))
+    log.warning(
+        "%s has no safetensors; reading %d .bin file(s) with torch.load(weights_only=True) "
+        "(no arbitrary unpickling; whole file in memory, not lazy)",
+        directory,
+        len(files),
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:  # torch raises many types for hostile or broken pickles
+            raise ModelLoadError(
+                f"refusing {path}: it does not load with weights_only=True ({type(exc).__name__}); "
+                "convert it to safetensors with a tool you trust"
+            ) from exc
+    return InMemoryWeights(tensors)

@@ -1,0 +1,1 @@
+"""Grids (pure maths) and methods (registered by name in quant.methods)."""

@@ -1,0 +1,112 @@
+"""Pure tensor functions for the integer grid: fit scales/zeros, round, dequantize.
+
+Weights are ``[out, in]`` float tensors; scales and zeros are ``[out or 1, n_groups]``.
+Scales are rounded to their storage dtype *before* codes are chosen, so the codes are the best
+ones for the scale that is actually written to disk.
+"""
+from __future__ import annotations
+
+import torch
+
+from quantbench.config import IntGridConfig
+
+
+def _smallest_positive(dtype: torch.dtype) -> float:
+    if dtype == torch.float16:
+        return 2.0**-24
+    if dtype == torch.bfloat16:
+        return 2.0**-133
+    return torch.finfo(torch.float32).tiny
+
+
+def group_index(in_features: int, grid: IntGridConfig, device=None) -> torch.Tensor:
+    """Group of each input column in original order (``c // group_size``)."""
+    cols = torch.arange(in_features, device=device)
+    if grid.granularity == "group":
+        return (cols // grid.group_size).to(torch.int32)
+    return torch.zeros(in_features, dtype=torch.int32, device=device)
+
+
+def _grouped_minmax(w: torch.Tensor, grid: IntGridConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max of ``w`` as ``[rows, n_groups]``; a short last group is allowed."""
+    if grid.granularity == "tensor":
+        return w.min().reshape(1, 1), w.max().reshape(1, 1)
+    if grid.granularity == "channel":
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    out_f, in_f = w.shape
+    g = grid.group_size
+    n = grid.n_groups(in_f)
+    pad = n * g - in_f
+    if pad:
+        # Pad the short last group with copies of its own first column: min/max unchanged.
+        w = torch.cat([w, w[:, (n - 1) * g : (n - 1) * g + 1].expand(out_f, pad)], dim=1)
+    blocks = w.reshape(out_f, n, g)
+    return blocks.amin(dim=2), blocks.amax(dim=2)
+
+
+def fit_scales(
+    w: torch.Tensor, grid: IntGridConfig, scale_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest parameters: (scales in ``scale_dtype``, int32 zeros or None)."""
+    w = w.float()
+    wmin, wmax = _grouped_minmax(w, grid)
+    if grid.symmetric:
+        absmax = torch.maximum(wmin.abs(), wmax.abs())
+        scale = absmax / (grid.sym_zero - 0.5)
+        zeros = None
+    else:
+        wmin = wmin.clamp(max=0.0)
+        wmax = wmax.clamp(min=0.0)
+        scale = (wmax - wmin) / grid.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
+    scale = torch.where(
+        scale > 0, scale, torch.full_like(scale, _smallest_positive(scale_dtype))
+    )
+    if not grid.symmetric:
+        zeros = torch.round(-wmin / scale.float()).clamp(0, grid.qmax).to(torch.int32)
+    return scale, zeros
+
+
+def expand_groups(params: torch.Tensor, g_idx: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
+    """``[rows, n_groups]`` → ``[rows, in]`` by each column's group (broadcast for per-tensor)."""
+    if params.shape[1] == 1:
+        return params
+    return params[:, g_idx.long()]
+
+
+def zero_points(zeros: torch.Tensor | None, grid: IntGridConfig, like: torch.Tensor) -> torch.Tensor:
+    if zeros is None:
+        return torch.full((1, 1), float(grid.sym_zero), device=like.device)
+    return zeros.float()
+
+
+def quantize_codes(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    grid: IntGridConfig,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Nearest codes (uint8, ``[out, in]``) for fixed scales and zeros."""
+    w = w.float()
+    if g_idx is None:
+        g_idx = group_index(w.shape[1], grid, w.device)
+    s = expand_groups(scales.float(), g_idx, grid)
+    z = expand_groups(zero_points(zeros, grid, w), g_idx, grid)
+    q = torch.round(w / s) + z
+    return q.clamp_(0, grid.qmax).to(torch.uint8)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    grid: IntGridConfig,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale * (code - zero)`` in float32, ``[out, in]``."""
+    if g_idx is None:
+        g_idx = group_index(codes.shape[1], grid, codes.device)
+    s = expand_groups(scales.float(), g_idx, grid)
+    z = expand_groups(zero_points(zeros, grid, codes), g_idx, grid)
+    return (codes.float() - z) * s

@@ -1,0 +1,2 @@
+"""Quantization methods, each registered by name (importing this package registers them)."""
+from quantbench.quant.methods import rtn  # noqa: F401

@@ -1,0 +1,126 @@
+"""Orchestration: pick target tensors, run a method over them block by block, lazily."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from quantbench.config import IntGridConfig, QuantizeConfig, TargetConfig
+from quantbench.errors import ConfigError
+from quantbench.models.loader import Model
+from quantbench.registry import get_method
+from quantbench.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, "torch.Tensor | QuantizedTensor"]
+
+
+def _matches(module: str, targets: TargetConfig) -> bool:
+    if targets.include and not any(re.search(p, module) for p in targets.include):
+        return False
+    return not any(re.search(p, module) for p in targets.exclude)
+
+
+def select_targets(model: Model, targets: TargetConfig) -> list[str]:
+    """Weight tensor names to quantize, in checkpoint order."""
+    arch = model.arch
+    names: list[str] = []
+    for index in range(model.num_blocks):
+        for linear in arch.linears:
+            module = arch.block_module(index, linear)
+            if f"{module}.weight" in model.weights and _matches(module, targets):
+                names.append(f"{module}.weight")
+    embed = f"{arch.embed}.weight"
+    head = f"{arch.lm_head}.weight"
+    if targets.embeddings or (targets.lm_head and model.tied_embeddings):
+        names.append(embed)
+    if targets.lm_head and not model.tied_embeddings and head in model.weights:
+        names.append(head)
+    for pattern in targets.include + targets.exclude:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"invalid module pattern {pattern!r}: {exc}") from exc
+    if not names:
+        raise ConfigError("no tensors match the target selection; check --include/--exclude")
+    return names
+
+
+def check_grid(model: Model, names: list[str], grid: IntGridConfig) -> None:
+    for name in names:
+        shape = model.weights.shape(name)
+        if len(shape) != 2:
+            raise ConfigError(f"{name} has shape {shape}; only 2-D weights can be quantized")
+        grid.check_shape(name, shape[0], shape[1])
+
+
+@dataclass
+class QuantizedModel:
+    """The result of ``quantize``: source + config + targets; codes are computed per block
+    as a writer pulls them, so memory stays bounded by one block."""
+
+    source: Model
+    config: QuantizeConfig
+    targets: list[str]
+    method: Any
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.timings.values())
+
+    def _convert(self, name: str, tensor: torch.Tensor) -> "torch.Tensor | QuantizedTensor":
+        if name not in self._target_set:
+            return tensor
+        start = time.perf_counter()
+        qt = self.method.quantize_weight(name, tensor)
+        self.timings[name] = time.perf_counter() - start
+        return qt
+
+    @property
+    def _target_set(self) -> set[str]:
+        return set(self.targets)
+
+    def iter_blocks(self) -> Iterator[tuple[str, Tensors]]:
+        """Yield ``(label, {tensor name: Tensor or QuantizedTensor})``, a block at a time;
+        non-block tensors (embeddings, final norm, lm_head) come first."""
+        weights = self.source.weights
+        others = self.source.other_tensor_names()
+        yield "embeddings/head", {n: self._convert(n, weights.get(n)) for n in others}
+        for index in range(self.source.num_blocks):
+            names = self.source.block_tensor_names(index)
+            yield f"block {index}", {n: self._convert(n, weights.get(n)) for n in names}
+
+    def num_steps(self) -> int:
+        return self.source.num_blocks + 1
+
+    def tensor_names(self) -> list[str]:
+        return self.source.weights.names()
+
+
+def make_config(method: str = "zeropoint", bits: int = 4, group_size: int = 128,
+                symmetric: bool | None = None, targets: TargetConfig | None = None,
+                **options: Any) -> QuantizeConfig:
+    """Build a ``QuantizeConfig``; ``symmetric`` defaults to what the method implies."""
+    method_cls = get_method(method)
+    if symmetric is None:
+        symmetric = getattr(method_cls, "symmetric", True)
+    grid = IntGridConfig.from_group_size(bits, group_size, symmetric)
+    return QuantizeConfig(method=method, grid=grid, targets=targets or TargetConfig(),
+                          options=method_cls.options_cls(**options))
+
+
+def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
+    """Check the combination, then return a lazy ``QuantizedModel``."""
+    method_cls = get_method(config.method)
+    method = method_cls(config)
+    names = select_targets(model, config.targets)
+    check_grid(model, names, config.grid)
+    log.info("quantizing %d tensors of %s with %s %s", len(names), model.source,
+             config.method, config.grid.describe())
+    return QuantizedModel(source=model, config=config, targets=names, method=method)

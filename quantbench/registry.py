@@ -1,0 +1,62 @@
+"""Name → class registries for quantization methods and checkpoint formats."""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from quantbench.errors import ConfigError
+
+T = TypeVar("T")
+
+_METHODS: dict[str, type] = {}
+_FORMATS: dict[str, type] = {}
+
+
+def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type[T]], type[T]]:
+    def decorator(cls: type[T]) -> type[T]:
+        if name in table and table[name] is not cls:
+            raise ValueError(f"{kind} {name!r} is already registered by {table[name].__name__}")
+        table[name] = cls
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorator
+
+
+def register_method(name: str) -> Callable[[type[T]], type[T]]:
+    return _register(_METHODS, "method", name)
+
+
+def register_format(name: str) -> Callable[[type[T]], type[T]]:
+    return _register(_FORMATS, "format", name)
+
+
+def _ensure_builtins() -> None:
+    # Importing the packages registers the built-in methods and formats.
+    import quantbench.formats  # noqa: F401
+    import quantbench.quant.methods  # noqa: F401
+
+
+def _get(table: dict[str, type], kind: str, name: str) -> type:
+    _ensure_builtins()
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise ConfigError(f"unknown {kind} {name!r}; choose one of: {known}")
+    return table[name]
+
+
+def get_method(name: str) -> type:
+    return _get(_METHODS, "method", name)
+
+
+def get_format(name: str) -> type:
+    return _get(_FORMATS, "format", name)
+
+
+def method_names() -> list[str]:
+    _ensure_builtins()
+    return sorted(_METHODS)
+
+
+def format_names() -> list[str]:
+    _ensure_builtins()
+    return sorted(_FORMATS)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random llama checkpoints built in-process (no downloads)."""
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB = 320
+
+
+def _wikitext_head(chars: int = 200_000) -> str:
+    data = importlib.resources.files("quantbench") / "data" / "wikitext-2-raw-test.txt.gz"
+    with data.open("rb") as fh:
+        return gzip.decompress(fh.read()).decode("utf-8")[:chars]
+
+
+def make_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer trained on a slice of the bundled text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = _wikitext_head()
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(directory))
+
+
+def make_tiny_llama(directory: Path, dtype=torch.float16, tied: bool = False,
+                    shard_bytes: int | None = None, tokenizer: bool = True, seed: int = 0,
+                    layers: int = 2) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=tied,
+                      bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
+    model.save_pretrained(str(directory), **kwargs)
+    if tokenizer:
+        make_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-tied", tied=True)
