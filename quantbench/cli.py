@@ -96,12 +96,13 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
             quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code, json_path):
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
-    from quantbench.formats.io import write_artifact
+    from quantbench.formats.io import check_output, write_artifact
     from quantbench.models.loader import load_model
     from quantbench.progress import block_progress
     from quantbench.quant.run import make_config, quantize
     from quantbench.registry import get_format
 
+    check_output(output, overwrite)
     targets = TargetConfig(tuple(include), tuple(exclude), quantize_embeddings, quantize_lm_head)
     config = make_config(method, bits, group_size, symmetric, targets)
     writer = get_format(fmt)()

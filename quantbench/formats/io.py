@@ -26,15 +26,26 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is
-    removed, so no partial output is ever left behind."""
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output path that cannot work, before any expensive work starts."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QuantbenchError(f"output {out} exists and is not a directory; choose another path")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise QuantbenchError(f"output {out} already exists and is not empty; pass --overwrite")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantbenchError(f"cannot write to {parent}; choose a writable output path")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is
+    removed, so no partial output is ever left behind."""
+    out = Path(out)
+    check_output(out, overwrite)
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

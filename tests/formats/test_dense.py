@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from quantbench.api import quantize, save
+from quantbench.errors import QuantbenchError
+from quantbench.formats.io import ShardedWriter, open_artifact, write_artifact
+from quantbench.formats.manifest import sha256_file, verify_files
+from quantbench.models.loader import load_model
+from quantbench.quant.methods.rtn import rtn_quantize
+from quantbench.models.torch_model import build_causal_lm
+
+
+def test_dense_round_trip_bit_exact(tiny_llama, tmp_path):
+    model = load_model(tiny_llama)
+    q = quantize(model, method="zeropoint", bits=4, group_size=32)
+    out = save(q, tmp_path / "dense", format="dense")
+    art = open_artifact(out)
+    assert art.format == "dense"
+    for name in q.targets:
+        expect = rtn_quantize(model.weights.get(name), q.config.grid, torch.float16)
+        got = art.weights.get(name)
+        assert got.dtype == torch.float16
+        assert torch.equal(got, expect.dequantize(torch.float16))
+    assert torch.equal(art.weights.get("lm_head.weight"), model.weights.get("lm_head.weight"))
+    manifest = json.loads((out / "quantbench.json").read_text())
+    assert manifest["format"] == "dense"
+    assert manifest["quantize"]["grid"]["bits"] == 4
+    assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["bits"] == 4
+    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(out / "model.safetensors")
+    assert verify_files(out, manifest) == []
+    assert (out / "tokenizer.json").is_file() and "quantization_config" not in json.loads(
+        (out / "config.json").read_text())
+
+
+def test_dense_loads_in_plain_transformers(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    q = quantize(str(tiny_llama), method="absmax", bits=4, group_size=32)
+    out = save(q, tmp_path / "dense", format="dense")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    art = open_artifact(out)
+    ours = build_causal_lm(art.config, art.dequantized(), torch.float32)
+    ids = torch.randint(0, 300, (1, 24))
+    with torch.inference_mode():
+        assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_sharded_writer_streams_shards(tmp_path):
+    w = ShardedWriter(tmp_path, max_shard_bytes=1000)
+    for i in range(5):
+        w.add(f"t{i}", torch.zeros(100, dtype=torch.float32))  # 400 B each
+    names = w.close()
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == {f"t{i}" for i in range(5)}
+    with pytest.raises(RuntimeError, match="closed"):
+        w.add("t9", torch.zeros(1))
+    fresh = ShardedWriter(tmp_path / "x")
+    fresh.add("a", torch.zeros(1))
+    with pytest.raises(ValueError, match="twice"):
+        fresh.add("a", torch.zeros(1))
+
+
+def test_failure_leaves_nothing_behind(tiny_llama, tmp_path):
+    q = quantize(str(tiny_llama), method="absmax", bits=4, group_size=32)
+
+    def boom(label):
+        if label == "block 1":
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_artifact(q, tmp_path / "out", "dense", on_step=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
+    q = quantize(str(tiny_llama), method="absmax", bits=8, group_size=-1)
+    out = save(q, tmp_path / "o")
+    with pytest.raises(QuantbenchError, match="--overwrite"):
+        save(q, out)
+    save(q, out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]

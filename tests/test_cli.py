@@ -1,0 +1,104 @@
+"""The CLI as a user meets it: a real subprocess, one-line errors, no partial output."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import make_tiny_llama
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "quantbench.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_convert_and_inspect(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    proc = run("convert", tiny_llama, "--method", "zeropoint", "--bits", "4", "--group-size", "32",
+               "--format", "dense", "-o", out, "--json", tmp_path / "m.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["format"] == "dense"
+    proc = run("inspect", out, "--tensors", "--json", tmp_path / "i.json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["format"] == "dense" and info["files_ok"] is True
+    assert "model.layers.0.self_attn.q_proj.weight" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_model", "truncated", "arch"])
+def test_bad_sources(case, tmp_path):
+    src = tmp_path / "src"
+    if case == "not_a_model":
+        src.mkdir()
+        (src / "notes.txt").write_text("hello")
+        needle = "no config.json"
+    elif case == "truncated":
+        make_tiny_llama(src, tokenizer=False)
+        f = src / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+        needle = "truncated"
+    elif case == "arch":
+        make_tiny_llama(src, tokenizer=False)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["model_type"] = "bert"
+        (src / "config.json").write_text(json.dumps(cfg))
+        needle = "unsupported architecture"
+    else:
+        needle = "does not exist"
+    out = tmp_path / "out"
+    proc = run("convert", src, "-o", out)
+    assert_one_line_error(proc, needle)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_group_size_that_cannot_work(tiny_llama, tmp_path):
+    proc = run("convert", tiny_llama, "--group-size", "100000", "-o", tmp_path / "o")
+    assert_one_line_error(proc, "group size 100000")
+    proc = run("convert", tiny_llama, "--group-size", "-7", "-o", tmp_path / "o")
+    assert_one_line_error(proc, "-1 (per-channel)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_method_and_grid_conflict(tiny_llama, tmp_path):
+    assert_one_line_error(run("convert", tiny_llama, "--method", "magic", "-o", tmp_path / "o"),
+                          "unknown method 'magic'")
+    assert_one_line_error(run("convert", tiny_llama, "--method", "absmax", "--zero-point",
+                              "-o", tmp_path / "o"), "--method zeropoint")
+
+
+def test_unwritable_output(tiny_llama, tmp_path):
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")  # a file where a directory would have to be created
+    proc = run("convert", tiny_llama, "--group-size", "32", "-o", blocker / "sub" / "out")
+    assert_one_line_error(proc, "cannot write")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores directory permissions
+            assert_one_line_error(run("convert", tiny_llama, "-o", ro / "out"), "cannot write")
+    finally:
+        ro.chmod(0o700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain-file", "ro"]
+
+
+def test_output_is_a_file(tiny_llama, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert_one_line_error(run("convert", tiny_llama, "-o", target), "not a directory")
+    assert target.read_text() == "x"
