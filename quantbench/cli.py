@@ -108,7 +108,7 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
     writer = get_format(fmt)()
     model = load_model(source, trust_remote_code=trust_remote_code)
     qmodel = quantize(model, config)
-    writer.check(config, model.tied_embeddings, qmodel.targets)
+    writer.check(config, model, qmodel.targets)
     with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step)
     manifest = json.loads((output / "quantbench.json").read_text())

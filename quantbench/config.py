@@ -55,7 +55,9 @@ class IntGridConfig:
             raise ConfigError(
                 f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
             )
-        if self.granularity == "group":
+        if self.granularity != "group":  # canonical CLI value: -1 channel, 0 tensor
+            object.__setattr__(self, "group_size", -1 if self.granularity == "channel" else 0)
+        elif self.granularity == "group":
             if not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ConfigError(
                     f"group size must be a positive integer, got {self.group_size!r}; "

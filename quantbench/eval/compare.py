@@ -18,7 +18,7 @@ from quantbench.formats.io import open_artifact, write_artifact
 from quantbench.formats.manifest import record_eval
 from quantbench.models.loader import Model, load_model
 from quantbench.progress import block_progress
-from quantbench.quant.run import make_config, quantize
+from quantbench.quant.run import make_config, quantize, select_targets
 from quantbench.registry import get_format
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
     writer = get_format(fmt)()
     for job in jobs:  # refuse impossible combinations before any work
         config = make_config(job.method, job.bits, job.group_size, job.symmetric, targets)
-        writer.check(config, model.tied_embeddings, [])
+        quantize(model, config)  # checks method, targets and grid against the shapes
+        writer.check(config, model, select_targets(model, targets))
     keep = out_dir is not None
     root = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="quantbench-compare-"))
     try:

@@ -76,14 +76,16 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
     """Evaluate an artifact against its baseline, or a source model on its own."""
     protocol = make_protocol(protocol, **protocol_fields)
     cache = (cache_dir or eval_cache_dir()) if use_cache else None
-    if isinstance(target, Model) or not _is_artifact_dir(str(target)):
-        model = target if isinstance(target, Model) else load_model(str(target))
-        if baseline is None:
-            return evaluate(source_factory(model), {}, model.tokenizer(), protocol,
-                            baseline_key=model.fingerprint(), cache_dir=cache, progress=progress)
-        artifact = open_artifact(model.path)
-    else:
+    artifact = None
+    if not isinstance(target, Model) and _is_artifact_dir(str(target)):
         artifact = open_artifact(target)
+    if baseline is None and (artifact is None or artifact.manifest is None):
+        model = target if isinstance(target, Model) else load_model(str(target))
+        return evaluate(source_factory(model), {}, model.tokenizer(), protocol,
+                        baseline_key=model.fingerprint(), cache_dir=cache, progress=progress)
+    if artifact is None:
+        path = target.path if isinstance(target, Model) else load_model(str(target)).path
+        artifact = open_artifact(path)
     base = resolve_baseline(artifact, baseline)
     name = Path(artifact.path).name
     report = evaluate(source_factory(base), {name: artifact_factory(artifact)}, base.tokenizer(),

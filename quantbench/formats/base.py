@@ -77,8 +77,11 @@ class Format:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    def check(self, config: QuantizeConfig, tied_embeddings: bool, targets: list[str]) -> None:
-        """Refuse a combination this layout cannot store, before any work starts."""
+    def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
+        """Refuse a combination this layout cannot store, before any work starts.
+
+        ``model`` is the source ``Model`` (shapes via ``model.weights.shape``); ``targets`` the
+        weight names that will be quantized."""
 
     def quantization_config(self, config: QuantizeConfig, targets: list[str],
                             arch: ArchSpec) -> dict[str, Any] | None:

@@ -122,7 +122,7 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
     """Quantize block by block while streaming into ``out`` in format ``fmt``."""
     writer_fmt = get_format(fmt)() if isinstance(fmt, str) else fmt
     model = qmodel.source
-    writer_fmt.check(qmodel.config, model.tied_embeddings, qmodel.targets)
+    writer_fmt.check(qmodel.config, model, qmodel.targets)
     start = time.perf_counter()
     tensor_info: dict[str, dict[str, Any]] = {}
     with atomic_output_dir(Path(out), overwrite) as tmp:

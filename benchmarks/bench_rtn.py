@@ -1,0 +1,107 @@
+"""RTN methods on the sample model: quantize+write time, peak RSS, size, ppl, KLD → JSON + table.
+
+    python benchmarks/bench_rtn.py [--source sample:smollm2] [--max-tokens 32768]
+
+Each conversion runs in its own process (``quantbench convert``) so its wall time and peak RSS
+are its own; all artifacts are then read back through their format's reader and evaluated in
+one lock-step pass against the FP16 baseline on the same tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from quantbench.eval.evaluator import evaluate
+from quantbench.eval.protocol import EvalProtocol
+from quantbench.eval.report import ReportRow, plot_size_vs_quality, render_table, write_json
+from quantbench.eval.run import artifact_factory, eval_cache_dir, source_factory
+from quantbench.formats.io import open_artifact
+from quantbench.models.loader import load_model
+
+JOBS = [  # (method, bits, group size); -1 = per output channel
+    ("absmax", 8, -1),
+    ("zeropoint", 8, -1),
+    ("absmax", 4, 64),
+    ("zeropoint", 4, 64),
+    ("zeropoint", 4, 128),
+    ("absmax", 3, 64),
+    ("zeropoint", 3, 64),
+]
+
+
+def convert(source: str, method: str, bits: int, group: int, fmt: str, out: Path) -> dict:
+    """Run one conversion in a child process; return its wall time and peak RSS."""
+    cmd = [sys.executable, "-m", "quantbench.cli", "convert", source, "--method", method,
+           "--bits", str(bits), "--group-size", str(group), "--format", fmt, "-o", str(out),
+           "--overwrite"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"conversion failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default="sample:smollm2")
+    ap.add_argument("--format", default="compressed-tensors")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--out", default="benchmarks/results/rtn_smollm2.json")
+    args = ap.parse_args()
+    console = Console()
+    model = load_model(args.source)
+    protocol = EvalProtocol(ctx=args.ctx, max_tokens=args.max_tokens)
+    with tempfile.TemporaryDirectory(prefix="qb-bench-") as tmp:
+        runs = {}
+        for method, bits, group in JOBS:
+            name = f"{method}-w{bits}-g{'ch' if group == -1 else group}"
+            console.print(f"converting {name} …")
+            runs[name] = {"method": method, "bits": bits, "group_size": group,
+                          "path": Path(tmp) / name,
+                          **convert(args.source, method, bits, group, args.format,
+                                    Path(tmp) / name)}
+        arts = {name: open_artifact(run["path"]) for name, run in runs.items()}
+        report = evaluate(source_factory(model), {n: artifact_factory(a) for n, a in arts.items()},
+                          model.tokenizer(), protocol, baseline_key=model.fingerprint(),
+                          cache_dir=eval_cache_dir(), progress=True)
+        rows = []
+        for name, run in runs.items():
+            res, art = report.results[name], arts[name]
+            summary = art.manifest["summary"]
+            rows.append(ReportRow(name=name, method=run["method"], bits=run["bits"],
+                                  group_size=run["group_size"],
+                                  bits_per_weight=summary["bits_per_weight_quantized"],
+                                  size_bytes=art.size_bytes(), ppl=res.ppl,
+                                  delta_ppl_pct=res.delta_ppl_pct, kld_mean=res.kld_mean,
+                                  kld_p99=res.kld_p99, top1=res.top1, seconds=run["seconds"]))
+            run["path"] = None
+    payload = {
+        "benchmark": "rtn", "source": args.source, "format": args.format,
+        "protocol": protocol.to_dict(), "protocol_text": report.protocol.describe(),
+        "baseline": {"ppl": report.baseline.ppl, "n_tokens": report.baseline.n_tokens},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "results": [{**row.__dict__, **{k: runs[row.name][k] for k in ("peak_rss_mb",)}}
+                    for row in rows],
+    }
+    write_json(Path(args.out), payload)
+    plot_size_vs_quality(rows, Path(args.out).with_suffix(".png"), f"RTN on {args.source}")
+    console.print(render_table(rows, f"RTN on {args.source} ({args.format})",
+                               report.protocol.describe()))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

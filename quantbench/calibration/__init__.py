@@ -1,0 +1,1 @@
+"""The shared calibration layer (datasets, sequential block pipeline, statistics collectors)."""

@@ -1,0 +1,88 @@
+"""Presentation apart from computation: rich tables, JSON files, the size-vs-quality plot."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.table import Table
+
+from quantbench.formats.manifest import write_json_atomic
+
+
+@dataclass
+class ReportRow:
+    name: str
+    method: str
+    bits: int | None
+    group_size: int | None
+    bits_per_weight: float | None
+    size_bytes: int | None
+    ppl: float | None
+    delta_ppl_pct: float | None
+    kld_mean: float | None
+    kld_p99: float | None
+    top1: float | None
+    seconds: float | None
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _group(g: int | None) -> str:
+    return {None: "—", -1: "channel", 0: "tensor"}.get(g, str(g))
+
+
+def render_table(rows: Sequence[ReportRow], title: str, protocol_text: str) -> Table:
+    table = Table(title=title, caption=protocol_text)
+    for col in ("method", "bits", "group", "bits/weight", "size", "ppl", "Δppl %", "KLD",
+                "KLD p99", "top-1 %", "time (s)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(r.method, _fmt(r.bits, "d"), _group(r.group_size),
+                      _fmt(r.bits_per_weight, ".3f"),
+                      "—" if r.size_bytes is None else f"{r.size_bytes / 1e6:.1f} MB",
+                      _fmt(r.ppl, ".3f"), _fmt(r.delta_ppl_pct, "+.2f"), _fmt(r.kld_mean, ".4f"),
+                      _fmt(r.kld_p99, ".3f"),
+                      "—" if r.top1 is None else f"{100 * r.top1:.2f}", _fmt(r.seconds, ".1f"))
+    return table
+
+
+def write_json(path: Path, payload: Any) -> None:
+    write_json_atomic(Path(path), payload)
+
+
+def plot_size_vs_quality(rows: Sequence[ReportRow], path: Path, title: str) -> None:
+    """Scatter of file size (MB) against Δppl %, one labelled point per row; PNG, atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    for r in rows:
+        if r.size_bytes is None or r.delta_ppl_pct is None:
+            continue
+        x = r.size_bytes / 1e6
+        marker = "*" if r.name == "baseline" else "o"
+        ax.scatter([x], [r.delta_ppl_pct], marker=marker, s=80 if marker == "*" else 36)
+        ax.annotate(r.name, (x, r.delta_ppl_pct), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("Δ perplexity vs baseline (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

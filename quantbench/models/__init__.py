@@ -1,0 +1,1 @@
+"""Model sources: HF directories, Hub ids, the bundled sample; lazy weights; architecture mappings."""

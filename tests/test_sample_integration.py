@@ -1,0 +1,87 @@
+"""Integration on the real sample model (SmolLM2-135M-Instruct, FP16 from its Q4_1 GGUF)."""
+import pytest
+import torch
+
+from quantbench.api import quantize, save
+from quantbench.eval.evaluator import evaluate
+from quantbench.eval.protocol import EvalProtocol
+from quantbench.eval.run import artifact_factory, source_factory
+from quantbench.formats.io import open_artifact
+from quantbench.models.loader import load_model
+from quantbench.models.torch_model import build_causal_lm
+from quantbench.quant.methods.rtn import rtn_quantize
+
+pytestmark = pytest.mark.slow
+
+PROTOCOL = EvalProtocol(ctx=512, max_tokens=4096)  # 8 windows: fast, and stable enough here
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_model("sample:smollm2")
+
+
+@pytest.fixture(scope="module")
+def artifacts(sample, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample-artifacts")
+    jobs = {
+        "absmax-w8-ch": ("absmax", 8, -1, "compressed-tensors"),
+        "absmax-w4-g64": ("absmax", 4, 64, "compressed-tensors"),
+        "zeropoint-w4-g64": ("zeropoint", 4, 64, "compressed-tensors"),
+        "zeropoint-w4-g64-dense": ("zeropoint", 4, 64, "dense"),
+    }
+    out = {}
+    for name, (method, bits, group, fmt) in jobs.items():
+        q = quantize(sample, method=method, bits=bits, group_size=group)
+        out[name] = (q, save(q, root / name, format=fmt))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(sample, artifacts, tmp_path_factory):
+    factories = {name: artifact_factory(open_artifact(path)) for name, (_, path) in
+                 artifacts.items()}
+    return evaluate(source_factory(sample), factories, sample.tokenizer(), PROTOCOL,
+                    baseline_key=sample.fingerprint(), cache_dir=tmp_path_factory.mktemp("cache"),
+                    progress=False)
+
+
+def test_sample_provenance(sample):
+    assert sample.config["model_type"] == "llama" and sample.config["hidden_size"] == 576
+    assert sample.meta["sample"]["dequantized_from"]
+
+
+def test_read_back_bit_exact(sample, artifacts):
+    q, path = artifacts["zeropoint-w4-g64"]
+    art = open_artifact(path)
+    assert art.format == "compressed-tensors"
+    assert sorted(art.quantized_names) == sorted(q.targets)
+    for name in q.targets[:14]:
+        expect = rtn_quantize(sample.weights.get(name), q.config.grid, torch.float16)
+        assert art.quantized(name).equal(expect), name
+    dense = open_artifact(artifacts["zeropoint-w4-g64-dense"][1])
+    for name in q.targets[:14]:
+        assert torch.equal(dense.weights.get(name), art.quantized(name).dequantize(torch.float16))
+
+
+def test_quality_bounds(report):
+    r = report.results
+    assert abs(r["absmax-w8-ch"].delta_ppl_pct) < 1.0
+    assert r["zeropoint-w4-g64"].ppl < r["absmax-w4-g64"].ppl
+    assert r["zeropoint-w4-g64"].kld_mean < r["absmax-w4-g64"].kld_mean
+    # dense and compressed-tensors hold the same numbers
+    assert r["zeropoint-w4-g64-dense"].ppl == pytest.approx(r["zeropoint-w4-g64"].ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["zeropoint-w4-g64", "zeropoint-w4-g64-dense"])
+def test_transformers_loads_our_outputs(artifacts, name):
+    from transformers import AutoModelForCausalLM
+
+    path = artifacts[name][1]
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    art = open_artifact(path)
+    ours = build_causal_lm(art.config, art.dequantized(), torch.float32)
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = hf(ids).logits, ours(ids).logits
+    assert (a - b).abs().max() < 1e-3, float((a - b).abs().max())
