@@ -69,18 +69,26 @@ def test_quality_bounds(report):
     assert abs(r["absmax-w8-ch"].delta_ppl_pct) < 1.0
     assert r["zeropoint-w4-g64"].ppl < r["absmax-w4-g64"].ppl
     assert r["zeropoint-w4-g64"].kld_mean < r["absmax-w4-g64"].kld_mean
-    # dense and compressed-tensors hold the same numbers
-    assert r["zeropoint-w4-g64-dense"].ppl == pytest.approx(r["zeropoint-w4-g64"].ppl, rel=1e-6)
+    # dense holds the same numbers rounded to fp16; compressed-tensors is evaluated exactly
+    assert r["zeropoint-w4-g64-dense"].ppl == pytest.approx(r["zeropoint-w4-g64"].ppl, rel=2e-3)
 
 
-@pytest.mark.parametrize("name", ["zeropoint-w4-g64", "zeropoint-w4-g64-dense"])
-def test_transformers_loads_our_outputs(artifacts, name):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("name,dequantize", [
+    ("absmax-w4-g64", False),            # compressed modules, as vLLM-style loaders run it
+    ("zeropoint-w4-g64", True),          # asymmetric: transformers 5.24 loads it dequantized
+    ("zeropoint-w4-g64-dense", False),   # plain checkpoint
+])
+def test_transformers_loads_our_outputs(artifacts, name, dequantize):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     path = artifacts[name][1]
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
     art = open_artifact(path)
-    ours = build_causal_lm(art.config, art.dequantized(), torch.float32)
+    tensors = art.dequantized()
+    if dequantize:  # that loader materialises scale·(code−zero) in the fp16 scale dtype
+        tensors = ((n, t.half()) if n in art.quantized_names else (n, t) for n, t in tensors)
+    ours = build_causal_lm(art.config, tensors, torch.float32)
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = hf(ids).logits, ours(ids).logits

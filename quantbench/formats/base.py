@@ -24,7 +24,8 @@ class Artifact:
 
     ``quantized`` maps HF weight names (``...q_proj.weight``) to the QuantizedTensors the format
     stores; ``plain`` lists the tensors stored as-is. ``dequantized()`` yields every HF tensor
-    as a runtime would see it, which is what the evaluator measures.
+    as a runtime would see it (quantized ones as exact float32 ``scale·(code−zero)``), which is
+    what the evaluator measures.
     """
 
     path: Path
@@ -48,9 +49,8 @@ class Artifact:
     def dequantized(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.plain_names:
             yield name, self.weights.get(name)
-        for name in self.quantized_names:
-            qt = self.quantized(name)
-            yield name, qt.dequantize(qt.dtype)
+        for name in self.quantized_names:  # exact scale·(code−zero), as a runtime computes it
+            yield name, self.quantized(name).dequantize()
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weights.files())
