@@ -130,7 +130,7 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
 
     report = evaluate_one(target, baseline=baseline, progress=True, use_cache=not no_cache,
                           **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
-    table = Table(title=f"{target} — {report.protocol.describe()}")
+    table = Table(title=f"{target} — {report.describe()}")
     for col in ("model", "ppl", "Δppl %", "KLD mean", "KLD p99", "top-1 %", "tokens"):
         table.add_column(col, justify="right" if col != "model" else "left")
     b = report.baseline
@@ -165,7 +165,7 @@ def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_
                          out_dir=out_dir, progress=True, use_cache=not no_cache,
                          **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     title = f"quantbench compare — {source} ({fmt})"
-    out.print(render_table(result.rows, title, result.report.protocol.describe()))
+    out.print(render_table(result.rows, title, result.report.describe()))
     _write_json(json_path, {"source": source, "format": fmt, **result.to_dict()})
     if plot_path:
         plot_size_vs_quality(result.rows, Path(plot_path), title)
@@ -209,18 +209,14 @@ def list_cmd():
     """Registered methods and formats."""
     from quantbench.registry import format_names, get_format, get_method, method_names
 
-    table = Table(title="methods")
-    table.add_column("name")
-    table.add_column("what")
-    for name in method_names():
-        table.add_row(name, escape(get_method(name).description))
-    out.print(table)
-    table = Table(title="formats")
-    table.add_column("name")
-    table.add_column("what")
-    for name in format_names():
-        table.add_row(name, escape(get_format(name).description))
-    out.print(table)
+    for title, names, lookup in (("methods", method_names(), get_method),
+                                 ("formats", format_names(), get_format)):
+        table = Table(title=title)
+        table.add_column("name")
+        table.add_column("what")
+        for name in names:
+            table.add_row(name, escape(lookup(name).description))
+        out.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

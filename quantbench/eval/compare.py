@@ -5,7 +5,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,10 +45,7 @@ class CompareResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"protocol": self.report.protocol.to_dict(),
-                "baseline": self.report.baseline.__dict__ if hasattr(self.report.baseline, "__dict__")
-                else self.report.baseline,
-                "rows": [row.__dict__ for row in self.rows]}
+        return {**self.report.to_dict(), "rows": [asdict(row) for row in self.rows]}
 
 
 def plan_jobs(methods: Sequence[str], bits: Sequence[int], group_size: int) -> list[Job]:

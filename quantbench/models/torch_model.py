@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -60,7 +59,3 @@ def logits_fn(model: torch.nn.Module):
         return model(input_ids=input_ids, use_cache=False).logits
 
     return run
-
-
-def describe_path(path: Path) -> str:
-    return str(path.resolve())

@@ -80,6 +80,16 @@ def zero_points(zeros: torch.Tensor | None, grid: IntGridConfig, like: torch.Ten
     return zeros.float()
 
 
+def _per_column(like: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                grid: IntGridConfig, g_idx: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points expanded to ``[rows, in]`` (or broadcastable) by column group."""
+    if g_idx is None:
+        g_idx = group_index(like.shape[1], grid, like.device)
+    return (expand_groups(scales.float(), g_idx, grid),
+            expand_groups(zero_points(zeros, grid, like), g_idx, grid))
+
+
 def quantize_codes(
     w: torch.Tensor,
     scales: torch.Tensor,
@@ -89,10 +99,7 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Nearest codes (uint8, ``[out, in]``) for fixed scales and zeros."""
     w = w.float()
-    if g_idx is None:
-        g_idx = group_index(w.shape[1], grid, w.device)
-    s = expand_groups(scales.float(), g_idx, grid)
-    z = expand_groups(zero_points(zeros, grid, w), g_idx, grid)
+    s, z = _per_column(w, scales, zeros, grid, g_idx)
     q = torch.round(w / s) + z
     return q.clamp_(0, grid.qmax).to(torch.uint8)
 
@@ -105,8 +112,5 @@ def dequantize_codes(
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scale * (code - zero)`` in float32, ``[out, in]``."""
-    if g_idx is None:
-        g_idx = group_index(codes.shape[1], grid, codes.device)
-    s = expand_groups(scales.float(), g_idx, grid)
-    z = expand_groups(zero_points(zeros, grid, codes), g_idx, grid)
+    s, z = _per_column(codes, scales, zeros, grid, g_idx)
     return (codes.float() - z) * s
