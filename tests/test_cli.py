@@ -102,3 +102,28 @@ def test_output_is_a_file(tiny_llama, tmp_path):
     target.write_text("x")
     assert_one_line_error(run("convert", tiny_llama, "-o", target), "not a directory")
     assert target.read_text() == "x"
+
+
+def test_eval_and_compare_on_tiny_model(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    assert run("convert", tiny_llama, "--group-size", "32", "-o", out).returncode == 0
+    proc = run("eval", out, "--ctx", "64", "--max-tokens", "256", "--json", tmp_path / "e.json",
+               "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["results"]["q"]["n_tokens"] == 4 * 63
+    assert json.loads((out / "quantbench.json").read_text())["eval"]["ppl"] > 1
+    proc = run("compare", tiny_llama, "--method", "absmax,zeropoint", "--bits", "8,4",
+               "--group-size", "32", "--ctx", "64", "--max-tokens", "256", "--no-cache",
+               "--json", tmp_path / "c.json", "--plot", tmp_path / "c.png")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["baseline", "absmax-w8-g32", "absmax-w4-g32",
+                                         "zeropoint-w8-g32", "zeropoint-w4-g32"]
+    assert "zeropoint" in proc.stdout and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_eval_bad_data(tiny_llama, tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"nottext": 1}\n')
+    assert_one_line_error(run("eval", tiny_llama, "--data", bad, "--no-cache"), "line 1")
