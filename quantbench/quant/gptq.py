@@ -1,0 +1,124 @@
+"""GPTQ as pure tensor functions: column-wise error feedback with lazy batch updates.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (2022). Works on any integer grid of ``quantbench.quant.grid``: group parameters
+are fitted on the (error-updated) weights when a group starts, then each column is rounded with
+them and its error is spread over the columns not yet quantized, weighted by the inverse
+Hessian.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from quantbench.config import IntGridConfig
+from quantbench.quant.grid import dequantize_codes, fit_scales, quantize_codes
+from quantbench.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQParams:
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = False
+
+
+@dataclass
+class GPTQStats:
+    damp: float
+    damp_increased: bool
+    proxy_error: float  # Σ (w − q)² / d² as GPTQ reports it
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float,
+                             max_tries: int = 6) -> tuple[torch.Tensor, float, bool]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹``; λ starts at ``damp_percent·mean(diag H)`` and
+    grows ×10 until the factorisation succeeds."""
+    mean_diag = float(torch.diag(hessian).mean())
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = damp_percent * mean_diag if mean_diag > 0 else 1e-6
+    for attempt in range(max_tries):
+        try:
+            lower = torch.linalg.cholesky(hessian + damp * eye)
+            inv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inv, upper=True), damp, attempt > 0
+        except torch.linalg.LinAlgError:
+            damp *= 10.0
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
+
+
+def _column_grid(grid: IntGridConfig) -> IntGridConfig:
+    granularity = "tensor" if grid.granularity == "tensor" else "channel"
+    return dataclasses.replace(grid, granularity=granularity, group_size=0)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
+                  params: GPTQParams = GPTQParams(),
+                  scale_dtype: torch.dtype = torch.float16) -> tuple[QuantizedTensor, GPTQStats]:
+    """Quantize ``weight [out, in]`` given the input Hessian ``H = 2·XᵀX/n [in, in]``."""
+    W = weight.float().clone()
+    H = hessian.float().clone()
+    out_f, in_f = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    col = _column_grid(grid)
+    g = grid.group_size if grid.granularity == "group" else in_f
+    static = fit_scales(W, grid, scale_dtype) if (  # groups fixed on the original weights
+        params.static_groups and grid.granularity == "group") else None
+    whole = None if grid.granularity == "group" else fit_scales(W, col, scale_dtype)
+    perm = torch.argsort(torch.diag(H), descending=True) if params.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp, increased = inverse_hessian_cholesky(H, params.damp_percent)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    n_groups = grid.n_groups(in_f)
+    scales = torch.zeros(out_f if grid.granularity != "tensor" else 1, n_groups, dtype=scale_dtype)
+    zeros = None if grid.symmetric else torch.zeros_like(scales, dtype=torch.int32)
+    current = whole
+    losses = torch.zeros(out_f)
+    for i1 in range(0, in_f, params.block_size):
+        i2 = min(i1 + params.block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i  # position in processing order
+            orig = int(perm[j]) if perm is not None else j
+            if static is not None:
+                grp = orig // g
+                current = (static[0][:, grp:grp + 1],
+                           None if static[1] is None else static[1][:, grp:grp + 1])
+            elif grid.granularity == "group" and j % g == 0:
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                current = fit_scales(upcoming, col, scale_dtype)
+                scales[:, j // g] = current[0][:, 0]
+                if zeros is not None:
+                    zeros[:, j // g] = current[1][:, 0]
+            w = W1[:, i:i + 1]
+            q = quantize_codes(w, current[0], current[1], col)
+            codes[:, orig] = q[:, 0]
+            deq = dequantize_codes(q, current[0], current[1], col)
+            d = Hinv1[i, i]
+            err = (w - deq) / d
+            losses += ((w - deq)[:, 0] ** 2) / (2 * d * d)
+            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    g_idx = None
+    if static is not None:
+        scales, zeros = static[0], static[1]
+    elif whole is not None:
+        scales, zeros = whole
+    elif perm is not None:
+        g_idx = torch.empty(in_f, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(in_f) // g).to(torch.int32)
+    qt = QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, dtype=weight.dtype,
+                         g_idx=g_idx, perm=perm.to(torch.int32) if perm is not None else None)
+    return qt, GPTQStats(damp=damp, damp_increased=increased, proxy_error=float(losses.sum()))

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from quantbench.config import IntGridConfig
+from quantbench.quant.gptq import GPTQParams, gptq_quantize, inverse_hessian_cholesky
+from quantbench.quant.methods.rtn import rtn_quantize
+
+
+def _problem(out_f=32, in_f=128, n=512, seed=0):
+    """Correlated inputs (low-rank mixing + channel scales), as activations are."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 16, generator=g)
+    X = base @ torch.randn(16, in_f, generator=g) + 0.1 * torch.randn(n, in_f, generator=g)
+    X = X * torch.linspace(0.2, 3.0, in_f)
+    W = torch.randn(out_f, in_f, generator=g) * 0.05
+    H = 2 * X.T @ X / n
+    return W, X, H
+
+
+def _out_err(W, Wq, X):
+    return float(((X @ W.T - X @ Wq.T) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, False, 32), (3, True, 32), (4, True, -1),
+                                            (2, False, 64), (8, True, 32)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_layer_output(bits, sym, group, act_order):
+    W, X, H = _problem()
+    grid = IntGridConfig.from_group_size(bits, group, sym)
+    qt, stats = gptq_quantize(W, H, grid, GPTQParams(act_order=act_order),
+                              scale_dtype=torch.float32)
+    rtn = rtn_quantize(W, grid, torch.float32)
+    assert _out_err(W, qt.dequantize(), X) < 0.8 * _out_err(W, rtn.dequantize(), X)
+    assert int(qt.codes.max()) <= grid.qmax and stats.damp > 0
+
+
+def test_act_order_g_idx_is_consistent():
+    W, X, H = _problem(in_f=96)
+    grid = IntGridConfig.from_group_size(4, 32, False)
+    qt, _ = gptq_quantize(W, H, grid, GPTQParams(act_order=True))
+    perm = qt.perm.long()
+    assert torch.equal(perm, torch.argsort(torch.diag(H), descending=True))
+    # groups are consecutive runs of 32 in processing order, mapped back to original columns
+    expect = torch.empty(96, dtype=torch.int32)
+    expect[perm] = (torch.arange(96) // 32).to(torch.int32)
+    assert torch.equal(qt.g_idx, expect)
+    # dequantize through g_idx equals scale[g_idx[c]]·(q − zero[g_idx[c]])
+    c = int(perm[40])
+    grp = int(qt.g_idx[c])
+    manual = qt.scales[:, grp].float() * (qt.codes[:, c].float() - qt.zeros[:, grp].float())
+    assert torch.allclose(qt.dequantize()[:, c], manual)
+
+
+def test_static_groups_and_no_act_order_use_plain_groups():
+    W, X, H = _problem(in_f=64)
+    grid = IntGridConfig.from_group_size(4, 32, True)
+    for p in (GPTQParams(act_order=False), GPTQParams(act_order=True, static_groups=True)):
+        qt, _ = gptq_quantize(W, H, grid, p)
+        assert qt.g_idx is None and qt.scales.shape == (32, 2)
+
+
+def test_dead_columns_and_damping_increase():
+    W, X, H = _problem(in_f=64)
+    H[5, :] = 0
+    H[:, 5] = 0
+    qt, _ = gptq_quantize(W, H, IntGridConfig.from_group_size(4, 32, False))
+    assert torch.all(qt.dequantize()[:, 5] == 0)
+    v = torch.arange(1.0, 9.0).reshape(8, 1)
+    m = float((v * v).mean())
+    indefinite = v @ v.T - 0.02 * m * torch.eye(8)  # 1 % damping is not enough, 10 % is
+    _, damp, increased = inverse_hessian_cholesky(indefinite, 0.01)
+    assert increased and damp == pytest.approx(0.1 * float(torch.diag(indefinite).mean()))
