@@ -54,6 +54,41 @@ def _protocol_fields(ctx, max_tokens, n_windows, scoring, data) -> dict[str, Any
     return fields
 
 
+def _calibration_options(f):
+    options = [
+        click.option("--act-order/--no-act-order", default=None,
+                     help="GPTQ: columns by descending Hessian diagonal (default on)."),
+        click.option("--static-groups/--dynamic-groups", default=None,
+                     help="GPTQ: groups fixed in original column order (no g_idx)."),
+        click.option("--damp", "damp_percent", type=float, default=None,
+                     help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration windows (128)."),
+        click.option("--calib-len", type=int, default=None, help="Tokens per window (512)."),
+        click.option("--calib-data", type=str, default=None,
+                     help="Calibration text: .txt or .jsonl (bundled C4 sample)."),
+        click.option("--seed", "calib_seed", type=int, default=None, help="Sampling seed (0)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Only the options the method has; naming one it lacks is an error, not silence."""
+    import dataclasses
+
+    from quantbench.errors import ConfigError
+    from quantbench.registry import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(chosen) - fields)
+    if unknown:
+        flag = unknown[0].replace("_", "-")
+        raise ConfigError(f"method {method} takes no {flag} option")
+    return chosen
+
+
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
         from quantbench.formats.manifest import write_json_atomic
@@ -92,8 +127,10 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code.")
 @click.option("--json", "json_path", default=None, help="Write the manifest summary here.")
+@_calibration_options
 def convert(source, method, bits, group_size, symmetric, fmt, output, include, exclude,
-            quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code, json_path):
+            quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code, json_path,
+            **calibration):
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
     from quantbench.formats.io import check_output, write_artifact
@@ -104,7 +141,8 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
 
     check_output(output, overwrite)
     targets = TargetConfig(tuple(include), tuple(exclude), quantize_embeddings, quantize_lm_head)
-    config = make_config(method, bits, group_size, symmetric, targets)
+    config = make_config(method, bits, group_size, symmetric, targets,
+                         **_method_options(method, calibration))
     writer = get_format(fmt)()
     model = load_model(source, trust_remote_code=trust_remote_code)
     qmodel = quantize(model, config)

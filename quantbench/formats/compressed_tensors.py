@@ -18,7 +18,7 @@ from quantbench.models.weights import LazyWeights
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
-SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 STRATEGY = {"tensor": "tensor", "channel": "channel", "group": "group"}
 
 
@@ -34,6 +34,13 @@ def _suggest_group(in_features: set[int], wanted: int) -> int:
     return g
 
 
+def _dynamic_groups(config: QuantizeConfig) -> bool:
+    """Act-order with groups formed in processing order needs a ``g_idx`` per module."""
+    options = config.options
+    return (config.grid.granularity == "group" and getattr(options, "act_order", False)
+            and not getattr(options, "static_groups", False))
+
+
 @register_format("compressed-tensors")
 class CompressedTensorsFormat(Format):
     description = "compressed-tensors pack-quantized (vLLM, transformers + compressed-tensors)"
@@ -45,6 +52,11 @@ class CompressedTensorsFormat(Format):
                 "compressed-tensors pack-quantized stores Linear layers only; drop "
                 "--quantize-embeddings (a tied lm_head is the embedding) or use --format dense")
         grid = config.grid
+        if _dynamic_groups(config):
+            raise ConfigError(
+                "compressed-tensors 0.20 no longer loads act-order with dynamic groups (g_idx, "
+                "actorder 'group'); pass --static-groups (actorder 'weight') or --no-act-order, "
+                "or use --format dense")
         if grid.granularity == "group":
             widths = {model.weights.shape(name)[1] for name in targets}
             if any(n % grid.group_size for n in widths):
@@ -60,7 +72,9 @@ class CompressedTensorsFormat(Format):
             "num_bits": grid.bits, "type": "int", "symmetric": grid.symmetric,
             "strategy": STRATEGY[grid.granularity],
             "group_size": grid.group_size if grid.granularity == "group" else None,
-            "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax",
+            "block_structure": None, "dynamic": False,
+            "actorder": "weight" if getattr(config.options, "act_order", False) else None,
+            "observer": "minmax",
             "observer_kwargs": {},
         }
         modules = [_module(t) for t in targets]
@@ -144,4 +158,7 @@ def _decode(weights: LazyWeights, module: str, grid: IntGridConfig) -> Quantized
             zeros = (zp.to(torch.int32) + grid.sym_zero).reshape(1, 1)
         else:
             zeros = unpack_bits_lsb_cols(zp, grid.bits, out_f).to(torch.int32)
-    return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, dtype=scales.dtype)
+    g_idx_name = f"{module}.weight_g_idx"
+    g_idx = weights.get(g_idx_name).to(torch.int32) if g_idx_name in weights else None
+    return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, dtype=scales.dtype,
+                           g_idx=g_idx)

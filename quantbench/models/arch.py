@@ -47,6 +47,8 @@ class ArchSpec:
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.up_proj", ("mlp.down_proj",)),
     )
+    base_model: str = "model"
+    rotary: str = "model.rotary_emb"
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"

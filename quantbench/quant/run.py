@@ -92,9 +92,27 @@ class QuantizedModel:
         weights = self.source.weights
         others = self.source.other_tensor_names()
         yield "embeddings/head", {n: self._convert(n, weights.get(n)) for n in others}
+        if getattr(self.method, "needs_calibration", False):
+            yield from self._calibrated_blocks()
+            return
         for index in range(self.source.num_blocks):
             names = self.source.block_tensor_names(index)
             yield f"block {index}", {n: self._convert(n, weights.get(n)) for n in names}
+
+    def _calibrated_blocks(self) -> Iterator[tuple[str, Tensors]]:
+        from quantbench.calibration.data import CalibrationSpec, sample_windows
+        from quantbench.calibration.pipeline import run_pipeline
+
+        o = self.config.options
+        spec = CalibrationSpec(o.calib_samples, o.calib_len, o.calib_seed, o.calib_data)
+        windows = sample_windows(self.source.tokenizer(), spec)
+        start = time.perf_counter()
+        for index, tensors in run_pipeline(self.source, windows, self._target_set,
+                                           self.method.statistic,
+                                           self.method.quantize_with_stats, o.batch_size):
+            self.timings[f"block {index}"] = time.perf_counter() - start
+            start = time.perf_counter()
+            yield f"block {index}", tensors
 
     def num_steps(self) -> int:
         return self.source.num_blocks + 1

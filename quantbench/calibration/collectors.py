@@ -1,0 +1,59 @@
+"""Statistics collectors: each accumulates one quantity from a linear layer's inputs."""
+from __future__ import annotations
+
+import torch
+
+
+class HessianCollector:
+    """GPTQ's ``H = 2·XᵀX / n`` over every input row seen, accumulated in float32."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+    def result(self) -> torch.Tensor:
+        return self.H
+
+
+class ActMagnitudeCollector:
+    """Mean |x| per input channel (AWQ's activation scale)."""
+
+    def __init__(self, in_features: int):
+        self.total = torch.zeros(in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.total += x.abs().sum(dim=0, dtype=torch.float64)
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return (self.total / max(self.n, 1)).float()
+
+
+class ImportanceCollector:
+    """Mean x² per input channel (llama.cpp's imatrix importance)."""
+
+    def __init__(self, in_features: int):
+        self.total = torch.zeros(in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.total += (x * x).sum(dim=0)
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return (self.total / max(self.n, 1)).float()
+
+
+COLLECTORS = {"hessian": HessianCollector, "act_magnitude": ActMagnitudeCollector,
+              "importance": ImportanceCollector}

@@ -1,0 +1,58 @@
+"""``gptq``: GPTQ on the shared calibration layer (Hessian collector, true-sequential)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from quantbench.config import MethodOptions, QuantizeConfig
+from quantbench.errors import ConfigError
+from quantbench.quant.gptq import GPTQParams, gptq_quantize
+from quantbench.quant.methods.base import Method
+from quantbench.registry import register_method
+from quantbench.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQOptions(MethodOptions):
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = False
+    calib_samples: int = 128
+    calib_len: int = 512
+    calib_seed: int = 0
+    calib_data: str | None = None
+    batch_size: int = 8
+
+
+@register_method("gptq")
+class GPTQ(Method):
+    description = "GPTQ: Hessian-weighted error feedback, act-order, on calibration data"
+    options_cls = GPTQOptions
+    needs_calibration = True
+    statistic = "hessian"
+
+    @classmethod
+    def check(cls, config: QuantizeConfig) -> None:
+        o = config.options
+        if not 0 < o.damp_percent < 1:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {o.damp_percent}")
+        if o.block_size < 1:
+            raise ConfigError(f"GPTQ block size must be >= 1, got {o.block_size}")
+
+    def quantize_with_stats(self, name: str, weight: torch.Tensor,
+                            hessian: torch.Tensor) -> QuantizedTensor:
+        o = self.config.options
+        params = GPTQParams(o.damp_percent, o.block_size, o.act_order, o.static_groups)
+        scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
+            else torch.float16
+        qt, stats = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)
+        if stats.damp_increased:
+            log.warning("%s: Cholesky failed at %.2g%% damping; used %.3g", name,
+                        100 * o.damp_percent, stats.damp)
+        qt.meta.update({"gptq_damp": stats.damp, "gptq_proxy_error": stats.proxy_error})
+        return qt
