@@ -1,6 +1,6 @@
-"""RTN methods on the sample model: quantize+write time, peak RSS, size, ppl, KLD → JSON + table.
+"""Methods on the sample model: quantize+write time, peak RSS, size, ppl, KLD → JSON + table.
 
-    python benchmarks/bench_rtn.py [--source sample:smollm2] [--max-tokens 32768]
+    python benchmarks/bench_methods.py [--suite rtn|gptq] [--source sample:smollm2]
 
 Each conversion runs in its own process (``quantbench convert``) so its wall time and peak RSS
 are its own; all artifacts are then read back through their format's reader and evaluated in
@@ -27,22 +27,32 @@ from quantbench.eval.run import artifact_factory, eval_cache_dir, source_factory
 from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
 
-JOBS = [  # (method, bits, group size); -1 = per output channel
-    ("absmax", 8, -1),
-    ("zeropoint", 8, -1),
-    ("absmax", 4, 64),
-    ("zeropoint", 4, 64),
-    ("zeropoint", 4, 32),  # the Q4_1 group of the sample: flatters it (see README)
-    ("absmax", 3, 64),
-    ("zeropoint", 3, 64),
-]
+SUITES = {  # (method, bits, group size, extra CLI options); -1 = per output channel
+    "rtn": [
+        ("absmax", 8, -1, ()),
+        ("zeropoint", 8, -1, ()),
+        ("absmax", 4, 64, ()),
+        ("zeropoint", 4, 64, ()),
+        ("zeropoint", 4, 32, ()),  # the Q4_1 group of the sample: flatters it (see README)
+        ("absmax", 3, 64, ()),
+        ("zeropoint", 3, 64, ()),
+    ],
+    # compressed-tensors 0.20 loads act-order only with static groups (actorder "weight")
+    "gptq": [
+        ("zeropoint", 4, 64, ()),
+        ("gptq", 4, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
+        ("zeropoint", 3, 64, ()),
+        ("gptq", 3, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
+    ],
+}
 
 
-def convert(source: str, method: str, bits: int, group: int, fmt: str, out: Path) -> dict:
+def convert(source: str, method: str, bits: int, group: int, fmt: str, out: Path,
+            extra: tuple[str, ...] = ()) -> dict:
     """Run one conversion in a child process; return its wall time and peak RSS."""
     cmd = [sys.executable, "-m", "quantbench.cli", "convert", source, "--method", method,
            "--bits", str(bits), "--group-size", str(group), "--format", fmt, "-o", str(out),
-           "--overwrite"]
+           "--overwrite", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -54,24 +64,27 @@ def convert(source: str, method: str, bits: int, group: int, fmt: str, out: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=sorted(SUITES), default="rtn")
     ap.add_argument("--source", default="sample:smollm2")
     ap.add_argument("--format", default="compressed-tensors")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
-    ap.add_argument("--out", default="benchmarks/results/rtn_smollm2.json")
+    ap.add_argument("--out", default=None, help="JSON path (benchmarks/results/SUITE_smollm2.json)")
     args = ap.parse_args()
+    args.out = args.out or f"benchmarks/results/{args.suite}_smollm2.json"
     console = Console()
     model = load_model(args.source)
     protocol = EvalProtocol(ctx=args.ctx, max_tokens=args.max_tokens)
     with tempfile.TemporaryDirectory(prefix="qb-bench-") as tmp:
         runs = {}
-        for method, bits, group in JOBS:
+        for method, bits, group, extra in SUITES[args.suite]:
             name = f"{method}-w{bits}-g{'ch' if group == -1 else group}"
             console.print(f"converting {name} …")
             runs[name] = {"method": method, "bits": bits, "group_size": group,
                           "path": Path(tmp) / name,
+                          "options": list(extra),
                           **convert(args.source, method, bits, group, args.format,
-                                    Path(tmp) / name)}
+                                    Path(tmp) / name, extra)}
         arts = {name: open_artifact(run["path"]) for name, run in runs.items()}
         report = evaluate(source_factory(model), {n: artifact_factory(a) for n, a in arts.items()},
                           model.tokenizer(), protocol, baseline_key=model.fingerprint(),
@@ -88,17 +101,17 @@ def main() -> None:
                                   kld_p99=res.kld_p99, top1=res.top1, seconds=run["seconds"]))
             run["path"] = None
     payload = {
-        "benchmark": "rtn", "source": args.source, "format": args.format,
+        "benchmark": args.suite, "source": args.source, "format": args.format,
         "protocol": protocol.to_dict(), "protocol_text": report.describe(),
         "baseline": {"ppl": report.baseline.ppl, "n_tokens": report.baseline.n_tokens},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "results": [{**row.__dict__, **{k: runs[row.name][k] for k in ("peak_rss_mb",)}}
+        "results": [{**row.__dict__, **{k: runs[row.name][k] for k in ("peak_rss_mb", "options")}}
                     for row in rows],
     }
     write_json(Path(args.out), payload)
-    plot_size_vs_quality(rows, Path(args.out).with_suffix(".png"), f"RTN on {args.source}")
-    console.print(render_table(rows, f"RTN on {args.source} ({args.format})",
+    plot_size_vs_quality(rows, Path(args.out).with_suffix(".png"), f"{args.suite} on {args.source}")
+    console.print(render_table(rows, f"{args.suite} on {args.source} ({args.format})",
                                report.describe()))
     console.print(f"wrote {args.out}")
 
