@@ -62,11 +62,20 @@ def _calibration_options(f):
                      help="GPTQ: groups fixed in original column order (no g_idx)."),
         click.option("--damp", "damp_percent", type=float, default=None,
                      help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
-        click.option("--calib-samples", type=int, default=None, help="Calibration windows (128)."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),
         click.option("--calib-len", type=int, default=None, help="Tokens per window (512)."),
         click.option("--calib-data", type=str, default=None,
                      help="Calibration text: .txt or .jsonl (bundled C4 sample)."),
         click.option("--seed", "calib_seed", type=int, default=None, help="Sampling seed (0)."),
+        click.option("--then", type=click.Choice(["rtn", "gptq"]), default=None,
+                     help="AWQ: how to round after scaling (rtn)."),
+        click.option("--awq-grid", "n_grid", type=int, default=None,
+                     help="AWQ: grid points for the scale exponent (20)."),
+        click.option("--clip/--no-clip", default=None, help="AWQ: search weight clipping (on)."),
+        click.option("--search-samples", type=int, default=None,
+                     help="AWQ: windows the scale search runs on (16)."),
+        click.option("--search-file", type=str, default=None,
+                     help="AWQ: re-apply a saved awq_search.safetensors instead of searching."),
     ]
     for option in reversed(options):
         f = option(f)

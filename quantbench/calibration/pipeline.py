@@ -17,13 +17,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from quantbench.calibration.collectors import COLLECTORS
+from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
 
 log = logging.getLogger(__name__)
 
-# quantize_fn(weight name, weight, statistic) -> QuantizedTensor
-QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], Any]
+# quantize_fn(weight name, weight, statistic or None) -> QuantizedTensor
+QuantizeFn = Callable[[str, torch.Tensor, Any], Any]
 
 
 @dataclass
@@ -99,47 +100,166 @@ def _run(layer: torch.nn.Module, captured: Captured) -> list[torch.Tensor]:
     return outs
 
 
-def quantize_block(model: Model, layer: torch.nn.Module, index: int, captured: Captured,
-                   targets: set[str], statistic: str, quantize_fn: QuantizeFn) -> dict[str, Any]:
-    """True-sequential quantization of one block's targets; returns name → QuantizedTensor."""
-    results: dict[str, Any] = {}
-    for group in model.arch.sequential_groups:
-        names = {lin: f"{model.arch.block_module(index, lin)}.weight" for lin in group}
-        names = {lin: n for lin, n in names.items() if n in targets}
-        if not names:
-            continue
-        collectors, handles = {}, []
-        for lin in names:
-            module = layer.get_submodule(lin)
-            collectors[lin] = COLLECTORS[statistic](module.in_features)
-            handles.append(module.register_forward_hook(
-                lambda mod, inp, out, c=collectors[lin]: c.add(inp[0])))
-        try:
-            _run(layer, captured)
-        finally:
-            for h in handles:
-                h.remove()
-        for lin, name in names.items():
-            module = layer.get_submodule(lin)
-            source = model.weights.get(name)
-            qt = quantize_fn(name, source, collectors[lin].result())
-            results[name] = qt
-            module.weight.data.copy_(qt.dequantize())
+def call_mixer(mixer: torch.nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    with torch.inference_mode():
+        out = mixer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def capture_linear_inputs(mixer: torch.nn.Module, modules: dict[str, torch.nn.Module],
+                          normed: list[torch.Tensor], kwargs: list[dict[str, Any]],
+                          outputs: list[torch.Tensor] | None = None
+                          ) -> dict[str, list[torch.Tensor]]:
+    """Run ``mixer`` over every micro-batch; return what each of ``modules`` received (and
+    append the mixer's outputs to ``outputs`` when given)."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = [m.register_forward_hook(lambda mod, inp, out, s=seen[n]: s.append(inp[0]))
+               for n, m in modules.items()]
+    try:
+        for x, kw in zip(normed, kwargs):
+            out = call_mixer(mixer, x, kw)
+            if outputs is not None:
+                outputs.append(out)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block: the materialized layer and its calibration inputs."""
+
+    model: Model
+    layer: torch.nn.Module
+    index: int
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+    targets: set[str]
+
+    def weight_name(self, linear: str) -> str:
+        return f"{self.model.arch.block_module(self.index, linear)}.weight"
+
+    def source_weight(self, linear: str) -> torch.Tensor:
+        """The layer's current weight in the checkpoint's dtype (a method may have rescaled it)."""
+        name = self.weight_name(linear)
+        return self.layer.get_submodule(linear).weight.detach().to(
+            self.model.weights.dtype(name))
+
+    def sublayer_kwargs(self, sub: Sublayer) -> list[dict[str, Any]]:
+        return self.kwargs if sub.takes_layer_kwargs else [{} for _ in self.hidden]
+
+    def groups_of(self, sub: Sublayer) -> list[tuple[str, ...]]:
+        return [g for g in self.model.arch.sequential_groups if g[0].startswith(sub.mixer + ".")]
+
+
+def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch.Tensor] | None,
+                    statistic: str | None, quantize_fn: QuantizeFn) -> dict[str, Any]:
+    """Quantize the targets of one group from a statistic over ``feats`` (their shared input);
+    put the dequantized weights back so later groups see quantized inputs."""
+    active = [lin for lin in group if ctx.weight_name(lin) in ctx.targets]
+    if not active:
+        return {}
+    stat = None
+    if statistic is not None:
+        collector = COLLECTORS[statistic](ctx.layer.get_submodule(active[0]).in_features)
+        for f in feats or []:
+            collector.add(f)
+        stat = collector.result()
+    results = {}
+    for lin in active:
+        qt = quantize_fn(ctx.weight_name(lin), ctx.source_weight(lin), stat)
+        results[ctx.weight_name(lin)] = qt
+        ctx.layer.get_submodule(lin).weight.data.copy_(qt.dequantize())
     return results
 
 
-def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], statistic: str,
-                 quantize_fn: QuantizeFn, batch_size: int = 8
+def quantize_block_staged(ctx: BlockContext, statistic: str | None,
+                          quantize_fn: QuantizeFn) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """True-sequential quantization, one residual branch at a time.
+
+    A group that reads the branch input needs no forward pass (its statistic comes from
+    ``norm(x)``); an inner group needs one pass of the mixer (with earlier groups already
+    quantized) to see its input; the branch output is then the output linear applied to its
+    captured input. About 1.3 block forwards per block instead of one per group plus one."""
+    results: dict[str, Any] = {}
+    x = ctx.hidden
+    for sub in ctx.model.arch.sublayers or ():
+        norm, mixer = ctx.layer.get_submodule(sub.norm), ctx.layer.get_submodule(sub.mixer)
+        kwargs = ctx.sublayer_kwargs(sub)
+        with torch.inference_mode():
+            normed = [norm(h) for h in x]
+        out_feats = None
+        for group in ctx.groups_of(sub):
+            is_output = group == (sub.output,)
+            has_target = any(ctx.weight_name(lin) in ctx.targets for lin in group)
+            if not (has_target and statistic) and not is_output:
+                results.update(_quantize_group(ctx, group, None, None, quantize_fn))
+                continue
+            if set(group) <= set(sub.inputs):
+                feats = normed
+            else:
+                feats = capture_linear_inputs(
+                    mixer, {group[0]: ctx.layer.get_submodule(group[0])}, normed,
+                    kwargs)[group[0]]
+            results.update(_quantize_group(ctx, group, feats, statistic, quantize_fn))
+            if is_output:
+                out_feats = feats
+        with torch.inference_mode():
+            if out_feats is not None:
+                out_linear = ctx.layer.get_submodule(sub.output)
+                x = [h + out_linear(f) for h, f in zip(x, out_feats)]
+            else:
+                x = [h + call_mixer(mixer, n, kw) for h, n, kw in zip(x, normed, kwargs)]
+    return results, x
+
+
+def quantize_block(ctx: BlockContext, statistic: str | None,
+                   quantize_fn: QuantizeFn) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """True-sequential quantization running the whole block once per group, then once more
+    for the next block's inputs: for architectures without declared sublayers."""
+    results: dict[str, Any] = {}
+    captured = Captured(ctx.hidden, ctx.kwargs)
+    for group in ctx.model.arch.sequential_groups:
+        modules = {lin: ctx.layer.get_submodule(lin) for lin in group
+                   if ctx.weight_name(lin) in ctx.targets}
+        if not modules:
+            continue
+        feats: list[torch.Tensor] = []
+        if statistic is not None:
+            first = next(iter(modules.values()))
+            handle = first.register_forward_hook(lambda mod, inp, out: feats.append(inp[0]))
+            try:
+                _run(ctx.layer, captured)
+            finally:
+                handle.remove()
+        results.update(_quantize_group(ctx, group, feats, statistic, quantize_fn))
+    return results, _run(ctx.layer, captured)
+
+
+def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method: Any,
+                 batch_size: int = 8, staged: bool = True
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(block index, {tensor name: QuantizedTensor or source tensor})`` in order."""
+    """Yield ``(block index, {tensor name: QuantizedTensor or tensor})`` in order.
+
+    ``method`` provides ``statistic`` (a collector name, or None), ``quantize_with_stats(name,
+    weight, statistic)``, and optionally ``prepare_block(ctx)``, run on the float block first
+    (AWQ rescales and clips there). Non-quantized tensors come from the block as the method
+    left it, in the checkpoint's dtype."""
     skeleton = _skeleton(model)
     captured = capture_inputs(model, skeleton, windows, batch_size)
+    prepare = getattr(method, "prepare_block", None)
     for index in range(model.num_blocks):
         layer = materialize_block(skeleton, model, index)
-        quantized = quantize_block(model, layer, index, captured, targets, statistic,
-                                   quantize_fn)
-        captured.hidden = _run(layer, captured)
-        tensors = {n: quantized.get(n, model.weights.get(n))
+        ctx = BlockContext(model, layer, index, captured.hidden, captured.kwargs, targets)
+        if prepare is not None:
+            prepare(ctx)
+        run = quantize_block_staged if staged and model.arch.sublayers else quantize_block
+        quantized, captured.hidden = run(ctx, method.statistic, method.quantize_with_stats)
+        prefix = f"{model.arch.block_prefix}.{index}."
+        state = layer.state_dict()
+        tensors = {n: quantized[n] if n in quantized else
+                   state[n[len(prefix):]].detach().to(model.weights.dtype(n)).clone()
                    for n in model.block_tensor_names(index)}
         layer.to("meta")  # release the block's memory
         yield index, tensors

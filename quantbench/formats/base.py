@@ -88,6 +88,12 @@ class Format:
         """``config.json["quantization_config"]`` for this layout, or None."""
         return None
 
+    def extra_files(self, config: QuantizeConfig, targets: list[str],
+                    arch: ArchSpec) -> dict[str, str]:
+        """Further text files this layout needs beside config.json (file name → content),
+        e.g. GPTQ's ``quantize_config.json``."""
+        return {}
+
     def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         """Tensors (with their checkpoint names) that store one QuantizedTensor."""
         raise NotImplementedError

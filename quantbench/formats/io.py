@@ -143,6 +143,11 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
             qmodel.config, qmodel.targets, model.arch))
         for aux in model.aux_files():
             shutil.copy2(aux, tmp / aux.name)
+        for fname, text in writer_fmt.extra_files(qmodel.config, qmodel.targets,
+                                                  model.arch).items():
+            (tmp / fname).write_text(text)
+        for fname, tensors in qmodel.method_outputs().items():  # e.g. AWQ's search result
+            save_file(tensors, str(tmp / fname), {"format": "pt"})
         manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
                                   write_seconds=time.perf_counter() - start)
         write_json_atomic(tmp / MANIFEST, manifest)

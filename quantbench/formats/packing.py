@@ -41,3 +41,23 @@ def pack_bits_lsb_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits_lsb_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return unpack_bits_lsb_rows(packed.t(), bits, n).t().contiguous()
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8*w + AWQ_ORDER[i]
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a word sits at nibble REVERSE[j]
+
+
+def pack_awq_cols(values: torch.Tensor) -> torch.Tensor:
+    """4-bit ``[rows, cols]`` → int32 ``[rows, cols/8]`` in AWQ GEMM's interleaved nibble order
+    (FORMATS.md §2.2); ``cols`` must be a multiple of 8."""
+    rows, cols = values.shape
+    order = torch.tensor(AWQ_ORDER)
+    interleaved = values.reshape(rows, cols // 8, 8)[:, :, order].reshape(rows, cols)
+    return pack_bits_lsb_rows(interleaved, 4)
+
+
+def unpack_awq_cols(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_awq_cols``: int32 ``[rows, w]`` → uint8 ``[rows, 8*w]``."""
+    rows, words = packed.shape
+    nibbles = unpack_bits_lsb_rows(packed, 4, 8 * words).reshape(rows, words, 8)
+    return nibbles[:, :, torch.tensor(AWQ_REVERSE_ORDER)].reshape(rows, 8 * words).contiguous()

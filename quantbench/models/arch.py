@@ -20,12 +20,37 @@ LLAMA_LINEARS = (
 
 
 @dataclass(frozen=True)
+class Sublayer:
+    """One pre-norm residual branch of a decoder block: ``x + mixer(norm(x))``.
+
+    ``inputs`` are the linears that read ``norm(x)`` directly; ``output`` is the linear whose
+    output is the mixer's output. Knowing this lets the calibration pipeline run a block branch
+    by branch and skip forward passes (see ``calibration/pipeline.py``)."""
+
+    norm: str
+    mixer: str
+    inputs: tuple[str, ...]
+    output: str
+    takes_layer_kwargs: bool = False  # attention needs the mask / position embeddings
+
+
+LLAMA_SUBLAYERS = (
+    Sublayer("input_layernorm", "self_attn",
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
+             takes_layer_kwargs=True),
+    Sublayer("post_attention_layernorm", "mlp", ("mlp.gate_proj", "mlp.up_proj"),
+             "mlp.down_proj"),
+)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """How one architecture family lays out its checkpoint.
 
     ``linears`` lists the quantizable linears of a block in forward order;
     ``sequential_groups`` is the true-sequential order (linears sharing an input together);
     ``scale_folding`` pairs a norm/linear with the linears it feeds (AWQ folds scales there);
+    ``sublayers`` describes the block as residual branches (None: run it only whole);
     ``gguf_names`` maps block-relative module names to llama.cpp tensor names.
     """
 
@@ -47,6 +72,7 @@ class ArchSpec:
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.up_proj", ("mlp.down_proj",)),
     )
+    sublayers: tuple[Sublayer, ...] | None = LLAMA_SUBLAYERS
     base_model: str = "model"
     rotary: str = "model.rotary_emb"
     embed: str = "model.embed_tokens"

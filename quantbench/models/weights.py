@@ -46,7 +46,8 @@ class LazyWeights:
             if missing:
                 raise ModelLoadError(f"shard {missing[0]} listed in {index.name} is missing")
         else:
-            files = sorted(directory.glob("*.safetensors"))
+            files = sorted(f for f in directory.glob("*.safetensors")
+                           if f.name not in AUXILIARY_TENSOR_FILES)
             shards = {}
             for path in files:
                 for name in _open_checked(path).keys():
@@ -81,6 +82,10 @@ class LazyWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._shards[name]).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._handle(self._shards[name]).get_slice(name).get_dtype()
+        return _ST_DTYPES.get(code, torch.float32)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._shards:
             raise KeyError(name)
@@ -95,6 +100,14 @@ class LazyWeights:
     def iter(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
             yield name, self.get(name)
+
+
+# safetensors files a checkpoint directory may carry that are not model weights
+AUXILIARY_TENSOR_FILES = frozenset({"awq_search.safetensors"})
+
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+              "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+              "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 
 
 class InMemoryWeights(LazyWeights):
@@ -118,6 +131,9 @@ class InMemoryWeights(LazyWeights):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]

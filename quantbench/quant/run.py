@@ -95,9 +95,12 @@ class QuantizedModel:
         if getattr(self.method, "needs_calibration", False):
             yield from self._calibrated_blocks()
             return
+        transform = getattr(self.method, "transform_block", None)
         for index in range(self.source.num_blocks):
-            names = self.source.block_tensor_names(index)
-            yield f"block {index}", {n: self._convert(n, weights.get(n)) for n in names}
+            block = {n: weights.get(n) for n in self.source.block_tensor_names(index)}
+            if transform is not None:  # e.g. re-applying a saved AWQ search
+                block = transform(self.source, index, block)
+            yield f"block {index}", {n: self._convert(n, t) for n, t in block.items()}
 
     def _calibrated_blocks(self) -> Iterator[tuple[str, Tensors]]:
         from quantbench.calibration.data import CalibrationSpec, sample_windows
@@ -108,11 +111,16 @@ class QuantizedModel:
         windows = sample_windows(self.source.tokenizer(), spec)
         start = time.perf_counter()
         for index, tensors in run_pipeline(self.source, windows, self._target_set,
-                                           self.method.statistic,
-                                           self.method.quantize_with_stats, o.batch_size):
+                                           self.method, o.batch_size):
             self.timings[f"block {index}"] = time.perf_counter() - start
             start = time.perf_counter()
             yield f"block {index}", tensors
+
+    def method_outputs(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Data a method produced beside the weights (file name → tensors), available once
+        every block has been pulled; written into the artifact."""
+        outputs = getattr(self.method, "outputs", None)
+        return outputs() if outputs else {}
 
     def num_steps(self) -> int:
         return self.source.num_blocks + 1

@@ -1,0 +1,143 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quantbench.api import quantize, save
+from quantbench.config import IntGridConfig
+from quantbench.errors import ConfigError
+from quantbench.formats.io import open_artifact
+from quantbench.models.loader import load_model
+from quantbench.quant.awq import (apply_clip, candidate_scales, fake_quant, fold_scales,
+                                  search_clip, search_scales)
+from quantbench.quant.methods.awq import SEARCH_FILE
+from quantbench.quant.run import make_config
+
+GRID = IntGridConfig.from_group_size(3, 16, symmetric=False)
+
+
+def outlier_inputs(n=512, d=64, seed=0):
+    """Activations with a few large channels, as in real LLMs (AWQ's premise)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:, :4] *= 20
+    return x
+
+
+def test_scale_search_beats_plain_rounding_on_outlier_channels():
+    x = outlier_inputs()
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) * 0.05
+    ref = x @ w.t()
+    found = search_scales(x.abs().mean(0), [w], GRID, lambda ws: x @ ws[0].t(), ref, n_grid=20)
+    assert found.ratio is not None and min(found.losses) == found.losses[1 + int(found.ratio * 20)]
+    err_rtn = (x @ fake_quant(w, GRID).t() - ref).pow(2).mean()
+    s = found.scales
+    err_awq = (x @ (fake_quant(w * s, GRID) / s).t() - ref).pow(2).mean()
+    assert err_awq < 0.7 * err_rtn
+
+
+def test_candidate_scales_are_normalised():
+    s = candidate_scales(torch.rand(32) + 0.1, torch.rand(32) + 0.1, 0.5)
+    assert torch.isclose(s.max() * s.min(), torch.tensor(1.0))
+    assert torch.allclose(candidate_scales(torch.rand(8) + 0.1, None, 0.0), torch.ones(8))
+
+
+def test_clip_search_never_increases_group_error():
+    x = outlier_inputs(seed=2)
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    w[0, 5] = 8.0  # one outlier weight stretches its group's range
+    max_val = search_clip(w, x, GRID, n_grid=20, max_shrink=0.5, row_batch=16)
+    assert max_val.shape == (40, 4)
+    clipped = apply_clip(w, max_val, GRID)
+    err = lambda q: (x @ q.t() - x @ w.t()).pow(2).mean()  # noqa: E731
+    assert err(fake_quant(clipped, GRID)) <= err(fake_quant(w, GRID)) * 1.0001
+    assert max_val[0, 0] < 8.0  # the outlier's group was clipped
+
+
+def test_clip_search_handles_a_short_last_group():
+    grid = IntGridConfig.from_group_size(4, 24, symmetric=False)
+    x, w = outlier_inputs(d=64)[:128], torch.randn(8, 64)
+    assert search_clip(w, x, grid).shape == (8, 3)
+
+
+def test_folding_leaves_the_float_model_unchanged(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model(ids).logits
+    g = torch.Generator().manual_seed(5)
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        fold_scales(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj],
+                    torch.rand(64, generator=g) + 0.5)
+        fold_scales(layer.post_attention_layernorm, [m.gate_proj, m.up_proj],
+                    torch.rand(64, generator=g) + 0.5)
+        fold_scales(m.up_proj, [m.down_proj], torch.rand(128, generator=g) + 0.5)
+    with torch.inference_mode():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_awq_block_without_clipping_keeps_the_float_function(tiny_llama):
+    """The whole AWQ pass (search + fold) before rounding: the written float model with
+    clipping off computes what the source computes."""
+    from quantbench.calibration.pipeline import (BlockContext, _skeleton, capture_inputs,
+                                                 materialize_block)
+    from quantbench.quant.methods.awq import awq_block
+
+    model = load_model(tiny_llama)
+    config = make_config("awq", 3, 16, False, clip=False, calib_samples=4, calib_len=32)
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    skeleton = _skeleton(model)
+    captured = capture_inputs(model, skeleton, windows, batch_size=2)
+    layer = materialize_block(skeleton, model, 0)
+    with torch.inference_mode():
+        ref = [layer(h, **kw)[0] if isinstance(layer(h, **kw), tuple) else layer(h, **kw)
+               for h, kw in zip(captured.hidden, captured.kwargs)]
+    targets = {n for n in model.weights.names() if n.endswith("proj.weight")}
+    result = awq_block(BlockContext(model, layer, 0, captured.hidden, captured.kwargs, targets),
+                       config)
+    assert "model.layers.0.input_layernorm.awq_scales" in result
+    assert "model.layers.0.post_attention_layernorm.awq_scales" in result
+    assert "model.layers.0.mlp.up_proj.awq_scales" in result
+    # GQA: v_proj (32 outputs) cannot feed o_proj (64 inputs) a scale
+    assert "model.layers.0.self_attn.v_proj.awq_scales" not in result
+    with torch.inference_mode():
+        for h, kw, r in zip(captured.hidden, captured.kwargs, ref):
+            out = layer(h, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            assert torch.allclose(out, r, atol=1e-4)
+
+
+@pytest.mark.parametrize("then", ["rtn", "gptq"])
+def test_awq_end_to_end_and_saved_search_reapplies(tiny_llama, tmp_path, then):
+    model = load_model(tiny_llama)
+    q = quantize(model, method="awq", bits=4, group_size=32, symmetric=False, then=then,
+                 calib_samples=4, calib_len=32, n_grid=5)
+    out = save(q, tmp_path / "awq", format="dense")
+    search = out / SEARCH_FILE
+    assert search.is_file()
+    art = open_artifact(out)
+    assert not any("awq" in n for n in art.plain_names)  # the search file is not weights
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(art.weights.get(norm), model.weights.get(norm))  # scales folded
+    if then == "rtn":  # data-free re-application gives the same file contents
+        again = quantize(model, method="awq", bits=4, group_size=32, symmetric=False,
+                         search_file=str(search))
+        assert not again.method.needs_calibration
+        out2 = save(again, tmp_path / "awq2", format="dense")
+        art2 = open_artifact(out2)
+        for name in art.weights.names():
+            a, b = art.weights.get(name), art2.weights.get(name)
+            assert (a.float() - b.float()).abs().max() <= 1e-3 * a.float().abs().max(), name
+
+
+def test_awq_refusals():
+    from quantbench.registry import get_method
+
+    awq = get_method("awq")
+    with pytest.raises(ConfigError, match="per-group or per-channel"):
+        awq(make_config("awq", 4, 0, False))
+    with pytest.raises(ConfigError, match="--then"):
+        awq(make_config("awq", 4, 32, False, then="hqq"))
+    with pytest.raises(ConfigError, match="AWQ search file"):
+        awq(make_config("awq", 4, 32, False, search_file="/nonexistent.safetensors"))
