@@ -1,6 +1,6 @@
 """Methods on the sample model: quantize+write time, peak RSS, size, ppl, KLD → JSON + table.
 
-    python benchmarks/bench_methods.py [--suite rtn|gptq] [--source sample:smollm2]
+    python benchmarks/bench_methods.py [--suite rtn|calibrated] [--source sample:smollm2]
 
 Each conversion runs in its own process (``quantbench convert``) so its wall time and peak RSS
 are its own; all artifacts are then read back through their format's reader and evaluated in
@@ -37,12 +37,15 @@ SUITES = {  # (method, bits, group size, extra CLI options); -1 = per output cha
         ("absmax", 3, 64, ()),
         ("zeropoint", 3, 64, ()),
     ],
-    # compressed-tensors 0.20 loads act-order only with static groups (actorder "weight")
-    "gptq": [
+    # compressed-tensors 0.20 loads act-order only with static groups (actorder "weight");
+    # every calibrated method sees the same 32 x 512 C4 windows (seed 0)
+    "calibrated": [
         ("zeropoint", 4, 64, ()),
         ("gptq", 4, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
+        ("awq", 4, 64, ("--calib-samples", "32")),
         ("zeropoint", 3, 64, ()),
         ("gptq", 3, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
+        ("awq", 3, 64, ("--calib-samples", "32")),
     ],
 }
 

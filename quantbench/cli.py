@@ -73,7 +73,7 @@ def _calibration_options(f):
                      help="AWQ: grid points for the scale exponent (20)."),
         click.option("--clip/--no-clip", default=None, help="AWQ: search weight clipping (on)."),
         click.option("--search-samples", type=int, default=None,
-                     help="AWQ: windows the scale search runs on (16)."),
+                     help="AWQ: windows the scale search runs on (8)."),
         click.option("--search-file", type=str, default=None,
                      help="AWQ: re-apply a saved awq_search.safetensors instead of searching."),
     ]

@@ -15,14 +15,13 @@ from typing import Callable, Sequence
 import torch
 
 from quantbench.config import IntGridConfig
-from quantbench.quant.grid import dequantize_codes, fit_scales, group_index, quantize_codes
+from quantbench.quant.grid import _pad_groups, fake_quantize, group_index
 
 
 def fake_quant(w: torch.Tensor, grid: IntGridConfig,
                scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Round-to-nearest onto ``grid`` and back (float32), as the written file would hold."""
-    scales, zeros = fit_scales(w, grid, scale_dtype)
-    return dequantize_codes(quantize_codes(w, scales, zeros, grid), scales, zeros, grid)
+    return fake_quantize(w, grid, scale_dtype)
 
 
 def _grouped(t: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
@@ -90,26 +89,25 @@ def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], grid: I
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: int = 20,
-                max_shrink: float = 0.5, row_batch: int = 256) -> torch.Tensor:
+                max_shrink: float = 0.5, row_batch: int = 512) -> torch.Tensor:
     """Per (row, group) clip value ``[rows, n_groups]`` minimising the group's output error
     ``Σ_t (x_t·Q(clamp(w))_g − x_t·w_g)²`` over the sampled inputs ``x`` ``[T, in]``."""
     w = w.float()
-    xg = _grouped(x.float(), grid).transpose(0, 1)            # [n_groups, T, g]
+    xg = _pad_groups(x.float(), grid).transpose(0, 1)          # [n_groups, T, g]
     out = torch.empty(w.shape[0], xg.shape[0])
-    gidx = group_index(w.shape[1], grid).long()
     for r0 in range(0, w.shape[0], row_batch):
-        wb = w[r0:r0 + row_batch]
-        wg = _grouped(wb, grid).transpose(0, 1)                # [n_groups, rows, g]
-        ref = torch.bmm(xg, wg.transpose(1, 2))                # [n_groups, T, rows]
-        org_max = wg.abs().amax(dim=2).t()                     # [rows, n_groups]
+        wg = _pad_groups(w[r0:r0 + row_batch], grid)           # [rows, n_groups, g]
+        rows = wg.shape[0]
+        ref = torch.bmm(xg, wg.permute(1, 2, 0))               # [n_groups, T, rows]
+        org_max = wg.abs().amax(dim=2)                         # [rows, n_groups]
         best_err = torch.full_like(org_max, float("inf"))
         best = org_max.clone()
         for i in range(max(1, int(max_shrink * n_grid))):
             max_val = org_max * (1 - i / n_grid)
-            bound = max_val[:, gidx]
-            trial = fake_quant(torch.maximum(torch.minimum(wb, bound), -bound), grid)
-            cur = torch.bmm(xg, _grouped(trial, grid).transpose(0, 1).transpose(1, 2))
-            err = (cur - ref).pow(2).mean(dim=1).t()           # [rows, n_groups]
+            bound = max_val.unsqueeze(-1)
+            trial = torch.maximum(torch.minimum(wg, bound), -bound).reshape(rows, -1)
+            q = _pad_groups(fake_quantize(trial, grid), grid)
+            err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, max_val, best)

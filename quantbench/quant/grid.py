@@ -114,3 +114,32 @@ def dequantize_codes(
     """``scale * (code - zero)`` in float32, ``[out, in]``."""
     s, z = _per_column(codes, scales, zeros, grid, g_idx)
     return (codes.float() - z) * s
+
+
+def _pad_groups(w: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
+    """``[rows, in]`` → ``[rows, n_groups, g]`` (one group per row for channel granularity);
+    a short last group is padded with zeros, which changes neither a zero-point range (it
+    always contains 0) nor an absmax."""
+    rows, in_f = w.shape
+    g = grid.group_size if grid.granularity == "group" else in_f
+    n = -(-in_f // g)
+    if n * g != in_f:
+        w = torch.cat([w, w.new_zeros(rows, n * g - in_f)], dim=1)
+    return w.reshape(rows, n, g)
+
+
+def fake_quantize(w: torch.Tensor, grid: IntGridConfig,
+                  scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``dequantize(quantize(w))`` for round-to-nearest with fitted scales, in float32 —
+    identical to ``fit_scales`` + ``quantize_codes`` + ``dequantize_codes`` but computed on
+    the grouped view (no per-column gathers): the inner loop of AWQ's searches."""
+    w = w.float()
+    if grid.granularity == "tensor":
+        scales, zeros = fit_scales(w, grid, scale_dtype)
+        return dequantize_codes(quantize_codes(w, scales, zeros, grid), scales, zeros, grid)
+    scales, zeros = fit_scales(w, grid, scale_dtype)
+    wg = _pad_groups(w, grid)
+    s = scales.float().unsqueeze(-1)
+    z = zeros.float().unsqueeze(-1) if zeros is not None else float(grid.sym_zero)
+    q = torch.round(wg / s).add_(z).clamp_(0, grid.qmax)
+    return q.sub_(z).mul_(s).reshape(w.shape[0], -1)[:, : w.shape[1]]

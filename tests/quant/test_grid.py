@@ -96,3 +96,15 @@ def test_group_size_that_cannot_work():
         IntGridConfig.from_group_size(4, -5, True)
     with pytest.raises(ConfigError, match="larger than the row"):
         _grid(4, True, 1024).check_shape("x", 8, 576)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 24, False), (4, 24, True),
+                                            (8, -1, True), (2, -1, False), (4, 0, False)])
+def test_fake_quantize_equals_the_written_values(bits, group, sym):
+    from quantbench.quant.grid import dequantize_codes, fake_quantize, fit_scales, quantize_codes
+
+    grid = IntGridConfig.from_group_size(bits, group, sym)
+    w = torch.randn(12, 64, generator=torch.Generator().manual_seed(bits))
+    scales, zeros = fit_scales(w, grid)
+    expect = dequantize_codes(quantize_codes(w, scales, zeros, grid), scales, zeros, grid)
+    assert torch.equal(fake_quantize(w, grid), expect)

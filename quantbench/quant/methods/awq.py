@@ -41,7 +41,7 @@ class AWQOptions(MethodOptions):
     clip_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512
-    search_samples: int = 16      # windows the scale search runs its forwards on
+    search_samples: int = 8       # windows the scale search runs its forwards on (4096 tokens)
     then: str = "rtn"             # "rtn" or "gptq"
     search_file: str | None = None
     damp_percent: float = 0.01
