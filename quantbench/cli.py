@@ -82,6 +82,10 @@ def _calibration_options(f):
     return f
 
 
+FLAGS = {"n_grid": "--awq-grid", "damp_percent": "--damp", "calib_seed": "--seed",
+         "static_groups": "--static-groups/--dynamic-groups"}
+
+
 def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """Only the options the method has; naming one it lacks is an error, not silence."""
     import dataclasses
@@ -93,7 +97,7 @@ def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
     chosen = {k: v for k, v in given.items() if v is not None}
     unknown = sorted(set(chosen) - fields)
     if unknown:
-        flag = unknown[0].replace("_", "-")
+        flag = FLAGS.get(unknown[0], "--" + unknown[0].replace("_", "-"))
         raise ConfigError(f"method {method} takes no {flag} option")
     return chosen
 
@@ -136,10 +140,12 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code.")
 @click.option("--json", "json_path", default=None, help="Write the manifest summary here.")
+@click.option("--plan", is_flag=True,
+              help="Only estimate time and peak memory for this run; write nothing.")
 @_calibration_options
 def convert(source, method, bits, group_size, symmetric, fmt, output, include, exclude,
             quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code, json_path,
-            **calibration):
+            plan, **calibration):
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
     from quantbench.formats.io import check_output, write_artifact
@@ -148,7 +154,8 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
     from quantbench.quant.run import make_config, quantize
     from quantbench.registry import get_format
 
-    check_output(output, overwrite)
+    if not plan:
+        check_output(output, overwrite)
     targets = TargetConfig(tuple(include), tuple(exclude), quantize_embeddings, quantize_lm_head)
     config = make_config(method, bits, group_size, symmetric, targets,
                          **_method_options(method, calibration))
@@ -156,6 +163,9 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
     model = load_model(source, trust_remote_code=trust_remote_code)
     qmodel = quantize(model, config)
     writer.check(config, model, qmodel.targets)
+    if plan:
+        _print_plan(model, config, json_path)
+        return
     with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step)
     manifest = json.loads((output / "quantbench.json").read_text())
@@ -164,6 +174,26 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
               f"{summary['bits_per_weight_quantized']} bits/weight, "
               f"{summary['size_bytes'] / 1e6:.1f} MB)")
     _write_json(json_path, manifest)
+
+
+def _print_plan(model, config, json_path: str | None) -> None:
+    from rich.table import Table
+
+    from quantbench.calibration.plan import estimate
+
+    p = estimate(model, config)
+    table = Table(title=f"plan: {config.method} {config.grid.describe()} on {model.source}")
+    table.add_column("quantity")
+    table.add_column("estimate", justify="right")
+    table.add_row("decoder blocks", str(p.blocks))
+    table.add_row("calibration tokens", f"{p.tokens:,}")
+    for part, gflop in p.parts.items():
+        table.add_row(f"  {part}", f"{gflop:,.0f} GFLOP")
+    table.add_row("machine matmul throughput", f"{p.machine_gflops:,.0f} GFLOP/s")
+    table.add_row("estimated time", f"{p.seconds / 60:.1f} min")
+    table.add_row("estimated peak memory", f"{p.peak_bytes / 2**30:.2f} GiB")
+    out.print(table)
+    _write_json(json_path, p.to_dict())
 
 
 @cli.command(name="eval")

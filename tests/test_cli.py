@@ -127,3 +127,45 @@ def test_eval_bad_data(tiny_llama, tmp_path):
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"nottext": 1}\n')
     assert_one_line_error(run("eval", tiny_llama, "--data", bad, "--no-cache"), "line 1")
+
+
+def test_plan_estimates_and_writes_nothing(tiny_llama, tmp_path):
+    out = tmp_path / "never"
+    proc = run("convert", tiny_llama, "--method", "gptq", "--group-size", "32", "--calib-samples",
+               "64", "-o", out, "--plan", "--json", tmp_path / "plan.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "estimated time" in proc.stdout and "peak memory" in proc.stdout
+    assert not out.exists()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["calibration_tokens"] == 64 * 512 and plan["estimated_seconds"] > 0
+    assert set(plan["parts_gflop"]) >= {"forwards", "hessians", "solves"}
+
+
+def test_plan_grows_with_calibration(tiny_llama):
+    from quantbench.calibration.plan import estimate
+    from quantbench.models.loader import load_model
+    from quantbench.quant.run import make_config
+
+    model = load_model(tiny_llama)
+    small = estimate(model, make_config("awq", 4, 32, False, calib_samples=8), gflops=10.0)
+    large = estimate(model, make_config("awq", 4, 32, False, calib_samples=64), gflops=10.0)
+    assert large.seconds > small.seconds and large.peak_bytes > small.peak_bytes
+    rtn = estimate(model, make_config("zeropoint", 4, 32), gflops=10.0)
+    assert rtn.tokens == 0 and rtn.seconds < small.seconds
+
+
+def test_awq_via_cli_writes_the_awq_layout_and_search(tiny_llama, tmp_path):
+    out = tmp_path / "awq"
+    proc = run("convert", tiny_llama, "--method", "awq", "--bits", "4", "--group-size", "32",
+               "--calib-samples", "4", "--calib-len", "32", "--awq-grid", "4", "--format", "awq",
+               "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "awq_search.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["version"] == "gemm"
+    again = tmp_path / "awq-again"
+    proc = run("convert", tiny_llama, "--method", "awq", "--bits", "4", "--group-size", "32",
+               "--search-file", out / "awq_search.safetensors", "--format", "awq", "-o", again)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("convert", tiny_llama, "--method", "gptq", "--then", "rtn", "-o", tmp_path / "x")
+    assert_one_line_error(proc, "takes no --then")

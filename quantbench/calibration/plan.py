@@ -1,0 +1,97 @@
+"""A dry estimate of a quantization run's time and peak memory (``convert --plan``).
+
+Nothing is loaded but tensor headers: the cost model counts the floating-point work the
+pipeline will do (block forwards over the calibration tokens, statistics, the per-layer
+solves or searches) and divides by this machine's measured matrix-multiply throughput; memory
+is one float32 block, the calibration activations the pipeline keeps, and the largest
+statistic, plus the interpreter's own footprint.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from quantbench.models.loader import Model
+
+RUNTIME_BASE_BYTES = 600 * 2**20   # Python + torch + transformers, measured
+EFFICIENCY = 0.45                  # real forwards reach about this share of a square matmul
+
+
+def measure_gflops(n: int = 1024, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+@dataclass
+class Plan:
+    method: str
+    blocks: int
+    tokens: int
+    gflop: float
+    machine_gflops: float
+    peak_bytes: int
+    parts: dict[str, float] = field(default_factory=dict)   # GFLOP per stage
+
+    @property
+    def seconds(self) -> float:
+        return self.gflop / (self.machine_gflops * EFFICIENCY)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "blocks": self.blocks, "calibration_tokens": self.tokens,
+                "gflop": round(self.gflop, 1), "machine_gflops": round(self.machine_gflops, 1),
+                "estimated_seconds": round(self.seconds, 1), "peak_bytes": self.peak_bytes,
+                "parts_gflop": {k: round(v, 1) for k, v in self.parts.items()}}
+
+
+def _block_shapes(model: Model) -> dict[str, tuple[int, int]]:
+    return {lin: tuple(model.weights.shape(f"{model.arch.block_module(0, lin)}.weight"))
+            for lin in model.arch.linears
+            if f"{model.arch.block_module(0, lin)}.weight" in model.weights}
+
+
+def estimate(model: Model, config, gflops: float | None = None) -> Plan:
+    """Estimate ``quantize(model, config)`` followed by writing, on this machine."""
+    o = config.options
+    shapes = _block_shapes(model)
+    hidden = int(model.config.get("hidden_size", 0)) or max(s[1] for s in shapes.values())
+    inter = max(max(s) for s in shapes.values())
+    n_blocks = model.num_blocks
+    params = sum(o_ * i for o_, i in shapes.values())
+    calibrated = hasattr(o, "calib_samples") and not (
+        getattr(o, "search_file", None) and getattr(o, "then", "rtn") == "rtn")
+    tokens = o.calib_samples * o.calib_len if calibrated else 0
+    ctx = getattr(o, "calib_len", 0)
+    parts: dict[str, float] = {}
+    fwd = (2 * params + 2 * ctx * hidden) * tokens / 1e9          # one block forward
+    if calibrated:
+        parts["capture"] = fwd  # block 0's inputs
+    if config.method == "gptq" or getattr(o, "then", None) == "gptq":
+        parts["forwards"] = 1.3 * fwd * n_blocks
+        group_ins = [shapes[g[0]][1] for g in model.arch.sequential_groups if g[0] in shapes]
+        parts["hessians"] = 2 * tokens * sum(i * i for i in group_ins) * n_blocks / 1e9
+        parts["solves"] = sum(2 * i * i * out + i**3 for out, i in shapes.values()) \
+            * n_blocks / 1e9
+    if config.method == "awq":
+        search_tokens = min(tokens, o.search_samples * o.calib_len)
+        parts["forwards"] = parts.get("forwards", 0) + 2 * fwd * n_blocks
+        parts["scale search"] = (o.n_grid + 1) * fwd * search_tokens / max(tokens, 1) * n_blocks
+        if o.clip:
+            shrink = max(1, int(o.max_shrink * o.clip_grid))
+            parts["clip search"] = sum(2 * o.clip_tokens * i * out * (shrink + 1)
+                                       for out, i in shapes.values()) * n_blocks / 1e9
+    if not calibrated:
+        parts["rounding"] = 20 * params * n_blocks / 1e9
+    block_bytes = params * 4
+    acts = tokens * hidden * 4 * 3 + tokens * inter * 4
+    stat = (inter * inter * 4 * 2) if calibrated else 0
+    vocab = int(model.config.get("vocab_size", 0))
+    embed = vocab * hidden * 4 if calibrated else 0
+    peak = RUNTIME_BASE_BYTES + 2 * block_bytes + acts + stat + embed
+    return Plan(config.method, n_blocks, tokens, sum(parts.values()),
+                gflops or measure_gflops(), int(peak), parts)
