@@ -65,7 +65,10 @@ def _calibration_options(f):
         click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),
         click.option("--calib-len", type=int, default=None, help="Tokens per window (512)."),
         click.option("--calib-data", type=str, default=None,
-                     help="Calibration text: .txt or .jsonl (bundled C4 sample)."),
+                     help="Calibration text: .txt, .jsonl, or hf:NAME[:CONFIG[:SPLIT]] "
+                          "(bundled C4 sample)."),
+        click.option("--calib-chat-template", is_flag=True, default=None,
+                     help="Wrap each calibration document in the tokenizer's chat template."),
         click.option("--seed", "calib_seed", type=int, default=None, help="Sampling seed (0)."),
         click.option("--then", type=click.Choice(["rtn", "gptq"]), default=None,
                      help="AWQ: how to round after scaling (rtn)."),

@@ -23,14 +23,53 @@ class CalibrationSpec:
     n_samples: int = 128
     seq_len: int = 512
     seed: int = 0
-    data: str | None = None  # None: bundled C4; else a .txt / .jsonl path
+    data: str | None = None  # None: bundled C4; a .txt / .jsonl path; or hf:NAME[:CONFIG[:SPLIT]]
+    chat_template: bool = False  # wrap each document as a chat turn with the tokenizer's template
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.seq_len < 8:
             raise QuantbenchError("calibration needs --calib-samples >= 1 and --calib-len >= 8")
 
 
+def load_hf_dataset_docs(spec: str, limit: int = 20000) -> list[str]:
+    """``hf:NAME[:CONFIG[:SPLIT]]`` through the ``datasets`` package (online, or its cache);
+    documents are the ``text`` field (or the first string field)."""
+    import os
+
+    parts = spec[3:].split(":")
+    name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    try:
+        import datasets
+    except ImportError as exc:
+        raise QuantbenchError("calibration from a Hub dataset needs the datasets package: "
+                              "pip install datasets (or pass a .txt/.jsonl file)") from exc
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        mode = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    else:
+        mode = None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        docs = []
+        for row in ds:
+            field = row.get("text") if isinstance(row.get("text"), str) else next(
+                (v for v in row.values() if isinstance(v, str)), None)
+            if field and field.strip():
+                docs.append(field)
+            if len(docs) >= limit:
+                break
+    except Exception as exc:  # network, missing dataset, bad config/split
+        why = mode or f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        raise QuantbenchError(f"cannot load calibration dataset {name!r} ({why}); go online, "
+                              "or pass --calib-data FILE.txt/.jsonl") from exc
+    if not docs:
+        raise QuantbenchError(f"dataset {name!r} split {split!r} has no text documents")
+    return docs
+
+
 def load_calibration_docs(data: str | None = None) -> list[str]:
+    if data is not None and data.startswith("hf:"):
+        return load_hf_dataset_docs(data)
     if data is None:
         resource = importlib.resources.files("quantbench") / "data" / BUNDLED_C4
         with resource.open("rb") as fh:
@@ -47,8 +86,15 @@ def sample_windows(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     rng.shuffle(docs)
     need = spec.n_samples * spec.seq_len * 2
     ids: list[int] = []
+    if spec.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise QuantbenchError("--calib-chat-template: this tokenizer has no chat template")
     for doc in docs:
-        ids += tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"]
+        if spec.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": doc}],
+                                                 tokenize=False)
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids += tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"]
         if len(ids) >= need:
             break
     if len(ids) < spec.seq_len:

@@ -107,7 +107,8 @@ class QuantizedModel:
         from quantbench.calibration.pipeline import run_pipeline
 
         o = self.config.options
-        spec = CalibrationSpec(o.calib_samples, o.calib_len, o.calib_seed, o.calib_data)
+        spec = CalibrationSpec(o.calib_samples, o.calib_len, o.calib_seed, o.calib_data,
+                               o.calib_chat_template)
         windows = sample_windows(self.source.tokenizer(), spec)
         start = time.perf_counter()
         for index, tensors in run_pipeline(self.source, windows, self._target_set,

@@ -110,3 +110,43 @@ def test_staged_and_whole_block_pipelines_agree(tiny_llama):
         a, b = runs[0][name], runs[1][name]
         assert (a.codes != b.codes).float().mean() < 0.01, name
         assert torch.allclose(a.dequantize(), b.dequantize(), atol=0.05 * a.scales.float().max())
+
+
+def test_chat_template_wraps_documents(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    plain = sample_windows(tok, CalibrationSpec(n_samples=16, seq_len=512, seed=0))
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    chat = sample_windows(tok, CalibrationSpec(n_samples=16, seq_len=512, seed=0,
+                                               chat_template=True))
+    bos, eos = tok.convert_tokens_to_ids("<s>"), tok.convert_tokens_to_ids("</s>")
+    assert not torch.isin(plain, torch.tensor([bos, eos])).any()
+    assert torch.isin(chat, torch.tensor([bos, eos])).any()
+
+
+def test_hub_dataset_errors_are_one_line(monkeypatch):
+    from quantbench.calibration.data import load_calibration_docs
+    from quantbench.errors import QuantbenchError
+
+    pytest.importorskip("datasets", reason="hf: calibration data needs the optional datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(QuantbenchError, match="HF_HUB_OFFLINE"):
+        load_calibration_docs("hf:allenai/c4:en:validation")
+
+
+def test_hub_dataset_without_datasets_package_says_what_to_do(monkeypatch):
+    import builtins
+
+    from quantbench.calibration.data import load_calibration_docs
+    from quantbench.errors import QuantbenchError
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(QuantbenchError, match="pip install datasets"):
+        load_calibration_docs("hf:allenai/c4")

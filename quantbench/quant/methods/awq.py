@@ -52,6 +52,7 @@ class AWQOptions(MethodOptions):
     calib_len: int = 512
     calib_seed: int = 0
     calib_data: str | None = None
+    calib_chat_template: bool = False
     batch_size: int = 8
 
 

@@ -26,6 +26,7 @@ class GPTQOptions(MethodOptions):
     calib_len: int = 512
     calib_seed: int = 0
     calib_data: str | None = None
+    calib_chat_template: bool = False
     batch_size: int = 8
 
 
