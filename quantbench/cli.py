@@ -105,6 +105,15 @@ def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
     return chosen
 
 
+def _accepts(method: str, given: dict[str, Any]) -> bool:
+    import dataclasses
+
+    from quantbench.registry import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
+    return bool(fields & set(given))
+
+
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
         from quantbench.formats.manifest import write_json_atomic
@@ -235,14 +244,19 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
 @_protocol_options
 @click.option("--json", "json_path", default="compare.json", show_default=True)
 @click.option("--plot", "plot_path", default="compare.png", show_default=True)
+@_calibration_options
 def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_windows,
-            scoring, data, no_cache, json_path, plot_path):
+            scoring, data, no_cache, json_path, plot_path, **calibration):
     """Quantize SOURCE with each method × bits, evaluate all, print a table, save JSON + plot."""
     from quantbench.eval.compare import run_compare
     from quantbench.eval.report import plot_size_vs_quality, render_table
 
+    given = {k: v for k, v in calibration.items() if v is not None}
+    if given and not any(_accepts(m, given) for m in methods):
+        _method_options(methods[0], given)  # names the option no method takes
     result = run_compare(source, methods=methods, bits=bits, group_size=group_size, fmt=fmt,
                          out_dir=out_dir, progress=True, use_cache=not no_cache,
+                         method_options=given,
                          **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     title = f"quantbench compare — {source} ({fmt})"
     out.print(render_table(result.rows, title, result.report.describe()))

@@ -169,3 +169,15 @@ def test_awq_via_cli_writes_the_awq_layout_and_search(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = run("convert", tiny_llama, "--method", "gptq", "--then", "rtn", "-o", tmp_path / "x")
     assert_one_line_error(proc, "takes no --then")
+
+
+def test_compare_runs_calibrated_methods_with_their_options(tiny_llama, tmp_path):
+    proc = run("compare", tiny_llama, "--method", "zeropoint,gptq,awq", "--bits", "4",
+               "--group-size", "32", "--calib-samples", "4", "--calib-len", "32",
+               "--static-groups", "--awq-grid", "4", "--max-tokens", "1024",
+               "--json", tmp_path / "c.json", "--plot", "")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert {"zeropoint-w4-g32", "gptq-w4-g32", "awq-w4-g32"} <= set(rows)
+    proc = run("compare", tiny_llama, "--method", "zeropoint", "--damp", "0.1")
+    assert_one_line_error(proc, "takes no --damp")

@@ -1,6 +1,7 @@
 """``compare``: every method × bits on one source, written, read back, evaluated in one pass."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from quantbench.formats.manifest import record_eval
 from quantbench.models.loader import Model, load_model
 from quantbench.progress import block_progress
 from quantbench.quant.run import make_config, quantize, select_targets
-from quantbench.registry import get_format
+from quantbench.registry import get_format, get_method
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ class Job:
     bits: int
     group_size: int
     symmetric: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, targets: TargetConfig):
+        return make_config(self.method, self.bits, self.group_size, self.symmetric, targets,
+                           **self.options)
 
     @property
     def name(self) -> str:
@@ -48,14 +54,22 @@ class CompareResult:
         return {**self.report.to_dict(), "rows": [asdict(row) for row in self.rows]}
 
 
-def plan_jobs(methods: Sequence[str], bits: Sequence[int], group_size: int) -> list[Job]:
-    return [Job(m, b, group_size) for m in methods for b in bits]
+def plan_jobs(methods: Sequence[str], bits: Sequence[int], group_size: int,
+              method_options: dict[str, Any] | None = None) -> list[Job]:
+    """Every method × bits; each method gets the options it has from ``method_options``
+    (calibration settings apply to the calibrated methods only)."""
+    return [Job(m, b, group_size, options=_options_for(m, method_options or {}))
+            for m in methods for b in bits]
+
+
+def _options_for(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
+    return {k: v for k, v in given.items() if k in fields}
 
 
 def _write_job(model: Model, job: Job, fmt: str, out: Path, targets: TargetConfig,
                progress: bool) -> tuple[Path, float]:
-    config = make_config(job.method, job.bits, job.group_size, job.symmetric, targets)
-    qmodel = quantize(model, config)
+    qmodel = quantize(model, job.config(targets))
     start = time.perf_counter()
     with block_progress(qmodel.num_steps(), f"{job.name} → {fmt}", enabled=progress) as step:
         write_artifact(qmodel, out, fmt, overwrite=True, on_step=step)
@@ -87,15 +101,16 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
                 fmt: str = "compressed-tensors", out_dir: "str | Path | None" = None,
                 targets: TargetConfig | None = None, protocol: EvalProtocol | None = None,
                 progress: bool = False, use_cache: bool = True,
+                method_options: dict[str, Any] | None = None,
                 **protocol_fields: Any) -> CompareResult:
     """Quantize with each method × bits, write with ``fmt``, read back, evaluate in lock-step."""
     model = source if isinstance(source, Model) else load_model(source)
     protocol = make_protocol(protocol, **protocol_fields)
     targets = targets or TargetConfig()
-    jobs = plan_jobs(methods, bits, group_size)
+    jobs = plan_jobs(methods, bits, group_size, method_options)
     writer = get_format(fmt)()
     for job in jobs:  # refuse impossible combinations before any work
-        config = make_config(job.method, job.bits, job.group_size, job.symmetric, targets)
+        config = job.config(targets)
         quantize(model, config)  # checks method, targets and grid against the shapes
         writer.check(config, model, select_targets(model, targets))
     keep = out_dir is not None
