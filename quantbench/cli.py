@@ -75,6 +75,8 @@ def _calibration_options(f):
         click.option("--awq-grid", "n_grid", type=int, default=None,
                      help="AWQ: grid points for the scale exponent (20)."),
         click.option("--clip/--no-clip", default=None, help="AWQ: search weight clipping (on)."),
+        click.option("--exhaustive-search", "exhaustive", is_flag=True, default=None,
+                     help="AWQ: evaluate every grid point (default: coarse grid + refinement)."),
         click.option("--search-samples", type=int, default=None,
                      help="AWQ: windows the scale search runs on (8)."),
         click.option("--search-file", type=str, default=None,

@@ -57,35 +57,49 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
 class ScaleSearch:
     scales: torch.Tensor          # [in]; all ones when plain rounding was best
     ratio: float | None           # the chosen α, None for the identity
-    losses: list[float]           # output MSE per grid point (identity first)
+    losses: dict[float | None, float]  # output MSE per evaluated α (None: plain rounding)
 
 
 def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], grid: IntGridConfig,
                   inspect: Callable[[list[torch.Tensor]], torch.Tensor],
-                  reference: torch.Tensor, n_grid: int = 20, duo: bool = True) -> ScaleSearch:
-    """Grid search over α ∈ {0, 1/n, …, (n−1)/n} (plus the identity, plain rounding).
+                  reference: torch.Tensor, n_grid: int = 20, duo: bool = True,
+                  exhaustive: bool = False) -> ScaleSearch:
+    """Search α on the lattice {0, 1/n, …, (n−1)/n} (plus the identity, plain rounding).
 
     ``inspect(trial_weights)`` runs the module that consumes the linears' outputs with the
     given (fake-quantized, rescaled) weights and returns its output; ``reference`` is that
-    output with the float weights. Returns the scales with the smallest MSE."""
+    output with the float weights. ``exhaustive`` evaluates every lattice point, as AWQ does;
+    otherwise every ~n/5-th point is evaluated and the best one refined by walking to lattice
+    neighbours while the loss falls — the same answer when the loss is unimodal in α, in
+    about half the forward passes. Returns the scales with the smallest MSE."""
     x_mean = x_mean.float()
     w_mean = weight_magnitude(weights, grid) if duo else None
+    losses: dict[float | None, float] = {}
 
-    def loss(s: torch.Tensor | None) -> float:
-        trial = [fake_quant(w.float() * s, grid) / s if s is not None else fake_quant(w, grid)
-                 for w in weights]
-        return float((inspect(trial).float() - reference.float()).pow(2).mean())
+    def loss(i: int | None) -> float:
+        ratio = None if i is None else i / n_grid
+        if ratio not in losses:
+            s = None if i is None else candidate_scales(x_mean, w_mean, ratio)
+            trial = [fake_quant(w.float() * s, grid) / s if s is not None
+                     else fake_quant(w, grid) for w in weights]
+            losses[ratio] = float((inspect(trial).float() - reference.float()).pow(2).mean())
+        return losses[ratio]
 
-    losses = [loss(None)]
-    best = (losses[0], torch.ones_like(x_mean), None)
-    for i in range(n_grid):
-        ratio = i / n_grid
-        s = candidate_scales(x_mean, w_mean, ratio)
-        value = loss(s)
-        losses.append(value)
-        if value < best[0]:
-            best = (value, s, ratio)
-    return ScaleSearch(best[1], best[2], losses)
+    loss(None)
+    step = 1 if exhaustive else max(1, n_grid // 5)
+    best = min(range(0, n_grid, step), key=loss)
+    while step > 1:
+        moved = False
+        for j in (best - 1, best + 1):
+            if 0 <= j < n_grid and loss(j) < loss(best):
+                best, moved = j, True
+                break
+        if not moved:
+            break
+    ratio = best / n_grid
+    if losses[None] <= losses[ratio]:
+        return ScaleSearch(torch.ones_like(x_mean), None, losses)
+    return ScaleSearch(candidate_scales(x_mean, w_mean, ratio), ratio, losses)
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: int = 20,

@@ -28,7 +28,11 @@ def test_scale_search_beats_plain_rounding_on_outlier_channels():
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) * 0.05
     ref = x @ w.t()
     found = search_scales(x.abs().mean(0), [w], GRID, lambda ws: x @ ws[0].t(), ref, n_grid=20)
-    assert found.ratio is not None and min(found.losses) == found.losses[1 + int(found.ratio * 20)]
+    assert found.ratio is not None and min(found.losses.values()) == found.losses[found.ratio]
+    assert len(found.losses) < 15  # coarse + refine, not all 21 points
+    full = search_scales(x.abs().mean(0), [w], GRID, lambda ws: x @ ws[0].t(), ref, n_grid=20,
+                         exhaustive=True)
+    assert len(full.losses) == 21 and full.ratio == found.ratio  # unimodal here
     err_rtn = (x @ fake_quant(w, GRID).t() - ref).pow(2).mean()
     s = found.scales
     err_awq = (x @ (fake_quant(w * s, GRID) / s).t() - ref).pow(2).mean()

@@ -36,6 +36,7 @@ CLIP_EXEMPT = ("q_proj", "k_proj")  # their errors feed a dot product, AWQ leave
 @dataclass(frozen=True)
 class AWQOptions(MethodOptions):
     n_grid: int = 20
+    exhaustive: bool = False      # every grid point (AWQ) instead of coarse + refine
     duo_scaling: bool = True
     clip: bool = True
     clip_grid: int = 20
@@ -189,7 +190,7 @@ def awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
                     reference = mods[0](x_sub)
                 inspect = _linear_inspector(mods[0], x_sub)
             found = search_scales(x_mean, [m.weight.data for m in mods], grid, inspect,
-                                  reference, o.n_grid, o.duo_scaling)
+                                  reference, o.n_grid, o.duo_scaling, o.exhaustive)
             with torch.inference_mode():
                 fold_scales(prev_mod, mods, found.scales)
             result[f"{prefix}{prev}.awq_scales"] = found.scales.float().clone()
