@@ -19,8 +19,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
-	$(BIN)/quantbench compare sample:smollm2 --method absmax,zeropoint --bits 8,4 \
-		--group-size 64 --json $(DEMO_OUT)/compare.json --plot $(DEMO_OUT)/compare.png
+	$(BIN)/quantbench compare sample:smollm2 --method absmax,zeropoint,gptq,awq --bits 4,3 \
+		--group-size 64 --calib-samples 16 --calib-len 256 --static-groups \
+		--json $(DEMO_OUT)/compare.json --plot $(DEMO_OUT)/compare.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -100,10 +100,11 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=2816)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--calib-samples", type=int, default=8)
-    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=2)
+    ap.add_argument("--calib-len", type=int, default=128)
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint goes")
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep (and, with --workdir, reuse) the synthetic checkpoint")
     ap.add_argument("--out", default="benchmarks/results/memory_gptq.json")
     args = ap.parse_args()
     from quantbench.models.loader import load_model
@@ -114,8 +115,12 @@ def main() -> None:
     src, dst = root / "synthetic-llama", root / "synthetic-gptq"
     try:
         start = time.perf_counter()
-        params = build_checkpoint(src, args.blocks, args.hidden, args.inter, args.heads,
-                                  args.kv_heads, Path(sample.path))
+        if args.keep and (src / "model.safetensors.index.json").is_file():  # reuse a kept one
+            weights = load_model(str(src)).weights
+            params = sum(int(torch.tensor(weights.shape(n)).prod()) for n in weights.names())
+        else:
+            params = build_checkpoint(src, args.blocks, args.hidden, args.inter, args.heads,
+                                      args.kv_heads, Path(sample.path))
         build_s = time.perf_counter() - start
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         console.print(f"built {params / 1e9:.2f} B parameters, {size / 2**30:.2f} GiB "

@@ -59,7 +59,7 @@ def _calibration_options(f):
         click.option("--act-order/--no-act-order", default=None,
                      help="GPTQ: columns by descending Hessian diagonal (default on)."),
         click.option("--static-groups/--dynamic-groups", default=None,
-                     help="GPTQ: groups fixed in original column order (no g_idx)."),
+                     help="GPTQ: group scales fixed in original column order before act-order (default; no g_idx), or formed in processing order with a g_idx (--dynamic-groups, the original GPTQ)."),
         click.option("--damp", "damp_percent", type=float, default=None,
                      help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
         click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),

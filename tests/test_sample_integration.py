@@ -103,7 +103,8 @@ def calibrated(sample, tmp_path_factory):
     calib = dict(calib_samples=16, calib_len=256)
     jobs = {
         "zeropoint": (dict(method="zeropoint"), "gptq"),
-        "gptq": (dict(method="gptq", symmetric=False, act_order=True, **calib), "gptq"),
+        "gptq": (dict(method="gptq", symmetric=False, act_order=True, static_groups=True,
+                      **calib), "gptq"),
         "awq": (dict(method="awq", symmetric=False, search_samples=4, **calib), "awq"),
     }
     bits = {"awq": 4}
@@ -114,7 +115,7 @@ def calibrated(sample, tmp_path_factory):
     rtn4 = quantize(sample, method="zeropoint", bits=4, group_size=64)
     out["zeropoint4"] = open_artifact(save(rtn4, root / "zeropoint4", format="awq"))
     report = evaluate(source_factory(sample), {n: artifact_factory(a) for n, a in out.items()},
-                      sample.tokenizer(), EvalProtocol(ctx=512, max_tokens=2048),
+                      sample.tokenizer(), EvalProtocol(ctx=512, max_tokens=4096),
                       baseline_key=sample.fingerprint())
     return out, report
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from quantbench.calibration.collectors import COLLECTORS
+from quantbench.calibration.memory import pin_mmap_threshold
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
@@ -88,6 +89,7 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
     finally:
         handle.remove()
         _set(skeleton, arch.block_prefix, layers)
+        embed.to("meta")  # only block 0's inputs were needed
     return captured
 
 
@@ -246,6 +248,7 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
     weight, statistic)``, and optionally ``prepare_block(ctx)``, run on the float block first
     (AWQ rescales and clips there). Non-quantized tensors come from the block as the method
     left it, in the checkpoint's dtype."""
+    pin_mmap_threshold()
     skeleton = _skeleton(model)
     captured = capture_inputs(model, skeleton, windows, batch_size)
     prepare = getattr(method, "prepare_block", None)

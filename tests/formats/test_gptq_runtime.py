@@ -22,10 +22,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     "QUANTBENCH_PEER_GPTQMODEL; see benchmarks/peers/README.md)")]
 
 
-@pytest.mark.parametrize("symmetric,act_order", [(True, True), (False, False)])
-def test_transformers_with_gptqmodel_loads_our_gptq(tiny_llama, tmp_path, symmetric, act_order):
+@pytest.mark.parametrize("symmetric,act_order,static", [(True, True, False), (False, False, True),
+                                                       (False, True, True)])
+def test_transformers_with_gptqmodel_loads_our_gptq(tiny_llama, tmp_path, symmetric, act_order,
+                                                    static):
     q = quantize(str(tiny_llama), method="gptq", bits=4, group_size=32, symmetric=symmetric,
-                 act_order=act_order, calib_samples=4, calib_len=32)
+                 act_order=act_order, static_groups=static, calib_samples=4, calib_len=32)
     out = save(q, tmp_path / "gptq", format="gptq")
     ids = torch.randint(2, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))

@@ -41,7 +41,8 @@ def test_gptq_compressed_tensors_static_groups_loads_in_transformers(tiny_llama,
 
 
 def test_dynamic_groups_refused_by_compressed_tensors_before_work(tiny_llama, tmp_path):
-    q = quantize(str(tiny_llama), method="gptq", bits=4, group_size=32, **CALIB)
+    q = quantize(str(tiny_llama), method="gptq", bits=4, group_size=32, static_groups=False,
+                 **CALIB)
     with pytest.raises(ConfigError, match="--static-groups"):
         save(q, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct").exists()

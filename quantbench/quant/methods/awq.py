@@ -48,7 +48,7 @@ class AWQOptions(MethodOptions):
     damp_percent: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    static_groups: bool = False
+    static_groups: bool = True
     calib_samples: int = 32
     calib_len: int = 512
     calib_seed: int = 0

@@ -21,7 +21,7 @@ class GPTQOptions(MethodOptions):
     damp_percent: float = 0.01
     block_size: int = 128
     act_order: bool = True
-    static_groups: bool = False
+    static_groups: bool = True  # measured better here (see README); --dynamic-groups for GPTQ's original
     calib_samples: int = 128
     calib_len: int = 512
     calib_seed: int = 0
