@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -67,35 +68,72 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+              torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+              torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+
+
 class ShardedWriter:
-    """Collect tensors and flush them to ``model-XXXXX.safetensors`` shards of bounded size."""
+    """Stream tensors into ``model-XXXXX.safetensors`` shards of bounded size.
+
+    Each tensor's bytes go to disk as soon as it is added (a raw data file per shard); when
+    the shard is full its safetensors header is written and the data copied behind it. Memory
+    held: one tensor at a time, whatever the shard size."""
 
     def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  metadata: dict[str, str] | None = None):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, dict[str, Any]] = {}
         self._pending_bytes = 0
-        self._shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self._data = None  # the open raw data file of the current shard
+        self._shards: list[list[str]] = []
+        self._written: set[str] = set()
         self._closed = False
+
+    def _data_path(self, index: int) -> Path:
+        return self.directory / f"shard-{index:05d}.data"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._closed:
             raise RuntimeError("writer is closed")
-        if name in self._pending or any(name in s for s in self._shards):
+        if name in self._written:
             raise ValueError(f"tensor {name} written twice")
+        if tensor.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors code")
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        if self._data is None:
+            self._data = open(self._data_path(len(self._shards)), "wb")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if nbytes:
+            self._data.write(memoryview(flat.view(torch.uint8).numpy()))
+        start = self._pending_bytes
+        self._pending[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [start, start + nbytes]}
         self._pending_bytes += nbytes
+        self._written.add(name)
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._pending, str(self.directory / f"shard-{index:05d}.tmp"), self.metadata)
+        if self._data is None:
+            self._data = open(self._data_path(index), "wb")
+        self._data.close()
+        header = json.dumps({"__metadata__": self.metadata, **self._pending},
+                            separators=(",", ":")).encode("utf-8")
+        header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
+        with open(self.directory / f"shard-{index:05d}.tmp", "wb") as out, \
+                open(self._data_path(index), "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        self._data_path(index).unlink()
         self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._data = {}, 0, None
 
     def close(self) -> list[str]:
         """Finish: name shards ``model.safetensors`` or ``model-0000i-of-0000n``; write index."""

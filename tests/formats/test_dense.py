@@ -57,10 +57,41 @@ def test_sharded_writer_streams_shards(tmp_path):
     assert set(index["weight_map"]) == {f"t{i}" for i in range(5)}
     with pytest.raises(RuntimeError, match="closed"):
         w.add("t9", torch.zeros(1))
+    (tmp_path / "x").mkdir()
     fresh = ShardedWriter(tmp_path / "x")
     fresh.add("a", torch.zeros(1))
     with pytest.raises(ValueError, match="twice"):
         fresh.add("a", torch.zeros(1))
+
+
+def test_sharded_writer_files_equal_what_safetensors_reads(tmp_path):
+    """Streamed shards are valid safetensors: every dtype, odd shapes, 0-d and empty tensors,
+    non-contiguous inputs and metadata come back exactly through safetensors' own reader."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 3, generator=g).bfloat16(),
+        "i32": torch.randint(-9, 9, (4, 4), generator=g, dtype=torch.int32),
+        "u8": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8),
+        "i64_scalar": torch.tensor(7),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(4, 6, generator=g).t(),
+    }
+    w = ShardedWriter(tmp_path, max_shard_bytes=64, metadata={"note": "x"})
+    for name, t in tensors.items():
+        w.add(name, t)
+    names = w.close()
+    assert len(names) > 1 and not list(tmp_path.glob("shard-*"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    for name, t in tensors.items():
+        with safe_open(str(tmp_path / index["weight_map"][name]), "pt") as fh:
+            assert fh.metadata() == {"format": "pt", "note": "x"}
+            got = fh.get_tensor(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
 
 
 def test_failure_leaves_nothing_behind(tiny_llama, tmp_path):
