@@ -32,6 +32,7 @@ class LazyWeights:
     def __init__(self, shards: dict[str, Path]):
         self._shards = shards  # tensor name -> file
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     @classmethod
     def from_dir(cls, directory: Path) -> "LazyWeights":
@@ -86,12 +87,37 @@ class LazyWeights:
         code = self._handle(self._shards[name]).get_slice(name).get_dtype()
         return _ST_DTYPES.get(code, torch.float32)
 
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(offset of the data section, header entries) of one safetensors file."""
+        if path not in self._headers:
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[path] = (8 + n, json.loads(fh.read(n)))
+        return self._headers[path]
+
+    def _read(self, path: Path, name: str) -> torch.Tensor:
+        """Read one tensor with a plain file read (no memory map: the pages of a multi-GB
+        checkpoint would otherwise stay resident, and counted, for the whole run)."""
+        base, header = self._header(path)
+        entry = header[name]
+        dtype = _ST_DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        buf = bytearray(end - start)
+        with open(path, "rb") as fh:
+            fh.seek(base + start)
+            if fh.readinto(buf) != len(buf):
+                raise ValueError("the file ends before the tensor's data")
+        if not buf:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._shards:
             raise KeyError(name)
         try:
-            return self._handle(self._shards[name]).get_tensor(name)
-        except SafetensorError as exc:
+            self._handle(self._shards[name])  # validated header
+            return self._read(self._shards[name], name)
+        except (SafetensorError, KeyError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot read {name} from {self._shards[name]} ({exc}); the file may be "
                 "truncated: re-download or re-convert it"
@@ -107,7 +133,9 @@ AUXILIARY_TENSOR_FILES = frozenset({"awq_search.safetensors"})
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
               "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
-              "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+              "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class InMemoryWeights(LazyWeights):

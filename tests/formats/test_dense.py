@@ -113,3 +113,28 @@ def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
         save(q, out)
     save(q, out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_lazy_weights_read_without_mmap_equal_safetensors(tmp_path):
+    """LazyWeights reads tensors with plain file reads; they equal safetensors' own."""
+    from safetensors.torch import load_file, save_file
+
+    from quantbench.models.weights import LazyWeights
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(5, 3, generator=g).bfloat16(), "b": torch.tensor(3),
+               "c": torch.randint(0, 9, (7,), generator=g, dtype=torch.uint8),
+               "d": torch.zeros(0, 2).half(),
+               "e": torch.randn(4, generator=g).to(torch.float8_e4m3fn)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    lazy = LazyWeights.from_dir(tmp_path)
+    ref = load_file(str(tmp_path / "model.safetensors"))
+    for name in tensors:
+        got = lazy.get(name)
+        assert got.dtype == ref[name].dtype and got.shape == ref[name].shape
+        as_bytes = [t.reshape(-1).view(torch.uint8) for t in (got, ref[name])]
+        assert torch.equal(*as_bytes), name
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[:-4])  # truncated after opening
+    with pytest.raises(QuantbenchError, match="truncated"):
+        LazyWeights.from_dir(tmp_path).get("e")
