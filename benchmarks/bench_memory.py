@@ -16,13 +16,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _measure import run_measured
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
@@ -83,16 +83,6 @@ def build_checkpoint(out: Path, blocks: int, hidden: int, inter: int, heads: int
     return params
 
 
-def run_child(cmd: list[str]) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-3000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=400)
@@ -129,7 +119,7 @@ def main() -> None:
                "--bits", "4", "--group-size", "128", "--zero-point", "--static-groups",
                "--calib-samples", str(args.calib_samples), "--calib-len", str(args.calib_len),
                "--format", "gptq", "-o", str(dst), "--overwrite"]
-        run = run_child(cmd)
+        run = run_measured(cmd)
         out_size = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
     finally:
         if not args.keep:

@@ -9,15 +9,13 @@ one lock-step pass against the FP16 baseline on the same tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _measure import run_measured
 from rich.console import Console
 
 from quantbench.eval.evaluator import evaluate
@@ -56,13 +54,7 @@ def convert(source: str, method: str, bits: int, group: int, fmt: str, out: Path
     cmd = [sys.executable, "-m", "quantbench.cli", "convert", source, "--method", method,
            "--bits", str(bits), "--group-size", str(group), "--format", fmt, "-o", str(out),
            "--overwrite", *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"conversion failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return run_measured(cmd, digits=2)
 
 
 def main() -> None:

@@ -16,12 +16,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _measure import run_measured
 from rich.console import Console
 from rich.table import Table
 
@@ -33,18 +32,6 @@ from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
 
 PEER_SCRIPT = Path(__file__).parent / "peers" / "gptqmodel_quantize.py"
-
-
-def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds and the child's own peak RSS."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-3000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
 def main() -> None:
