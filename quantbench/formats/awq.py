@@ -9,9 +9,9 @@ import torch
 
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, Format
+from quantbench.formats.base import Artifact
 from quantbench.formats.compressed_tensors import _dynamic_groups, _suggest_group
-from quantbench.formats.gptq import (fp16_scales, model_dtype, module_of, quant_method,
+from quantbench.formats.gptq import (ModuleTensorsFormat, fp16_scales, model_dtype, module_of,
                                      quant_settings, refuse_embeddings, setting, split_names,
                                      untargeted_modules)
 from quantbench.formats.packing import pack_awq_cols, unpack_awq_cols
@@ -51,8 +51,10 @@ def awq_decode(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 
 @register_format("awq")
-class AWQFormat(Format):
+class AWQFormat(ModuleTensorsFormat):
     description = "AWQ GEMM, 4-bit zero-point (transformers + gptqmodel, vLLM)"
+    method_key = "awq"
+    codec = staticmethod(awq_encode)
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
         refuse_embeddings("AWQ", model, targets)
@@ -87,14 +89,6 @@ class AWQFormat(Format):
         return {"quant_method": "awq", "zero_point": True, "group_size": config.grid.group_size,
                 "bits": 4, "version": "gemm",
                 "modules_to_not_convert": untargeted_modules(targets, arch) or None}
-
-    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        module = module_of(name)
-        return {f"{module}.{k}": v for k, v in awq_encode(qt).items()}
-
-    @classmethod
-    def detect(cls, config: dict[str, Any], weights: LazyWeights) -> bool:
-        return quant_method(config, weights) == "awq"
 
     def read(self, path: Path, config: dict[str, Any], weights: LazyWeights,
              manifest: dict[str, Any] | None) -> Artifact:

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -156,9 +156,27 @@ def gptq_decode(parts: Mapping[str, torch.Tensor], bits: int, group_size: int, s
                            grid=grid, dtype=dtype, g_idx=g_idx)
 
 
+class ModuleTensorsFormat(Format):
+    """A layout that stores each quantized linear as named tensors beside its module path
+    (``<module>.qweight`` ...) and names itself in ``quantization_config.quant_method``."""
+
+    method_key: ClassVar[str]
+    codec: ClassVar[Callable[[QuantizedTensor], dict[str, torch.Tensor]]]
+
+    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        module = module_of(name)
+        return {f"{module}.{k}": v for k, v in type(self).codec(qt).items()}
+
+    @classmethod
+    def detect(cls, config: dict[str, Any], weights: LazyWeights) -> bool:
+        return quant_method(config, weights) == cls.method_key
+
+
 @register_format("gptq")
-class GPTQFormat(Format):
+class GPTQFormat(ModuleTensorsFormat):
     description = "GPTQ qweight/qzeros/scales/g_idx (transformers+optimum, vLLM, exllamav2)"
+    method_key = "gptq"
+    codec = staticmethod(gptq_encode)
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
         refuse_embeddings("GPTQ", model, targets)
@@ -205,14 +223,6 @@ class GPTQFormat(Format):
         """AutoGPTQ, GPTQModel and vLLM also read ``quantize_config.json`` (§1.6)."""
         q = self.quantization_config(config, targets, arch)
         return {"quantize_config.json": json.dumps(q, indent=2, sort_keys=True)}
-
-    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        module = module_of(name)
-        return {f"{module}.{k}": v for k, v in gptq_encode(qt).items()}
-
-    @classmethod
-    def detect(cls, config: dict[str, Any], weights: LazyWeights) -> bool:
-        return quant_method(config, weights) == "gptq"
 
     def read(self, path: Path, config: dict[str, Any], weights: LazyWeights,
              manifest: dict[str, Any] | None) -> Artifact:

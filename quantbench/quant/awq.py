@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from quantbench.config import IntGridConfig
-from quantbench.quant.grid import _pad_groups, fake_quantize, group_index
+from quantbench.quant.grid import fake_quantize, group_index, pad_groups
 
 
 def fake_quant(w: torch.Tensor, grid: IntGridConfig,
@@ -24,20 +24,10 @@ def fake_quant(w: torch.Tensor, grid: IntGridConfig,
     return fake_quantize(w, grid, scale_dtype)
 
 
-def _grouped(t: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
-    """``[rows, in]`` → ``[rows, n_groups, g]``, a short last group padded with zeros."""
-    rows, in_f = t.shape
-    g = grid.group_size if grid.granularity == "group" else in_f
-    n = -(-in_f // g)
-    if n * g != in_f:
-        t = torch.cat([t, t.new_zeros(rows, n * g - in_f)], dim=1)
-    return t.reshape(rows, n, g)
-
-
 def weight_magnitude(weights: Sequence[torch.Tensor], grid: IntGridConfig) -> torch.Tensor:
     """Mean over output rows of ``|w|`` normalised by its group's max: ``[in]``."""
     w = torch.cat([x.float() for x in weights], dim=0).abs()
-    grouped = _grouped(w, grid)
+    grouped = pad_groups(w, grid)
     norm = grouped / (grouped.amax(dim=2, keepdim=True) + 1e-6)
     return norm.reshape(w.shape[0], -1)[:, : w.shape[1]].mean(dim=0)
 
@@ -107,10 +97,10 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: i
     """Per (row, group) clip value ``[rows, n_groups]`` minimising the group's output error
     ``Σ_t (x_t·Q(clamp(w))_g − x_t·w_g)²`` over the sampled inputs ``x`` ``[T, in]``."""
     w = w.float()
-    xg = _pad_groups(x.float(), grid).transpose(0, 1)          # [n_groups, T, g]
+    xg = pad_groups(x.float(), grid).transpose(0, 1)          # [n_groups, T, g]
     out = torch.empty(w.shape[0], xg.shape[0])
     for r0 in range(0, w.shape[0], row_batch):
-        wg = _pad_groups(w[r0:r0 + row_batch], grid)           # [rows, n_groups, g]
+        wg = pad_groups(w[r0:r0 + row_batch], grid)           # [rows, n_groups, g]
         rows = wg.shape[0]
         ref = torch.bmm(xg, wg.permute(1, 2, 0))               # [n_groups, T, rows]
         org_max = wg.abs().amax(dim=2)                         # [rows, n_groups]
@@ -120,7 +110,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: i
             max_val = org_max * (1 - i / n_grid)
             bound = max_val.unsqueeze(-1)
             trial = torch.maximum(torch.minimum(wg, bound), -bound).reshape(rows, -1)
-            q = _pad_groups(fake_quantize(trial, grid), grid)
+            q = pad_groups(fake_quantize(trial, grid), grid)
             err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()
             better = err < best_err
             best_err = torch.where(better, err, best_err)

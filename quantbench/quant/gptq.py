@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from quantbench.config import IntGridConfig
-from quantbench.quant.grid import dequantize_codes, fit_scales, quantize_codes
+from quantbench.quant.grid import fit_scales
 from quantbench.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)

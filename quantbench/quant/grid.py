@@ -116,7 +116,7 @@ def dequantize_codes(
     return (codes.float() - z) * s
 
 
-def _pad_groups(w: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
+def pad_groups(w: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
     """``[rows, in]`` → ``[rows, n_groups, g]`` (one group per row for channel granularity);
     a short last group is padded with zeros, which changes neither a zero-point range (it
     always contains 0) nor an absmax."""
@@ -138,7 +138,7 @@ def fake_quantize(w: torch.Tensor, grid: IntGridConfig,
         scales, zeros = fit_scales(w, grid, scale_dtype)
         return dequantize_codes(quantize_codes(w, scales, zeros, grid), scales, zeros, grid)
     scales, zeros = fit_scales(w, grid, scale_dtype)
-    wg = _pad_groups(w, grid)
+    wg = pad_groups(w, grid)
     s = scales.float().unsqueeze(-1)
     z = zeros.float().unsqueeze(-1) if zeros is not None else float(grid.sym_zero)
     q = torch.round(wg / s).add_(z).clamp_(0, grid.qmax)
