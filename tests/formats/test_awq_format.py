@@ -29,16 +29,12 @@ def ref_unpack_awq(packed: torch.Tensor) -> list[list[int]]:
     return rows
 
 
-def test_round_trip_bit_exact(tiny_llama, tmp_path):
-    model = load_model(tiny_llama)
-    q = quantize(model, method="zeropoint", bits=4, group_size=32)
-    out = save(q, tmp_path / "awq", format="awq")
-    art = open_artifact(out)
-    assert art.format == "awq"
-    assert sorted(art.quantized_names) == sorted(q.targets)
+def test_round_trip_bit_exact(write_tiny):
+    w = write_tiny("awq", method="zeropoint", bits=4, group_size=32)
+    model, q, out, art = w.model, w.q, w.out, w.art
+    w.assert_quantized_like_rtn()
     for name in q.targets:
-        expect = rtn_quantize(model.weights.get(name), q.config.grid, torch.float16)
-        assert art.quantized(name).equal(expect), name
+        expect = w.rtn_reference(name)
         module = name[: -len(".weight")]
         out_f, in_f = expect.shape
         assert art.weights.shape(f"{module}.qweight") == (in_f, out_f // 8)

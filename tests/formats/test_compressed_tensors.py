@@ -9,23 +9,16 @@ from quantbench.errors import ConfigError
 from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
-from quantbench.quant.methods.rtn import rtn_quantize
 
 CASES = [("absmax", 4, 32), ("zeropoint", 4, 32), ("absmax", 8, -1), ("zeropoint", 8, -1),
          ("zeropoint", 3, 64), ("absmax", 2, 16), ("absmax", 4, 0)]
 
 
 @pytest.mark.parametrize("method,bits,group", CASES)
-def test_round_trip_bit_exact(tiny_llama, tmp_path, method, bits, group):
-    model = load_model(tiny_llama)
-    q = quantize(model, method=method, bits=bits, group_size=group)
-    out = save(q, tmp_path / "ct", format="compressed-tensors")
-    art = open_artifact(out)
-    assert art.format == "compressed-tensors"
-    assert sorted(art.quantized_names) == sorted(q.targets)
-    for name in q.targets:
-        expect = rtn_quantize(model.weights.get(name), q.config.grid, torch.float16)
-        assert art.quantized(name).equal(expect), name
+def test_round_trip_bit_exact(write_tiny, method, bits, group):
+    w = write_tiny("compressed-tensors", method=method, bits=bits, group_size=group)
+    out, art = w.out, w.art
+    w.assert_quantized_like_rtn()
     assert "lm_head.weight" in art.plain_names
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"

@@ -7,19 +7,14 @@ from quantbench.api import quantize, save
 from quantbench.errors import QuantbenchError
 from quantbench.formats.io import ShardedWriter, open_artifact, write_artifact
 from quantbench.formats.manifest import sha256_file, verify_files
-from quantbench.models.loader import load_model
-from quantbench.quant.methods.rtn import rtn_quantize
 from quantbench.models.torch_model import build_causal_lm
 
 
-def test_dense_round_trip_bit_exact(tiny_llama, tmp_path):
-    model = load_model(tiny_llama)
-    q = quantize(model, method="zeropoint", bits=4, group_size=32)
-    out = save(q, tmp_path / "dense", format="dense")
-    art = open_artifact(out)
-    assert art.format == "dense"
+def test_dense_round_trip_bit_exact(write_tiny):
+    w = write_tiny("dense", method="zeropoint", bits=4, group_size=32)
+    model, q, out, art = w.model, w.q, w.out, w.art
     for name in q.targets:
-        expect = rtn_quantize(model.weights.get(name), q.config.grid, torch.float16)
+        expect = w.rtn_reference(name)
         got = art.weights.get(name)
         assert got.dtype == torch.float16
         assert torch.equal(got, expect.dequantize(torch.float16))

@@ -48,15 +48,12 @@ def ref_unpack_rows(qweight: torch.Tensor, bits: int, n: int) -> list[list[int]]
 
 
 @pytest.mark.parametrize("method,bits,group", CASES)
-def test_round_trip_bit_exact(tiny_llama, tmp_path, method, bits, group):
-    model = load_model(tiny_llama)
-    q = quantize(model, method=method, bits=bits, group_size=group)
-    out = save(q, tmp_path / "gptq", format="gptq")
-    art = open_artifact(out)
-    assert art.format == "gptq"
-    assert sorted(art.quantized_names) == sorted(q.targets)
+def test_round_trip_bit_exact(write_tiny, method, bits, group):
+    w = write_tiny("gptq", method=method, bits=bits, group_size=group)
+    model, q, out, art = w.model, w.q, w.out, w.art
+    w.assert_quantized_like_rtn()
     for name in q.targets:
-        expect = rtn_quantize(model.weights.get(name), q.config.grid, torch.float16)
+        expect = w.rtn_reference(name)
         got = art.quantized(name)
         assert got.equal(expect) and got.g_idx is None, name
         module = name[: -len(".weight")]

@@ -1,0 +1,44 @@
+"""Shared set-up for the format tests: quantize the tiny model, write it, open it back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from quantbench.api import quantize, save
+from quantbench.formats.io import open_artifact
+from quantbench.models.loader import load_model
+from quantbench.quant.methods.rtn import rtn_quantize
+
+
+@dataclass
+class Written:
+    model: Any        # the source Model
+    q: Any            # the in-memory quantized result
+    out: Path         # the written artifact directory
+    art: Any          # the artifact opened back by our reader
+
+    def rtn_reference(self, name: str):
+        """What round-to-nearest on the source weight gives (the bit-exact expectation)."""
+        return rtn_quantize(self.model.weights.get(name), self.q.config.grid, torch.float16)
+
+    def assert_quantized_like_rtn(self) -> None:
+        assert sorted(self.art.quantized_names) == sorted(self.q.targets)
+        for name in self.q.targets:
+            assert self.art.quantized(name).equal(self.rtn_reference(name)), name
+
+
+@pytest.fixture
+def write_tiny(tiny_llama, tmp_path) -> Callable[..., Written]:
+    """``write_tiny(format, method=..., bits=..., group_size=...)`` → ``Written``."""
+    def run(fmt: str, source: Path | None = None, **quantize_kwargs) -> Written:
+        model = load_model(source or tiny_llama)
+        q = quantize(model, **quantize_kwargs)
+        out = save(q, tmp_path / fmt, format=fmt)
+        art = open_artifact(out)
+        assert art.format == fmt
+        return Written(model, q, out, art)
+    return run
