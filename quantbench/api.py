@@ -16,8 +16,8 @@ def _as_model(model: "Model | str | os.PathLike", trust_remote_code: bool = Fals
     return model if isinstance(model, Model) else load_model(model, trust_remote_code)
 
 
-def quantize(model: "Model | str", method: str = "zeropoint", bits: int = 4,
-             group_size: int = 128, symmetric: bool | None = None,
+def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None = None,
+             group_size: int | None = None, symmetric: bool | None = None,
              targets: TargetConfig | None = None, config: QuantizeConfig | None = None,
              **options: Any):
     """Quantize ``model`` (a ``Model`` or a source string); returns a lazy ``QuantizedModel``.

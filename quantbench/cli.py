@@ -140,9 +140,11 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @cli.command()
 @click.argument("source")
 @click.option("--method", "-m", default="zeropoint", show_default=True)
-@click.option("--bits", "-b", type=int, default=4, show_default=True)
-@click.option("--group-size", "-g", type=int, default=128, show_default=True,
-              help="Columns per group; -1 per output channel, 0 per tensor.")
+@click.option("--bits", "-b", type=int, default=None,
+              help="Code width (default: the method's; 4 for the integer methods).")
+@click.option("--group-size", "-g", type=int, default=None,
+              help="Columns per group; -1 per output channel, 0 per tensor (default 128); "
+                   "nf4/fp4: values per absmax block (default 64).")
 @click.option("--symmetric/--zero-point", default=None,
               help="Grid kind (default: what the method implies).")
 @click.option("--format", "-f", "fmt", default="dense", show_default=True)

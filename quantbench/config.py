@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Union
 
 from quantbench.errors import ConfigError
 
@@ -125,6 +125,103 @@ class IntGridConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+CODEBOOKS = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class CodebookGridConfig:
+    """bitsandbytes 4-bit: the weight flattened row-major, cut into blocks of ``block_size``
+    values (a final partial block allowed), one absmax per block, each value the nearest entry
+    of the 16-value NF4 or FP4 table scaled by it. With ``double_quant`` the absmax values are
+    themselves quantized (blocks of 256, 8-bit signed dynamic map, mean offset)."""
+
+    codebook: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = False
+
+    kind: ClassVar[str] = "codebook"
+    bits: ClassVar[int] = 4
+    nested_block_size: ClassVar[int] = 256
+
+    def __post_init__(self) -> None:
+        if self.codebook not in CODEBOOKS:
+            raise ConfigError(f"codebook must be one of {', '.join(CODEBOOKS)}, "
+                              f"got {self.codebook!r}")
+        if self.block_size not in BNB_BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise ConfigError(
+                f"{self.codebook} block size {self.block_size!r} is not allowed; bitsandbytes "
+                f"takes {', '.join(map(str, BNB_BLOCK_SIZES))} (--group-size 64 is the default)")
+
+    @property
+    def cli_group_size(self) -> int:
+        return self.block_size
+
+    def n_blocks(self, numel: int) -> int:
+        return -(-numel // self.block_size)
+
+    def check_shape(self, name: str, out_features: int, in_features: int) -> None:
+        """Any 2-D shape works: blocks run over the flattened weight."""
+
+    def describe(self) -> str:
+        return f"{self.codebook} b{self.block_size}" + (" +dq" if self.double_quant else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CodebookGridConfig":
+        _check_version(data, "grid")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Int8RowGridConfig:
+    """LLM.int8 weights as bitsandbytes stores them: per output row ``SCB = max|w|`` (float32)
+    and ``CB = round(w·127/SCB)`` (int8), dequantized as ``CB·SCB/127``. Held in a
+    QuantizedTensor as unsigned codes ``CB + 128`` with ``SCB`` as the ``[out, 1]`` scales."""
+
+    kind: ClassVar[str] = "int8_row"
+    bits: ClassVar[int] = 8
+    symmetric: ClassVar[bool] = True
+    granularity: ClassVar[str] = "channel"
+
+    @property
+    def cli_group_size(self) -> int:
+        return -1
+
+    def n_groups(self, in_features: int) -> int:
+        return 1
+
+    def check_shape(self, name: str, out_features: int, in_features: int) -> None:
+        """Any 2-D shape works."""
+
+    def describe(self) -> str:
+        return "int8 row-absmax/127"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": CONFIG_VERSION}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Int8RowGridConfig":
+        _check_version(data, "grid")
+        return cls()
+
+
+GridConfig = Union[IntGridConfig, CodebookGridConfig, Int8RowGridConfig]
+GRIDS: dict[str, type] = {g.kind: g for g in (IntGridConfig, CodebookGridConfig,
+                                              Int8RowGridConfig)}
+
+
+def grid_from_dict(data: Mapping[str, Any]) -> GridConfig:
+    kind = data.get("kind", IntGridConfig.kind)
+    if kind not in GRIDS:
+        raise ConfigError(f"unknown grid kind {kind!r}; this quantbench knows "
+                          f"{', '.join(sorted(GRIDS))} (upgrade quantbench?)")
+    return GRIDS[kind].from_dict(data)
+
+
 @dataclass(frozen=True)
 class TargetConfig:
     """Which tensors a run quantizes.
@@ -170,7 +267,7 @@ class QuantizeConfig:
     """One quantization run: method × grid × targets (+ the method's own options)."""
 
     method: str
-    grid: IntGridConfig = field(default_factory=IntGridConfig)
+    grid: GridConfig = field(default_factory=IntGridConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
     options: MethodOptions = field(default_factory=MethodOptions)
 
@@ -191,7 +288,7 @@ class QuantizeConfig:
         method_cls = get_method(data["method"])
         return cls(
             method=data["method"],
-            grid=IntGridConfig.from_dict(data.get("grid", {})),
+            grid=grid_from_dict(data.get("grid", {})),
             targets=TargetConfig.from_dict(data.get("targets", {})),
             options=method_cls.options_cls(**data.get("options", {})),
         )

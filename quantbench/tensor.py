@@ -6,13 +6,14 @@ from typing import Any
 
 import torch
 
-from quantbench.config import IntGridConfig
+from quantbench.config import GridConfig, IntGridConfig
+from quantbench.quant import bnb
 from quantbench.quant.grid import dequantize_codes, group_index
 
 
 @dataclass
 class QuantizedTensor:
-    """A weight ``[out, in]`` as unsigned integer codes on an integer grid.
+    """A weight ``[out, in]`` as unsigned integer codes on a grid.
 
     ``codes``: uint8 ``[out, in]`` in original column order, values ``0 .. 2**bits - 1``.
     ``scales``: ``[out or 1, n_groups]`` in the storage dtype (fp16/bf16).
@@ -22,20 +23,33 @@ class QuantizedTensor:
     ``perm``: optional column order the method processed (act-order), kept for formats
     that record it.
     ``dtype``: the dtype of the original weight (what dense outputs are written in).
+    ``aux``: further stored tensors a grid needs (double quantization's nested statistics).
+
+    On a codebook grid (NF4/FP4) ``codes`` are table indices and ``scales`` the per-block absmax
+    ``[1, n_blocks]`` (float32, or uint8 codes of it under double quantization with
+    ``aux["nested_absmax"]`` and ``aux["nested_offset"]``). On the LLM.int8 grid ``codes`` are
+    ``CB + 128`` and ``scales`` the ``[out, 1]`` float32 row absmax ``SCB``.
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
-    grid: IntGridConfig
+    grid: GridConfig
     dtype: torch.dtype = torch.float16
     g_idx: torch.Tensor | None = None
     perm: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.codes.dim() != 2:
             raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(self.codes.shape)}")
+        if self.grid.kind == "codebook":
+            n = self.grid.n_blocks(self.codes.numel())
+            if tuple(self.scales.shape) != (1, n):
+                raise ValueError(f"a {self.grid.describe()} weight of {self.codes.numel()} values "
+                                 f"needs absmax of shape (1, {n}), got {tuple(self.scales.shape)}")
+            return
         rows, n_groups = self.scales.shape
         if rows not in (1, self.codes.shape[0]):
             raise ValueError("scales rows must be 1 or out_features")
@@ -60,13 +74,33 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Float weight; float32 unless a dtype is given (formats write ``self.dtype``)."""
-        w = dequantize_codes(self.codes, self.scales, self.zeros, self.grid, self.group_index())
+        if self.grid.kind == "codebook":
+            w = bnb.dequantize_4bit(self.codes, self.block_absmax(), self.grid)
+        elif self.grid.kind == "int8_row":
+            w = bnb.int8_dequantize(self.int8_codes(), self.scales.reshape(-1))
+        else:
+            w = dequantize_codes(self.codes, self.scales, self.zeros, self.grid,
+                                 self.group_index())
         return w if dtype is None else w.to(dtype)
+
+    def block_absmax(self) -> torch.Tensor:
+        """Codebook grids: the float32 absmax of every block (nested statistics undone)."""
+        if self.scales.dtype == torch.uint8:
+            return bnb.dequantize_absmax(self.scales, self.aux["nested_absmax"],
+                                         self.aux["nested_offset"])
+        return self.scales.reshape(-1).float()
+
+    def int8_codes(self) -> torch.Tensor:
+        """LLM.int8 grid: the signed int8 ``CB`` bitsandbytes stores."""
+        return (self.codes.to(torch.int16) - 128).to(torch.int8)
 
     def storage_bits(self) -> int:
         """Bits a packed checkpoint spends on this tensor: codes, scales, zeros, g_idx."""
         bits = self.numel * self.grid.bits
         bits += self.scales.numel() * self.scales.element_size() * 8
+        bits += sum(t.numel() * t.element_size() * 8 for t in self.aux.values())
+        if self.grid.kind == "codebook":  # the tables bitsandbytes stores beside every weight
+            bits += 16 * 32 + (256 * 32 if self.aux else 0)
         if self.zeros is not None:
             bits += self.zeros.numel() * self.grid.bits
         if self.g_idx is not None and self.perm is not None:
@@ -88,5 +122,8 @@ class QuantizedTensor:
             and same(self.codes, other.codes)
             and same(self.scales, other.scales)
             and same(self.zeros, other.zeros)
-            and torch.equal(self.group_index(), other.group_index())
+            and self.aux.keys() == other.aux.keys()
+            and all(same(v, other.aux[k]) for k, v in self.aux.items())
+            and (self.grid.kind != "int"
+                 or torch.equal(self.group_index(), other.group_index()))
         )

@@ -55,5 +55,20 @@ class ImportanceCollector:
         return (self.total / max(self.n, 1)).float()
 
 
+class ActAbsMaxCollector:
+    """Largest |x| per input channel, as the float16 copy LLM.int8 thresholds (its outlier
+    columns are those whose maximum reaches the threshold)."""
+
+    def __init__(self, in_features: int):
+        self.absmax = torch.zeros(in_features)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float16).abs().amax(dim=0).float()
+        torch.maximum(self.absmax, x, out=self.absmax)
+
+    def result(self) -> torch.Tensor:
+        return self.absmax
+
+
 COLLECTORS = {"hessian": HessianCollector, "act_magnitude": ActMagnitudeCollector,
-              "importance": ImportanceCollector}
+              "importance": ImportanceCollector, "act_absmax": ActAbsMaxCollector}

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import torch
 
-from quantbench.config import IntGridConfig, QuantizeConfig, TargetConfig
+from quantbench.config import GridConfig, QuantizeConfig, TargetConfig
 from quantbench.errors import ConfigError
 from quantbench.models.loader import Model
 from quantbench.registry import get_method
@@ -51,7 +51,7 @@ def select_targets(model: Model, targets: TargetConfig) -> list[str]:
     return names
 
 
-def check_grid(model: Model, names: list[str], grid: IntGridConfig) -> None:
+def check_grid(model: Model, names: list[str], grid: GridConfig) -> None:
     for name in names:
         shape = model.weights.shape(name)
         if len(shape) != 2:
@@ -130,16 +130,18 @@ class QuantizedModel:
         return self.source.weights.names()
 
 
-def make_config(method: str = "zeropoint", bits: int = 4, group_size: int = 128,
-                symmetric: bool | None = None, targets: TargetConfig | None = None,
-                **options: Any) -> QuantizeConfig:
-    """Build a ``QuantizeConfig``; ``symmetric`` defaults to what the method implies."""
+def make_config(method: str = "zeropoint", bits: int | None = None,
+                group_size: int | None = None, symmetric: bool | None = None,
+                targets: TargetConfig | None = None, **options: Any) -> QuantizeConfig:
+    """Build a ``QuantizeConfig``; bits, group size and grid kind default to what the method
+    implies (4-bit g128 for the integer methods, NF4 block 64, LLM.int8 per row)."""
     method_cls = get_method(method)
-    if symmetric is None:
-        symmetric = getattr(method_cls, "symmetric", True)
-    grid = IntGridConfig.from_group_size(bits, group_size, symmetric)
+    opts = method_cls.options_cls(**options)
+    bits = method_cls.default_bits if bits is None else bits
+    group_size = method_cls.default_group_size if group_size is None else group_size
+    grid = method_cls.make_grid(bits, group_size, symmetric, opts)
     return QuantizeConfig(method=method, grid=grid, targets=targets or TargetConfig(),
-                          options=method_cls.options_cls(**options))
+                          options=opts)
 
 
 def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from quantbench.config import MethodOptions, QuantizeConfig
+from quantbench.config import GridConfig, IntGridConfig, MethodOptions, QuantizeConfig
 from quantbench.tensor import QuantizedTensor
 
 
@@ -20,6 +20,17 @@ class Method:
     description: ClassVar[str] = ""
     options_cls: ClassVar[type[MethodOptions]] = MethodOptions
     needs_calibration: ClassVar[bool] = False
+    symmetric: ClassVar[bool] = True        # the grid kind implied when none is asked for
+    default_bits: ClassVar[int] = 4
+    default_group_size: ClassVar[int] = 128
+    fixed_bits: ClassVar[int | None] = None  # methods defined at one width (nf4: 4, llm_int8: 8)
+
+    @classmethod
+    def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
+                  options: MethodOptions) -> GridConfig:
+        """The grid this method quantizes onto for the user's bits/group size/kind."""
+        sym = cls.symmetric if symmetric is None else symmetric
+        return IntGridConfig.from_group_size(bits, group_size, sym)
 
     def __init__(self, config: QuantizeConfig):
         self.check(config)

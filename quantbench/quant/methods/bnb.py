@@ -1,0 +1,125 @@
+"""The bitsandbytes family: ``nf4`` and ``fp4`` (blockwise 4-bit codebooks, data-free) and
+``llm_int8`` (row-wise int8 weights; calibration data measures the activation outlier columns
+its run-time decomposition will handle in 16-bit)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantbench.config import (CodebookGridConfig, GridConfig, Int8RowGridConfig, MethodOptions,
+                               QuantizeConfig)
+from quantbench.errors import ConfigError
+from quantbench.quant import bnb
+from quantbench.quant.methods.base import Method
+from quantbench.registry import register_method
+from quantbench.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FourBitOptions(MethodOptions):
+    double_quant: bool = False
+
+
+class _FourBit(Method):
+    options_cls = FourBitOptions
+    codebook = "nf4"
+    default_group_size = 64
+    fixed_bits = 4
+
+    @classmethod
+    def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
+                  options: FourBitOptions) -> GridConfig:
+        if bits != 4:
+            raise ConfigError(f"{cls.codebook} stores 4-bit codes; drop --bits (or pass --bits 4)")
+        if symmetric is False:
+            raise ConfigError(f"{cls.codebook} has no zero-point; drop --zero-point")
+        return CodebookGridConfig(cls.codebook, group_size, bool(options.double_quant))
+
+    def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
+        grid = self.config.grid
+        codes, absmax = bnb.quantize_4bit(weight, grid)
+        aux: dict[str, torch.Tensor] = {}
+        scales = absmax
+        if grid.double_quant:
+            scales, nested, offset = bnb.quantize_absmax(absmax)
+            aux = {"nested_absmax": nested, "nested_offset": offset.reshape(())}
+        return QuantizedTensor(codes=codes, scales=scales.reshape(1, -1), zeros=None, grid=grid,
+                               dtype=weight.dtype, aux=aux)
+
+
+@register_method("nf4")
+class NF4(_FourBit):
+    description = "bitsandbytes NF4: blockwise absmax, 16 normal-quantile levels (QLoRA)"
+    codebook = "nf4"
+
+
+@register_method("fp4")
+class FP4(_FourBit):
+    description = "bitsandbytes FP4: blockwise absmax, 16 e2m1 floating-point levels"
+    codebook = "fp4"
+
+
+@dataclass(frozen=True)
+class LLMInt8Options(MethodOptions):
+    threshold: float = 6.0
+    calib_samples: int = 16
+    calib_len: int = 512
+    calib_seed: int = 0
+    calib_data: str | None = None
+    calib_chat_template: bool = False
+    batch_size: int = 8
+
+
+@register_method("llm_int8")
+class LLMInt8(Method):
+    description = ("LLM.int8: per-row int8 weights; at run time activation outlier columns "
+                   "(|x| >= threshold) in 16-bit")
+    options_cls = LLMInt8Options
+    needs_calibration = True
+    statistic = "act_absmax"
+    default_bits = 8
+    default_group_size = -1
+    fixed_bits = 8
+
+    @classmethod
+    def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
+                  options: LLMInt8Options) -> GridConfig:
+        if bits != 8:
+            raise ConfigError("llm_int8 stores 8-bit weights; drop --bits (or pass --bits 8)")
+        if group_size != -1:
+            raise ConfigError("llm_int8 scales each output row; drop --group-size "
+                              "(or pass --group-size -1)")
+        if symmetric is False:
+            raise ConfigError("llm_int8 has no zero-point; drop --zero-point")
+        return Int8RowGridConfig()
+
+    @classmethod
+    def check(cls, config: QuantizeConfig) -> None:
+        t = config.options.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+                or t < 0:
+            raise ConfigError(f"llm_int8 threshold must be a number >= 0 (6.0 is "
+                              f"bitsandbytes' default; 0 turns the decomposition off), got {t!r}")
+        if config.options.calib_samples < 1:
+            raise ConfigError("llm_int8 measures outlier columns on calibration data; "
+                              "--calib-samples must be >= 1")
+
+    def quantize_with_stats(self, name: str, weight: torch.Tensor,
+                            act_absmax: torch.Tensor) -> QuantizedTensor:
+        threshold = self.config.options.threshold
+        cb, scb = bnb.int8_rows(weight)
+        codes = (cb.to(torch.int16) + 128).to(torch.uint8)
+        outliers = int((act_absmax >= threshold).sum()) if threshold > 0 else 0
+        fraction = outliers / act_absmax.numel()
+        log.info("%s: %d of %d input columns reach |x| >= %g (%.2f%%)", name, outliers,
+                 act_absmax.numel(), threshold, 100 * fraction)
+        return QuantizedTensor(codes=codes, scales=scb.reshape(-1, 1), zeros=None,
+                               grid=Int8RowGridConfig(), dtype=weight.dtype,
+                               meta={"outlier_columns": outliers,
+                                     "outlier_fraction": round(fraction, 6),
+                                     "act_absmax_max": round(float(act_absmax.max()), 4)})
