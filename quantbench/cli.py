@@ -81,6 +81,11 @@ def _calibration_options(f):
                      help="AWQ: windows the scale search runs on (8)."),
         click.option("--search-file", type=str, default=None,
                      help="AWQ: re-apply a saved awq_search.safetensors instead of searching."),
+        click.option("--double-quant", "double_quant", is_flag=True, default=None,
+                     help="nf4/fp4: quantize the absmax values too (bitsandbytes' double quant)."),
+        click.option("--threshold", type=float, default=None,
+                     help="llm_int8: activation magnitude from which a column runs in 16-bit "
+                          "at run time (6.0; 0 = no decomposition)."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -15,6 +15,7 @@ from quantbench.formats.base import Artifact
 from quantbench.formats.io import open_artifact
 from quantbench.formats.manifest import record_eval
 from quantbench.models.loader import Model, load_model
+from quantbench.models.runtime import apply_runtime
 from quantbench.models.torch_model import build_causal_lm, logits_fn
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,11 @@ def source_factory(model: Model):
 
 
 def artifact_factory(artifact: Artifact):
-    """Candidate: the artifact read back through its format's reader, computed in float32."""
+    """Candidate: the artifact read back through its format's reader, computed in float32 (with
+    the format's run-time semantics, e.g. LLM.int8's outlier decomposition)."""
     def build():
         net = build_causal_lm(artifact.config, artifact.dequantized(), torch.float32)
-        return logits_fn(net)
+        return logits_fn(apply_runtime(net, artifact))
 
     return build
 

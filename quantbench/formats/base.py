@@ -36,6 +36,7 @@ class Artifact:
     decode: Callable[["Artifact", str], QuantizedTensor] | None = None
     quantized_names: list[str] = field(default_factory=list)
     plain_names: list[str] = field(default_factory=list)
+    runtime: dict[str, Any] = field(default_factory=dict)  # run-time settings, e.g. LLM.int8's threshold
 
     @property
     def arch(self) -> ArchSpec:

@@ -61,3 +61,18 @@ def unpack_awq_cols(packed: torch.Tensor) -> torch.Tensor:
     rows, words = packed.shape
     nibbles = unpack_bits_lsb_rows(packed, 4, 8 * words).reshape(rows, words, 8)
     return nibbles[:, :, torch.tensor(AWQ_REVERSE_ORDER)].reshape(rows, 8 * words).contiguous()
+
+
+def pack_nibbles_hi_first(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (any shape, flattened row-major) → uint8 ``[ceil(n/2), 1]`` with the even
+    element in the high nibble (bitsandbytes' 4-bit layout); an odd count is padded with 0."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1)
+
+
+def unpack_nibbles_hi_first(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of ``pack_nibbles_hi_first``: the first ``n`` codes, flat uint8."""
+    p = packed.reshape(-1).to(torch.uint8)
+    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n]

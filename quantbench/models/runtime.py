@@ -1,0 +1,46 @@
+"""Run-time semantics a checkpoint carries beyond its weights, applied to the evaluator's model
+so that what we measure is what the runtime computes (LLM.int8's mixed-precision matmul)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quantbench.quant import bnb
+
+
+class Int8MixedLinear(torch.nn.Module):
+    """A linear layer computed the way bitsandbytes' ``Linear8bitLt`` does for inference:
+    int8 × int8 with activation outlier columns (``|x| ≥ threshold``) in 16-bit."""
+
+    def __init__(self, cb: torch.Tensor, scb: torch.Tensor, threshold: float,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("cb", cb)
+        self.register_buffer("scb", scb)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.threshold = threshold
+        self.out_features, self.in_features = cb.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bnb.int8_mixed_linear(x, self.cb, self.scb, self.threshold, self.bias)
+
+
+def apply_runtime(net: torch.nn.Module, artifact: Any) -> torch.nn.Module:
+    """Swap in run-time modules for the artifact's quantized linears where its format computes
+    differently from ``x @ dequantize(W)ᵀ`` (today: LLM.int8 in ``bitsandbytes`` files)."""
+    threshold = artifact.runtime.get("llm_int8_threshold")
+    if threshold is None:
+        return net
+    for name in artifact.quantized_names:
+        qt = artifact.quantized(name)
+        if qt.grid.kind != "int8_row":
+            continue
+        path = name[: -len(".weight")]
+        parent_path, _, child = path.rpartition(".")
+        parent = net.get_submodule(parent_path)
+        old = getattr(parent, child)
+        bias = None if old.bias is None else old.bias.detach()
+        setattr(parent, child, Int8MixedLinear(qt.int8_codes(), qt.scales.reshape(-1).float(),
+                                               float(threshold), bias))
+    return net
