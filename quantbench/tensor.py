@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from quantbench.config import GridConfig, IntGridConfig
+from quantbench.config import GridConfig
 from quantbench.quant import bnb
 from quantbench.quant.grid import dequantize_codes, group_index
 

@@ -32,6 +32,7 @@ class Job:
     group_size: int
     symmetric: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    fmt: str = ""  # chosen by run_compare
 
     def config(self, targets: TargetConfig):
         return make_config(self.method, self.bits, self.group_size, self.symmetric, targets,
@@ -40,7 +41,8 @@ class Job:
     @property
     def name(self) -> str:
         group = {-1: "ch", 0: "t"}.get(self.group_size, str(self.group_size))
-        return f"{self.method}-w{self.bits}-g{group}"
+        return f"{self.method}-w{self.bits}-g{group}" + ("-dq" if self.options.get("double_quant")
+                                                         else "")
 
 
 @dataclass
@@ -57,14 +59,50 @@ class CompareResult:
 def plan_jobs(methods: Sequence[str], bits: Sequence[int], group_size: int,
               method_options: dict[str, Any] | None = None) -> list[Job]:
     """Every method × bits; each method gets the options it has from ``method_options``
-    (calibration settings apply to the calibrated methods only)."""
-    return [Job(m, b, group_size, options=_options_for(m, method_options or {}))
-            for m in methods for b in bits]
+    (calibration settings apply to the calibrated methods only). A method defined at one width
+    (nf4/fp4: 4, llm_int8: 8) runs once at that width, with its own default block when the
+    group size does not apply to it."""
+    jobs = []
+    for m in methods:
+        cls, options = get_method(m), _options_for(m, method_options or {})
+        if cls.fixed_bits is None:
+            jobs += [Job(m, b, group_size, options=options) for b in bits]
+            continue
+        group = group_size if _grid_accepts(cls, group_size, options) else cls.default_group_size
+        jobs.append(Job(m, cls.fixed_bits, group, options=options))
+    return jobs
+
+
+def _grid_accepts(cls, group_size: int, options: dict[str, Any]) -> bool:
+    from quantbench.errors import ConfigError
+
+    try:
+        cls.make_grid(cls.fixed_bits, group_size, None, cls.options_cls(**options))
+    except ConfigError:
+        return False
+    return True
 
 
 def _options_for(method: str, given: dict[str, Any]) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
     return {k: v for k, v in given.items() if k in fields}
+
+
+def _format_for(job: Job, config, fmt: str, model: Model, targets: list[str]) -> str:
+    """``fmt`` if it can store the job; otherwise the method's own layout (nf4/fp4/llm_int8 →
+    bitsandbytes), so one compare can hold every method; else the format's refusal stands."""
+    from quantbench.errors import ConfigError
+
+    try:
+        get_format(fmt)().check(config, model, targets)
+        return fmt
+    except ConfigError:
+        native = get_method(job.method).native_format
+        if native is None or native == fmt:
+            raise
+    get_format(native)().check(config, model, targets)
+    log.info("%s: written as %s (%s cannot store it)", job.name, native, fmt)
+    return native
 
 
 def _write_job(model: Model, job: Job, fmt: str, out: Path, targets: TargetConfig,
@@ -108,15 +146,14 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
     protocol = make_protocol(protocol, **protocol_fields)
     targets = targets or TargetConfig()
     jobs = plan_jobs(methods, bits, group_size, method_options)
-    writer = get_format(fmt)()
     for job in jobs:  # refuse impossible combinations before any work
         config = job.config(targets)
         quantize(model, config)  # checks method, targets and grid against the shapes
-        writer.check(config, model, select_targets(model, targets))
+        job.fmt = _format_for(job, config, fmt, model, select_targets(model, targets))
     keep = out_dir is not None
     root = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="quantbench-compare-"))
     try:
-        written = {job.name: _write_job(model, job, fmt, root / job.name, targets, progress)
+        written = {job.name: _write_job(model, job, job.fmt, root / job.name, targets, progress)
                    for job in jobs}
         factories = {name: artifact_factory(open_artifact(path))
                      for name, (path, _) in written.items()}

@@ -9,7 +9,7 @@ import torch
 
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact
+from quantbench.formats.base import Artifact, require_int_grid
 from quantbench.formats.compressed_tensors import _dynamic_groups, _suggest_group
 from quantbench.formats.gptq import (ModuleTensorsFormat, fp16_scales, model_dtype, module_of,
                                      quant_settings, refuse_embeddings, setting, split_names,
@@ -57,6 +57,7 @@ class AWQFormat(ModuleTensorsFormat):
     codec = staticmethod(awq_encode)
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
+        require_int_grid("AWQ", config)
         refuse_embeddings("AWQ", model, targets)
         grid = config.grid
         if grid.bits != 4:

@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 
 from quantbench.config import QuantizeConfig
-from quantbench.errors import FormatError
+from quantbench.errors import ConfigError, FormatError
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights
 from quantbench.tensor import QuantizedTensor
@@ -106,6 +106,14 @@ class Format:
     def read(self, path: Path, config: dict[str, Any], weights: LazyWeights,
              manifest: dict[str, Any] | None) -> Artifact:
         raise NotImplementedError
+
+
+def require_int_grid(label: str, config: QuantizeConfig) -> None:
+    """Refuse a codebook or LLM.int8 grid in a layout that stores integer codes with scales."""
+    if config.grid.kind != "int":
+        raise ConfigError(f"{label} stores integer codes with scales, not "
+                          f"{config.method} ({config.grid.describe()}); use --format "
+                          "bitsandbytes or dense for nf4, fp4 and llm_int8")
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:

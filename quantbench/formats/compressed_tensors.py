@@ -10,7 +10,7 @@ import torch
 
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, Format
+from quantbench.formats.base import Artifact, Format, require_int_grid
 from quantbench.formats.packing import (pack_bits_lsb_cols, pack_bits_lsb_rows,
                                         unpack_bits_lsb_cols, unpack_bits_lsb_rows)
 from quantbench.models.arch import ArchSpec
@@ -46,6 +46,7 @@ class CompressedTensorsFormat(Format):
     description = "compressed-tensors pack-quantized (vLLM, transformers + compressed-tensors)"
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
+        require_int_grid("compressed-tensors", config)
         embed = f"{model.arch.embed}.weight"
         if embed in targets:
             raise ConfigError(

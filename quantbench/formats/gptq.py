@@ -13,7 +13,7 @@ import torch
 
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, Format
+from quantbench.formats.base import Artifact, Format, require_int_grid
 from quantbench.formats.packing import pack_bits_lsb_rows, unpack_bits_lsb_rows
 from quantbench.models.arch import ArchSpec
 from quantbench.models.loader import DTYPES
@@ -179,6 +179,7 @@ class GPTQFormat(ModuleTensorsFormat):
     codec = staticmethod(gptq_encode)
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
+        require_int_grid("GPTQ", config)
         refuse_embeddings("GPTQ", model, targets)
         grid = config.grid
         if grid.bits not in BITS:

@@ -194,8 +194,12 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
 
 
 def _qt_info(qt: QuantizedTensor) -> dict[str, Any]:
-    return {"shape": list(qt.shape), "quantized": True, "bits": qt.grid.bits,
+    info = {"shape": list(qt.shape), "quantized": True, "bits": qt.grid.bits,
             "grid": qt.grid.describe(), "bits_per_weight": round(qt.bits_per_weight(), 4)}
+    stats = {k: v for k, v in qt.meta.items() if isinstance(v, (int, float))}
+    if stats:  # what the method measured (GPTQ damping, LLM.int8 outlier columns, ...)
+        info["stats"] = stats
+    return info
 
 
 def _plain_info(t: torch.Tensor) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class Method:
     default_bits: ClassVar[int] = 4
     default_group_size: ClassVar[int] = 128
     fixed_bits: ClassVar[int | None] = None  # methods defined at one width (nf4: 4, llm_int8: 8)
+    native_format: ClassVar[str | None] = None  # the layout made for it, if only some can hold it
 
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,

@@ -30,6 +30,7 @@ class _FourBit(Method):
     codebook = "nf4"
     default_group_size = 64
     fixed_bits = 4
+    native_format = "bitsandbytes"
 
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
@@ -85,6 +86,7 @@ class LLMInt8(Method):
     default_bits = 8
     default_group_size = -1
     fixed_bits = 8
+    native_format = "bitsandbytes"
 
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
