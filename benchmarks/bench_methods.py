@@ -1,6 +1,6 @@
 """Methods on the sample model: quantize+write time, peak RSS, size, ppl, KLD → JSON + table.
 
-    python benchmarks/bench_methods.py [--suite rtn|calibrated] [--source sample:smollm2]
+    python benchmarks/bench_methods.py [--suite rtn|calibrated|bnb] [--source sample:smollm2]
 
 Each conversion runs in its own process (``quantbench convert``) so its wall time and peak RSS
 are its own; all artifacts are then read back through their format's reader and evaluated in
@@ -45,6 +45,18 @@ SUITES = {  # (method, bits, group size, extra CLI options); -1 = per output cha
         ("gptq", 3, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
         ("awq", 3, 64, ("--calib-samples", "32")),
     ],
+    # the bitsandbytes family in its own layout (read back as transformers + bitsandbytes run
+    # it: LLM.int8 with its outlier decomposition), next to integer RTN and GPTQ near the
+    # same bits per weight; NF4 has no 3-bit form (3-bit results: the calibrated suite)
+    "bnb": [
+        ("llm_int8", 8, -1, ("--calib-samples", "16"), "bitsandbytes"),
+        ("zeropoint", 8, -1, ()),
+        ("nf4", 4, 64, (), "bitsandbytes"),
+        ("nf4", 4, 64, ("--double-quant",), "bitsandbytes"),
+        ("fp4", 4, 64, (), "bitsandbytes"),
+        ("zeropoint", 4, 64, ()),
+        ("gptq", 4, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
+    ],
 }
 
 
@@ -72,13 +84,15 @@ def main() -> None:
     protocol = EvalProtocol(ctx=args.ctx, max_tokens=args.max_tokens)
     with tempfile.TemporaryDirectory(prefix="qb-bench-") as tmp:
         runs = {}
-        for method, bits, group, extra in SUITES[args.suite]:
-            name = f"{method}-w{bits}-g{'ch' if group == -1 else group}"
-            console.print(f"converting {name} …")
+        for method, bits, group, extra, *fmt in SUITES[args.suite]:
+            name = f"{method}-w{bits}-g{'ch' if group == -1 else group}" + (
+                "-dq" if "--double-quant" in extra else "")
+            fmt = fmt[0] if fmt else args.format
+            console.print(f"converting {name} → {fmt} …")
             runs[name] = {"method": method, "bits": bits, "group_size": group,
-                          "path": Path(tmp) / name,
+                          "path": Path(tmp) / name, "format": fmt,
                           "options": list(extra),
-                          **convert(args.source, method, bits, group, args.format,
+                          **convert(args.source, method, bits, group, fmt,
                                     Path(tmp) / name, extra)}
         arts = {name: open_artifact(run["path"]) for name, run in runs.items()}
         report = evaluate(source_factory(model), {n: artifact_factory(a) for n, a in arts.items()},
@@ -101,7 +115,8 @@ def main() -> None:
         "baseline": {"ppl": report.baseline.ppl, "n_tokens": report.baseline.n_tokens},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "results": [{**row.__dict__, **{k: runs[row.name][k] for k in ("peak_rss_mb", "options")}}
+        "results": [{**row.__dict__, **{k: runs[row.name][k]
+                                        for k in ("peak_rss_mb", "options", "format")}}
                     for row in rows],
     }
     write_json(Path(args.out), payload)

@@ -290,7 +290,9 @@ def inspect(artifact, tensors, json_path):
         head.add_row(key, str(info[key]))
     if info.get("quantize"):
         q = info["quantize"]
-        head.add_row("method", f"{q['method']} {q['grid']}")
+        from quantbench.config import grid_from_dict
+
+        head.add_row("method", f"{q['method']} {grid_from_dict(q['grid']).describe()}")
     if info.get("eval"):
         e = info["eval"]
         head.add_row("eval", f"ppl {e.get('ppl')}  Δppl {e.get('delta_ppl_pct')}%  "

@@ -1,0 +1,74 @@
+"""The bitsandbytes family on the real sample model: quality bounds through our evaluator, and
+transformers + bitsandbytes (CPU) running our files with our evaluator's logits."""
+import pytest
+import torch
+
+from quantbench.api import quantize, save
+from quantbench.eval.evaluator import evaluate
+from quantbench.eval.protocol import EvalProtocol
+from quantbench.eval.run import artifact_factory, source_factory
+from quantbench.formats.io import open_artifact
+from quantbench.models.loader import load_model
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[test])")
+
+PROTOCOL = EvalProtocol(ctx=512, max_tokens=4096)
+JOBS = {  # name: (method, options, format)
+    "llm_int8": ("llm_int8", {"calib_samples": 4, "calib_len": 256}, "bitsandbytes"),
+    "nf4": ("nf4", {}, "bitsandbytes"),
+    "nf4-dq": ("nf4", {"double_quant": True}, "bitsandbytes"),
+    "fp4": ("fp4", {}, "bitsandbytes"),
+    "zeropoint-w4-g64": ("zeropoint", {"bits": 4, "group_size": 64}, "compressed-tensors"),
+}
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_model("sample:smollm2")
+
+
+@pytest.fixture(scope="module")
+def written(sample, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bnb-sample")
+    return {name: save(quantize(sample, method=method, **opts), root / name, format=fmt)
+            for name, (method, opts, fmt) in JOBS.items()}
+
+
+@pytest.fixture(scope="module")
+def report(sample, written, tmp_path_factory):
+    factories = {name: artifact_factory(open_artifact(path)) for name, path in written.items()}
+    return evaluate(source_factory(sample), factories, sample.tokenizer(), PROTOCOL,
+                    baseline_key=sample.fingerprint(), cache_dir=tmp_path_factory.mktemp("c"),
+                    progress=False)
+
+
+def test_quality_bounds(report):
+    r = report.results
+    assert abs(r["llm_int8"].delta_ppl_pct) < 1.0, r["llm_int8"]
+    assert r["llm_int8"].kld_mean < 0.01
+    for name in ("nf4", "nf4-dq"):  # NF4 at 4.5 / 4.13 bits beats int4 zero-point RTN g64
+        assert r[name].kld_mean < r["zeropoint-w4-g64"].kld_mean, (name, r[name])
+    assert r["nf4-dq"].kld_mean < 1.05 * r["nf4"].kld_mean  # double quant costs ~nothing
+    assert r["fp4"].kld_mean < 3 * r["nf4"].kld_mean
+
+
+def test_bits_per_weight_are_honest(written):
+    bpw = {n: open_artifact(written[n]).manifest["summary"]["bits_per_weight_quantized"]
+           for n in ("nf4", "nf4-dq", "llm_int8")}
+    assert 4.5 < bpw["nf4"] < 4.6 and 4.12 < bpw["nf4-dq"] < 4.2 and 8.0 < bpw["llm_int8"] < 8.1
+
+
+@pytest.mark.parametrize("name", ["nf4-dq", "llm_int8"])
+def test_transformers_runs_our_sample_files(written, name):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(written[name]), device_map="cpu")
+    for p in hf.parameters():  # the float layers in float32, as our evaluator computes
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    ids = torch.randint(0, 49152, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.float()
+    ours = artifact_factory(open_artifact(written[name]))()(ids).float()
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-4), (ours - ref).abs().max()
