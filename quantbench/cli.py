@@ -194,7 +194,22 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
     out.print(f"[green]wrote[/] {output}  ({fmt}, {len(qmodel.targets)} tensors quantized, "
               f"{summary['bits_per_weight_quantized']} bits/weight, "
               f"{summary['size_bytes'] / 1e6:.1f} MB)")
+    _print_outliers(manifest, config)
     _write_json(json_path, manifest)
+
+
+def _print_outliers(manifest: dict[str, Any], config) -> None:
+    """LLM.int8: how much of each layer's input its run-time decomposition keeps in 16-bit."""
+    stats = {n: t["stats"] for n, t in manifest["tensors"].items()
+             if "outlier_fraction" in t.get("stats", {})}
+    if not stats:
+        return
+    worst = max(stats, key=lambda n: stats[n]["outlier_fraction"])
+    mean = sum(s["outlier_fraction"] for s in stats.values()) / len(stats)
+    out.print(f"outlier columns (calibration |x| >= {config.options.threshold:g}): "
+              f"{100 * mean:.2f} % of input columns per layer on average, at most "
+              f"{100 * stats[worst]['outlier_fraction']:.2f} % ({worst}); per layer in "
+              "quantbench.json")
 
 
 def _print_plan(model, config, json_path: str | None) -> None:

@@ -195,3 +195,13 @@ def test_dense_copies(tiny_llama, tmp_path):
             if method == "nf4" else None
         if expect is not None:
             assert torch.equal(art.weights.get(name), expect.dequantize(torch.float16))
+
+
+def test_cli_llm_int8_reports_outlier_columns(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "i8"
+    main(["convert", str(tiny_llama), "--method", "llm_int8", "--threshold", "0.5",
+          "--calib-samples", "2", "--calib-len", "64", "--format", "bitsandbytes", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert "outlier columns (calibration |x| >= 0.5)" in text
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["llm_int8_threshold"] == 0.5 and qc["load_in_8bit"] is True
