@@ -18,12 +18,14 @@ class Int8MixedLinear(torch.nn.Module):
         super().__init__()
         self.register_buffer("cb", cb)
         self.register_buffer("scb", scb)
+        self.register_buffer("cb_float", cb.float())  # the int8 product is taken in float32
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.threshold = threshold
         self.out_features, self.in_features = cb.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bnb.int8_mixed_linear(x, self.cb, self.scb, self.threshold, self.bias)
+        return bnb.int8_mixed_linear(x, self.cb, self.scb, self.threshold, self.bias,
+                                     self.cb_float)
 
 
 def apply_runtime(net: torch.nn.Module, artifact: Any) -> torch.nn.Module:

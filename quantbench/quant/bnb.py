@@ -168,7 +168,8 @@ def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def int8_mixed_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None,
+                      cb_float: torch.Tensor | None = None) -> torch.Tensor:
     """LLM.int8's forward as bitsandbytes runs it for inference: activations (float16 copy)
     quantized per token row to int8 with outlier entries (``|x| ≥ threshold``) zeroed; the int8
     product rescaled by ``rowstat·SCB/127²``; then the outlier columns added back in the input
@@ -185,7 +186,8 @@ def int8_mixed_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, thre
     ca = torch.round(a16 * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
     if cols is not None and a.shape[0] > 1:
         ca[:, cols] = 0
-    acc = torch.matmul(ca.float(), cb.float().t()).to(torch.int32)
+    cb_float = cb.float() if cb_float is None else cb_float  # exact: int8 values in float32
+    acc = torch.matmul(ca.float(), cb_float.t()).to(torch.int32)
     out = acc * (row_stats.view(-1, 1) * scb.view(1, -1)) * 6.200124e-05
     if bias is not None:
         out = out + bias
