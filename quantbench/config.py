@@ -263,6 +263,19 @@ class MethodOptions:
 
 
 @dataclass(frozen=True)
+class CalibrationOptions(MethodOptions):
+    """Options every calibrated method shares: which windows the calibration layer feeds it.
+    Subclasses redeclare ``calib_samples`` for their own default."""
+
+    calib_samples: int = 128
+    calib_len: int = 512
+    calib_seed: int = 0
+    calib_data: str | None = None
+    calib_chat_template: bool = False
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     """One quantization run: method × grid × targets (+ the method's own options)."""
 

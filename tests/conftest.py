@@ -59,3 +59,25 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-tied", tied=True)
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """The real sample model (SmolLM2-135M-Instruct, converted once and cached); slow tests only."""
+    from quantbench.models.loader import load_model
+    return load_model("sample:smollm2")
+
+
+def _bnb_reference_path(model) -> list:
+    """Turn off bitsandbytes' fused bfloat16 CPU kernel (used from 0.49 on CPUs with
+    AVX512-BF16) so the 4-bit layers dequantize and compute in their own dtype, the path our
+    evaluator follows; returns the modules switched, to switch back with ``m.support_... = True``."""
+    fused = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in fused:
+        m.support_avx512bf16_for_cpu = False
+    return fused
+
+
+@pytest.fixture
+def bnb_reference_path():
+    return _bnb_reference_path

@@ -7,18 +7,12 @@ from quantbench.eval.evaluator import evaluate
 from quantbench.eval.protocol import EvalProtocol
 from quantbench.eval.run import artifact_factory, source_factory
 from quantbench.formats.io import open_artifact
-from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
 from quantbench.quant.methods.rtn import rtn_quantize
 
 pytestmark = pytest.mark.slow
 
 PROTOCOL = EvalProtocol(ctx=512, max_tokens=4096)  # 8 windows: fast, and stable enough here
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return load_model("sample:smollm2")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quantbench.config import CalibrationOptions
 from quantbench.models.loader import Model
 
 RUNTIME_BASE_BYTES = 600 * 2**20   # Python + torch + transformers, measured
@@ -63,7 +64,7 @@ def estimate(model: Model, config, gflops: float | None = None) -> Plan:
     inter = max(max(s) for s in shapes.values())
     n_blocks = model.num_blocks
     params = sum(o_ * i for o_, i in shapes.values())
-    calibrated = hasattr(o, "calib_samples") and not (
+    calibrated = isinstance(o, CalibrationOptions) and not (
         getattr(o, "search_file", None) and getattr(o, "then", "rtn") == "rtn")
     tokens = o.calib_samples * o.calib_len if calibrated else 0
     ctx = getattr(o, "calib_len", 0)

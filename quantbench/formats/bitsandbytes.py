@@ -178,7 +178,7 @@ class BitsAndBytesFormat(Format):
 
         def decode(art: Artifact, name: str) -> QuantizedTensor:
             module = module_of(name)
-            g = _Getter(art.weights)
+            g = get if art.weights is weights else _Getter(art.weights)
             if modules[module] == "4bit":
                 return decode_4bit(g, module, states[module][len(module) + 1:])
             return decode_8bit(g, module, dtype)

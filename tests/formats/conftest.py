@@ -14,6 +14,19 @@ from quantbench.models.loader import load_model
 from quantbench.quant.methods.rtn import rtn_quantize
 
 
+def _nothing_written(out: Path) -> None:
+    assert not out.exists(), out
+    left = list(out.parent.iterdir())
+    assert not left, left
+
+
+@pytest.fixture
+def assert_nothing_written() -> Callable[[Path], None]:
+    """``assert_nothing_written(out)``: a refused conversion left neither the output nor a
+    temporary sibling behind (``out``'s folder is empty)."""
+    return _nothing_written
+
+
 @dataclass
 class Written:
     model: Any        # the source Model

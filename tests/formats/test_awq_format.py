@@ -94,12 +94,13 @@ def test_refuses_gemv(tiny_llama, tmp_path):
 @pytest.mark.parametrize("method,bits,group,match", [
     ("zeropoint", 3, 32, "--bits 4"), ("absmax", 4, 32, "--zero-point"),
     ("zeropoint", 4, -1, "--group-size 128"), ("zeropoint", 4, 48, "--group-size 32")])
-def test_refusals_leave_no_output(tiny_llama, tmp_path, method, bits, group, match):
+def test_refusals_leave_no_output(tiny_llama, tmp_path, assert_nothing_written,
+                                  method, bits, group, match):
     q = quantize(str(tiny_llama), method=method, bits=bits, group_size=group)
     with pytest.raises(ConfigError, match=match) as exc:
         save(q, tmp_path / "x", format="awq")
     assert "\n" not in str(exc.value)
-    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+    assert_nothing_written(tmp_path / "x")
 
 
 def test_refuses_act_order_but_not_static_groups(tiny_llama):

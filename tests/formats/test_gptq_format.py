@@ -184,12 +184,13 @@ def test_refuses_unsupported_checkpoint_format(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("bits,group,match", [(4, 0, "--group-size 128"), (5, 32, "--bits 4")])
-def test_refusals_leave_no_output(tiny_llama, tmp_path, bits, group, match):
+def test_refusals_leave_no_output(tiny_llama, tmp_path, assert_nothing_written,
+                                  bits, group, match):
     q = quantize(str(tiny_llama), method="absmax", bits=bits, group_size=group)
     with pytest.raises(ConfigError, match=match) as exc:
         save(q, tmp_path / "x", format="gptq")
     assert "\n" not in str(exc.value)
-    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+    assert_nothing_written(tmp_path / "x")
 
 
 def test_refuses_embeddings(tiny_llama_tied, tmp_path):

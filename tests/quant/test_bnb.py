@@ -27,6 +27,26 @@ def test_tables_equal_bitsandbytes():
     assert torch.equal(bnb.dynamic_map_signed(), bnbf.create_dynamic_map(signed=True))
 
 
+def bnb_dequantize(packed, state, shape, block):
+    """bitsandbytes' own dequantization, by its generic (reference) implementation and, where
+    it is right, by the native CPU kernel ``dequantize_4bit`` dispatches to. bitsandbytes
+    0.50's AVX512 CPU kernel mis-decodes rows whose length is not a multiple of the block
+    (blocks that straddle rows): measured on (64, 96)/64 and (576, 576)/256, errors 3-4x the
+    quantization error. There only the reference implementation is compared."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    ref = _dequantize_4bit_compute(packed.reshape(-1).view(torch.uint8), absmax,
+                                   _get_4bit_code(state.quant_type, packed.device), block,
+                                   shape, state.dtype)
+    if shape[-1] % block == 0:
+        assert torch.equal(ref, bnbf.dequantize_4bit(packed, state))
+    return ref
+
+
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     p = packed.reshape(-1)
     return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n]
@@ -44,7 +64,7 @@ def test_codes_and_absmax_bit_exact(codebook, block, shape, dtype):
     assert torch.equal(codes.reshape(-1), unpack(packed, w.numel()))
     assert torch.equal(absmax, state.absmax)
     ours = bnb.dequantize_4bit(codes, absmax, grid)
-    assert torch.equal(ours.to(dtype), bnbf.dequantize_4bit(packed, state))
+    assert torch.equal(ours.to(dtype), bnb_dequantize(packed, state, w.shape, block))
 
 
 @pytest.mark.parametrize("codebook", ["nf4", "fp4"])
@@ -60,7 +80,7 @@ def test_double_quant_bit_exact(codebook, shape):
     assert torch.equal(nested, state.state2.absmax)
     assert torch.equal(offset, state.offset)
     ours = bnb.dequantize_4bit(codes, bnb.dequantize_absmax(q, nested, offset), grid)
-    assert torch.equal(ours.half(), bnbf.dequantize_4bit(packed, state))
+    assert torch.equal(ours.half(), bnb_dequantize(packed, state, w.shape, 64))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from quantbench.config import MethodOptions, QuantizeConfig
+from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.quant.awq import apply_clip, fold_scales, search_clip, search_scales
 from quantbench.quant.gptq import GPTQParams, gptq_quantize
@@ -33,7 +33,7 @@ CLIP_EXEMPT = ("q_proj", "k_proj")  # their errors feed a dot product, AWQ leave
 
 
 @dataclass(frozen=True)
-class AWQOptions(MethodOptions):
+class AWQOptions(CalibrationOptions):
     n_grid: int = 20
     exhaustive: bool = False      # every grid point (AWQ) instead of coarse + refine
     duo_scaling: bool = True
@@ -49,11 +49,6 @@ class AWQOptions(MethodOptions):
     act_order: bool = False
     static_groups: bool = True
     calib_samples: int = 32
-    calib_len: int = 512
-    calib_seed: int = 0
-    calib_data: str | None = None
-    calib_chat_template: bool = False
-    batch_size: int = 8
 
 
 @register_method("awq")

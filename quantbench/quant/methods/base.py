@@ -6,6 +6,7 @@ from typing import ClassVar
 import torch
 
 from quantbench.config import GridConfig, IntGridConfig, MethodOptions, QuantizeConfig
+from quantbench.errors import ConfigError
 from quantbench.tensor import QuantizedTensor
 
 
@@ -32,6 +33,16 @@ class Method:
         """The grid this method quantizes onto for the user's bits/group size/kind."""
         sym = cls.symmetric if symmetric is None else symmetric
         return IntGridConfig.from_group_size(bits, group_size, sym)
+
+    @classmethod
+    def refuse_other_widths(cls, bits: int, symmetric: bool | None) -> None:
+        """For a method defined at one width without a zero-point (``fixed_bits``): refuse
+        anything else the user asked for, saying which flag to drop."""
+        if bits != cls.fixed_bits:
+            raise ConfigError(f"{cls.name} stores {cls.fixed_bits}-bit codes; drop --bits "
+                              f"(or pass --bits {cls.fixed_bits})")
+        if symmetric is False:
+            raise ConfigError(f"{cls.name} has no zero-point; drop --zero-point")
 
     def __init__(self, config: QuantizeConfig):
         self.check(config)

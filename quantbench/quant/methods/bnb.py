@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantbench.config import (CodebookGridConfig, GridConfig, Int8RowGridConfig, MethodOptions,
-                               QuantizeConfig)
+from quantbench.config import (CalibrationOptions, CodebookGridConfig, GridConfig,
+                               Int8RowGridConfig, MethodOptions, QuantizeConfig)
 from quantbench.errors import ConfigError
 from quantbench.quant import bnb
 from quantbench.quant.methods.base import Method
@@ -35,10 +35,7 @@ class _FourBit(Method):
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
                   options: FourBitOptions) -> GridConfig:
-        if bits != 4:
-            raise ConfigError(f"{cls.codebook} stores 4-bit codes; drop --bits (or pass --bits 4)")
-        if symmetric is False:
-            raise ConfigError(f"{cls.codebook} has no zero-point; drop --zero-point")
+        cls.refuse_other_widths(bits, symmetric)
         return CodebookGridConfig(cls.codebook, group_size, bool(options.double_quant))
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
@@ -66,14 +63,9 @@ class FP4(_FourBit):
 
 
 @dataclass(frozen=True)
-class LLMInt8Options(MethodOptions):
+class LLMInt8Options(CalibrationOptions):
     threshold: float = 6.0
     calib_samples: int = 16
-    calib_len: int = 512
-    calib_seed: int = 0
-    calib_data: str | None = None
-    calib_chat_template: bool = False
-    batch_size: int = 8
 
 
 @register_method("llm_int8")
@@ -91,13 +83,10 @@ class LLMInt8(Method):
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
                   options: LLMInt8Options) -> GridConfig:
-        if bits != 8:
-            raise ConfigError("llm_int8 stores 8-bit weights; drop --bits (or pass --bits 8)")
+        cls.refuse_other_widths(bits, symmetric)
         if group_size != -1:
             raise ConfigError("llm_int8 scales each output row; drop --group-size "
                               "(or pass --group-size -1)")
-        if symmetric is False:
-            raise ConfigError("llm_int8 has no zero-point; drop --zero-point")
         return Int8RowGridConfig()
 
     @classmethod

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantbench.config import MethodOptions, QuantizeConfig
+from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.quant.gptq import GPTQParams, gptq_quantize
 from quantbench.quant.methods.base import Method
@@ -17,17 +17,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GPTQOptions(MethodOptions):
+class GPTQOptions(CalibrationOptions):
     damp_percent: float = 0.01
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = True  # measured better here (see README); --dynamic-groups for GPTQ's original
-    calib_samples: int = 128
-    calib_len: int = 512
-    calib_seed: int = 0
-    calib_data: str | None = None
-    calib_chat_template: bool = False
-    batch_size: int = 8
 
 
 @register_method("gptq")
