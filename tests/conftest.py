@@ -81,3 +81,47 @@ def _bnb_reference_path(model) -> list:
 @pytest.fixture
 def bnb_reference_path():
     return _bnb_reference_path
+
+
+@pytest.fixture(scope="session")
+def llamacpp():
+    """llama.cpp built from the llama-cpp-python sdist (``make test`` builds it first)."""
+    from quantbench.runtimes import llamacpp
+
+    found = llamacpp.find()
+    if found is None:
+        pytest.skip("llama.cpp is not built: run `python -m quantbench.runtimes.llamacpp` "
+                    "(make test does it first)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def ggml_quantize(llamacpp):
+    """``ggml_quantize(type_name, x, imatrix=None) -> np.ndarray[uint8]``: llama.cpp's own
+    ``ggml_quantize_chunk`` (libggml-base, through ctypes) on float32 rows ``x`` [rows, cols];
+    ``imatrix`` is a float32 vector of length cols (llama.cpp's quant_weights)."""
+    import ctypes
+
+    import gguf
+    import numpy as np
+
+    lib = ctypes.CDLL(str(llamacpp.libggml_base))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+
+    def run(type_name: str, x, imatrix=None):
+        qtype = gguf.GGMLQuantizationType[type_name]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        rows, cols = x.shape
+        out = np.zeros(rows * cols // block * size, dtype=np.uint8)
+        imp = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+        lib.ggml_quantize_init(int(qtype))
+        written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows,
+                                          cols, None if imp is None else imp.ctypes.data)
+        assert written == out.nbytes, (written, out.nbytes)
+        return out.reshape(rows, -1)
+    return run

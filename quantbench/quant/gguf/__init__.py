@@ -1,0 +1,1 @@
+"""GGUF block types (ggml quantization types) as pure tensor codecs."""
