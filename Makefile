@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.quantbench-installed
 DEMO_OUT ?= demo-results
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv llamacpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ demo: $(STAMP)
 		--group-size 64 --calib-samples 16 --calib-len 256 --static-groups \
 		--json $(DEMO_OUT)/compare.json --plot $(DEMO_OUT)/compare.png
 
-test: $(STAMP)
+llamacpp: $(STAMP)
+	$(BIN)/python -m quantbench.runtimes.llamacpp || echo "llama.cpp could not be built here; the tests that need it skip"
+
+test: $(STAMP) llamacpp
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
