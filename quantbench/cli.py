@@ -144,7 +144,11 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 
 @cli.command()
 @click.argument("source")
-@click.option("--method", "-m", default="zeropoint", show_default=True)
+@click.option("--method", "-m", default=None,
+              help="Quantizer (zeropoint; rtn with --type). See `quantbench list`.")
+@click.option("--type", "-t", "gguf_type", default=None,
+              help="GGUF type or llama.cpp mixture (Q4_K_M, Q5_K_M, Q8_0, Q6_K, Q3_K_M, Q2_K, "
+                   "...): llama.cpp's per-tensor rules; implies --format gguf.")
 @click.option("--bits", "-b", type=int, default=None,
               help="Code width (default: the method's; 4 for the integer methods).")
 @click.option("--group-size", "-g", type=int, default=None,
@@ -152,7 +156,8 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
                    "nf4/fp4: values per absmax block (default 64).")
 @click.option("--symmetric/--zero-point", default=None,
               help="Grid kind (default: what the method implies).")
-@click.option("--format", "-f", "fmt", default="dense", show_default=True)
+@click.option("--format", "-f", "fmt", default=None,
+              help="Output layout (dense; gguf with --type). See `quantbench list`.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
 @click.option("--include", multiple=True, help="Regex of module names to quantize (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex of module names to keep (repeatable).")
@@ -164,9 +169,9 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--plan", is_flag=True,
               help="Only estimate time and peak memory for this run; write nothing.")
 @_calibration_options
-def convert(source, method, bits, group_size, symmetric, fmt, output, include, exclude,
-            quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code, json_path,
-            plan, **calibration):
+def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output, include,
+            exclude, quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code,
+            json_path, plan, **calibration):
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
     from quantbench.formats.io import check_output, write_artifact
@@ -177,8 +182,10 @@ def convert(source, method, bits, group_size, symmetric, fmt, output, include, e
 
     if not plan:
         check_output(output, overwrite)
+    method = method or ("rtn" if gguf_type else "zeropoint")
+    fmt = fmt or ("gguf" if gguf_type else "dense")
     targets = TargetConfig(tuple(include), tuple(exclude), quantize_embeddings, quantize_lm_head)
-    config = make_config(method, bits, group_size, symmetric, targets,
+    config = make_config(method, bits, group_size, symmetric, targets, gguf_type=gguf_type,
                          **_method_options(method, calibration))
     writer = get_format(fmt)()
     model = load_model(source, trust_remote_code=trust_remote_code)

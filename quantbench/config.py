@@ -209,9 +209,57 @@ class Int8RowGridConfig:
         return cls()
 
 
-GridConfig = Union[IntGridConfig, CodebookGridConfig, Int8RowGridConfig]
+GGUF_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
+                     "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+GGUF_MIXTURES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S",
+                 "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+
+
+@dataclass(frozen=True)
+class GGUFGridConfig:
+    """A GGUF quantization: ``type`` is a mixture llama-quantize knows by name (``Q4_K_M``:
+    per-tensor types chosen by llama.cpp's rules) for a run, or one ggml tensor type (``Q6_K``)
+    for a single tensor. A tensor on this grid is held as its ggml block bytes, row by row."""
+
+    type: str = "Q4_K_M"
+
+    kind: ClassVar[str] = "gguf"
+
+    def __post_init__(self) -> None:
+        t = str(self.type).upper()
+        if t not in GGUF_MIXTURES and t not in GGUF_TENSOR_TYPES:
+            raise ConfigError(f"unknown GGUF type {self.type!r}; use one of "
+                              f"{', '.join(GGUF_MIXTURES)}")
+        object.__setattr__(self, "type", t)
+
+    @property
+    def bits(self) -> int:
+        """The nominal width (Q4_K_M → 4, F16 → 16)."""
+        digits = "".join(ch for ch in self.type.split("_")[0] if ch.isdigit())
+        return int(digits) if digits else 32
+
+    @property
+    def cli_group_size(self) -> int:
+        return 0
+
+    def check_shape(self, name: str, out_features: int, in_features: int) -> None:
+        """Rows that fit no block (not a multiple of 32) stay in F16, as llama.cpp does."""
+
+    def describe(self) -> str:
+        return f"GGUF {self.type}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": CONFIG_VERSION, "type": self.type}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GGUFGridConfig":
+        _check_version(data, "grid")
+        return cls(data.get("type", "Q4_K_M"))
+
+
+GridConfig = Union[IntGridConfig, CodebookGridConfig, Int8RowGridConfig, GGUFGridConfig]
 GRIDS: dict[str, type] = {g.kind: g for g in (IntGridConfig, CodebookGridConfig,
-                                              Int8RowGridConfig)}
+                                              Int8RowGridConfig, GGUFGridConfig)}
 
 
 def grid_from_dict(data: Mapping[str, Any]) -> GridConfig:

@@ -9,6 +9,7 @@ import torch
 from quantbench.config import GridConfig
 from quantbench.quant import bnb
 from quantbench.quant.grid import dequantize_codes, group_index
+from quantbench.quant.gguf.codec import get_codec
 
 
 @dataclass
@@ -28,7 +29,9 @@ class QuantizedTensor:
     On a codebook grid (NF4/FP4) ``codes`` are table indices and ``scales`` the per-block absmax
     ``[1, n_blocks]`` (float32, or uint8 codes of it under double quantization with
     ``aux["nested_absmax"]`` and ``aux["nested_offset"]``). On the LLM.int8 grid ``codes`` are
-    ``CB + 128`` and ``scales`` the ``[out, 1]`` float32 row absmax ``SCB``.
+    ``CB + 128`` and ``scales`` the ``[out, 1]`` float32 row absmax ``SCB``. On a GGUF grid
+    (one ggml tensor type) ``codes`` are the ggml block bytes ``[out, in / block · type_size]``
+    row by row, in the HF row order, and ``scales`` is empty: the blocks carry their own.
     """
 
     codes: torch.Tensor
@@ -44,6 +47,12 @@ class QuantizedTensor:
     def __post_init__(self) -> None:
         if self.codes.dim() != 2:
             raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(self.codes.shape)}")
+        if self.grid.kind == "gguf":
+            codec = get_codec(self.grid.type)
+            if self.codes.dtype != torch.uint8 or self.codes.shape[1] % codec.type_size:
+                raise ValueError(f"a {codec.name} row is whole {codec.type_size}-byte blocks "
+                                 f"of uint8, got {self.codes.dtype} {tuple(self.codes.shape)}")
+            return
         if self.grid.kind == "codebook":
             n = self.grid.n_blocks(self.codes.numel())
             if tuple(self.scales.shape) != (1, n):
@@ -61,11 +70,16 @@ class QuantizedTensor:
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.grid.kind == "gguf":
+            codec = get_codec(self.grid.type)
+            return (self.codes.shape[0],
+                    self.codes.shape[1] // codec.type_size * codec.block_size)
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     @property
     def numel(self) -> int:
-        return self.codes.numel()
+        rows, cols = self.shape
+        return rows * cols
 
     def group_index(self) -> torch.Tensor:
         if self.g_idx is not None:
@@ -74,7 +88,9 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Float weight; float32 unless a dtype is given (formats write ``self.dtype``)."""
-        if self.grid.kind == "codebook":
+        if self.grid.kind == "gguf":
+            w = get_codec(self.grid.type).dequantize_rows(self.codes, self.shape[1])
+        elif self.grid.kind == "codebook":
             w = bnb.dequantize_4bit(self.codes, self.block_absmax(), self.grid)
         elif self.grid.kind == "int8_row":
             w = bnb.int8_dequantize(self.int8_codes(), self.scales.reshape(-1))
@@ -96,6 +112,8 @@ class QuantizedTensor:
 
     def storage_bits(self) -> int:
         """Bits a packed checkpoint spends on this tensor: codes, scales, zeros, g_idx."""
+        if self.grid.kind == "gguf":
+            return self.codes.numel() * 8
         bits = self.numel * self.grid.bits
         bits += self.scales.numel() * self.scales.element_size() * 8
         bits += sum(t.numel() * t.element_size() * 8 for t in self.aux.values())

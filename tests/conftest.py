@@ -35,11 +35,11 @@ def make_tokenizer(directory: Path) -> None:
 
 def make_tiny_llama(directory: Path, dtype=torch.float16, tied: bool = False,
                     shard_bytes: int | None = None, tokenizer: bool = True, seed: int = 0,
-                    layers: int = 2) -> Path:
+                    layers: int = 2, hidden: int = 64, intermediate: int = 128) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=tied,
                       bos_token_id=0, eos_token_id=1)
@@ -125,3 +125,10 @@ def ggml_quantize(llamacpp):
         assert written == out.nbytes, (written, out.nbytes)
         return out.reshape(rows, -1)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory) -> Path:
+    """Rows of 256 and 512: whole GGUF k-quant super-blocks (the 64-wide tiny falls back)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-wide", hidden=256,
+                           intermediate=512, layers=3)

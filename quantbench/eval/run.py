@@ -48,8 +48,10 @@ def artifact_factory(artifact: Artifact):
 
 
 def _is_artifact_dir(text: str) -> bool:
+    from quantbench.formats.gguf import find_gguf
+
     path = Path(text)
-    return path.is_dir() and (path / "config.json").is_file()
+    return path.is_dir() and (path / "config.json").is_file() or find_gguf(path) is not None
 
 
 def resolve_baseline(artifact: Artifact, baseline: "Model | str | None") -> Model:

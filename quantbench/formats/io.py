@@ -164,6 +164,13 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
     start = time.perf_counter()
     tensor_info: dict[str, dict[str, Any]] = {}
     with atomic_output_dir(Path(out), overwrite) as tmp:
+        if hasattr(writer_fmt, "write_container"):  # a format with its own file (GGUF)
+            tensor_info = writer_fmt.write_container(qmodel, tmp, on_step)
+            manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
+                                      write_seconds=time.perf_counter() - start)
+            write_json_atomic(tmp / MANIFEST, manifest)
+            log.info("wrote %s (%s)", out, writer_fmt.name)
+            return Path(out)
         writer = ShardedWriter(tmp, max_shard_bytes)
         for label, tensors in qmodel.iter_blocks():
             for name, value in tensors.items():
@@ -216,9 +223,14 @@ def _write_config(tmp: Path, model, qconfig: dict[str, Any] | None) -> None:
 
 def open_artifact(path: str | os.PathLike) -> Artifact:
     """Read an artifact back through its format's reader (detected from the files)."""
+    from quantbench.formats.gguf import find_gguf, read_gguf
+
     path = Path(path)
+    if find_gguf(path) is not None:
+        return read_gguf(path)
     if not path.is_dir():
-        raise FormatError(f"{path} is not a directory; pass a quantbench output directory")
+        raise FormatError(f"{path} is not a directory or a .gguf file; pass a quantbench output "
+                          "directory")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FormatError(f"{path} has no config.json; it is not a checkpoint directory")

@@ -94,6 +94,20 @@ class ArchSpec:
     def block_module(self, index: int, name: str) -> str:
         return f"{self.block_prefix}.{index}.{name}"
 
+    def gguf_tensor_name(self, tensor_name: str) -> str:
+        """HF tensor name → llama.cpp tensor name (``blk.3.attn_q.weight``, ``output.weight``)."""
+        base, _, suffix = tensor_name.rpartition(".")
+        index = self.block_of(tensor_name)
+        if index is not None:
+            module = base[len(f"{self.block_prefix}.{index}."):]
+            for hf, gg in self.gguf_names:
+                if hf == module:
+                    return f"blk.{index}.{gg}.{suffix}"
+        top = {self.embed: "token_embd", self.final_norm: "output_norm", self.lm_head: "output"}
+        if base in top:
+            return f"{top[base]}.{suffix}"
+        raise ModelLoadError(f"{tensor_name} has no GGUF name in the {self.family} mapping")
+
     def block_of(self, tensor_name: str) -> int | None:
         """Index of the decoder block a tensor belongs to, or None for non-block tensors."""
         prefix = self.block_prefix + "."

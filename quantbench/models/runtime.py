@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from quantbench.quant import bnb
+from quantbench.quant.gguf.activations import fake_quantize
 
 
 class Int8MixedLinear(torch.nn.Module):
@@ -28,9 +29,30 @@ class Int8MixedLinear(torch.nn.Module):
                                      self.cb_float)
 
 
+class ActivationRoundingLinear(torch.nn.Module):
+    """A linear layer whose input is first rounded as llama.cpp's matmul rounds it (Q8_0/Q8_K
+    blocks, fp16) for the weight's GGUF type."""
+
+    def __init__(self, linear: torch.nn.Linear, act_type: str):
+        super().__init__()
+        self.linear, self.act_type = linear, act_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(fake_quantize(x, self.act_type))
+
+
+def _swap(net: torch.nn.Module, path: str, make) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = net.get_submodule(parent_path) if parent_path else net
+    setattr(parent, child, make(getattr(parent, child)))
+
+
 def apply_runtime(net: torch.nn.Module, artifact: Any) -> torch.nn.Module:
     """Swap in run-time modules for the artifact's quantized linears where its format computes
-    differently from ``x @ dequantize(W)ᵀ`` (today: LLM.int8 in ``bitsandbytes`` files)."""
+    differently from ``x @ dequantize(W)ᵀ``: LLM.int8 in ``bitsandbytes`` files, llama.cpp's
+    activation rounding in ``gguf`` files (``runtime["gguf_activations"]``: module → type)."""
+    for path, act_type in artifact.runtime.get("gguf_activations", {}).items():
+        _swap(net, path, lambda old, t=act_type: ActivationRoundingLinear(old, t))
     threshold = artifact.runtime.get("llm_int8_threshold")
     if threshold is None:
         return net

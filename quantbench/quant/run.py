@@ -4,12 +4,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
 
-from quantbench.config import GridConfig, QuantizeConfig, TargetConfig
+from quantbench.config import GGUFGridConfig, GridConfig, QuantizeConfig, TargetConfig
 from quantbench.errors import ConfigError
 from quantbench.models.loader import Model
 from quantbench.registry import get_method
@@ -132,16 +132,36 @@ class QuantizedModel:
 
 def make_config(method: str = "zeropoint", bits: int | None = None,
                 group_size: int | None = None, symmetric: bool | None = None,
-                targets: TargetConfig | None = None, **options: Any) -> QuantizeConfig:
+                targets: TargetConfig | None = None, gguf_type: str | None = None,
+                **options: Any) -> QuantizeConfig:
     """Build a ``QuantizeConfig``; bits, group size and grid kind default to what the method
-    implies (4-bit g128 for the integer methods, NF4 block 64, LLM.int8 per row)."""
+    implies (4-bit g128 for the integer methods, NF4 block 64, LLM.int8 per row); with
+    ``gguf_type`` (a llama.cpp mixture such as ``Q4_K_M``) the grid is that GGUF type and
+    every 2-D tensor, embeddings and lm_head included, is a target."""
     method_cls = get_method(method)
     opts = method_cls.options_cls(**options)
+    targets = targets or TargetConfig()
+    if gguf_type is not None:
+        return QuantizeConfig(method=method, grid=_gguf_grid(method_cls, gguf_type, bits,
+                                                             group_size, symmetric),
+                              targets=replace(targets, embeddings=True, lm_head=True),
+                              options=opts)
     bits = method_cls.default_bits if bits is None else bits
     group_size = method_cls.default_group_size if group_size is None else group_size
     grid = method_cls.make_grid(bits, group_size, symmetric, opts)
-    return QuantizeConfig(method=method, grid=grid, targets=targets or TargetConfig(),
-                          options=opts)
+    return QuantizeConfig(method=method, grid=grid, targets=targets, options=opts)
+
+
+def _gguf_grid(method_cls, gguf_type: str, bits: int | None, group_size: int | None,
+               symmetric: bool | None) -> GGUFGridConfig:
+    """GGUF types fix their own widths and blocks; every 2-D tensor is stored in one."""
+    if not method_cls.gguf_capable:
+        raise ConfigError(f"{method_cls.name} cannot target GGUF types; use --method rtn, "
+                          "imatrix or gptq with --type")
+    if bits is not None or group_size is not None or symmetric is not None:
+        raise ConfigError(f"--type {gguf_type} fixes bits, blocks and zero-points; drop "
+                          "--bits/--group-size/--zero-point")
+    return GGUFGridConfig(gguf_type)
 
 
 def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
@@ -150,6 +170,9 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
     method = method_cls(config)
     names = select_targets(model, config.targets)
     check_grid(model, names, config.grid)
+    prepare = getattr(method, "prepare", None)
+    if prepare is not None:  # e.g. a GGUF mixture resolved to one type per tensor
+        prepare(model, names)
     log.info("quantizing %d tensors of %s with %s %s", len(names), model.source,
              config.method, config.grid.describe())
     return QuantizedModel(source=model, config=config, targets=names, method=method)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -55,12 +57,75 @@ class LlamaCpp:
     def run(self, name: str, *args: str, timeout: float | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
         """Run one tool; its output is returned, and on failure raised with its tail."""
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+            [str(self.bin_dir), *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])}
         proc = subprocess.run([str(self.tool(name)), *map(str, args)], capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, env=env)
         if check and proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise QuantbenchError(f"{name} exited {proc.returncode}: " + " | ".join(tail))
         return proc
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """What ``llama-perplexity`` reports: perplexity over ``chunks`` windows of ``ctx`` (second
+    half scored), and, against a saved base, mean KLD, its 99th percentile and top-1 agreement."""
+
+    ppl: float
+    chunks: int
+    ctx: int
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    top1: float | None = None
+
+
+def _number(pattern: str, text: str) -> float | None:
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else None
+
+
+def perplexity(tools: LlamaCpp, model: Path, text_file: Path, ctx: int = 512,
+               chunks: int | None = None, save_base: Path | None = None,
+               kld_base: Path | None = None, threads: int | None = None) -> PerplexityResult:
+    """Run ``llama-perplexity`` on a GGUF. ``save_base`` writes the logits (and the tokens)
+    for later ``kld_base`` runs, as llama.cpp's KLD workflow does."""
+    args = ["-m", model, "-c", ctx, "-t", threads or os.cpu_count() or 2]
+    if chunks:
+        args += ["--chunks", chunks]
+    if kld_base is not None:
+        args += ["--kl-divergence-base", kld_base, "--kl-divergence"]
+    else:
+        args += ["-f", text_file]
+        if save_base is not None:
+            args += ["--kl-divergence-base", save_base]
+    proc = tools.run("llama-perplexity", *args)
+    log = proc.stdout + proc.stderr
+    n_chunks = _number(r"calculating perplexity over (\d+) chunks", log) or \
+        _number(r"over (\d+) chunks", log)
+    if kld_base is not None:
+        ppl = _number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", log)
+    else:
+        ppl = _number(r"Final estimate: PPL = ([0-9.]+)", log)
+    if ppl is None:
+        raise QuantbenchError(f"llama-perplexity printed no perplexity for {model}: "
+                              + " | ".join(log.strip().splitlines()[-3:]))
+    top1 = _number(r"Same top p:\s*([0-9.]+)", log)
+    return PerplexityResult(ppl=ppl, chunks=int(n_chunks or 0), ctx=ctx,
+                            kld_mean=_number(r"Mean\s+KLD:\s*([0-9.]+)", log),
+                            kld_p99=_number(r"99\.0%\s+KLD:\s*([0-9.]+)", log),
+                            top1=None if top1 is None else top1 / 100)
+
+
+def base_tokens(kld_base: Path) -> list[int]:
+    """The tokens llama-perplexity evaluated (``n_chunk · n_ctx``), read from its saved base:
+    ``_logits_``, int32 n_ctx, int32 n_vocab, int32 n_chunk, int32 tokens, then logits."""
+    with open(kld_base, "rb") as fh:
+        if fh.read(8) != b"_logits_":
+            raise QuantbenchError(f"{kld_base} is not a llama-perplexity logits file")
+        n_ctx, _n_vocab, n_chunk = struct.unpack("<iii", fh.read(12))
+        data = fh.read(4 * n_ctx * n_chunk)
+    return list(struct.unpack(f"<{n_ctx * n_chunk}i", data))
 
 
 def install_dir(version: str = VERSION) -> Path:
@@ -124,7 +189,8 @@ def build(root: Path, version: str = VERSION, jobs: int | None = None) -> None:
         _call(["cmake", "-S", str(src), "-B", str(build_dir), *generator,
                "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=OFF"])
+               "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=OFF",
+               "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN"])
         _call(["cmake", "--build", str(build_dir), "--config", "Release", "-j",
                str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
         staged = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root.parent))

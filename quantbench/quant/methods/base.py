@@ -26,6 +26,7 @@ class Method:
     default_group_size: ClassVar[int] = 128
     fixed_bits: ClassVar[int | None] = None  # methods defined at one width (nf4: 4, llm_int8: 8)
     native_format: ClassVar[str | None] = None  # the layout made for it, if only some can hold it
+    gguf_capable: ClassVar[bool] = False     # can quantize onto GGUF block types (--type)
 
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,

@@ -1,0 +1,314 @@
+"""``gguf``: llama.cpp's single-file format, written tensor by tensor as blocks are quantized.
+
+The output directory holds ``model.gguf`` (what llama.cpp loads) and ``quantbench.json``. The
+container and constants come from gguf-py (llama.cpp's own Python library); the block bytes from
+our codecs (``quant/gguf``). Every tensor's type is declared before any data is written (the
+GGUF header lists them), so the plan is fixed up front: quantized targets get their planned
+ggml type, 1-D tensors F32, other 2-D tensors F16. Q/K rows are permuted to llama.cpp's
+interleaved rotary layout on the way out and back on the way in; row permutation commutes with
+block quantization (blocks run along rows), so methods work in the HF layout.
+
+The reader opens any llama-family GGUF (ours or llama.cpp's): quantized 2-D tensors become
+QuantizedTensors holding the block bytes, the rest dequantized floats.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from quantbench.config import GGUFGridConfig, QuantizeConfig
+from quantbench.errors import ConfigError, FormatError, ModelLoadError
+from quantbench.formats.base import Artifact, Format, read_manifest
+from quantbench.models.gguf_import import (hf_config_from_gguf, hf_name, permute_qk,
+                                           unpermute_qk)
+from quantbench.quant.gguf.codec import get_codec
+from quantbench.registry import register_format
+from quantbench.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+GGUF_FILE = "model.gguf"
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _rotary_heads(config: dict[str, Any], name: str) -> int | None:
+    """Heads whose rows llama.cpp interleaves (q: attention heads, k: KV heads), else None."""
+    heads = config["num_attention_heads"]
+    if ".self_attn.q_proj." in name:
+        return heads
+    if ".self_attn.k_proj." in name:
+        return config.get("num_key_value_heads") or heads
+    return None
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]  # HF shape ([out, in] for weights)
+    ggml_type: str
+
+    def nbytes(self) -> int:
+        codec = get_codec(self.ggml_type)
+        numel = int(np.prod(self.shape))
+        return numel // codec.block_size * codec.type_size
+
+    def byte_shape(self) -> tuple[int, ...]:
+        codec = get_codec(self.ggml_type)
+        *rows, cols = self.shape
+        return (*rows, cols // codec.block_size * codec.type_size)
+
+
+def plan_file(qmodel) -> list[PlannedTensor]:
+    """Every tensor of the output in write order (non-block tensors, then block by block)."""
+    from quantbench.quant.gguf.plan import gguf_tensors
+
+    model = qmodel.source
+    types = getattr(qmodel.method, "types", {})
+    plan = []
+    for name in gguf_tensors(model):
+        shape = tuple(model.weights.shape(name))
+        ggml_type = types.get(name) or ("F32" if len(shape) == 1 else "F16")
+        plan.append(PlannedTensor(name, model.arch.gguf_tensor_name(name), shape, ggml_type))
+    return plan
+
+
+def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndarray:
+    if isinstance(value, QuantizedTensor):
+        if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
+            raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "
+                              f"{item.ggml_type}")
+        data = value.codes
+    else:
+        data = get_codec(item.ggml_type).quantize_rows(value.reshape(-1, value.shape[-1])) \
+            .reshape(*item.byte_shape())
+    heads = _rotary_heads(config, item.hf_name)
+    if heads:
+        data = permute_qk(data, heads)
+    return data.contiguous().numpy()
+
+
+@register_format("gguf")
+class GGUFFormat(Format):
+    description = "GGUF for llama.cpp: ggml block types and its named mixtures (Q4_K_M, ...)"
+    container = "gguf"
+
+    def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
+        from quantbench.formats.gguf_meta import gguf_arch, rope_freqs
+
+        if config.grid.kind != "gguf":
+            raise ConfigError(f"gguf stores ggml block types, not {config.grid.describe()}; "
+                              "pass --type Q4_K_M (or Q8_0, Q5_K_M, ...) with --method rtn, "
+                              "imatrix or gptq")
+        gguf_arch(model.config)
+        if rope_freqs(model.config) is not None:
+            raise ConfigError("llama3-style RoPE scaling (a rope_freqs tensor) is not written by "
+                              "quantbench's GGUF writer yet; use llama.cpp's converter for this "
+                              "model")
+
+    def write_container(self, qmodel, directory: Path,
+                        on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Stream the GGUF file into ``directory``; returns the manifest's tensor info."""
+        import gguf
+
+        model = qmodel.source
+        plan = plan_file(qmodel)
+        writer = gguf.GGUFWriter(None, model.arch.gguf_arch)
+        add_metadata(writer, model, qmodel.config.grid.type, plan)
+        for item in plan:
+            writer.add_tensor_info(item.gguf_name, item.byte_shape(), np.dtype(np.uint8),
+                                   item.nbytes(), gguf.GGMLQuantizationType[item.ggml_type])
+        writer.write_header_to_file(directory / GGUF_FILE)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        info: dict[str, Any] = {}
+        pending = iter(plan)
+        for label, tensors in qmodel.iter_blocks():
+            for item in _take(pending, tensors):
+                writer.write_tensor_data(_tensor_bytes(item, tensors[item.hf_name],
+                                                       model.config))
+                info[item.hf_name] = _info(item)
+            if on_step:
+                on_step(label)
+        writer.close()
+        return info
+
+    @classmethod
+    def detect(cls, config: dict[str, Any], weights) -> bool:
+        return False  # a GGUF artifact is recognised by its file, see ``find_gguf``
+
+    def read(self, path: Path, config: dict[str, Any], weights,
+             manifest: dict[str, Any] | None) -> Artifact:
+        return read_gguf(path)
+
+
+def add_metadata(writer, model, mixture: str, plan: list[PlannedTensor]) -> None:
+    """llama.cpp converter's keys (general.*, <arch>.*, tokenizer.*) for ``model``."""
+    from quantbench.formats.gguf_meta import gguf_metadata
+
+    n_params = sum(int(np.prod(item.shape)) for item in plan)
+    for kv in gguf_metadata(model.config, model.path, ftype=mixture, n_params=n_params):
+        if kv.key != "general.architecture":  # GGUFWriter(arch=...) wrote it
+            writer.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)
+
+
+def _take(pending: Iterator[PlannedTensor], tensors: dict[str, Any]) -> list[PlannedTensor]:
+    """The planned tensors that this yielded group holds, in plan order."""
+    items = []
+    while len(items) < len(tensors):
+        item = next(pending, None)
+        if item is None or item.hf_name not in tensors:
+            raise FormatError(f"{item.hf_name if item else 'end of plan'} arrived out of order; "
+                              "the GGUF plan and the quantizer disagree")
+        items.append(item)
+    return items
+
+
+def _info(item: PlannedTensor) -> dict[str, Any]:
+    numel = int(np.prod(item.shape))
+    quantized = item.ggml_type not in FLOAT_TYPES
+    return {"shape": list(item.shape), "quantized": quantized, "gguf_name": item.gguf_name,
+            "ggml_type": item.ggml_type, "grid": f"GGUF {item.ggml_type}",
+            "bits": GGUFGridConfig(item.ggml_type).bits,
+            "bits_per_weight": round(8 * item.nbytes() / numel, 4),
+            **({} if quantized else {"dtype": item.ggml_type.lower()})}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file an artifact path stands for: the file itself, or ``model.gguf`` (or the
+    only ``*.gguf``) in a directory without ``config.json``."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / GGUF_FILE).is_file():
+            return path / GGUF_FILE
+        files = sorted(path.glob("*.gguf"))
+        if len(files) == 1:
+            return files[0]
+    return None
+
+
+def open_reader(file: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(file))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
+        raise FormatError(f"{file} is not a readable GGUF file ({exc}); it is truncated or "
+                          "corrupted: re-create or re-download it") from exc
+
+
+class GGUFWeights:
+    """The LazyWeights interface over a GGUF file: HF names, HF shapes, float tensors (Q/K
+    rows back in the HF layout); the file is memory-mapped by gguf-py, read per tensor."""
+
+    def __init__(self, file: Path, reader, config: dict[str, Any]):
+        self.file, self.config = file, config
+        self.tensors = {}
+        for t in reader.tensors:
+            try:
+                name = hf_name(t.name)
+            except ModelLoadError as exc:
+                raise FormatError(f"{file}: {exc}") from exc
+            self.tensors[name] = t
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def files(self) -> list[Path]:
+        return [self.file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch.float32
+
+    def ggml_type(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The stored bytes ``[rows, row_bytes]`` (HF row order)."""
+        t = self.tensors[name]
+        shape = self.shape(name)
+        data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).copy())
+        data = data.reshape(int(np.prod(shape[:-1])), -1)
+        heads = _rotary_heads(self.config, name)
+        return unpermute_qk(data, heads) if heads else data
+
+    def get(self, name: str) -> torch.Tensor:
+        codec = get_codec(self.ggml_type(name))
+        shape = self.shape(name)
+        w = codec.dequantize_rows(self.raw(name), shape[-1])
+        return w.reshape(shape)
+
+    def iter(self, names):
+        for name in names:
+            yield name, self.get(name)
+
+
+def read_gguf(path: Path) -> Artifact:
+    file = find_gguf(path)
+    if file is None:
+        raise FormatError(f"{path} holds no GGUF file")
+    reader = open_reader(file)
+    try:
+        config = hf_config_from_gguf(reader)
+    except ModelLoadError as exc:
+        raise FormatError(f"{file}: {exc}") from exc
+    weights = GGUFWeights(file, reader, config)
+    quantized, plain = [], []
+    for name in weights.names():
+        ggml_type = weights.ggml_type(name)
+        try:
+            get_codec(ggml_type)
+        except ConfigError as exc:
+            raise FormatError(f"{file}: tensor {name} has ggml type {ggml_type}, which quantbench "
+                              "does not read; re-quantize with one of its types") from exc
+        is_quantized = ggml_type not in FLOAT_TYPES and len(weights.shape(name)) == 2
+        (quantized if is_quantized else plain).append(name)
+
+    def decode(art: Artifact, name: str) -> QuantizedTensor:
+        return QuantizedTensor(codes=weights.raw(name), scales=torch.empty(0), zeros=None,
+                               grid=GGUFGridConfig(weights.ggml_type(name)),
+                               dtype=torch.float16)
+
+    manifest = read_manifest(file.parent) if file.name == GGUF_FILE else None
+    return Artifact(path=Path(path), format="gguf", config=config, weights=weights,
+                    manifest=manifest, decode=decode, quantized_names=quantized,
+                    plain_names=plain, runtime={"gguf_activations": _activations(weights)})
+
+
+def _activations(weights: GGUFWeights) -> dict[str, str]:
+    """Module → the type llama.cpp rounds its input to (every matmul with a 2-D weight; the
+    tied token_embd also serves as lm_head)."""
+    from quantbench.models.arch import arch_for
+    from quantbench.quant.gguf.activations import vec_dot_type
+
+    arch = arch_for(weights.config.get("model_type"))
+    out = {}
+    for name in weights.names():
+        act = vec_dot_type(weights.ggml_type(name))
+        if act is None or len(weights.shape(name)) != 2:
+            continue
+        module = name[: -len(".weight")]
+        if module == arch.embed:
+            if f"{arch.lm_head}.weight" not in weights:
+                out[arch.lm_head] = act
+            continue
+        out[module] = act
+    return out

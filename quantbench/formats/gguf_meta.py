@@ -1,0 +1,312 @@
+"""HF → GGUF, the data-level parts: metadata, tokenizer, tensor names and Q/K permutation.
+
+What llama.cpp's own ``convert_hf_to_gguf.py`` (llama-cpp-python 0.3.36's vendored copy) writes
+for the llama family (HF ``model_type`` llama, mistral → GGUF ``llama``; qwen2 → ``qwen2``),
+computed from ``config.json``, ``generation_config.json`` and the tokenizer files alone: no
+weights are read, no remote code runs, nothing is unpickled. The per-tensor types of the
+``llama-quantize`` mixtures live in :mod:`quantbench.formats.gguf_types`; the ``tokenizer.*``
+keys in :mod:`quantbench.formats.gguf_vocab` (vocabularies) and
+:mod:`quantbench.formats.gguf_special` (special tokens, chat template).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGUFValueType as VT
+
+from quantbench.errors import ConfigError
+from quantbench.formats.gguf_types import file_type
+from quantbench.models.gguf_import import BLOCK_NAMES, TOP_NAMES, permute_qk
+
+log = logging.getLogger(__name__)
+
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # HF model_type → GGUF arch
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+DEFAULT_ALIGNMENT = 32
+HF_BLOCK = {hf: gg for gg, hf in BLOCK_NAMES.items()}  # "self_attn.q_proj" → "attn_q"
+HF_TOP = {hf: gg for gg, hf in TOP_NAMES.items()}  # "model.embed_tokens" → "token_embd"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_SAMPLING = (("sequence", "sequence", VT.STRING), ("top_k", "top_k", VT.INT32),
+             ("top_p", "top_p", VT.FLOAT32), ("min_p", "min_p", VT.FLOAT32),
+             ("xtc_probability", "xtc_probability", VT.FLOAT32),
+             ("xtc_threshold", "xtc_threshold", VT.FLOAT32), ("temperature", "temp", VT.FLOAT32),
+             ("penalty_last_n", "penalty_last_n", VT.INT32),
+             ("repetition_penalty", "penalty_repeat", VT.FLOAT32),
+             ("mirostat", "mirostat", VT.INT32), ("mirostat_tau", "mirostat_tau", VT.FLOAT32),
+             ("mirostat_eta", "mirostat_eta", VT.FLOAT32))
+
+
+@dataclass(frozen=True)
+class KV:
+    """One GGUF key/value; arrays carry their element type in ``sub_type``.
+
+    Write it with ``GGUFWriter.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)``.
+    """
+    key: str
+    value: Any
+    vtype: VT
+    sub_type: VT | None = None
+
+
+def kv_dict(kvs: Sequence[KV]) -> dict[str, Any]:
+    """``{key: value}``; a later entry for the same key replaces an earlier one (as in gguf-py)."""
+    return {kv.key: kv.value for kv in kvs}
+
+
+def gguf_arch(config: dict) -> str:
+    """The GGUF architecture name of an HF config; ConfigError for the unsupported ones."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHS:
+        raise ConfigError(f"GGUF export does not support model_type {model_type!r}; "
+                          f"supported: {', '.join(ARCHS)}")
+    return ARCHS[model_type]
+
+
+# ---------------------------------------------------------------------------------- metadata
+
+def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: str | None = None,
+                  n_params: int | None = None, alignment: int = DEFAULT_ALIGNMENT,
+                  tokenizer: bool = True, unknown_pre: str | None = "default") -> list[KV]:
+    """Every ``general.*``, ``<arch>.*`` (and, with ``tokenizer``, ``tokenizer.*``) key that
+    llama.cpp's converter writes for this model, in its order, with ``general.file_type`` of the
+    mixture ``ftype``. ``n_params`` (for ``general.size_label``) defaults to the count of the
+    tensors the GGUF will hold, from the safetensors headers in ``model_dir``."""
+    from quantbench.formats.gguf_vocab import tokenizer_metadata
+
+    model_dir = Path(model_dir)
+    arch = gguf_arch(config)
+    if n_params is None:
+        n_params = count_params(checkpoint_shapes(model_dir), config)
+    kvs = [KV("general.architecture", arch, VT.STRING), KV("general.type", "model", VT.STRING)]
+    kvs += _sampling_kvs(model_dir)
+    kvs.append(KV("general.name", name or default_name(config, model_dir), VT.STRING))
+    if n_params > 0:
+        kvs.append(KV("general.size_label", size_label(n_params), VT.STRING))
+    kvs += arch_metadata(config)
+    kvs.append(KV("general.file_type", file_type(ftype), VT.UINT32))
+    if arch == "llama":
+        kvs.append(KV("llama.vocab_size", int(config["vocab_size"]), VT.UINT32))
+        kvs.append(KV("llama.rope.dimension_count", head_dim(config), VT.UINT32))
+    kvs.append(KV("general.quantization_version", QUANTIZATION_VERSION, VT.UINT32))
+    if alignment != DEFAULT_ALIGNMENT:
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ConfigError(f"GGUF alignment {alignment} is not a power of two")
+        kvs.append(KV("general.alignment", alignment, VT.UINT32))
+    if tokenizer:
+        kvs += tokenizer_metadata(model_dir, config, unknown_pre=unknown_pre)
+    return kvs
+
+
+def head_dim(config: dict) -> int:
+    """``rope.dimension_count``: ``head_dim`` or hidden / heads."""
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def rope_parameters(config: dict) -> dict[str, Any]:
+    """The converter's view of the RoPE config: ``rope_parameters`` (transformers 5) or
+    ``rope_scaling`` (4.x), with ``rope_theta``/``type`` mirrored in; the full-attention part."""
+    params = dict(config.get("rope_parameters", config.get("rope_scaling")) or {})
+    if "full_attention" not in params and "sliding_attention" not in params:
+        theta = next((config[k] for k in ("global_rope_theta", "rope_global_theta",
+                      "rope_theta_global", "rope_theta", "rotary_emb_base")
+                      if config.get(k) is not None), None)
+        if "rope_theta" not in params and theta is not None:
+            params["rope_theta"] = theta
+        if "rope_type" not in params and params.get("type") is not None:
+            params["rope_type"] = params["type"]
+        if "original_max_position_embeddings" not in params and \
+                config.get("original_max_position_embeddings") is not None:
+            params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+    return params.get("full_attention", params)
+
+
+def arch_metadata(config: dict) -> list[KV]:
+    """The ``<arch>.*`` hyperparameters (TextModel.set_gguf_parameters), in the converter's
+    order; ``vocab_size``/``rope.dimension_count`` (llama only) are added by gguf_metadata."""
+    a = gguf_arch(config)
+    kvs = [KV(f"{a}.block_count", int(config["num_hidden_layers"]), VT.UINT32)]
+    for key, hf in (("context_length", "max_position_embeddings"),
+                    ("embedding_length", "hidden_size"),
+                    ("feed_forward_length", "intermediate_size"),
+                    ("attention.head_count", "num_attention_heads"),
+                    ("attention.head_count_kv", "num_key_value_heads")):
+        if config.get(hf) is not None:
+            kvs.append(KV(f"{a}.{key}", int(config[hf]), VT.UINT32))
+    if config.get("is_causal") is False:
+        kvs.append(KV(f"{a}.attention.causal", False, VT.BOOL))
+    rope = rope_parameters(config)
+    kvs += _rope_scaling_kvs(a, rope)
+    if rope.get("rope_theta") is not None:
+        kvs.append(KV(f"{a}.rope.freq_base", float(rope["rope_theta"]), VT.FLOAT32))
+    eps = config.get("rms_norm_eps", config.get("norm_eps"))
+    if eps is not None:
+        kvs.append(KV(f"{a}.attention.layer_norm_rms_epsilon", float(eps), VT.FLOAT32))
+    if config.get("head_dim") is not None:
+        kvs.append(KV(f"{a}.attention.key_length", int(config["head_dim"]), VT.UINT32))
+        kvs.append(KV(f"{a}.attention.value_length", int(config["head_dim"]), VT.UINT32))
+    return kvs
+
+
+def _rope_scaling_kvs(a: str, rope: dict) -> list[KV]:
+    kind, factor = rope.get("rope_type"), rope.get("factor")
+    if kind == "linear" and factor is not None:
+        return [KV(f"{a}.rope.scaling.type", "linear", VT.STRING),
+                KV(f"{a}.rope.scaling.factor", float(factor), VT.FLOAT32)]
+    if kind in ("su", "longrope"):
+        return [KV(f"{a}.rope.scaling.type", "longrope", VT.STRING)]
+    if kind != "yarn" or factor is None:
+        if kind not in (None, "dynamic") and str(kind).lower() != "llama3":
+            log.debug("rope type %r writes no scaling keys (as in llama.cpp)", kind)
+        return []  # llama3 scaling goes into the rope_freqs.weight tensor instead
+    kvs = [KV(f"{a}.rope.scaling.type", "yarn", VT.STRING),
+           KV(f"{a}.rope.scaling.factor", float(factor), VT.FLOAT32),
+           KV(f"{a}.rope.scaling.original_context_length",
+              int(rope["original_max_position_embeddings"]), VT.UINT32)]
+    yarn = {"yarn_ext_factor": rope.get("extrapolation_factor"),
+            "yarn_attn_factor": rope.get("attention_factor", rope.get("attn_factor")),
+            "yarn_beta_fast": rope.get("beta_fast"), "yarn_beta_slow": rope.get("beta_slow")}
+    return kvs + [KV(f"{a}.rope.scaling.{key}", float(v), VT.FLOAT32)
+                  for key, v in yarn.items() if v is not None]
+
+
+def _sampling_kvs(model_dir: Path) -> list[KV]:
+    """``general.sampling.*`` from generation_config.json (gguf-py Metadata)."""
+    gen = read_json(model_dir / "generation_config.json") or {}
+    return [KV(f"general.sampling.{key}", gen[hf], vt) for hf, key, vt in _SAMPLING
+            if gen.get(hf) is not None]
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def default_name(config: dict, model_dir: Path) -> str:
+    """``general.name``: the model part of ``_name_or_path`` when it is a hub id, else the folder
+    name, title-cased as gguf-py does ("smollm2-fp16" → "Smollm2 Fp16")."""
+    ident = config.get("_name_or_path") or ""
+    ident = ident.split("/", 1)[-1] if ident and ident.count("/") <= 1 else Path(model_dir).name
+    words = ident.strip().replace("-", " ").split()
+    return " ".join(w.title() if w.islower() and not re.match(r"^(v\d+(?:\.\d+)*|\d.*)$", w)
+                    else w for w in words)
+
+
+def size_label(n_params: int) -> str:
+    """gguf-py's rounded parameter count: 134515008 → "135M", 115008 → "115K"."""
+    for limit, scale, suffix in ((1e12, 1e-12, "T"), (1e9, 1e-9, "B"), (1e6, 1e-6, "M")):
+        if n_params > limit:
+            break
+    else:
+        scale, suffix = 1e-3, "K"
+    scaled = n_params * scale
+    digits = max(2 - len(str(round(scaled)).lstrip("0")), 0)
+    return f"{scaled:.{digits}f}{suffix}"
+
+
+# ------------------------------------------------------------------- tensor names and shapes
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """``{hf_name: torch shape}`` from the safetensors headers in ``model_dir`` (no data read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def tied_embeddings(config: dict) -> bool:
+    """Whether ``lm_head`` shares ``embed_tokens`` (transformers' default is tied)."""
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def gguf_name(hf_name: str, config: dict) -> str | None:
+    """The GGUF tensor name of an HF llama-family tensor (``model.layers.3.self_attn.q_proj.weight``
+    → ``blk.3.attn_q.weight``); None for tensors the GGUF leaves out (a tied ``lm_head``, rotary
+    ``inv_freq`` buffers); ConfigError for a tensor llama.cpp has no name for."""
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    if hf_name == "lm_head.weight" and tied_embeddings(config):
+        return None
+    if (m := _LAYER.match(hf_name)) and m.group(2) in HF_BLOCK:
+        return f"blk.{m.group(1)}.{HF_BLOCK[m.group(2)]}.{m.group(3)}"
+    base, _, suffix = hf_name.rpartition(".")
+    if base in HF_TOP:
+        return f"{HF_TOP[base]}.{suffix}"
+    raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a {config.get('model_type')} model")
+
+
+def gguf_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """GGUF ``ne`` of a torch shape: reversed, so ``ne[0]`` is the row length."""
+    return tuple(int(d) for d in reversed(tuple(shape)))
+
+
+def tensor_plan(shapes: dict[str, Sequence[int]], config: dict) -> list[tuple[str, str, tuple]]:
+    """``(hf_name, gguf_name, ne)`` for every tensor the GGUF holds, in checkpoint order, plus
+    the generated ``rope_freqs.weight`` (hf_name "") for llama3 RoPE scaling."""
+    plan = [(hf, name, gguf_shape(shape)) for hf, shape in shapes.items()
+            if (name := gguf_name(hf, config)) is not None]
+    freqs = rope_freqs(config)
+    if freqs is not None:
+        plan.append(("", "rope_freqs.weight", (int(freqs.numel()),)))
+    return plan
+
+
+def count_params(shapes: dict[str, Sequence[int]], config: dict) -> int:
+    """Elements in the tensors the GGUF will hold (what ``general.size_label`` counts)."""
+    return sum(math.prod(ne) for _, _, ne in tensor_plan(shapes, config))
+
+
+def needs_qk_permute(config: dict) -> bool:
+    """llama-arch GGUFs store Q/K rows in llama.cpp's interleaved RoPE order; qwen2 does not."""
+    return gguf_arch(config) == "llama"
+
+
+def to_gguf_tensor(hf_name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
+    """A tensor in GGUF row order: Q (``num_attention_heads``) and K (``num_key_value_heads``)
+    weights and biases of llama-arch models permuted with ``permute_qk``, the rest unchanged."""
+    if not needs_qk_permute(config):
+        return w
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return permute_qk(w, int(config["num_attention_heads"]))
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        return permute_qk(w, int(heads))
+    return w
+
+
+def rope_freqs(config: dict) -> torch.Tensor | None:
+    """The float32 ``rope_freqs.weight`` llama.cpp's converter generates for llama3 RoPE
+    scaling (Llama 3.1+), or None when the model has none."""
+    rope = rope_parameters(config)
+    if gguf_arch(config) != "llama" or str(rope.get("rope_type", "")).lower() != "llama3":
+        return None
+    base, dim = rope.get("rope_theta", 10000.0), head_dim(config)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
