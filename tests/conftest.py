@@ -132,3 +132,34 @@ def tiny_llama_wide(tmp_path_factory) -> Path:
     """Rows of 256 and 512: whole GGUF k-quant super-blocks (the 64-wide tiny falls back)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-wide", hidden=256,
                            intermediate=512, layers=3)
+
+
+@pytest.fixture(scope="session")
+def eval_text_file(tmp_path_factory) -> Path:
+    """The bundled WikiText-2 test text as a file, for llama-perplexity."""
+    path = tmp_path_factory.mktemp("evaltext") / "wiki.test.raw"
+    path.write_text(_wikitext_head(chars=10**9))
+    return path
+
+
+@pytest.fixture
+def llama_vs_ours(llamacpp, eval_text_file, tmp_path):
+    """``llama_vs_ours(artifact_dir, baseline_model, ctx, chunks)`` → (our perplexity,
+    llama-perplexity's, llama.cpp's tokens == our evaluator's), on the same windows with
+    llama.cpp's second-half scoring."""
+    from quantbench.eval.evaluator import prepare_windows
+    from quantbench.eval.protocol import EvalProtocol
+    from quantbench.eval.run import evaluate_one
+    from quantbench.runtimes.llamacpp import base_tokens, perplexity
+
+    def run(artifact: Path, baseline, ctx: int, chunks: int):
+        protocol = EvalProtocol(ctx=ctx, max_tokens=None, n_windows=chunks, scoring="half")
+        ours = evaluate_one(artifact, baseline=baseline, protocol=protocol, use_cache=False)
+        saved = tmp_path / f"{Path(artifact).name}.kld"
+        theirs = perplexity(llamacpp, Path(artifact) / "model.gguf", eval_text_file, ctx=ctx,
+                            chunks=chunks, save_base=saved)
+        windows, _ = prepare_windows(baseline.tokenizer(), protocol)
+        same = base_tokens(saved) == windows.reshape(-1).tolist()
+        saved.unlink()
+        return next(iter(ours.results.values())).ppl, theirs.ppl, same
+    return run

@@ -15,6 +15,7 @@ Plus the special token ids, ``add_*_token`` flags and the chat template (gguf-py
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import struct
@@ -120,7 +121,17 @@ def bpe_pre_tokenizer(model_dir: Path) -> str | None:
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     digest = hashlib.sha256(str(tok.encode(CHKTXT).ids).encode()).hexdigest()
     log.debug("BPE pre-tokenizer hash %s", digest)
-    return PRE_TOKENIZERS.get(digest)
+    return PRE_TOKENIZERS.get(digest) or _plain_gpt2(model_dir)
+
+
+def _plain_gpt2(model_dir: Path) -> str | None:
+    """"gpt-2" for a tokenizer whose only pre-tokenizer is GPT-2's own byte-level regex split
+    (llama.cpp splits such text identically; its "default" would not, e.g. " =")."""
+    pre = (json.loads((Path(model_dir) / "tokenizer.json").read_text()).get("pre_tokenizer")
+           or {})
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return None
 
 
 def looks_special(token: str) -> bool:

@@ -99,8 +99,10 @@ def perplexity(tools: LlamaCpp, model: Path, text_file: Path, ctx: int = 512,
         args += ["-f", text_file]
         if save_base is not None:
             args += ["--kl-divergence-base", save_base]
-    proc = tools.run("llama-perplexity", *args)
-    log = proc.stdout + proc.stderr
+    for _attempt in range(3):  # llama.cpp's logger thread now and then loses the last lines
+        log = _joined(tools.run("llama-perplexity", *args))
+        if "Final estimate" in log or "Mean PPL(Q)" in log:
+            break
     n_chunks = _number(r"calculating perplexity over (\d+) chunks", log) or \
         _number(r"over (\d+) chunks", log)
     if kld_base is not None:
@@ -115,6 +117,10 @@ def perplexity(tools: LlamaCpp, model: Path, text_file: Path, ctx: int = 512,
                             kld_mean=_number(r"Mean\s+KLD:\s*([0-9.]+)", log),
                             kld_p99=_number(r"99\.0%\s+KLD:\s*([0-9.]+)", log),
                             top1=None if top1 is None else top1 / 100)
+
+
+def _joined(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
 
 
 def base_tokens(kld_base: Path) -> list[int]:

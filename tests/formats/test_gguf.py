@@ -129,3 +129,16 @@ def test_imatrix_method_runs_on_gguf(tiny_llama_wide, tmp_path):
     assert not torch.equal(art.quantized(name).codes, rtn)  # importance changed the search
     with pytest.raises(ConfigError, match="--format gguf"):
         quantize(model, method="imatrix", bits=4)
+
+
+@pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                                       "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+                                       "Q5_K_S", "Q5_K_M", "Q6_K"])
+def test_llama_cpp_runs_every_type_with_our_perplexity(tiny_llama_wide, tmp_path, gguf_type,
+                                                       llama_vs_ours):
+    """llama.cpp loads each file; its tokens are our evaluator's; its perplexity (second-half
+    scoring, same windows) equals ours within 0.5 % (ours rounds activations as it does)."""
+    model, _, out = write(tiny_llama_wide, tmp_path, gguf_type)
+    ours, theirs, same_tokens = llama_vs_ours(out, model, ctx=128, chunks=6)
+    assert same_tokens
+    assert abs(ours / theirs - 1) < 0.005, (ours, theirs)

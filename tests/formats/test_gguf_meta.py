@@ -7,6 +7,7 @@ Ground truth: llama.cpp's ``convert_hf_to_gguf.py`` from the pinned llama-cpp-py
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -42,7 +43,8 @@ LEGIT_DIFF = {
     "general.name",
 }
 # Run the converter with two patches that change nothing for the models here: a BPE
-# pre-tokenizer it does not know becomes "default" (it raises; the tiny tokenizers are ours), and
+# pre-tokenizer it does not know becomes "gpt-2" when it is GPT-2's plain byte-level split, else
+# "default", as ours does (the converter raises; the tiny tokenizers are ours), and
 # the SentencePiece import is only tried when a tokenizer.model exists (so the package is needed
 # only for SentencePiece models).
 WRAPPER = """
@@ -57,7 +59,9 @@ def pre(self, tokenizer):
     try:
         return _pre(self, tokenizer)
     except NotImplementedError:
-        return "default"
+        import json
+        spec = json.loads((self.dir_model / "tokenizer.json").read_text()).get("pre_tokenizer")
+        return "gpt-2" if (spec or {}).get("type") == "ByteLevel" else "default"
 def spm(self):
     if not (self.dir_model / "tokenizer.model").is_file():
         raise FileNotFoundError("no tokenizer.model")
@@ -364,12 +368,20 @@ def test_pre_tokenizer_hash_names_smollm():
     assert bpe_pre_tokenizer(SAMPLE_DIR) == "smollm"
 
 
-def test_unknown_pre_tokenizer(tiny_llama):
+def test_unknown_pre_tokenizer(tiny_llama, tmp_path):
     config = json.loads((tiny_llama / "config.json").read_text())
     kvs = {kv.key: kv.value for kv in gguf_metadata(config, tiny_llama)}
+    assert kvs["tokenizer.ggml.pre"] == "gpt-2"  # GPT-2's own byte-level split, unhashed
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, tok["pre_tokenizer"]]}
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    kvs = {kv.key: kv.value for kv in gguf_metadata(config, other)}
     assert kvs["tokenizer.ggml.pre"] == "default"
     with pytest.raises(ConfigError, match="pre-tokenizer"):
-        gguf_metadata(config, tiny_llama, unknown_pre=None)
+        gguf_metadata(config, other, unknown_pre=None)
 
 
 def test_unsupported_architecture():
