@@ -182,6 +182,9 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
 
     if not plan:
         check_output(output, overwrite)
+    if str(source).endswith(".gguf") and not (method or gguf_type) and fmt in (None, "dense"):
+        _gguf_to_hf(Path(source), output, overwrite)
+        return
     method = method or ("rtn" if gguf_type else "zeropoint")
     fmt = fmt or ("gguf" if gguf_type else "dense")
     targets = TargetConfig(tuple(include), tuple(exclude), quantize_embeddings, quantize_lm_head)
@@ -203,6 +206,24 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
               f"{summary['size_bytes'] / 1e6:.1f} MB)")
     _print_outliers(manifest, config)
     _write_json(json_path, manifest)
+
+
+def _gguf_to_hf(source: Path, output: Path, overwrite: bool) -> None:
+    """``convert model.gguf --format dense`` without a method: the GGUF's weights dequantized
+    into an FP16 Hugging Face checkpoint (config, safetensors, tokenizer)."""
+    import shutil
+
+    from quantbench.errors import QuantbenchError
+    from quantbench.formats.io import atomic_output_dir
+    from quantbench.models.gguf_import import cached_hf_checkpoint
+
+    if not source.is_file():
+        raise QuantbenchError(f"{source} does not exist; pass a .gguf file")
+    checkpoint = cached_hf_checkpoint(source)
+    with atomic_output_dir(output, overwrite) as tmp:
+        for f in checkpoint.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    out.print(f"[green]wrote[/] {output}  (FP16 Hugging Face checkpoint of {source.name})")
 
 
 def _print_outliers(manifest: dict[str, Any], config) -> None:

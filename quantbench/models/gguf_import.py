@@ -147,3 +147,23 @@ def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
             shutil.copy2(gguf_path, link)
         tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_path.name)
         tok.save_pretrained(str(out_dir))
+
+
+def cached_hf_checkpoint(gguf_path: Path) -> Path:
+    """An FP16 HF checkpoint of a GGUF file (dequantized), built once into the user cache,
+    keyed by the file's sha256, so a GGUF can be a source like any checkpoint directory."""
+    from quantbench.formats.manifest import sha256_file
+    from quantbench.models.sample import cache_root
+
+    gguf_path = Path(gguf_path)
+    target = cache_root() / "gguf" / sha256_file(gguf_path)[:24]
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:
+        out = Path(tmp) / "model"
+        info = convert_gguf_to_hf(gguf_path, out)
+        log.info("imported %s (%s) as an FP16 checkpoint", gguf_path.name, info["gguf_types"])
+        if not target.exists():
+            Path(out).rename(target)
+    return target

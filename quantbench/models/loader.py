@@ -163,11 +163,10 @@ def load_model(source: str | os.PathLike, trust_remote_code: bool = False,
     if path.is_dir():
         return open_model_dir(path, text, trust_remote_code)
     if path.exists():
-        if path.suffix == ".gguf":
-            raise ModelLoadError(
-                f"{path} is a GGUF file; GGUF sources are not supported yet: pass a Hugging Face "
-                "checkpoint directory"
-            )
+        if path.suffix == ".gguf":  # dequantized once to an FP16 checkpoint in the cache
+            from quantbench.models.gguf_import import cached_hf_checkpoint
+
+            return open_model_dir(cached_hf_checkpoint(path), text, trust_remote_code)
         raise ModelLoadError(
             f"{path} is a file, not a model directory; pass the directory that holds config.json"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,6 +52,43 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float,
         except torch.linalg.LinAlgError:
             damp *= 10.0
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
+
+
+Upcoming = Callable[[], torch.Tensor]
+RoundColumn = Callable[[torch.Tensor, int, Upcoming], tuple[torch.Tensor, torch.Tensor]]
+
+
+def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
+                 round_col: RoundColumn) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column sweep over ``W [out, in]`` (columns already in processing order, updated
+    in place) with the upper Cholesky factor ``Hinv`` of ``H⁻¹``, in lazy batches of
+    ``block_size`` columns.
+
+    ``round_col(w, j, upcoming)`` rounds column ``j`` (its error-updated values ``w [out]``)
+    and returns ``(dequantized [out], codes [out])``; ``upcoming()`` gives the error-updated
+    columns ``j..in`` (for grids fitted as a group starts). Returns ``(codes [out, in]`` float
+    in processing order, ``losses [out]`` = Σ (w − q)² / d² / 2 per row)."""
+    out_f, in_f = W.shape
+    codes = torch.empty(out_f, in_f)
+    losses = torch.zeros(out_f)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            def upcoming(i: int = i) -> torch.Tensor:
+                return torch.cat([W1[:, i:], W[:, i2:]], dim=1)
+
+            w = W1[:, i]
+            deq, q = round_col(w, i1 + i, upcoming)
+            err = (w - deq) / Hinv1[i, i]
+            codes[:, i1 + i] = q
+            Err1[:, i] = err
+            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1.0)
+        losses += (Err1 * Err1 / 2).sum(dim=1)  # (w - q)² / d² / 2, as GPTQ reports it
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, losses
 
 
 def _column_grid(grid: IntGridConfig) -> IntGridConfig:
@@ -97,33 +135,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConf
         z_all = static[1].float()[:, col_group] if static[1] is not None else \
             torch.full_like(s_all, float(grid.sym_zero))
     s_col, z_col = column_params(whole) if whole is not None else (None, None)
-    losses = torch.zeros(out_f)
-    for i1 in range(0, in_f, params.block_size):
-        i2 = min(i1 + params.block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.empty_like(W1)
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i  # position in processing order
-            if static is not None:
-                s_col, z_col = s_all[:, j], z_all[:, j]
-            elif grid.granularity == "group" and j % g == 0:
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                current = fit_scales(upcoming, col, scale_dtype)
+    state: dict[str, torch.Tensor] = {}
+
+    def round_col(w: torch.Tensor, j: int, upcoming: Upcoming) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+        if static is not None:
+            s_, z_ = s_all[:, j], z_all[:, j]
+        elif grid.granularity == "group":
+            if j % g == 0:
+                current = fit_scales(upcoming()[:, :g], col, scale_dtype)
                 scales[:, j // g] = current[0][:, 0]
                 if zeros is not None:
                     zeros[:, j // g] = current[1][:, 0]
-                s_col, z_col = column_params(current)
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s_col) + z_col, 0.0, qmax)
-            err = (w - (q - z_col) * s_col) / Hinv1[i, i]
-            Q1[:, i] = q
-            Err1[:, i] = err
-            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1.0)
-        losses += (Err1 * Err1 / 2).sum(dim=1)  # (w - q)² / d² / 2, as GPTQ reports it
-        codes[:, order[i1:i2]] = Q1.to(torch.uint8)
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                state["s"], state["z"] = column_params(current)
+            s_, z_ = state["s"], state["z"]
+        else:
+            s_, z_ = s_col, z_col
+        q = torch.clamp(torch.round(w / s_) + z_, 0.0, qmax)
+        return (q - z_) * s_, q
+
+    q_proc, losses = column_sweep(W, Hinv, params.block_size, round_col)
+    codes[:, order] = q_proc.to(torch.uint8)
     g_idx = None
     if static is not None:
         scales, zeros = static[0], static[1]

@@ -1,6 +1,8 @@
 """The ``gguf`` format: our writer's file read back by gguf-py, by our reader and by llama.cpp."""
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -142,3 +144,24 @@ def test_llama_cpp_runs_every_type_with_our_perplexity(tiny_llama_wide, tmp_path
     ours, theirs, same_tokens = llama_vs_ours(out, model, ctx=128, chunks=6)
     assert same_tokens
     assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
+
+
+def test_gguf_source_to_hf_checkpoint_and_eval(tiny_llama_wide, tmp_path, monkeypatch):
+    """A GGUF as a source: ``convert x.gguf --format dense`` writes its dequantized weights as
+    an FP16 HF checkpoint; ``eval x.gguf --baseline SRC`` measures a bare GGUF file."""
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    _, _, out = write(tiny_llama_wide, tmp_path, "Q4_K_M")
+    bare = tmp_path / "bare.gguf"
+    bare.write_bytes((out / "model.gguf").read_bytes())
+    main(["convert", str(bare), "-o", str(tmp_path / "hf")])
+    hf = load_model(tmp_path / "hf")
+    art = open_artifact(bare)
+    assert art.manifest is None
+    for name in art.quantized_names:
+        assert torch.equal(hf.weights.get(name), art.quantized(name).dequantize().half()), name
+    reloaded = load_model(bare)  # a GGUF path is a source too
+    assert reloaded.weights.names() == hf.weights.names()
+    main(["eval", str(bare), "--baseline", str(tiny_llama_wide), "--ctx", "64",
+          "--max-tokens", "256", "--no-cache", "--json", str(tmp_path / "eval.json")])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 < report["results"]["bare.gguf"]["kld_mean"] < 0.05
