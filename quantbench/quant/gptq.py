@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -77,7 +77,7 @@ def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            def upcoming(i: int = i) -> torch.Tensor:
+            def upcoming(i: int = i, W1: torch.Tensor = W1, i2: int = i2) -> torch.Tensor:
                 return torch.cat([W1[:, i:], W[:, i2:]], dim=1)
 
             w = W1[:, i]

@@ -11,16 +11,40 @@ Block layouts (``ggml-common.h``), fp16 little endian: Q4_0 ``d, qs[16]``; Q4_1 
 qs[16]``; Q5_0 ``d, qh[4], qs[16]``; Q5_1 ``d, m, qh[4], qs[16]``; Q8_0 ``d, qs[32]`` (int8).
 Nibble ``j`` of ``qs`` holds element ``j`` (low) and ``j + 16`` (high); bit ``j`` of ``qh``
 is bit 4 of element ``j``.
+
+Like the k-quants, every quantized type is split so that GPTQ on GGUF can fit a block's grid
+once and round its columns itself: :meth:`_LegacyCodec.fit` ``(x, importance, sigma2) ->
+LegacyParams`` (the ref/impl search; its own levels are llama.cpp's codes, kept as
+``fallback``), :meth:`~_LegacyCodec.element_grid` (an element decodes to ``scale·(code −
+zero_point) − offset``), :meth:`~_LegacyCodec.round_to_grid` / :meth:`~_LegacyCodec.codes_for`
+and :meth:`~_LegacyCodec.pack`. ``quantize`` is ``pack(fit(x).fallback, fit(x))``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 
 from quantbench.quant.gguf.codec import BlockCodec, register_codec
 from quantbench.quant.gguf.search import (f32, first_abs_max, first_max, first_min,
-                                          make_qkx3_quants, make_qx_quants, seq_sum, sqrtf)
+                                          make_qkx3_quants, make_qx_quants, nearest_int,
+                                          seq_sum, sqrtf)
 
 _CHUNK = 4096  # blocks per pass of a scale search (bounds its [blocks, candidates, 32] temps)
+
+
+@dataclass
+class LegacyParams:
+    """One legacy type's per-block parameters (``N`` blocks of 32)."""
+
+    d: torch.Tensor         # [N] float32: the block scale before its fp16 store
+    m: torch.Tensor         # [N] float32: the block min (Q4_1/Q5_1) before fp16, else 0
+    fallback: torch.Tensor  # [N, 32] int64: the search's own levels (llama.cpp's codes)
+
+    @staticmethod
+    def cat(parts: list[LegacyParams]) -> LegacyParams:
+        return LegacyParams(*(torch.cat([getattr(p, f.name) for p in parts])
+                              for f in fields(LegacyParams)))
 
 
 # ---------------------------------------------------------------- float conversions (ggml-impl.h)
@@ -133,45 +157,64 @@ class BF16Codec(BlockCodec):
         return h.view(torch.float32)
 
 
-# ------------------------------------------------------------------------------ Q8_0
-
-@register_codec
-class Q8_0Codec(BlockCodec):
-    """``GGML_TYPE_Q8_0``: ``quantize_row_q8_0_ref`` (llama.cpp ignores the imatrix)."""
-
-    name, type_id, block_size, type_size = "Q8_0", 8, 32, 34
-
-    def quantize(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.float()
-        d = _div(x.abs().amax(dim=1), 127)
-        inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
-        q = _c_int8(_roundf(x * inv[:, None]))
-        return torch.cat([_fp16_bytes(d), (q & 0xFF).to(torch.uint8)], dim=1)
-
-    def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
-        q = blocks[:, 2:].contiguous().view(torch.int8).float()
-        return q * _fp16_value(blocks[:, :2])
-
-
 # ----------------------------------------------------------------- Q4_0 / Q5_0 / Q4_1 / Q5_1
 
 class _LegacyCodec(BlockCodec):
     """The 32-element legacy quants: ``ref`` without importance, ``_impl`` with it."""
 
     block_size = 32
+    zero_point: int = 0     # code of the value 0 (Q4_0: 8, Q5_0: 16)
+    code_min: int = 0       # smallest code the block stores (Q8_0: -128, as int8)
+    code_max: int = 15      # largest code
+    has_min: bool = False   # Q4_1 / Q5_1: x = d·q + m
 
     def quantize(self, x: torch.Tensor, importance: torch.Tensor | None = None,
                  sigma2: torch.Tensor | None = None) -> torch.Tensor:
         """``sigma2`` ``[n_blocks]``: each block's row ``Σx²/n_per_row`` (``_impl`` only);
         left out, every block counts as a row of its own."""
+        params = self.fit(x, importance, sigma2)
+        return self.pack(params.fallback, params)
+
+    def fit(self, x: torch.Tensor, importance: torch.Tensor | None = None,
+            sigma2: torch.Tensor | None = None) -> LegacyParams:
+        """The ref (no importance) or ``_impl`` search over ``[N, 32]`` blocks."""
         x = x.float()
-        if importance is None:
+        if importance is None or x.shape[0] == 0:
             return self._ref(x)
         if sigma2 is None:
             sigma2 = row_sigma2(x)
-        out = [self._impl(x[i:i + _CHUNK], importance[i:i + _CHUNK].float(),
-                          sigma2[i:i + _CHUNK]) for i in range(0, x.shape[0], _CHUNK)]
-        return torch.cat(out) if out else torch.empty(0, self.type_size, dtype=torch.uint8)
+        return LegacyParams.cat([self._impl(x[i:i + _CHUNK], importance[i:i + _CHUNK].float(),
+                                            sigma2[i:i + _CHUNK])
+                                 for i in range(0, x.shape[0], _CHUNK)])
+
+    def element_grid(self, params: LegacyParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, offset)`` ``[N, 32]`` float32 as the dequantizer sees them (fp16 values):
+        an element decodes to ``scale·(code − zero_point) − offset``."""
+        scale = _fp16_value(_fp16_bytes(params.d)).expand(-1, self.block_size)
+        offset = -_fp16_value(_fp16_bytes(params.m)) if self.has_min else \
+            torch.zeros_like(params.d)[:, None]
+        return scale, offset.expand(-1, self.block_size)
+
+    def round_to_grid(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                      fallback: torch.Tensor) -> torch.Tensor:
+        """Elementwise: ``nearest_int((x + offset)/scale) + zero_point`` clamped to the codes,
+        and ``fallback`` where ``scale == 0``; int64."""
+        dead = scale == 0
+        q = nearest_int((x.float() + offset) / torch.where(dead, torch.ones_like(scale), scale))
+        q = q.clamp(self.code_min - self.zero_point, self.code_max - self.zero_point)
+        return torch.where(dead, fallback, q + self.zero_point)
+
+    def codes_for(self, x: torch.Tensor, params: LegacyParams) -> torch.Tensor:
+        """Codes ``[N, 32]`` for ``x`` rounded to the stored grid of ``params``."""
+        scale, offset = self.element_grid(params)
+        return self.round_to_grid(x, scale, offset, params.fallback)
+
+    def dequantize_codes(self, codes: torch.Tensor, params: LegacyParams) -> torch.Tensor:
+        scale, offset = self.element_grid(params)
+        return scale * (codes - self.zero_point).float() - offset
+
+    def pack(self, codes: torch.Tensor, params: LegacyParams) -> torch.Tensor:
+        raise NotImplementedError
 
     def quantize_rows(self, w: torch.Tensor, importance: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -185,10 +228,10 @@ class _LegacyCodec(BlockCodec):
         imp = importance.float().reshape(1, cols).expand(rows, cols).reshape(-1, self.block_size)
         return self.quantize(w.reshape(-1, self.block_size), imp, sigma2).reshape(rows, -1)
 
-    def _ref(self, x: torch.Tensor) -> torch.Tensor:
+    def _ref(self, x: torch.Tensor) -> LegacyParams:
         raise NotImplementedError
 
-    def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> LegacyParams:
         raise NotImplementedError
 
 
@@ -203,23 +246,50 @@ def _impl_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> to
     return qw * sqrtf(sigma2[:, None] + x * x)
 
 
+# ------------------------------------------------------------------------------ Q8_0
+
+@register_codec
+class Q8_0Codec(_LegacyCodec):
+    """``GGML_TYPE_Q8_0``: ``quantize_row_q8_0_ref`` (llama.cpp ignores the imatrix)."""
+
+    name, type_id, block_size, type_size = "Q8_0", 8, 32, 34
+    code_min, code_max = -128, 127
+
+    def _ref(self, x: torch.Tensor) -> LegacyParams:
+        d = _div(x.abs().amax(dim=1), 127)
+        inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
+        return LegacyParams(d, torch.zeros_like(d), _c_int8(_roundf(x * inv[:, None])))
+
+    def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> LegacyParams:
+        return self._ref(x)
+
+    def pack(self, codes: torch.Tensor, params: LegacyParams) -> torch.Tensor:
+        return torch.cat([_fp16_bytes(params.d), (codes.long() & 0xFF).to(torch.uint8)], dim=1)
+
+    def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
+        q = blocks[:, 2:].contiguous().view(torch.int8).float()
+        return q * _fp16_value(blocks[:, :2])
+
+
 class _SymmetricCodec(_LegacyCodec):
     """Q4_0 / Q5_0: ``d = max / -(nmax)`` from the element of largest magnitude."""
 
     nmax = 8
+    has_min = False
 
-    def _ref(self, x: torch.Tensor) -> torch.Tensor:
+    def _ref(self, x: torch.Tensor) -> LegacyParams:
         _, mx = first_abs_max(x)
         d = _div(mx, -self.nmax)
         inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
         q = _c_int8(x * inv[:, None] + (self.nmax + 0.5))
-        return self._pack(d, q.clamp(max=2 * self.nmax - 1) & 0xFF)
+        return LegacyParams(d, torch.zeros_like(d), q.clamp(max=2 * self.nmax - 1) & 0xFF)
 
-    def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> LegacyParams:
         d, levels = make_qx_quants(x, self.nmax, 1, _impl_weights(x, qw, sigma2))
-        return self._pack(d, levels)
+        return LegacyParams(d, torch.zeros_like(d), levels)
 
-    def _pack(self, d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def pack(self, codes: torch.Tensor, params: LegacyParams) -> torch.Tensor:
+        d, q = params.d, codes.long()
         if self.nmax == 8:
             return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1)
         return torch.cat([_fp16_bytes(d), _pack_qh(q), _pack_nibbles(q)], dim=1)
@@ -235,23 +305,25 @@ class _AffineCodec(_LegacyCodec):
     """Q4_1 / Q5_1: ``d = (max - min) / nmax``, ``m = min``."""
 
     nmax = 15
+    has_min = True
 
-    def _ref(self, x: torch.Tensor) -> torch.Tensor:
+    def _ref(self, x: torch.Tensor) -> LegacyParams:
         mn, mx = first_min(x), first_max(x)
         d = _div(mx - mn, self.nmax)
         inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
         q = _c_int8((x - mn[:, None]) * inv[:, None] + 0.5)
         if self.nmax == 15:        # Q4_1 clamps with MIN(15, ...); Q5_1 only casts to uint8
             q = q.clamp(max=15)
-        return self._pack(d, mn, q & 0xFF)
+        return LegacyParams(d, mn, q & 0xFF)
 
-    def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> LegacyParams:
         d, levels, the_min = make_qkx3_quants(x, self.nmax, _impl_weights(x, qw, sigma2),
                                               f32(-0.9), f32(0.05), 36, False)
-        return self._pack(d, -the_min, levels)
+        return LegacyParams(d, -the_min, levels)
 
-    def _pack(self, d: torch.Tensor, m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        head = [_fp16_bytes(d), _fp16_bytes(m)]
+    def pack(self, codes: torch.Tensor, params: LegacyParams) -> torch.Tensor:
+        q = codes.long()
+        head = [_fp16_bytes(params.d), _fp16_bytes(params.m)]
         if self.nmax == 31:
             head.append(_pack_qh(q))
         return torch.cat([*head, _pack_nibbles(q)], dim=1)
@@ -268,6 +340,7 @@ class Q4_0Codec(_SymmetricCodec):
     """``GGML_TYPE_Q4_0``: ``quantize_row_q4_0_ref`` / ``quantize_row_q4_0_impl``."""
 
     name, type_id, type_size, nmax = "Q4_0", 2, 18, 8
+    zero_point, code_max = 8, 15
 
 
 @register_codec
@@ -275,6 +348,7 @@ class Q5_0Codec(_SymmetricCodec):
     """``GGML_TYPE_Q5_0``: ``quantize_row_q5_0_ref`` / ``quantize_row_q5_0_impl``."""
 
     name, type_id, type_size, nmax = "Q5_0", 6, 22, 16
+    zero_point, code_max = 16, 31
 
 
 @register_codec
@@ -282,6 +356,7 @@ class Q4_1Codec(_AffineCodec):
     """``GGML_TYPE_Q4_1``: ``quantize_row_q4_1_ref`` / ``quantize_row_q4_1_impl``."""
 
     name, type_id, type_size, nmax = "Q4_1", 3, 20, 15
+    code_max = 15
 
 
 @register_codec
@@ -289,7 +364,8 @@ class Q5_1Codec(_AffineCodec):
     """``GGML_TYPE_Q5_1``: ``quantize_row_q5_1_ref`` / ``quantize_row_q5_1_impl``."""
 
     name, type_id, type_size, nmax = "Q5_1", 7, 24, 31
+    code_max = 31
 
 
 __all__ = ["F32Codec", "F16Codec", "BF16Codec", "Q8_0Codec", "Q4_0Codec", "Q4_1Codec",
-           "Q5_0Codec", "Q5_1Codec", "bf16_bits", "fp16_bits", "row_sigma2"]
+           "Q5_0Codec", "Q5_1Codec", "LegacyParams", "bf16_bits", "fp16_bits", "row_sigma2"]

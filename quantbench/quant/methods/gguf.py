@@ -22,11 +22,12 @@ from quantbench.tensor import QuantizedTensor
 log = logging.getLogger(__name__)
 
 
-class _GGUFMethod(Method):
-    """Shared by the GGUF methods: the per-tensor type plan and one tensor's quantization."""
+class GGUFPlan:
+    """Mixin for any method that can target GGUF: the per-tensor type plan of a mixture and one
+    tensor's encoding with the type's own codec (llama.cpp's RTN / imatrix quantizers)."""
 
-    native_format = "gguf"
-    gguf_capable = True
+    config: QuantizeConfig
+    needs_calibration: bool
 
     def __init__(self, config: QuantizeConfig):
         super().__init__(config)
@@ -50,8 +51,21 @@ class _GGUFMethod(Method):
         ggml_type = self.tensor_type(name)
         codec = get_codec(ggml_type)
         data = codec.quantize_rows(weight, importance if _uses_importance(ggml_type) else None)
-        return QuantizedTensor(codes=data, scales=torch.empty(0), zeros=None,
-                               grid=GGUFGridConfig(ggml_type), dtype=weight.dtype)
+        return gguf_tensor(data, ggml_type, weight.dtype)
+
+
+def gguf_tensor(data: torch.Tensor, ggml_type: str, dtype: torch.dtype) -> QuantizedTensor:
+    """A tensor's ggml block bytes ``[rows, row_bytes]`` as a ``QuantizedTensor``."""
+    return QuantizedTensor(codes=data, scales=torch.empty(0), zeros=None,
+                           grid=GGUFGridConfig(ggml_type), dtype=dtype)
+
+
+class _GGUFMethod(GGUFPlan, Method):
+    """Shared by the GGUF-native methods: the per-tensor type plan and one tensor's
+    quantization."""
+
+    native_format = "gguf"
+    gguf_capable = True
 
 
 def _uses_importance(ggml_type: str) -> bool:

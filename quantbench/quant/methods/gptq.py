@@ -8,8 +8,10 @@ import torch
 
 from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.quant.gguf.gptq_grid import gptq_gguf
 from quantbench.quant.gptq import GPTQParams, gptq_quantize
 from quantbench.quant.methods.base import Method
+from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
@@ -25,11 +27,16 @@ class GPTQOptions(CalibrationOptions):
 
 
 @register_method("gptq")
-class GPTQ(Method):
+class GPTQ(GGUFPlan, Method):
+    """On integer grids, GPTQ as published; on a GGUF type (``--type Q4_K_M``), every block's
+    parameters are fitted first by the codec's importance-weighted search (``diag H`` as the
+    imatrix), then GPTQ's sweep picks the codes on that fixed grid (``gptq_gguf``)."""
+
     description = "GPTQ: Hessian-weighted error feedback, act-order, on calibration data"
     options_cls = GPTQOptions
     needs_calibration = True
     statistic = "hessian"
+    gguf_capable = True
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
@@ -39,13 +46,25 @@ class GPTQ(Method):
         if o.block_size < 1:
             raise ConfigError(f"GPTQ block size must be >= 1, got {o.block_size}")
 
+    def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
+        """Embeddings / lm_head of a GGUF run (quantized before the blocks, no Hessian): the
+        type's own RTN codec."""
+        if self.config.grid.kind != "gguf":
+            raise NotImplementedError("gptq quantizes block linears only, from their Hessian")
+        return self.quantize_gguf(name, weight)
+
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
                             hessian: torch.Tensor) -> QuantizedTensor:
         o = self.config.options
         params = GPTQParams(o.damp_percent, o.block_size, o.act_order, o.static_groups)
-        scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
-            else torch.float16
-        qt, stats = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)
+        if self.config.grid.kind == "gguf":
+            ggml_type = self.tensor_type(name)
+            data, stats = gptq_gguf(weight, hessian, ggml_type, params)
+            qt = gguf_tensor(data, ggml_type, weight.dtype)
+        else:
+            scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
+                else torch.float16
+            qt, stats = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)
         if stats.damp_increased:
             log.warning("%s: Cholesky failed at %.2g%% damping; used %.3g", name,
                         100 * o.damp_percent, stats.damp)
