@@ -1,9 +1,9 @@
-"""Dump GPTQModel's own dequantization of a GPTQ checkpoint (and optionally its logits), on CPU.
+"""Dump GPTQModel's own dequantization of a GPTQ or AWQ checkpoint (and optionally its logits), on CPU.
 
 Run with the peer venv, not quantbench's:
 
     GPTQMODEL_CPU_WORKERS=2 /work/peers/gptqmodel/bin/python benchmarks/peers/gptqmodel_dequantize.py \
-        --model GPTQ_DIR --out reference.safetensors [--ids ids.json]
+        --model GPTQ_OR_AWQ_DIR --out reference.safetensors [--ids ids.json] [--format auto|gptq|awq]
 
 Loads the checkpoint with ``GPTQModel.load(dir, backend=BACKEND.TORCH, device="cpu", dtype=...)``
 (BACKEND.TORCH resolves to GPTQ_TORCH -> ``TorchLinear``) and writes, for every quantized linear,
@@ -14,6 +14,16 @@ v1 ``format=gptq`` qzeros are converted to v2 in memory at load, so the stored z
 is already applied). With ``--ids`` (JSON list of token ids, or list of equal-length lists) it
 also runs the loaded model and stores ``__logits__`` (float32 ``[B, L, vocab]``) and
 ``__ids__`` (int64 ``[B, L]``). Provenance goes into the safetensors metadata.
+
+AWQ GEMM checkpoints (``quant_method: "awq"``; ``--format auto`` reads it from the checkpoint's
+config) load through the same call: ``BACKEND.TORCH`` resolves to AWQ_TORCH -> ``AwqTorchLinear``,
+an eager kernel (no torch.compile) that keeps qweight/qzeros/scales as stored. Its weight is
+``dequantize_gemm(qweight, qzeros, scales, bits, group_size)`` -- the function its ``forward()``
+multiplies by -- stored transposed like the GPTQ case. (``AWQuantLinear`` inherits GPTQ's
+``dequantize_weight()``, which reads the packing the GPTQ way, so it is not used for AWQ.)
+GPTQModel.load ignores AutoAWQ's ``modules_to_not_convert`` (it logs "Ignoring unknown
+parameter") and would run a listed module as an all-zero quantized linear; the script refuses
+such a load unless the config also carries GPTQModel's ``dynamic`` "-:" rule for the module.
 """
 from __future__ import annotations
 
@@ -29,7 +39,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="GPTQ checkpoint dir written by GPTQModel (or compatible)")
+    ap.add_argument("--model", required=True,
+                    help="GPTQ or AWQ (GEMM) checkpoint dir written by GPTQModel, AutoAWQ or quantbench")
     ap.add_argument("--out", required=True, type=Path, help="output .safetensors")
     ap.add_argument("--ids", type=Path, help="JSON token ids ([L] or [B][L]) to run for __logits__")
     ap.add_argument("--dtype", default="float16", choices=["auto", "float16", "bfloat16"],
@@ -38,7 +49,40 @@ def parse_args(argv=None):
                     help="storage dtype of <module>.weight. float16 is lossless when the runtime dtype is "
                          "float16 (dequantize_weight() computes in the scales dtype; checked per tensor) "
                          "and halves the file, e.g. for small test fixtures")
+    ap.add_argument("--format", default="auto", choices=["auto", "gptq", "awq"],
+                    help="checkpoint family; auto = config's quant_method. The loaded kernels must "
+                         "belong to it (GPTQ: BaseQuantLinear.dequantize_weight(); AWQ: dequantize_gemm)")
     return ap.parse_args(argv)
+
+
+def quantization_config(model_dir: str) -> dict:
+    """config.json's quantization_config, else quant_config.json / quantize_config.json."""
+    root = Path(model_dir)
+    config = root / "config.json"
+    if config.is_file():
+        q = json.loads(config.read_text()).get("quantization_config")
+        if q:
+            return q
+    for name in ("quant_config.json", "quantize_config.json"):
+        if (root / name).is_file():
+            return json.loads((root / name).read_text())
+    return {}
+
+
+def checkpoint_format(qcfg: dict) -> str:
+    method = str(qcfg.get("quant_method") or qcfg.get("method") or "").lower()
+    if method == "awq" or "zero_point" in qcfg or "w_bit" in qcfg:
+        return "awq"
+    return "gptq"
+
+
+def excluded_modules(qcfg: dict) -> list[str]:
+    """AutoAWQ ``modules_to_not_convert`` entries that GPTQModel's ``dynamic`` does not skip."""
+    import re
+
+    listed = qcfg.get("modules_to_not_convert") or []
+    skips = [k[2:] for k in (qcfg.get("dynamic") or {}) if k.startswith("-:")]
+    return [m for m in listed if not any(re.match(p, m) for p in skips)]
 
 
 def main(argv=None) -> dict:
@@ -49,7 +93,11 @@ def main(argv=None) -> dict:
 
     import gptqmodel
     from gptqmodel import BACKEND, GPTQModel
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.nn_modules.qlinear import AWQuantLinear, BaseQuantLinear
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    qcfg = quantization_config(args.model)
+    fmt = checkpoint_format(qcfg) if args.format == "auto" else args.format
 
     torch.manual_seed(0)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -63,7 +111,17 @@ def main(argv=None) -> dict:
             if not isinstance(mod, BaseQuantLinear):
                 continue
             kernels.add(type(mod).__name__)
-            w = mod.dequantize_weight()  # [in, out], scales dtype
+            if isinstance(mod, AWQuantLinear) != (fmt == "awq"):
+                raise SystemExit(f"{name}: kernel {type(mod).__name__} is not a {fmt} kernel")
+            if fmt == "awq":
+                if type(mod).__name__ != "AwqTorchLinear":
+                    raise SystemExit(f"{name}: {type(mod).__name__} repacks the AWQ tensors; "
+                                     "use the default backend (torch -> AwqTorchLinear)")
+                # exactly what AwqTorchLinear.forward() multiplies by: [in, out], scales dtype
+                w = dequantize_gemm(qweight=mod.qweight, qzeros=mod.qzeros, scales=mod.scales,
+                                    bits=mod.bits, group_size=mod.group_size)
+            else:
+                w = mod.dequantize_weight()  # [in, out], scales dtype
             w = w.detach().to(torch.float32).t().contiguous()
             if args.weight_dtype == "float16":
                 w16 = w.to(torch.float16)
@@ -76,6 +134,11 @@ def main(argv=None) -> dict:
             tensors[f"{name}.weight"] = w
         if not tensors:
             raise SystemExit(f"{args.model}: no GPTQModel quantized linears found")
+        ignored = [m for m in excluded_modules(qcfg) if f"{m}.weight" in tensors]
+        if ignored:
+            raise SystemExit(f"GPTQModel.load ignores modules_to_not_convert and quantized "
+                             f"{', '.join(ignored)} (no weights for it in the checkpoint); add a "
+                             "'dynamic' {'-:^<module>$': {}} rule or load through transformers")
 
         ids = None
         if args.ids is not None:
@@ -91,11 +154,13 @@ def main(argv=None) -> dict:
         "tool": "gptqmodel",
         "gptqmodel_version": gptqmodel.__version__,
         "torch_version": torch.__version__,
+        "format": fmt,
         "backend": "BACKEND.TORCH",
         "kernels": ",".join(sorted(kernels)),
         "runtime_dtype": str(model.dtype),
         "source": str(Path(args.model).name),
-        "weight_layout": f"[out_features, in_features] {args.weight_dtype} = dequantize_weight().T",
+        "weight_layout": f"[out_features, in_features] {args.weight_dtype} = "
+                         + ("dequantize_gemm(...).T" if fmt == "awq" else "dequantize_weight().T"),
     }
     if ids is not None:
         meta["ids"] = json.dumps(ids)

@@ -2,6 +2,7 @@
 Layout: FORMATS.md §2.2; config keys §2.4."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,16 @@ class AWQFormat(ModuleTensorsFormat):
 
     def quantization_config(self, config: QuantizeConfig, targets: list[str],
                             arch: ArchSpec) -> dict[str, Any]:
-        """AutoAWQ ``to_transformers_dict`` keys (§2.4)."""
-        return {"quant_method": "awq", "zero_point": True, "group_size": config.grid.group_size,
-                "bits": 4, "version": "gemm",
-                "modules_to_not_convert": untargeted_modules(targets, arch) or None}
+        """AutoAWQ ``to_transformers_dict`` keys (§2.4), plus GPTQModel's ``dynamic`` skip rules
+        when modules stay unquantized: ``GPTQModel.load`` ignores ``modules_to_not_convert``
+        (7.6.0) and would run those modules as empty quantized linears."""
+        skipped = untargeted_modules(targets, arch)
+        q: dict[str, Any] = {"quant_method": "awq", "zero_point": True,
+                             "group_size": config.grid.group_size, "bits": 4, "version": "gemm",
+                             "modules_to_not_convert": skipped or None}
+        if skipped:  # GPTQModel "dynamic": a "-:" pattern leaves the module unquantized
+            q["dynamic"] = {f"-:^{re.escape(m)}$": {} for m in skipped}
+        return q
 
     def read(self, path: Path, config: dict[str, Any], weights: LazyWeights,
              manifest: dict[str, Any] | None) -> Artifact:

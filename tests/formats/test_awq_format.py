@@ -126,3 +126,6 @@ def test_refuses_embeddings_and_lists_unconverted(tiny_llama, tiny_llama_tied, t
     qc = AWQFormat().quantization_config(q.config, q.targets, model.arch)
     assert qc["modules_to_not_convert"] == ["model.layers.0.self_attn.k_proj",
                                             "model.layers.1.self_attn.k_proj"]
+    # GPTQModel.load ignores modules_to_not_convert; its "dynamic" "-:" rules skip them
+    assert qc["dynamic"] == {r"-:^model\.layers\.0\.self_attn\.k_proj$": {},
+                             r"-:^model\.layers\.1\.self_attn\.k_proj$": {}}
