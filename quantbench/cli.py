@@ -60,6 +60,9 @@ def _calibration_options(f):
                      help="GPTQ: columns by descending Hessian diagonal (default on)."),
         click.option("--static-groups/--dynamic-groups", default=None,
                      help="GPTQ: group scales fixed in original column order before act-order (default; no g_idx), or formed in processing order with a g_idx (--dynamic-groups, the original GPTQ)."),
+        click.option("--scale-search/--no-scale-search", default=None,
+                     help="GPTQ: shrink each group's range where that lowers the diag(H)-"
+                          "weighted rounding error (default on; off = plain min/max)."),
         click.option("--damp", "damp_percent", type=float, default=None,
                      help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
         click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),
@@ -70,6 +73,9 @@ def _calibration_options(f):
         click.option("--calib-chat-template", is_flag=True, default=None,
                      help="Wrap each calibration document in the tokenizer's chat template."),
         click.option("--seed", "calib_seed", type=int, default=None, help="Sampling seed (0)."),
+        click.option("--device", type=str, default=None,
+                     help="Calibrated methods: where blocks, statistics and solves run: auto "
+                          "(a CUDA GPU when torch sees one, else cpu), cpu, cuda, cuda:N."),
         click.option("--then", type=click.Choice(["rtn", "gptq"]), default=None,
                      help="AWQ: how to round after scaling (rtn)."),
         click.option("--awq-grid", "n_grid", type=int, default=None,
@@ -81,6 +87,17 @@ def _calibration_options(f):
                      help="AWQ: windows the scale search runs on (8)."),
         click.option("--search-file", type=str, default=None,
                      help="AWQ: re-apply a saved awq_search.safetensors instead of searching."),
+        click.option("--imatrix", "imatrix_file", type=str, default=None,
+                     help="imatrix: a llama.cpp imatrix file (llama-imatrix's .gguf or legacy "
+                          ".dat) instead of calibration; implies --method imatrix."),
+        click.option("--bpw", type=float, default=None,
+                     help="exl2: target bits per weight over the decoder linears; a measurement "
+                          "picks each layer's mix of 2-8 bit widths (e.g. 4.65)."),
+        click.option("--measurement", type=str, default=None,
+                     help="exl2: the measurement JSON to reuse (complete), resume (unfinished) "
+                          "or write (absent); default: one in the quantbench cache."),
+        click.option("--measure-samples", type=int, default=None,
+                     help="exl2: calibration windows the measurement runs on (16)."),
         click.option("--double-quant", "double_quant", is_flag=True, default=None,
                      help="nf4/fp4: quantize the absmax values too (bitsandbytes' double quant)."),
         click.option("--threshold", type=float, default=None,
@@ -93,7 +110,7 @@ def _calibration_options(f):
 
 
 FLAGS = {"n_grid": "--awq-grid", "damp_percent": "--damp", "calib_seed": "--seed",
-         "static_groups": "--static-groups/--dynamic-groups"}
+         "static_groups": "--static-groups/--dynamic-groups", "imatrix_file": "--imatrix"}
 
 
 def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +174,8 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--symmetric/--zero-point", default=None,
               help="Grid kind (default: what the method implies).")
 @click.option("--format", "-f", "fmt", default=None,
-              help="Output layout (dense; gguf with --type). See `quantbench list`.")
+              help="Output layout (dense; gguf with --type; exl2 with --method exl2). See "
+                   "`quantbench list`.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
 @click.option("--include", multiple=True, help="Regex of module names to quantize (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex of module names to keep (repeatable).")
@@ -185,8 +203,9 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     if str(source).endswith(".gguf") and not (method or gguf_type) and fmt in (None, "dense"):
         _gguf_to_hf(Path(source), output, overwrite)
         return
-    method = method or ("rtn" if gguf_type else "zeropoint")
-    fmt = fmt or ("gguf" if gguf_type else "dense")
+    method = method or ("imatrix" if calibration.get("imatrix_file") else
+                        "rtn" if gguf_type else "zeropoint")
+    fmt = fmt or ("gguf" if gguf_type else "exl2" if method == "exl2" else "dense")
     targets = TargetConfig(tuple(include), tuple(exclude), quantize_embeddings, quantize_lm_head)
     config = make_config(method, bits, group_size, symmetric, targets, gguf_type=gguf_type,
                          **_method_options(method, calibration))
@@ -205,6 +224,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
               f"{summary['bits_per_weight_quantized']} bits/weight, "
               f"{summary['size_bytes'] / 1e6:.1f} MB)")
     _print_outliers(manifest, config)
+    _print_exl2_allocation(output)
     _write_json(json_path, manifest)
 
 
@@ -240,6 +260,19 @@ def _print_outliers(manifest: dict[str, Any], config) -> None:
               "quantbench.json")
 
 
+def _print_exl2_allocation(output: Path) -> None:
+    """exl2 with --bpw: what the optimiser achieved and where the measurement is kept."""
+    from quantbench.quant.methods.exl2 import STRATEGY_FILE
+
+    if not (output / STRATEGY_FILE).is_file():
+        return
+    s = json.loads((output / STRATEGY_FILE).read_text())
+    out.print(f"EXL2 allocation: {s['achieved_bpw']:.4f} bpw for a {s['target_bpw']:g} target, "
+              f"predicted error {s['predicted_error']:.4g} (sum over branches); measurement "
+              f"{s['measurement']} (reuse it with --measurement for other targets)",
+              soft_wrap=True)
+
+
 def _print_plan(model, config, json_path: str | None) -> None:
     from rich.table import Table
 
@@ -253,7 +286,7 @@ def _print_plan(model, config, json_path: str | None) -> None:
     table.add_row("calibration tokens", f"{p.tokens:,}")
     for part, gflop in p.parts.items():
         table.add_row(f"  {part}", f"{gflop:,.0f} GFLOP")
-    table.add_row("machine matmul throughput", f"{p.machine_gflops:,.0f} GFLOP/s")
+    table.add_row(f"{p.device} matmul throughput", f"{p.machine_gflops:,.0f} GFLOP/s")
     table.add_row("estimated time", f"{p.seconds / 60:.1f} min")
     table.add_row("estimated peak memory", f"{p.peak_bytes / 2**30:.2f} GiB")
     out.print(table)
@@ -265,11 +298,15 @@ def _print_plan(model, config, json_path: str | None) -> None:
 @click.option("--baseline", default=None, help="Baseline source (default: the artifact's source).")
 @_protocol_options
 @click.option("--json", "json_path", default=None, help="Write the report as JSON.")
-def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cache, json_path):
+@click.option("--device", default="auto", show_default=True,
+              help="Where the models run: auto (a CUDA GPU when torch sees one), cpu, cuda:N.")
+def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cache, json_path,
+             device):
     """Perplexity, KLD and top-1 of TARGET against its FP baseline (or of a source alone)."""
     from quantbench.eval.run import evaluate_one
 
     report = evaluate_one(target, baseline=baseline, progress=True, use_cache=not no_cache,
+                          device=device,
                           **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     table = Table(title=f"{target} — {report.describe()}")
     for col in ("model", "ppl", "Δppl %", "KLD mean", "KLD p99", "top-1 %", "tokens"):

@@ -1,6 +1,7 @@
 """QuantizedTensor: the unit every method produces and every format packs."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -8,6 +9,7 @@ import torch
 
 from quantbench.config import GridConfig
 from quantbench.quant import bnb
+from quantbench.quant.exl2.grid import dequantize_exl2, total_bits
 from quantbench.quant.grid import dequantize_codes, group_index
 from quantbench.quant.gguf.codec import get_codec
 
@@ -32,6 +34,10 @@ class QuantizedTensor:
     ``CB + 128`` and ``scales`` the ``[out, 1]`` float32 row absmax ``SCB``. On a GGUF grid
     (one ggml tensor type) ``codes`` are the ggml block bytes ``[out, in / block · type_size]``
     row by row, in the HF row order, and ``scales`` is empty: the blocks carry their own.
+    On an EXL2 mix ``codes`` are symmetric codes in original column order, ``scales`` the
+    uint8 scale codes ``qscale`` (1..16) ``[out, n_groups]``, ``aux["q_scale_max"]`` the fp16
+    ``[n_groups]`` maxima and ``perm`` the act-order (processing row ``r`` is column
+    ``perm[r]``); groups run over the processing rows as the mix lays them out.
     """
 
     codes: torch.Tensor
@@ -53,6 +59,9 @@ class QuantizedTensor:
                 raise ValueError(f"a {codec.name} row is whole {codec.type_size}-byte blocks "
                                  f"of uint8, got {self.codes.dtype} {tuple(self.codes.shape)}")
             return
+        if self.grid.kind == "exl2":
+            self._check_exl2()
+            return
         if self.grid.kind == "codebook":
             n = self.grid.n_blocks(self.codes.numel())
             if tuple(self.scales.shape) != (1, n):
@@ -67,6 +76,29 @@ class QuantizedTensor:
                 f"scales have {n_groups} groups, grid {self.grid.describe()} needs "
                 f"{self.grid.n_groups(self.codes.shape[1])}"
             )
+
+    def _check_exl2(self) -> None:
+        out_f, in_f = self.codes.shape
+        n = self.grid.n_groups(in_f)
+        qmax = self.aux.get("q_scale_max")
+        if tuple(self.scales.shape) != (out_f, n) or qmax is None or qmax.numel() != n \
+                or self.perm is None or self.perm.numel() != in_f:
+            raise ValueError(f"an {self.grid.describe()} weight {out_f}x{in_f} needs scale codes "
+                             f"({out_f}, {n}), q_scale_max ({n},) and a permutation ({in_f},)")
+
+    def to(self, device: "torch.device | str") -> "QuantizedTensor":
+        """The same tensor with every stored part on ``device`` (self when already there)."""
+        device = torch.device(device)
+        if self.codes.device == device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self, codes=self.codes.to(device), scales=self.scales.to(device),
+            zeros=move(self.zeros), g_idx=move(self.g_idx), perm=move(self.perm),
+            aux={k: v.to(device) for k, v in self.aux.items()})
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,6 +126,9 @@ class QuantizedTensor:
             w = bnb.dequantize_4bit(self.codes, self.block_absmax(), self.grid)
         elif self.grid.kind == "int8_row":
             w = bnb.int8_dequantize(self.int8_codes(), self.scales.reshape(-1))
+        elif self.grid.kind == "exl2":
+            w = dequantize_exl2(self.codes, self.scales, self.aux["q_scale_max"], self.perm,
+                                self.grid)
         else:
             w = dequantize_codes(self.codes, self.scales, self.zeros, self.grid,
                                  self.group_index())
@@ -114,6 +149,8 @@ class QuantizedTensor:
         """Bits a packed checkpoint spends on this tensor: codes, scales, zeros, g_idx."""
         if self.grid.kind == "gguf":
             return self.codes.numel() * 8
+        if self.grid.kind == "exl2":  # exllamav2's own count (FORMATS.md §4.6)
+            return total_bits(self.grid, self.shape[1], self.shape[0])
         bits = self.numel * self.grid.bits
         bits += self.scales.numel() * self.scales.element_size() * 8
         bits += sum(t.numel() * t.element_size() * 8 for t in self.aux.values())
@@ -144,4 +181,5 @@ class QuantizedTensor:
             and all(same(v, other.aux[k]) for k, v in self.aux.items())
             and (self.grid.kind != "int"
                  or torch.equal(self.group_index(), other.group_index()))
+            and (self.grid.kind != "exl2" or same(self.perm, other.perm))
         )

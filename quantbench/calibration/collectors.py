@@ -7,8 +7,8 @@ import torch
 class HessianCollector:
     """GPTQ's ``H = 2·XᵀX / n`` over every input row seen, accumulated in float32."""
 
-    def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features)
+    def __init__(self, in_features: int, device: torch.device | None = None):
+        self.H = torch.zeros(in_features, in_features, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -26,8 +26,8 @@ class HessianCollector:
 class ActMagnitudeCollector:
     """Mean |x| per input channel (AWQ's activation scale)."""
 
-    def __init__(self, in_features: int):
-        self.total = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | None = None):
+        self.total = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -42,8 +42,8 @@ class ActMagnitudeCollector:
 class ImportanceCollector:
     """Mean x² per input channel (llama.cpp's imatrix importance)."""
 
-    def __init__(self, in_features: int):
-        self.total = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | None = None):
+        self.total = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -55,12 +55,21 @@ class ImportanceCollector:
         return (self.total / max(self.n, 1)).float()
 
 
+class ImatrixCollector(ImportanceCollector):
+    """What llama-imatrix records and its file stores: ``(sum of x² per input channel as
+    float32, rows seen)``; llama-quantize's importance is their float32 quotient
+    (``calibration.imatrix_file.importance_from_sums``)."""
+
+    def result(self) -> tuple[torch.Tensor, int]:
+        return self.total.float(), self.n
+
+
 class ActAbsMaxCollector:
     """Largest |x| per input channel, as the float16 copy LLM.int8 thresholds (its outlier
     columns are those whose maximum reaches the threshold)."""
 
-    def __init__(self, in_features: int):
-        self.absmax = torch.zeros(in_features)
+    def __init__(self, in_features: int, device: torch.device | None = None):
+        self.absmax = torch.zeros(in_features, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float16).abs().amax(dim=0).float()
@@ -71,4 +80,5 @@ class ActAbsMaxCollector:
 
 
 COLLECTORS = {"hessian": HessianCollector, "act_magnitude": ActMagnitudeCollector,
-              "importance": ImportanceCollector, "act_absmax": ActAbsMaxCollector}
+              "importance": ImportanceCollector, "imatrix": ImatrixCollector,
+              "act_absmax": ActAbsMaxCollector}

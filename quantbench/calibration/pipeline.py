@@ -6,7 +6,8 @@ block: load the block's weights lazily, and for each true-sequential group of li
 block over the calibration windows with hooks that feed the method's collectors, quantize the
 group and put the dequantized weights back, so later groups see quantized inputs; finally run the
 quantized block to make the next block's inputs, and free it. Peak memory: one block plus the
-calibration activations.
+calibration activations. On a CUDA device the block, its calibration activations and the
+method's maths live on the GPU; what a block yields is always on the CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from quantbench.calibration.collectors import COLLECTORS
 from quantbench.calibration.memory import pin_mmap_threshold
+from quantbench.devices import CPU
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
@@ -49,10 +51,11 @@ def _set(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def materialize_block(skeleton: torch.nn.Module, model: Model, index: int) -> torch.nn.Module:
-    """Decoder block ``index`` on CPU in float32 with its weights read lazily from disk."""
+def materialize_block(skeleton: torch.nn.Module, model: Model, index: int,
+                      device: torch.device = CPU) -> torch.nn.Module:
+    """Decoder block ``index`` on ``device`` in float32 with its weights read lazily from disk."""
     layer = skeleton.get_submodule(f"{model.arch.block_prefix}.{index}")
-    layer = layer.to_empty(device="cpu")
+    layer = layer.to_empty(device=device)
     prefix = f"{model.arch.block_prefix}.{index}."
     state = {n[len(prefix):]: t.float() for n, t in model.weights.iter(
         model.block_tensor_names(index))}
@@ -61,17 +64,17 @@ def materialize_block(skeleton: torch.nn.Module, model: Model, index: int) -> to
 
 
 def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tensor,
-                   batch_size: int) -> Captured:
+                   batch_size: int, device: torch.device = CPU) -> Captured:
     """Run embeddings (+ rotary) and block 0 once per micro-batch; a pre-hook records what
     block 0 receives. Later blocks are never run here."""
     arch = model.arch
-    embed = skeleton.get_submodule(arch.embed).to_empty(device="cpu")
+    embed = skeleton.get_submodule(arch.embed).to_empty(device=device)
     embed.weight.data.copy_(model.weights.get(f"{arch.embed}.weight").float())
     rotary_cls = type(skeleton.get_submodule(arch.rotary))
-    _set(skeleton, arch.rotary, rotary_cls(config=skeleton.config))
+    _set(skeleton, arch.rotary, rotary_cls(config=skeleton.config).to(device))
     base = skeleton.get_submodule(arch.base_model)
     layers = skeleton.get_submodule(arch.block_prefix)
-    first = materialize_block(skeleton, model, 0)
+    first = materialize_block(skeleton, model, 0, device)
     captured = Captured([], [])
 
     def hook(module, args, kwargs):
@@ -85,7 +88,7 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
     try:
         with torch.inference_mode():
             for batch in windows.split(batch_size):
-                base(input_ids=batch, use_cache=False)
+                base(input_ids=batch.to(device), use_cache=False)
     finally:
         handle.remove()
         _set(skeleton, arch.block_prefix, layers)
@@ -139,6 +142,10 @@ class BlockContext:
     kwargs: list[dict[str, Any]]
     targets: set[str]
 
+    @property
+    def device(self) -> torch.device:
+        return self.hidden[0].device if self.hidden else CPU
+
     def weight_name(self, linear: str) -> str:
         return f"{self.model.arch.block_module(self.index, linear)}.weight"
 
@@ -164,15 +171,16 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
         return {}
     stat = None
     if statistic is not None:
-        collector = COLLECTORS[statistic](ctx.layer.get_submodule(active[0]).in_features)
+        collector = COLLECTORS[statistic](ctx.layer.get_submodule(active[0]).in_features,
+                                          device=ctx.device)
         for f in feats or []:
             collector.add(f)
         stat = collector.result()
     results = {}
     for lin in active:
         qt = quantize_fn(ctx.weight_name(lin), ctx.source_weight(lin), stat)
-        results[ctx.weight_name(lin)] = qt
         ctx.layer.get_submodule(lin).weight.data.copy_(qt.dequantize())
+        results[ctx.weight_name(lin)] = qt if ctx.device.type == "cpu" else qt.to(CPU)
     return results
 
 
@@ -239,30 +247,43 @@ def quantize_block(ctx: BlockContext, statistic: str | None,
     return results, _run(ctx.layer, captured)
 
 
+def _on_cpu(quantize_fn: QuantizeFn) -> QuantizeFn:
+    """For methods whose maths is CPU-only (``device_capable`` False): hand them CPU copies."""
+    def run(name: str, weight: torch.Tensor, stat: Any) -> Any:
+        if isinstance(stat, torch.Tensor):
+            stat = stat.to(CPU)
+        return quantize_fn(name, weight.to(CPU), stat)
+    return run
+
+
 def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method: Any,
-                 batch_size: int = 8, staged: bool = True
+                 batch_size: int = 8, staged: bool = True, device: torch.device = CPU
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(block index, {tensor name: QuantizedTensor or tensor})`` in order.
+    """Yield ``(block index, {tensor name: QuantizedTensor or tensor})`` in order, on the CPU.
 
     ``method`` provides ``statistic`` (a collector name, or None), ``quantize_with_stats(name,
     weight, statistic)``, and optionally ``prepare_block(ctx)``, run on the float block first
     (AWQ rescales and clips there). Non-quantized tensors come from the block as the method
-    left it, in the checkpoint's dtype."""
+    left it, in the checkpoint's dtype. On a GPU ``device`` the block forwards and statistics
+    run there; so does ``quantize_with_stats`` when the method is ``device_capable``."""
     pin_mmap_threshold()
     skeleton = _skeleton(model)
-    captured = capture_inputs(model, skeleton, windows, batch_size)
+    captured = capture_inputs(model, skeleton, windows, batch_size, device)
     prepare = getattr(method, "prepare_block", None)
+    quantize_fn = method.quantize_with_stats
+    if device.type != "cpu" and not getattr(method, "device_capable", False):
+        quantize_fn = _on_cpu(quantize_fn)
     for index in range(model.num_blocks):
-        layer = materialize_block(skeleton, model, index)
+        layer = materialize_block(skeleton, model, index, device)
         ctx = BlockContext(model, layer, index, captured.hidden, captured.kwargs, targets)
         if prepare is not None:
             prepare(ctx)
         run = quantize_block_staged if staged and model.arch.sublayers else quantize_block
-        quantized, captured.hidden = run(ctx, method.statistic, method.quantize_with_stats)
+        quantized, captured.hidden = run(ctx, method.statistic, quantize_fn)
         prefix = f"{model.arch.block_prefix}.{index}."
         state = layer.state_dict()
         tensors = {n: quantized[n] if n in quantized else
-                   state[n[len(prefix):]].detach().to(model.weights.dtype(n)).clone()
+                   state[n[len(prefix):]].detach().to(CPU, model.weights.dtype(n), copy=True)
                    for n in model.block_tensor_names(index)}
         layer.to("meta")  # release the block's memory
         yield index, tensors

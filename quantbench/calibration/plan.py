@@ -4,7 +4,8 @@ Nothing is loaded but tensor headers: the cost model counts the floating-point w
 pipeline will do (block forwards over the calibration tokens, statistics, the per-layer
 solves or searches) and divides by this machine's measured matrix-multiply throughput; memory
 is one float32 block, the calibration activations the pipeline keeps, and the largest
-statistic, plus the interpreter's own footprint.
+statistic, plus the interpreter's own footprint. With ``--device cuda`` the throughput is
+the GPU's, plus GPTQ's launch-bound column sweep; memory is then the host's.
 """
 from __future__ import annotations
 
@@ -14,19 +15,32 @@ from dataclasses import dataclass, field
 import torch
 
 from quantbench.config import CalibrationOptions
+from quantbench.devices import CPU, resolve_device
 from quantbench.models.loader import Model
 
 RUNTIME_BASE_BYTES = 600 * 2**20   # Python + torch + transformers, measured
 EFFICIENCY = 0.45                  # real forwards reach about this share of a square matmul
 
 
-def measure_gflops(n: int = 1024, repeats: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+GPU_COLUMN_SECONDS = 8e-5         # GPTQ's column sweep on a GPU is launch-bound: measured on H100
+
+
+def measure_gflops(n: int = 1024, repeats: int = 3, device: torch.device = CPU) -> float:
+    if device.type == "cuda":
+        n, repeats = 4096, 10
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b  # warm-up
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -38,15 +52,18 @@ class Plan:
     machine_gflops: float
     peak_bytes: int
     parts: dict[str, float] = field(default_factory=dict)   # GFLOP per stage
+    device: str = "cpu"
+    overhead_seconds: float = 0.0  # work that is not bound by arithmetic (GPU kernel launches)
 
     @property
     def seconds(self) -> float:
-        return self.gflop / (self.machine_gflops * EFFICIENCY)
+        return self.gflop / (self.machine_gflops * EFFICIENCY) + self.overhead_seconds
 
     def to_dict(self) -> dict:
         return {"method": self.method, "blocks": self.blocks, "calibration_tokens": self.tokens,
                 "gflop": round(self.gflop, 1), "machine_gflops": round(self.machine_gflops, 1),
                 "estimated_seconds": round(self.seconds, 1), "peak_bytes": self.peak_bytes,
+                "device": self.device,
                 "parts_gflop": {k: round(v, 1) for k, v in self.parts.items()}}
 
 
@@ -65,7 +82,8 @@ def estimate(model: Model, config, gflops: float | None = None) -> Plan:
     n_blocks = model.num_blocks
     params = sum(o_ * i for o_, i in shapes.values())
     calibrated = isinstance(o, CalibrationOptions) and not (
-        getattr(o, "search_file", None) and getattr(o, "then", "rtn") == "rtn")
+        getattr(o, "search_file", None) and getattr(o, "then", "rtn") == "rtn") and not \
+        getattr(o, "imatrix_file", None)  # a llama.cpp imatrix replaces calibration
     tokens = o.calib_samples * o.calib_len if calibrated else 0
     ctx = getattr(o, "calib_len", 0)
     parts: dict[str, float] = {}
@@ -94,5 +112,10 @@ def estimate(model: Model, config, gflops: float | None = None) -> Plan:
     vocab = int(model.config.get("vocab_size", 0))
     embed = vocab * hidden * 4 if calibrated else 0
     peak = RUNTIME_BASE_BYTES + 2 * block_bytes + acts + stat + embed
+    device = resolve_device(o.device) if calibrated else CPU
+    overhead = 0.0
+    if device.type == "cuda" and "solves" in parts:
+        overhead = GPU_COLUMN_SECONDS * sum(i for _, i in shapes.values()) * n_blocks
     return Plan(config.method, n_blocks, tokens, sum(parts.values()),
-                gflops or measure_gflops(), int(peak), parts)
+                gflops or measure_gflops(device=device), int(peak), parts, device.type,
+                overhead)

@@ -14,6 +14,7 @@ from quantbench.config import TargetConfig
 from quantbench.eval.evaluator import EvalReport, evaluate
 from quantbench.eval.protocol import EvalProtocol
 from quantbench.eval.report import ReportRow
+from quantbench.devices import resolve_device
 from quantbench.eval.run import artifact_factory, eval_cache_dir, make_protocol, source_factory
 from quantbench.formats.io import open_artifact, write_artifact
 from quantbench.formats.manifest import record_eval
@@ -155,9 +156,10 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
     try:
         written = {job.name: _write_job(model, job, job.fmt, root / job.name, targets, progress)
                    for job in jobs}
-        factories = {name: artifact_factory(open_artifact(path))
+        device = resolve_device((method_options or {}).get("device", "auto"))
+        factories = {name: artifact_factory(open_artifact(path), device)
                      for name, (path, _) in written.items()}
-        report = evaluate(source_factory(model), factories, model.tokenizer(), protocol,
+        report = evaluate(source_factory(model, device), factories, model.tokenizer(), protocol,
                           baseline_key=model.fingerprint(),
                           cache_dir=eval_cache_dir() if use_cache else None, progress=progress)
         rows = [_baseline_row(model, report)]

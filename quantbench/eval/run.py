@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from quantbench.devices import resolve_device
 from quantbench.errors import QuantbenchError
 from quantbench.eval.evaluator import EvalReport, evaluate
 from quantbench.eval.protocol import EvalProtocol
@@ -27,22 +28,22 @@ def eval_cache_dir() -> Path:
     return cache_root() / "eval"
 
 
-def source_factory(model: Model):
-    """Baseline: the source weights as stored, computed in float32."""
+def source_factory(model: Model, device: "torch.device | None" = None):
+    """Baseline: the source weights as stored, computed in float32 (on ``device``)."""
     def build():
         tensors = model.weights.iter(model.weights.names())
         net = build_causal_lm(model.config, tensors, torch.float32, model.trust_remote_code)
-        return logits_fn(net)
+        return logits_fn(net, device)
 
     return build
 
 
-def artifact_factory(artifact: Artifact):
+def artifact_factory(artifact: Artifact, device: "torch.device | None" = None):
     """Candidate: the artifact read back through its format's reader, computed in float32 (with
-    the format's run-time semantics, e.g. LLM.int8's outlier decomposition)."""
+    the format's run-time semantics, e.g. LLM.int8's outlier decomposition), on ``device``."""
     def build():
         net = build_causal_lm(artifact.config, artifact.dequantized(), torch.float32)
-        return logits_fn(apply_runtime(net, artifact))
+        return logits_fn(apply_runtime(net, artifact), device)
 
     return build
 
@@ -76,8 +77,11 @@ def make_protocol(protocol: EvalProtocol | None, **kwargs: Any) -> EvalProtocol:
 def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | None" = None,
                  protocol: EvalProtocol | None = None, progress: bool = False,
                  cache_dir: Path | None = None, use_cache: bool = True,
+                 device: "str | torch.device | None" = "auto",
                  **protocol_fields: Any) -> EvalReport:
-    """Evaluate an artifact against its baseline, or a source model on its own."""
+    """Evaluate an artifact against its baseline, or a source model on its own; the models
+    run on ``device`` (auto: a CUDA GPU when torch sees one)."""
+    dev = resolve_device(device)
     protocol = make_protocol(protocol, **protocol_fields)
     cache = (cache_dir or eval_cache_dir()) if use_cache else None
     artifact = None
@@ -85,14 +89,15 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
         artifact = open_artifact(target)
     if baseline is None and (artifact is None or artifact.manifest is None):
         model = target if isinstance(target, Model) else load_model(str(target))
-        return evaluate(source_factory(model), {}, model.tokenizer(), protocol,
+        return evaluate(source_factory(model, dev), {}, model.tokenizer(), protocol,
                         baseline_key=model.fingerprint(), cache_dir=cache, progress=progress)
     if artifact is None:
         path = target.path if isinstance(target, Model) else load_model(str(target)).path
         artifact = open_artifact(path)
     base = resolve_baseline(artifact, baseline)
     name = Path(artifact.path).name
-    report = evaluate(source_factory(base), {name: artifact_factory(artifact)}, base.tokenizer(),
+    report = evaluate(source_factory(base, dev), {name: artifact_factory(artifact, dev)},
+                      base.tokenizer(),
                       protocol, baseline_key=base.fingerprint(), cache_dir=cache,
                       progress=progress)
     if artifact.manifest is not None:

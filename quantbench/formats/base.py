@@ -111,9 +111,10 @@ class Format:
 def require_int_grid(label: str, config: QuantizeConfig) -> None:
     """Refuse a codebook or LLM.int8 grid in a layout that stores integer codes with scales."""
     if config.grid.kind != "int":
+        native = {"exl2": "exl2", "gguf": "gguf"}.get(config.grid.kind, "bitsandbytes")
         raise ConfigError(f"{label} stores integer codes with scales, not "
                           f"{config.method} ({config.grid.describe()}); use --format "
-                          "bitsandbytes or dense for nf4, fp4 and llm_int8")
+                          f"{native} or dense for it")
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:

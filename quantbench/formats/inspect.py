@@ -25,7 +25,9 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
         bits = qt.storage_bits()
         q_weights += qt.numel
         q_bits += bits
-        tensors.append({"name": name, "shape": list(qt.shape), "dtype": getattr(qt.grid, "codebook", f"int{qt.grid.bits}"),
+        dtype = "exl2" if qt.grid.kind == "exl2" else getattr(qt.grid, "codebook",
+                                                               f"int{qt.grid.bits}")
+        tensors.append({"name": name, "shape": list(qt.shape), "dtype": dtype,
                         "grid": qt.grid.describe(), "bits_per_weight": round(bits / qt.numel, 4)})
     plain_weights = plain_bits = 0
     for name in art.plain_names:

@@ -193,6 +193,9 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
             (tmp / fname).write_text(text)
         for fname, tensors in qmodel.method_outputs().items():  # e.g. AWQ's search result
             save_file(tensors, str(tmp / fname), {"format": "pt"})
+        side_files = getattr(qmodel.method, "write_side_files", None)
+        if side_files:  # a method's own files, e.g. the EXL2 measurement and allocation
+            side_files(tmp)
         manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
                                   write_seconds=time.perf_counter() - start)
         write_json_atomic(tmp / MANIFEST, manifest)

@@ -88,6 +88,8 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
                     "size_bytes": sum(f["bytes"] for name, f in files.items()
                                       if name.endswith(".safetensors")),
                     "quantize_seconds": round(qmodel.seconds, 3),
+                    "quantize_device": getattr(qmodel, "device", "cpu"),
+                    "quantize_device_peak_bytes": getattr(qmodel, "device_peak_bytes", None),
                     "write_seconds": round(write_seconds, 3)},
         "tensors": tensor_info,
         "files": files,

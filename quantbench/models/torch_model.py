@@ -52,10 +52,17 @@ def _is_tied(key: str, hf_config) -> bool:
     return key == "lm_head.weight" and bool(getattr(hf_config, "tie_word_embeddings", False))
 
 
-def logits_fn(model: torch.nn.Module):
-    """Adapter to the evaluator's ``input_ids -> logits`` callable."""
+def logits_fn(model: torch.nn.Module, device: "torch.device | None" = None):
+    """Adapter to the evaluator's ``input_ids -> logits`` callable; with a GPU ``device`` the
+    model runs there and the logits come back to the CPU in float32."""
+    if device is None or device.type == "cpu":
+        def run(input_ids: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=input_ids, use_cache=False).logits
+        return run
+    model.to(device)
 
-    def run(input_ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=input_ids, use_cache=False).logits
+    def run_on_device(input_ids: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+        return logits.float().cpu()
 
-    return run
+    return run_on_device

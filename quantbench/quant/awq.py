@@ -6,6 +6,10 @@ Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and A
 produces ``x`` (a norm's weight, or the rows of a preceding linear), so the float model is
 unchanged and only the rounding sees the rescaled weights. Then each weight group's range is
 clipped to the value that minimises the group's output error.
+
+Everything here runs on the device of its inputs (CPU or GPU) and allocates nothing
+elsewhere; the inner loops work on the grouped view ``[..., n_groups, g]`` with as few
+full-size passes as the maths allows.
 """
 from __future__ import annotations
 
@@ -15,13 +19,53 @@ from typing import Callable, Sequence
 import torch
 
 from quantbench.config import IntGridConfig
-from quantbench.quant.grid import fake_quantize, group_index, pad_groups
+from quantbench.quant.grid import _smallest_positive, fake_quantize, group_index, pad_groups
+
+ErrorFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 def fake_quant(w: torch.Tensor, grid: IntGridConfig,
                scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Round-to-nearest onto ``grid`` and back (float32), as the written file would hold."""
     return fake_quantize(w, grid, scale_dtype)
+
+
+def fake_quant_groups(wg: torch.Tensor, grid: IntGridConfig,
+                      scale_dtype: torch.dtype = torch.float16,
+                      minmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`fake_quant` on a grouped view ``[..., g]`` (one group per last-dim row, zero
+    padded), value for value: a new float32 tensor, ``wg`` untouched. ``minmax`` are the
+    groups' min and max when the caller knows them (the clip search does, analytically).
+
+    Four full-size passes (divide, round, clamp, multiply) plus one for min/max, against ten
+    for the general path: zeros in padding change neither a zero-point range nor an absmax,
+    and ``clamp(round(w/s) + z, 0, qmax) − z`` is ``clamp(round(w/s), −z, qmax − z)`` exactly
+    for the small integers involved."""
+    mn, mx = minmax if minmax is not None else torch.aminmax(wg, dim=-1)
+    if grid.symmetric:
+        scale = torch.maximum(mn.abs(), mx.abs()) / (grid.sym_zero - 0.5)
+    else:
+        mn = mn.clamp(max=0.0)
+        scale = (mx.clamp(min=0.0) - mn) / grid.qmax
+    # fit_scales: scales rounded to their storage dtype before the codes are chosen
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
+    scale = torch.where(scale > 0, scale,
+                        torch.full_like(scale, _smallest_positive(scale_dtype))).float()
+    q = torch.div(wg, scale.unsqueeze(-1)).round_()
+    if grid.symmetric:
+        q.clamp_(-grid.sym_zero, grid.qmax - grid.sym_zero)
+    else:
+        z = torch.round(-mn / scale).clamp_(0, grid.qmax).unsqueeze(-1)
+        q.clamp_(-z, grid.qmax - z)
+    return q.mul_(scale.unsqueeze(-1))
+
+
+def _fake_quant_rows(w: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
+    """``fake_quant(w)`` for ``[rows, in]`` through the grouped fast path."""
+    if grid.granularity == "tensor":
+        return fake_quant(w, grid)
+    q = fake_quant_groups(pad_groups(w, grid), grid)
+    return q.reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
 def weight_magnitude(weights: Sequence[torch.Tensor], grid: IntGridConfig) -> torch.Tensor:
@@ -43,6 +87,14 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
     return s / (s.max() * s.min()).sqrt()
 
 
+def scaled_trial(w: torch.Tensor, s: torch.Tensor | None, grid: IntGridConfig) -> torch.Tensor:
+    """``Q(w·diag(s))·diag(s)⁻¹`` (plain ``Q(w)`` for ``s`` None): what the scaled weights
+    compute after rounding, in float32."""
+    if s is None:
+        return _fake_quant_rows(w.float(), grid)
+    return _fake_quant_rows(w.float() * s, grid).div_(s)
+
+
 @dataclass
 class ScaleSearch:
     scales: torch.Tensor          # [in]; all ones when plain rounding was best
@@ -50,29 +102,43 @@ class ScaleSearch:
     losses: dict[float | None, float]  # output MSE per evaluated α (None: plain rounding)
 
 
+def output_error(inspect: Callable[[list[torch.Tensor]], torch.Tensor],
+                 reference: torch.Tensor) -> ErrorFn:
+    """The error function of a module's output: ``mean((inspect(trial) − reference)²)``."""
+    ref = reference.float()
+    return lambda trial: (inspect(trial).float() - ref).pow_(2).mean()
+
+
 def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], grid: IntGridConfig,
-                  inspect: Callable[[list[torch.Tensor]], torch.Tensor],
-                  reference: torch.Tensor, n_grid: int = 20, duo: bool = True,
-                  exhaustive: bool = False) -> ScaleSearch:
+                  inspect: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+                  reference: torch.Tensor | None = None, n_grid: int = 20, duo: bool = True,
+                  exhaustive: bool = False, error: ErrorFn | None = None) -> ScaleSearch:
     """Search α on the lattice {0, 1/n, …, (n−1)/n} (plus the identity, plain rounding).
 
     ``inspect(trial_weights)`` runs the module that consumes the linears' outputs with the
     given (fake-quantized, rescaled) weights and returns its output; ``reference`` is that
-    output with the float weights. ``exhaustive`` evaluates every lattice point, as AWQ does;
-    otherwise every ~n/5-th point is evaluated and the best one refined by walking to lattice
-    neighbours while the loss falls — the same answer when the loss is unimodal in α, in
-    about half the forward passes. Returns the scales with the smallest MSE."""
+    output with the float weights. Instead of both, ``error(trial_weights)`` may return the
+    loss directly (a scalar tensor).
+    ``exhaustive`` evaluates every lattice point, as AWQ does; otherwise every ~n/5-th point
+    is evaluated and the best one refined by walking to lattice neighbours while the loss falls
+    — the same answer when the loss is unimodal in α, in about half the forward passes.
+    Returns the scales with the smallest MSE."""
+    if error is None:
+        if inspect is None or reference is None:
+            raise TypeError("search_scales needs inspect and reference, or error")
+        error = output_error(inspect, reference)
     x_mean = x_mean.float()
     w_mean = weight_magnitude(weights, grid) if duo else None
+    rows = [w.shape[0] for w in weights]
+    w_all = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float()
     losses: dict[float | None, float] = {}
 
     def loss(i: int | None) -> float:
         ratio = None if i is None else i / n_grid
         if ratio not in losses:
             s = None if i is None else candidate_scales(x_mean, w_mean, ratio)
-            trial = [fake_quant(w.float() * s, grid) / s if s is not None
-                     else fake_quant(w, grid) for w in weights]
-            losses[ratio] = float((inspect(trial).float() - reference.float()).pow(2).mean())
+            trial = list(scaled_trial(w_all, s, grid).split(rows))
+            losses[ratio] = float(error(trial))
         return losses[ratio]
 
     loss(None)
@@ -92,35 +158,64 @@ def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], grid: I
     return ScaleSearch(candidate_scales(x_mean, w_mean, ratio), ratio, losses)
 
 
+def _clip_chunk(out_elems: int, n_cand: int, device: torch.device) -> int:
+    """Clip candidates evaluated together. One on a CPU: the same matmul shapes as the
+    sequential search, so the same floats, and cache-sized passes; on a GPU as many as keep
+    the trial outputs under 32 M elements (fewer, larger kernels)."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(n_cand, (1 << 25) // max(1, out_elems)))
+
+
 def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: int = 20,
                 max_shrink: float = 0.5, row_batch: int = 512) -> torch.Tensor:
     """Per (row, group) clip value ``[rows, n_groups]`` minimising the group's output error
-    ``Σ_t (x_t·Q(clamp(w))_g − x_t·w_g)²`` over the sampled inputs ``x`` ``[T, in]``."""
+    ``Σ_t (x_t·Q(clamp(w))_g − x_t·w_g)²`` over the sampled inputs ``x`` ``[T, in]``; the
+    first smallest of the shrink factors ``1, 1 − 1/n, …`` wins.
+
+    The clamped groups' min/max (hence their scales) come from the float groups' min/max
+    without a pass over the trials, and rounding takes the grouped fast path; the errors are
+    the sequential search's, float for float."""
     w = w.float()
-    xg = pad_groups(x.float(), grid).transpose(0, 1)          # [n_groups, T, g]
-    out = torch.empty(w.shape[0], xg.shape[0])
+    xg = pad_groups(x.reshape(-1, x.shape[-1]).float(), grid).transpose(0, 1)  # [n, T, g]
+    n_cand = max(1, int(max_shrink * n_grid))
+    # 1 − i/n rounded once to float32, as multiplying by the Python number does
+    shrink = torch.tensor([1 - i / n_grid for i in range(n_cand)], device=w.device)
+    out = torch.empty(w.shape[0], xg.shape[0], device=w.device)
     for r0 in range(0, w.shape[0], row_batch):
-        wg = pad_groups(w[r0:r0 + row_batch], grid)           # [rows, n_groups, g]
-        rows = wg.shape[0]
-        ref = torch.bmm(xg, wg.permute(1, 2, 0))               # [n_groups, T, rows]
-        org_max = wg.abs().amax(dim=2)                         # [rows, n_groups]
-        best_err = torch.full_like(org_max, float("inf"))
-        best = org_max.clone()
-        for i in range(max(1, int(max_shrink * n_grid))):
-            max_val = org_max * (1 - i / n_grid)
-            bound = max_val.unsqueeze(-1)
-            trial = torch.maximum(torch.minimum(wg, bound), -bound).reshape(rows, -1)
-            q = pad_groups(fake_quantize(trial, grid), grid)
-            err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, max_val, best)
-        out[r0:r0 + row_batch] = best
+        wg = pad_groups(w[r0:r0 + row_batch], grid)                 # [r, n, g]
+        rows, n, g = wg.shape
+        ref = torch.bmm(xg, wg.permute(1, 2, 0))                     # [n, T, r]
+        mn, mx = torch.aminmax(wg, dim=2)                            # [r, n]
+        org_max = torch.maximum(mn.abs(), mx.abs())
+        chunk = _clip_chunk(ref.numel(), n_cand, w.device)
+        best_err = best = None
+        for c0 in range(0, n_cand, chunk):
+            max_val = shrink[c0:c0 + chunk].view(-1, 1, 1) * org_max   # [c, r, n]
+            lo = -max_val
+            # min/max of a clamped group are its clamped min/max
+            minmax = torch.clamp(mn, lo, max_val), torch.clamp(mx, lo, max_val)
+            trial = torch.clamp(wg, lo.unsqueeze(-1), max_val.unsqueeze(-1))  # [c, r, n, g]
+            q = fake_quant_groups(trial, grid, minmax=minmax)
+            c = q.shape[0]
+            y = torch.bmm(xg, q.permute(2, 3, 0, 1).reshape(n, g, c * rows))  # [n, T, c·r]
+            err = y.view(n, -1, c, rows).sub_(ref.unsqueeze(2)).pow_(2).mean(dim=1)  # [n, c, r]
+            c_err, c_idx = err.min(dim=1)                              # [n, r]
+            c_best = max_val.gather(0, c_idx.t().unsqueeze(0)).squeeze(0)    # [r, n]
+            c_err = c_err.t()
+            if best is None:
+                best_err, best = c_err, c_best
+            else:
+                better = c_err < best_err
+                best_err = torch.where(better, c_err, best_err)
+                best = torch.where(better, c_best, best)
+        out[r0:r0 + rows] = best
     return out
 
 
 def apply_clip(w: torch.Tensor, max_val: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
-    bound = max_val.to(w.dtype)[:, group_index(w.shape[1], grid).long()]
+    idx = group_index(w.shape[1], grid, w.device).long()
+    bound = max_val.to(w.device, w.dtype)[:, idx]
     return torch.maximum(torch.minimum(w, bound), -bound)
 
 
@@ -129,7 +224,7 @@ def fold_scales(prev: torch.nn.Module, linears: Sequence[torch.nn.Module],
     """``prev`` output ÷ s, consumers' input columns × s: the float function is unchanged.
 
     ``prev`` is a norm (its weight vector is divided) or a linear (its output rows and bias)."""
-    s = scales.to(prev.weight.dtype)
+    s = scales.to(prev.weight.device, prev.weight.dtype)
     if prev.weight.dim() == 1:
         prev.weight.data.div_(s)
     else:

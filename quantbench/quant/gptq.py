@@ -4,7 +4,7 @@ Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-tr
 Transformers" (2022). Works on any integer grid of ``quantbench.quant.grid``: group parameters
 are fitted on the (error-updated) weights when a group starts, then each column is rounded with
 them and its error is spread over the columns not yet quantized, weighted by the inverse
-Hessian.
+Hessian. Runs where its inputs are (CPU or CUDA), in float32.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from quantbench.config import IntGridConfig
-from quantbench.quant.grid import fit_scales
+from quantbench.quant.grid import fit_scales, search_scales
 from quantbench.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class GPTQParams:
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = False
+    scale_search: bool = True  # group ranges shrunk where that lowers diag(H)-weighted error
 
 
 @dataclass
@@ -69,8 +70,8 @@ def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
     columns ``j..in`` (for grids fitted as a group starts). Returns ``(codes [out, in]`` float
     in processing order, ``losses [out]`` = Σ (w − q)² / d² / 2 per row)."""
     out_f, in_f = W.shape
-    codes = torch.empty(out_f, in_f)
-    losses = torch.zeros(out_f)
+    codes = torch.empty(out_f, in_f, device=W.device)
+    losses = torch.zeros(out_f, device=W.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()
@@ -108,19 +109,29 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConf
     W[:, dead] = 0.0
     col = _column_grid(grid)
     g = grid.group_size if grid.granularity == "group" else in_f
-    static = fit_scales(W, grid, scale_dtype) if (  # groups fixed on the original weights
+    diag = torch.diag(H)
+
+    def fit(w: torch.Tensor, grid_: IntGridConfig, importance: torch.Tensor):
+        if params.scale_search:
+            return search_scales(w, grid_, scale_dtype, importance)
+        return fit_scales(w, grid_, scale_dtype)
+
+    static = fit(W, grid, diag) if (  # groups fixed on the original weights
         params.static_groups and grid.granularity == "group") else None
-    whole = None if grid.granularity == "group" else fit_scales(W, col, scale_dtype)
-    perm = torch.argsort(torch.diag(H), descending=True) if params.act_order else None
+    whole = None if grid.granularity == "group" else fit(W, col, diag)
+    perm = torch.argsort(diag, descending=True) if params.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
+    diag_proc = torch.diag(H)  # in processing order
     Hinv, damp, increased = inverse_hessian_cholesky(H, params.damp_percent)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    dev = W.device
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
     n_groups = grid.n_groups(in_f)
-    scales = torch.zeros(out_f if grid.granularity != "tensor" else 1, n_groups, dtype=scale_dtype)
+    scales = torch.zeros(out_f if grid.granularity != "tensor" else 1, n_groups,
+                         dtype=scale_dtype, device=dev)
     zeros = None if grid.symmetric else torch.zeros_like(scales, dtype=torch.int32)
     qmax = float(grid.qmax)
-    order = perm if perm is not None else torch.arange(in_f)
+    order = perm if perm is not None else torch.arange(in_f, device=dev)
 
     def column_params(params_: tuple[torch.Tensor, torch.Tensor | None]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +154,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConf
             s_, z_ = s_all[:, j], z_all[:, j]
         elif grid.granularity == "group":
             if j % g == 0:
-                current = fit_scales(upcoming()[:, :g], col, scale_dtype)
+                current = fit(upcoming()[:, :g], col, diag_proc[j:j + g])
                 scales[:, j // g] = current[0][:, 0]
                 if zeros is not None:
                     zeros[:, j // g] = current[1][:, 0]
@@ -162,8 +173,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConf
     elif whole is not None:
         scales, zeros = whole
     elif perm is not None:
-        g_idx = torch.empty(in_f, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(in_f) // g).to(torch.int32)
+        g_idx = torch.empty(in_f, dtype=torch.int32, device=dev)
+        g_idx[perm] = (torch.arange(in_f, device=dev) // g).to(torch.int32)
     qt = QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, dtype=weight.dtype,
                          g_idx=g_idx, perm=perm.to(torch.int32) if perm is not None else None)
     return qt, GPTQStats(damp=damp, damp_increased=increased, proxy_error=float(losses.sum()))

@@ -69,6 +69,8 @@ class QuantizedModel:
     targets: list[str]
     method: Any
     timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # where the calibrated maths ran, set when the blocks are pulled
+    device_peak_bytes: int | None = None  # a GPU's peak allocated memory during the run
 
     @property
     def seconds(self) -> float:
@@ -105,17 +107,24 @@ class QuantizedModel:
     def _calibrated_blocks(self) -> Iterator[tuple[str, Tensors]]:
         from quantbench.calibration.data import CalibrationSpec, sample_windows
         from quantbench.calibration.pipeline import run_pipeline
+        from quantbench.devices import describe, resolve_device
 
         o = self.config.options
         spec = CalibrationSpec(o.calib_samples, o.calib_len, o.calib_seed, o.calib_data,
                                o.calib_chat_template)
         windows = sample_windows(self.source.tokenizer(), spec)
         start = time.perf_counter()
+        device = resolve_device(o.device)
+        self.device = describe(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for index, tensors in run_pipeline(self.source, windows, self._target_set,
-                                           self.method, o.batch_size):
+                                           self.method, o.batch_size, device=device):
             self.timings[f"block {index}"] = time.perf_counter() - start
             start = time.perf_counter()
             yield f"block {index}", tensors
+        if device.type == "cuda":
+            self.device_peak_bytes = int(torch.cuda.max_memory_allocated(device))
 
     def method_outputs(self) -> dict[str, dict[str, torch.Tensor]]:
         """Data a method produced beside the weights (file name → tensors), available once
@@ -170,6 +179,9 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
     method = method_cls(config)
     names = select_targets(model, config.targets)
     check_grid(model, names, config.grid)
+    if hasattr(config.options, "device"):  # refuse a device that is not there before work
+        from quantbench.devices import resolve_device
+        resolve_device(config.options.device)
     prepare = getattr(method, "prepare", None)
     if prepare is not None:  # e.g. a GGUF mixture resolved to one type per tensor
         prepare(model, names)

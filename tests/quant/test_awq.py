@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -7,8 +9,10 @@ from quantbench.config import IntGridConfig
 from quantbench.errors import ConfigError
 from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
-from quantbench.quant.awq import (apply_clip, candidate_scales, fake_quant, fold_scales,
-                                  search_clip, search_scales)
+from quantbench.quant import awq as awq_maths
+from quantbench.quant.awq import (apply_clip, candidate_scales, fake_quant, fake_quant_groups,
+                                  fold_scales, scaled_trial, search_clip, search_scales)
+from quantbench.quant.grid import pad_groups
 from quantbench.quant.methods.awq import SEARCH_FILE
 from quantbench.quant.run import make_config
 
@@ -61,6 +65,126 @@ def test_clip_search_handles_a_short_last_group():
     grid = IntGridConfig.from_group_size(4, 24, symmetric=False)
     x, w = outlier_inputs(d=64)[:128], torch.randn(8, 64)
     assert search_clip(w, x, grid).shape == (8, 3)
+
+
+GRIDS = [IntGridConfig.from_group_size(4, 16, symmetric=False),
+         IntGridConfig.from_group_size(4, 16, symmetric=True),
+         IntGridConfig.from_group_size(3, 24, symmetric=False),   # short last group (64 = 2·24 + 16)
+         IntGridConfig.from_group_size(2, 24, symmetric=True),
+         IntGridConfig.from_group_size(4, -1, symmetric=False)]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"b{g.bits}g{g.group_size}s{g.symmetric}")
+def test_grouped_fake_quant_is_value_for_value_the_general_one(grid):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(24, 64, generator=g) * 0.05
+    w[2] = 0.0          # an all-zero row: the smallest positive scale
+    w[3, :20] = 0.3     # a constant group
+    rows = pad_groups(w, grid)
+    q = fake_quant_groups(rows, grid).reshape(24, -1)[:, :64]
+    assert torch.equal(q, fake_quant(w, grid))
+    s = torch.rand(64, generator=g) + 0.5
+    assert torch.equal(scaled_trial(w, s, grid), fake_quant(w * s, grid) / s)
+
+
+def _clip_reference(w, x, grid, n_grid=20, max_shrink=0.5):
+    """The sequential clip search: one candidate at a time, errors from the outputs."""
+    wg = pad_groups(w, grid)
+    xg = pad_groups(x, grid).transpose(0, 1)
+    ref = torch.bmm(xg, wg.permute(1, 2, 0))
+    org_max = wg.abs().amax(dim=2)
+    best_err, best = torch.full_like(org_max, float("inf")), org_max.clone()
+    for i in range(max(1, int(max_shrink * n_grid))):
+        max_val = org_max * (1 - i / n_grid)
+        bound = max_val.unsqueeze(-1)
+        trial = torch.maximum(torch.minimum(wg, bound), -bound).reshape(w.shape[0], -1)
+        q = pad_groups(fake_quant(trial, grid), grid)
+        err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, max_val, best)
+    return best
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"b{g.bits}g{g.group_size}s{g.symmetric}")
+def test_clip_search_picks_what_the_sequential_one_picks(grid, monkeypatch):
+    x = outlier_inputs(n=256, seed=4)
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(5))
+    w[0, 5] = 8.0
+    expected = _clip_reference(w, x, grid)
+    for row_batch in (512, 16):   # CPU: one candidate at a time, the same floats
+        assert torch.equal(search_clip(w, x, grid, row_batch=row_batch), expected)
+    # a GPU evaluates candidates in batches (here 3, 3, 3, 1): the same choice
+    monkeypatch.setattr(awq_maths, "_clip_chunk", lambda elems, n, device: 3)
+    assert torch.equal(search_clip(w, x, grid, row_batch=16), expected)
+
+
+def test_search_with_an_error_function_matches_inspect_and_reference():
+    x = outlier_inputs(seed=6)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(7)) * 0.05
+    ref = x @ w.t()
+    by_output = search_scales(x.abs().mean(0), [w], GRID, lambda ws: x @ ws[0].t(), ref)
+    error = awq_maths.output_error(lambda ws: x @ ws[0].t(), ref)
+    by_error = search_scales(x.abs().mean(0), [w], GRID, error=error)
+    assert by_error.ratio == by_output.ratio and by_error.losses == by_output.losses
+    with pytest.raises(TypeError):
+        search_scales(x.abs().mean(0), [w], GRID)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_searches_on_a_gpu_match_the_cpu():
+    cuda = torch.device("cuda")
+    x = outlier_inputs(seed=8)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(9)) * 0.05
+    cpu = search_scales(x.abs().mean(0), [w], GRID, lambda ws: x @ ws[0].t(), x @ w.t())
+    xc, wc = x.to(cuda), w.to(cuda)
+    gpu = search_scales(xc.abs().mean(0), [wc], GRID, lambda ws: xc @ ws[0].t(), xc @ wc.t())
+    assert gpu.ratio == cpu.ratio and gpu.scales.device.type == "cuda"
+    assert torch.allclose(gpu.scales.cpu(), cpu.scales)
+    clip = search_clip(wc, xc, GRID)
+    assert clip.device.type == "cuda"
+    assert (clip.cpu() == search_clip(w, x, GRID)).float().mean() > 0.98  # ties may differ
+
+
+class _FactoryWatch(torch.overrides.TorchFunctionMode):
+    """Records tensor factories that quantbench code calls without ``device=`` (they would
+    allocate on the CPU while the block lives on a GPU)."""
+
+    FACTORIES = frozenset({torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
+                           torch.tensor, torch.linspace, torch.eye, torch.rand, torch.randn})
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and "/quantbench/" in frame.f_code.co_filename:
+                self.calls.append(f"{func.__name__} at {frame.f_code.co_filename}:{frame.f_lineno}")
+        return func(*args, **kwargs)
+
+
+def test_awq_allocates_nothing_without_a_device(tiny_llama):
+    """Everything AWQ creates takes its device from an input tensor, so the same code runs on a
+    GPU's blocks (checked here on the CPU by watching the factory calls)."""
+    from quantbench.calibration.pipeline import (BlockContext, _skeleton, capture_inputs,
+                                                 materialize_block)
+    from quantbench.quant.methods.awq import awq_block
+
+    model = load_model(tiny_llama)
+    config = make_config("awq", 4, 16, False, calib_samples=4, calib_len=32, search_samples=2)
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+    skeleton = _skeleton(model)
+    captured = capture_inputs(model, skeleton, windows, batch_size=1)
+    layer = materialize_block(skeleton, model, 0)
+    targets = {n for n in model.weights.names() if n.endswith("proj.weight")}
+    ctx = BlockContext(model, layer, 0, captured.hidden, captured.kwargs, targets)
+    with _FactoryWatch() as watch:
+        result = awq_block(ctx, config)
+    assert result and watch.calls == []
 
 
 def test_folding_leaves_the_float_model_unchanged(tiny_llama):

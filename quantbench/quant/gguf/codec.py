@@ -10,10 +10,19 @@ imatrix slice for each block's columns (``quant_weights``): with it a codec foll
 ``quantize_row_<type>_impl``; without it, ``quantize_row_<type>_ref``. Both are meant to be bit
 for bit what ``ggml_quantize_chunk`` writes for the same float32 input.
 
-Pure tensor maths, vectorised over blocks; no files, no state.
+Pure tensor maths, vectorised over blocks; no files, no state. :meth:`BlockCodec.quantize_rows`
+cuts a tensor into row chunks of about :attr:`BlockCodec.chunk_elements` values (so the
+searches' temporaries stay a few MB however large the tensor) and runs the chunks on
+:func:`run_chunks`'s worker threads, one chunk per thread, each with single-threaded torch ops:
+the codecs issue many small tensor ops, and torch's own intra-op threads (OpenMP) synchronise
+at every one of them, which costs far more than it gains (tens of times more when the cores
+are shared with other processes).
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, TypeVar
 
 import torch
@@ -32,6 +41,7 @@ class BlockCodec:
     type_id: ClassVar[int] = -1     # GGMLQuantizationType value
     block_size: ClassVar[int] = 1   # elements per block
     type_size: ClassVar[int] = 4    # bytes per block
+    chunk_elements: ClassVar[int] = 1 << 18  # values per row chunk in ``quantize_rows``
 
     @property
     def bits_per_weight(self) -> float:
@@ -48,14 +58,30 @@ class BlockCodec:
     # Whole rows, as tensors are stored: ``[rows, ne0]`` ↔ ``[rows, ne0 // block * type_size]``.
     def quantize_rows(self, w: torch.Tensor, importance: torch.Tensor | None = None
                       ) -> torch.Tensor:
+        """Rows ``[rows, ne0]`` (any float dtype) as ``ggml_quantize_chunk`` writes them;
+        ``importance`` ``[ne0]`` is the imatrix of the row's columns. Quantized in chunks of
+        whole rows, straight into the output."""
         rows, cols = w.shape
         self.check_row(cols)
-        x = w.float().reshape(-1, self.block_size)
-        imp = None
-        if importance is not None:
-            imp = importance.float().reshape(1, cols).expand(rows, cols).reshape(
-                -1, self.block_size)
-        return self.quantize(x, imp).reshape(rows, -1)
+        out = torch.empty(rows, cols // self.block_size * self.type_size, dtype=torch.uint8)
+        imp = None if importance is None else importance.to("cpu", torch.float32).reshape(1, cols)
+        step = max(1, self.chunk_elements // max(cols, 1))
+
+        def one(start: int) -> None:
+            chunk = w[start:start + step].to("cpu", torch.float32)
+            out[start:start + step] = self.quantize_row_chunk(chunk, imp)
+        run_chunks(one, range(0, rows, step))
+        return out
+
+    def quantize_row_chunk(self, w: torch.Tensor, importance: torch.Tensor | None
+                           ) -> torch.Tensor:
+        """Whole rows ``[r, ne0]`` float32 → ``[r, row_bytes]``; ``importance`` ``[1, ne0]``.
+        Codecs whose search looks at whole rows (the legacy ``_impl``'s ``sigma2``) override
+        this."""
+        rows, cols = w.shape
+        imp = None if importance is None else \
+            importance.expand(rows, cols).reshape(-1, self.block_size)
+        return self.quantize(w.reshape(-1, self.block_size), imp).reshape(rows, -1)
 
     def dequantize_rows(self, data: torch.Tensor, cols: int) -> torch.Tensor:
         self.check_row(cols)
@@ -66,6 +92,64 @@ class BlockCodec:
         if cols % self.block_size:
             raise ConfigError(f"{self.name} needs rows that are a multiple of {self.block_size} "
                               f"elements, got {cols}")
+
+
+MAX_WORKERS = 8  # Python dispatches every op under the GIL: more threads stop paying off
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
+_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()
+
+
+def _init_worker() -> None:
+    torch.get_num_threads()       # torch's per-thread setup first, or it would undo the next
+    torch.set_num_threads(1)      # line at the worker's first op
+    _LOCAL.worker = True
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != workers:
+            if _POOL is not None:
+                _POOL[1].shutdown(wait=False)
+            _POOL = (workers, ThreadPoolExecutor(workers, "quantbench-gguf",
+                                                 initializer=_init_worker))
+        return _POOL[1]
+
+
+def run_chunks(fn: Callable[[int], None], starts: Iterable[int]) -> None:
+    """``fn(start)`` for every start, on ``torch.get_num_threads()`` (at most
+    :data:`MAX_WORKERS`) worker threads whose torch ops are single-threaded (torch and numpy
+    release the GIL in their kernels, so the chunks run side by side); inline, single-threaded,
+    when one thread is asked for, for a single chunk, or when called from a worker."""
+    starts = list(starts)
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(starts) <= 1 or getattr(_LOCAL, "worker", False):
+        with single_threaded():
+            for start in starts:
+                fn(start)
+        return
+    try:
+        pool = _pool(min(threads, MAX_WORKERS))
+        for future in [pool.submit(fn, start) for start in starts]:
+            future.result()
+    finally:
+        # a worker's set_num_threads(1) also sets torch's default for threads started later;
+        # put the caller's count back there (its own count is unchanged)
+        torch.set_num_threads(threads)
+
+
+class single_threaded:
+    """Context manager: torch ops in this thread without intra-op threads, restored after."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
 
 
 def register_codec(cls: type[T]) -> type[T]:

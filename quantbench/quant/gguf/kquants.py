@@ -29,7 +29,6 @@ from quantbench.quant.gguf.search import (GROUP_MAX_EPS, first_abs_max, make_qkx
                                           nearest_int, rdiv, seq_sum, sqrtf)
 
 QK_K = 256
-_CHUNK = 512  # super-blocks per fit pass (bounds the searches' [sub-blocks, steps, n] temps)
 
 
 @dataclass
@@ -168,14 +167,13 @@ class KQuantCodec(BlockCodec):
         if imp is not None and imp.shape != x.shape:
             raise ValueError(f"{self.name}: importance {tuple(importance.shape)} does not "
                              f"match the blocks {tuple(x.shape)}")
-        out = []
-        for s in range(0, x.shape[0], _CHUNK):
-            xc = x[s:s + _CHUNK]
-            params = self.fit(xc, None if imp is None else imp[s:s + _CHUNK])
-            out.append(self.pack(self.codes_for(xc, params), params))
-        if not out:
-            return torch.zeros(0, self.type_size, dtype=torch.uint8)
-        return torch.cat(out)
+        out = torch.empty(x.shape[0], self.type_size, dtype=torch.uint8)
+        step = max(1, self.chunk_elements // QK_K)    # bounds the searches' temporaries
+        for s in range(0, x.shape[0], step):
+            xc = x[s:s + step]
+            params = self.fit(xc, None if imp is None else imp[s:s + step])
+            out[s:s + step] = self.pack(self.codes_for(xc, params), params)
+        return out
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
         codes, params = self.unpack(blocks.reshape(-1, self.type_size))

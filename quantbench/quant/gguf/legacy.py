@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from quantbench.quant.gguf.codec import BlockCodec, register_codec
@@ -30,7 +31,8 @@ from quantbench.quant.gguf.search import (f32, first_abs_max, first_max, first_m
                                           make_qkx3_quants, make_qx_quants, nearest_int,
                                           seq_sum, sqrtf)
 
-_CHUNK = 4096  # blocks per pass of a scale search (bounds its [blocks, candidates, 32] temps)
+_CHUNK = 8192  # blocks per pass of an ``_impl`` search (bounds its [32, blocks] temporaries)
+_HALF_DOWN = f32(0.49999997)  # the float below 0.5: ``trunc(v + copysign(it, v))`` is roundf
 
 
 @dataclass
@@ -39,7 +41,7 @@ class LegacyParams:
 
     d: torch.Tensor         # [N] float32: the block scale before its fp16 store
     m: torch.Tensor         # [N] float32: the block min (Q4_1/Q5_1) before fp16, else 0
-    fallback: torch.Tensor  # [N, 32] int64: the search's own levels (llama.cpp's codes)
+    fallback: torch.Tensor  # [N, 32] int32/int64: the search's own levels (llama.cpp's codes)
 
     @staticmethod
     def cat(parts: list[LegacyParams]) -> LegacyParams:
@@ -95,6 +97,23 @@ def _roundf(v: torch.Tensor) -> torch.Tensor:
     return torch.where((v - t).abs() >= 0.5, t + v.sign(), t)
 
 
+def _roundf_int(v: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` of ``v`` (finite, ``|v| < 2³¹``) as int32, in three ops:
+    ``(int)(v ± 0.49999997f)`` (the conversion truncates). Adding the float just below one half
+    reaches the next integer exactly when ``v`` is at or past a .5 tie (``k.5 + 0.49999997``
+    rounds up to ``k+1`` since the spacing there is at least ``2⁻²³``; below a tie the sum
+    stays under ``k+1``), and for ``|v| < 0.5`` it stays below 1."""
+    return v.sign().mul_(_HALF_DOWN).add_(v).int()
+
+
+def _within(v: torch.Tensor, lo: float, hi: float) -> bool:
+    """Every value of ``v`` in the open interval ``(lo, hi)`` (False with a NaN)."""
+    if v.numel() == 0:
+        return True
+    vmin, vmax = torch.aminmax(v)
+    return bool((vmin > lo) & (vmax < hi))
+
+
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """``qs[j] = q[j] | q[j + 16] << 4`` for 32 levels in ``[0, 16)`` (low nibble of each)."""
     return ((q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)).to(torch.uint8)
@@ -102,8 +121,8 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def _pack_qh(q: torch.Tensor) -> torch.Tensor:
     """The 32 fifth bits as the little-endian ``uint32_t qh``: ``[B, 4]`` bytes."""
-    bits = ((q >> 4) & 1).reshape(-1, 4, 8)
-    return (bits << torch.arange(8)).sum(dim=-1).to(torch.uint8)
+    bits = ((q.cpu() >> 4) & 1).to(torch.uint8).numpy()
+    return torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little"))
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -216,16 +235,14 @@ class _LegacyCodec(BlockCodec):
     def pack(self, codes: torch.Tensor, params: LegacyParams) -> torch.Tensor:
         raise NotImplementedError
 
-    def quantize_rows(self, w: torch.Tensor, importance: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """Rows ``[rows, ne0]`` as ``quantize_<type>`` does them, ``sigma2`` per row."""
+    def quantize_row_chunk(self, w: torch.Tensor, importance: torch.Tensor | None
+                           ) -> torch.Tensor:
+        """Rows as ``quantize_<type>`` does them: with importance, ``sigma2`` per row."""
         if importance is None:
-            return super().quantize_rows(w)
+            return super().quantize_row_chunk(w, None)
         rows, cols = w.shape
-        self.check_row(cols)
-        w = w.float()
         sigma2 = row_sigma2(w).repeat_interleave(cols // self.block_size)
-        imp = importance.float().reshape(1, cols).expand(rows, cols).reshape(-1, self.block_size)
+        imp = importance.expand(rows, cols).reshape(-1, self.block_size)
         return self.quantize(w.reshape(-1, self.block_size), imp, sigma2).reshape(rows, -1)
 
     def _ref(self, x: torch.Tensor) -> LegacyParams:
@@ -258,13 +275,16 @@ class Q8_0Codec(_LegacyCodec):
     def _ref(self, x: torch.Tensor) -> LegacyParams:
         d = _div(x.abs().amax(dim=1), 127)
         inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
-        return LegacyParams(d, torch.zeros_like(d), _c_int8(_roundf(x * inv[:, None])))
+        v = x * inv[:, None]
+        if _within(v, -127.5, 127.5):    # roundf(v) fits int8: the store is the value
+            return LegacyParams(d, torch.zeros_like(d), _roundf_int(v))
+        return LegacyParams(d, torch.zeros_like(d), _c_int8(_roundf(v)))
 
     def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> LegacyParams:
         return self._ref(x)
 
     def pack(self, codes: torch.Tensor, params: LegacyParams) -> torch.Tensor:
-        return torch.cat([_fp16_bytes(params.d), (codes.long() & 0xFF).to(torch.uint8)], dim=1)
+        return torch.cat([_fp16_bytes(params.d), codes.to(torch.int8).view(torch.uint8)], dim=1)
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
         q = blocks[:, 2:].contiguous().view(torch.int8).float()
@@ -281,7 +301,11 @@ class _SymmetricCodec(_LegacyCodec):
         _, mx = first_abs_max(x)
         d = _div(mx, -self.nmax)
         inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
-        q = _c_int8(x * inv[:, None] + (self.nmax + 0.5))
+        v = x * inv[:, None] + (self.nmax + 0.5)
+        if _within(v, -1.0, 128.0):      # (int8_t)v is trunc(v), no wrap
+            q = v.int().clamp_(max=2 * self.nmax - 1)
+            return LegacyParams(d, torch.zeros_like(d), q)
+        q = _c_int8(v)
         return LegacyParams(d, torch.zeros_like(d), q.clamp(max=2 * self.nmax - 1) & 0xFF)
 
     def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> LegacyParams:
@@ -311,10 +335,12 @@ class _AffineCodec(_LegacyCodec):
         mn, mx = first_min(x), first_max(x)
         d = _div(mx - mn, self.nmax)
         inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
-        q = _c_int8((x - mn[:, None]) * inv[:, None] + 0.5)
+        v = (x - mn[:, None]) * inv[:, None] + 0.5
+        fast = _within(v, -1.0, 128.0)   # (int8_t)v is trunc(v), no wrap
+        q = v.int() if fast else _c_int8(v)
         if self.nmax == 15:        # Q4_1 clamps with MIN(15, ...); Q5_1 only casts to uint8
             q = q.clamp(max=15)
-        return LegacyParams(d, mn, q & 0xFF)
+        return LegacyParams(d, mn, q if fast else q & 0xFF)
 
     def _impl(self, x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> LegacyParams:
         d, levels, the_min = make_qkx3_quants(x, self.nmax, _impl_weights(x, qw, sigma2),

@@ -5,10 +5,21 @@ Each helper mirrors one static function of ``ggml-quants.c`` for a batch of grou
 per group becomes a ``[B]`` tensor. The float32 arithmetic is the C code's, operation by
 operation (no FMA, no reassociation): sums over a group are accumulated element by element in
 the C order (:func:`seq_sum`), constants such as ``0.1f`` are float32 before use, and
-``nearest_int`` is the ``12582912`` bit trick. Where the candidates of a search do not
-depend on each other they are evaluated side by side (an extra ``[B, K]`` axis) and then
-accepted one after the other, in the C loop's order, so the result is what the sequential
-loop would pick; where they do (``make_qkx*``), the candidate loop runs in order.
+``nearest_int`` is the ``12582912`` bit trick. The candidates of a search are evaluated one
+after the other, in the C loop's order, each as a few tensor ops over every group at once; only
+per-group numbers (sums, the best error, the chosen ``iscale``) are carried from one candidate
+to the next, and the winning levels are recomputed once at the end from the chosen ``iscale``
+(a candidate's levels are a function of it), so the result is what the sequential loop picks.
+
+Internally the groups are held element-major (``[n, B]``, contiguous): the C-order sum over a
+group is then ``n`` additions of contiguous ``[B]`` rows (one numpy ``add.reduce``, see
+:func:`csum0`) rather than strided reads, and levels are kept as float32 (small integers,
+exact) instead of int64. Where a search's products are known to be small (a per-group bound
+below ``2²²``), ``nearest_int`` followed by a clamp is ``clamp`` then ``round`` (half to even,
+as the bit trick); otherwise the bit trick itself runs (subnormal spans, inf, NaN). The
+refinement passes of ``make_q3_quants`` / ``make_qp_quants`` run each pass after the first only
+on the groups the previous pass changed (an unchanged group is final, as the C loop's break).
+Everything here is pure float32 tensor maths; no float64 is needed for exactness.
 
 ``L`` (the integer levels) comes back as int64 ``[B, n]``.
 """
@@ -18,6 +29,8 @@ import numpy as np
 import torch
 
 GROUP_MAX_EPS = float(np.float32(1e-15))
+_MAGIC = 12582912.0    # 1.5·2²³: ``fval + _MAGIC`` has ``nearest_int(fval)`` in its mantissa
+_EXACT = 4194303.0     # |fval| below this: ``(fval + _MAGIC) - _MAGIC`` is that integer exactly
 
 
 def f32(value: float) -> float:
@@ -27,22 +40,56 @@ def f32(value: float) -> float:
 
 def nearest_int(fval: torch.Tensor) -> torch.Tensor:
     """``nearest_int``: round half to even through ``fval + 12582912.f``, as int64."""
-    val = (fval.float() + 12582912.0).view(torch.int32)
-    return ((val & 0x007FFFFF) - 0x00400000).long()
+    return _nearest_i32(fval).long()
+
+
+def _nearest_i32(fval: torch.Tensor) -> torch.Tensor:
+    val = (fval.float() + _MAGIC).view(torch.int32)
+    return (val & 0x007FFFFF) - 0x00400000
 
 
 def seq_sum(t: torch.Tensor, from_first: bool = False) -> torch.Tensor:
     """Sum over the last dim in C order: ``s = 0; for i: s += t[i]`` (``from_first``: start
     from ``t[0]`` instead of ``0``, as ``float s = t[0]; for i >= 1``)."""
-    acc = t[..., 0].clone() if from_first else torch.zeros_like(t[..., 0])
-    for i in range(1 if from_first else 0, t.shape[-1]):
-        acc = acc + t[..., i]
+    return csum0(t.movedim(-1, 0).contiguous(), from_first)
+
+
+def csum0(t: torch.Tensor, from_first: bool = False) -> torch.Tensor:
+    """:func:`seq_sum` over the first dim (element-major ``[n, ...]``, each step one contiguous
+    row). numpy's ``add.reduce`` over axis 0 of a C-contiguous array adds whole rows into the
+    accumulator one after the other, starting from ``initial`` (its pairwise summation is only
+    for an innermost reduced axis), so ``s = 0; s += t[i]`` is one call. ``from_first`` (and a
+    single column) keeps the explicit loop: numpy starts a reduction from +0, which differs
+    from ``s = t[0]`` in the sign of an all ``-0`` sum."""
+    t = t.float().contiguous()
+    if not from_first and t.dim() >= 2 and t[0].numel() >= 2 and t.device.type == "cpu":
+        out = np.add.reduce(t.numpy(), axis=0, initial=np.float32(0))
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+    acc = t[0].clone() if from_first else t[0] + 0.0     # 0 + t[0]: -0 becomes +0, as in C
+    for i in range(1, t.shape[0]):
+        acc += t[i]
     return acc
 
 
 def first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The C loop ``amax = 0; max = 0; if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``:
-    ``(amax, max)`` with ``max`` the first element of largest magnitude (``+0`` if none)."""
+    ``(amax, max)`` with ``max`` the first element of largest magnitude (``+0`` if none).
+    From the group's max and min when only one of them has the largest magnitude (two fast
+    reductions); groups where both do (``±a``) or neither (NaN) take the index search."""
+    hi, lo = x.amax(dim=-1), x.amin(dim=-1)
+    amax = torch.maximum(hi, -lo)
+    up, down = hi == amax, -lo == amax
+    mx = torch.where(up, hi, lo)
+    odd = (up == down) & ~(amax == 0)
+    if x.dim() == 2 and bool(odd.any()):
+        rows = odd.nonzero().squeeze(1)
+        amax[rows], mx[rows] = _first_abs_max_search(x[rows])
+    elif bool(odd.any()):
+        return _first_abs_max_search(x)
+    return amax, torch.where(amax > 0, mx, torch.zeros_like(mx))
+
+
+def _first_abs_max_search(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ax = x.abs()
     amax, idx = ax.max(dim=-1)
     mx = x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
@@ -63,9 +110,13 @@ def first_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def sqrtf(t: torch.Tensor) -> torch.Tensor:
-    """C ``sqrtf``, correctly rounded: torch's float32 ``sqrt`` on CPU is not (it can be one
-    ulp off), so take it in float64 and round once to float32 (exact for sqrt)."""
-    return t.double().sqrt().float()
+    """C ``sqrtf``, correctly rounded. torch's float32 ``sqrt`` on CPU is not (with AVX512 it
+    can be one ulp off); numpy's float32 ``sqrt`` is the IEEE instruction (``sqrtps``),
+    correctly rounded like ``sqrtf``, without a float64 round trip."""
+    t = t.float().contiguous()
+    if t.device.type != "cpu":
+        return t.double().sqrt().float()     # exact too: one rounding of the exact root
+    return torch.from_numpy(np.sqrt(t.numpy()))
 
 
 def _recip(t: torch.Tensor) -> torch.Tensor:
@@ -79,16 +130,27 @@ def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
     return torch.div(torch.full_like(t, c), t)
 
 
-def _qx_weights(x: torch.Tensor, rmse_type: int, qw: torch.Tensor | None) -> torch.Tensor:
+def _qx_weights(xt: torch.Tensor, rmse_type: int, qw: torch.Tensor | None) -> torch.Tensor:
     if qw is not None:
-        return qw.float()
+        return qw.float().t().contiguous()
     if rmse_type == 1:
-        return x * x
+        return xt * xt
     if rmse_type == 2:
-        return torch.ones_like(x)
+        return torch.ones_like(xt)
     if rmse_type == 3:
-        return x.abs()
-    return sqrtf(x.abs())
+        return xt.abs()
+    return sqrtf(xt.abs())
+
+
+def _round_clamp(t: torch.Tensor, lo: float, hi: float, bound: torch.Tensor) -> torch.Tensor:
+    """``nearest_int(t)`` clamped to ``[lo, hi]`` (integers), float32; ``t`` is overwritten.
+    ``bound`` is a per-group ``[B]`` upper bound of ``|t|`` over the group (by monotonicity of
+    float32 rounding ``fl(max|a|·|s|)`` bounds every ``fl(a·s)``): when all of them are below
+    ``2²² - 1`` the bit trick is round-half-even, and clamping first changes nothing, so it is
+    two ops (``clamp``, ``round``); otherwise (a span that underflows, inf/NaN) the bit trick."""
+    if bool((bound < _EXACT).all()):
+        return t.clamp_(lo, hi).round_()
+    return _nearest_i32(t).clamp_(int(lo), int(hi)).float()
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, rmse_type: int,
@@ -101,33 +163,41 @@ def make_qx_quants(x: torch.Tensor, nmax: int, rmse_type: int,
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
     iscale0 = rdiv(-nmax, mx)
+
+    def levels_for(iscale: torch.Tensor) -> torch.Tensor:
+        return nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1) + nmax
+
     if rmse_type == 0:
-        l0 = nearest_int(iscale0[:, None] * x).clamp(-nmax, nmax - 1)
-        scale, levels = _recip(iscale0), l0 + nmax
-        return _zero_groups(scale, levels, zero)
-    steps = [] if rmse_type < 0 else [i for i in range(-9, 10) if i != 0]
-    consts = torch.tensor([-(np.float32(nmax) + np.float32(0.1) * np.float32(i)) for i in steps],
-                          dtype=torch.float32).reshape(1, -1)
-    iscales = torch.cat([iscale0[:, None], consts / mx[:, None]], dim=1)    # [B, K]
-    lv = nearest_int(iscales[:, :, None] * x[:, None, :]).clamp(-nmax, nmax - 1)
-    w = _qx_weights(x, abs(rmse_type), qw)
-    lf = lv.float()
-    sumlx = seq_sum((w * x)[:, None, :] * lf)
-    suml2 = seq_sum((w[:, None, :] * lf) * lf)
-    s0, l2 = sumlx[:, 0], suml2[:, 0]
+        return _zero_groups(_recip(iscale0), levels_for(iscale0), zero)
+    xt = x.t().contiguous()                                              # [n, B]
+    w = _qx_weights(xt, abs(rmse_type), qw)
+    wx = w * xt
+    buf = torch.empty((xt.shape[0], 2, xt.shape[1]), dtype=torch.float32)
+
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sumlx, suml2)`` of one candidate: ``Σ w·x·l`` and ``Σ (w·l)·l`` in C order."""
+        lv = _round_clamp(iscale * xt, -nmax, nmax - 1, iscale.abs() * amax)
+        torch.mul(wx, lv, out=buf[:, 0])
+        torch.mul(w, lv, out=buf[:, 1])
+        buf[:, 1].mul_(lv)
+        s = csum0(buf)
+        return s[0], s[1]
+
+    s0, l2 = sums(iscale0)
     scale = torch.where(l2 != 0, s0 / torch.where(l2 != 0, l2, 1.0), torch.zeros_like(s0))
-    levels = lv[:, 0]
     if rmse_type < 0:
         early = torch.where(l2 > 0, 0.5 * (scale + _recip(iscale0)), _recip(iscale0))
-        return _zero_groups(early, levels + nmax, zero)
-    best = scale * s0
-    for k in range(1, iscales.shape[1]):
-        sx, s2 = sumlx[:, k], suml2[:, k]
+        return _zero_groups(early, levels_for(iscale0), zero)
+    best, chosen = scale * s0, iscale0
+    for i in (i for i in range(-9, 10) if i != 0):
+        c = -(np.float32(nmax) + np.float32(0.1) * np.float32(i))
+        iscale = torch.div(torch.full_like(mx, float(c)), mx)
+        sx, s2 = sums(iscale)
         take = (s2 > 0) & (sx * sx > best * s2)
         scale = torch.where(take, sx / torch.where(take, s2, 1.0), scale)
         best = torch.where(take, scale * sx, best)
-        levels = torch.where(take[:, None], lv[:, k], levels)
-    return _zero_groups(scale, levels + nmax, zero)
+        chosen = torch.where(take, iscale, chosen)
+    return _zero_groups(scale, levels_for(chosen), zero)
 
 
 def _zero_groups(scale: torch.Tensor, levels: torch.Tensor, zero: torch.Tensor
@@ -158,57 +228,61 @@ def _make_qkx(x: torch.Tensor, nmax: int, weights: torch.Tensor | None, rmin: fl
               rdelta: float, nstep: int, use_mad: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.float()
-    w = x * x if weights is None else weights.float()
+    xt = x.t().contiguous()                                              # [n, B]
+    w = xt * xt if weights is None else weights.float().t().contiguous()
     mn, mx = first_min(x), first_max(x)
-    sum_w = seq_sum(w, from_first=True)
-    sum_x = seq_sum(w * x, from_first=True)
+    lowest = mn
+    sum_w = csum0(w, from_first=True)
+    sum_x = csum0(w * xt, from_first=True)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx <= mn
     span = torch.where(flat, torch.ones_like(mx), mx - mn)
-    iscale0 = rdiv(nmax, span)
-    scale = _recip(iscale0)
-    xm = x - mn[:, None]
-    levels = nearest_int(iscale0[:, None] * xm).clamp(0, nmax)
-    best = _error(scale[:, None], levels, mn[:, None], x, w, use_mad)
+    iscale = rdiv(nmax, span)
+    scale = _recip(iscale)
+    buf = torch.empty((xt.shape[0], 3, xt.shape[1]), dtype=torch.float32)
+    lv_buf, diff = torch.empty_like(xt), torch.empty_like(xt)   # reused by every candidate
+
+    def levels(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        """``nearest_int(iscale·(x − min))`` clamped to ``[0, nmax]`` (in ``lv_buf``);
+        ``|x − min|`` is at most ``max(|max − min|, |lowest − min|)``."""
+        bound = torch.maximum((mx - mn).abs(), (lowest - mn).abs()).mul_(iscale.abs())
+        return _round_clamp(torch.sub(xt, mn, out=lv_buf).mul_(iscale), 0, nmax, bound)
+
+    def error(scale: torch.Tensor, lv: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        """``sum += w * diff`` with ``diff = scale*L + min - x`` (``|diff|`` or ``diff²``)."""
+        d = torch.mul(lv, scale, out=diff).add_(mn).sub_(xt)
+        d = d.abs_() if use_mad else d.mul_(d)
+        return csum0(d.mul_(w))
+
+    best = error(scale, levels(iscale, mn), mn)
+    chosen_is, chosen_mn = iscale, mn                  # the levels' (iscale, min) so far
     for i in range(nstep + 1 if nstep >= 1 else 0):
         c = float(np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax))
-        cand = _qkx_candidate(x, w, sum_w, sum_x, rdiv(c, mx - mn), mn, nmax, use_mad)
-        take = (cand[0] > 0) & (cand[1] < best) & ~flat
-        best, scale, mn = (torch.where(take, v, old) for v, old in
-                           zip(cand[1:4], (best, scale, mn)))
-        levels = torch.where(take[:, None], cand[4], levels)
+        # ``c/(max - min)``; flat groups never accept a candidate, so any finite divisor does
+        iscale = rdiv(c, torch.where(flat, torch.ones_like(mx), mx - mn))
+        lv = levels(iscale, mn)
+        torch.mul(w, lv, out=buf[:, 0])
+        torch.mul(buf[:, 0], lv, out=buf[:, 1])
+        torch.mul(buf[:, 0], xt, out=buf[:, 2])
+        sum_l, sum_l2, sum_xl = csum0(buf)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        safe = torch.where(D > 0, D, torch.ones_like(D))
+        t_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+        t_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        pos = t_min > 0
+        t_min = torch.where(pos, torch.zeros_like(t_min), t_min)
+        t_scale = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, 1.0), t_scale)
+        mad = error(t_scale, lv, t_min)
+        take = (D > 0) & (mad < best) & ~flat
+        chosen_is = torch.where(take, iscale, chosen_is)
+        chosen_mn = torch.where(take, mn, chosen_mn)
+        best = torch.where(take, mad, best)
+        scale = torch.where(take, t_scale, scale)
+        mn = torch.where(take, t_min, mn)
+    lv = nearest_int(chosen_is[:, None] * (x - chosen_mn[:, None])).clamp(0, nmax)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    levels = torch.where(flat[:, None], torch.zeros_like(levels), levels)
-    return scale, levels, -mn
-
-
-def _qkx_candidate(x: torch.Tensor, w: torch.Tensor, sum_w: torch.Tensor, sum_x: torch.Tensor,
-                   iscale: torch.Tensor, mn: torch.Tensor, nmax: int, use_mad: bool
-                   ) -> tuple[torch.Tensor, ...]:
-    """One pass of the ``is`` loop of ``make_qkx2/3_quants``: ``(D, mad, this_scale,
-    this_min, Laux)``. Sequential per group (an accepted candidate's ``min`` is the next
-    one's ``x[i] - min`` and ``max - min``), vectorised over groups."""
-    lv = nearest_int(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
-    lf = lv.float()
-    wl = w * lf
-    sum_l, sum_l2, sum_xl = seq_sum(torch.stack([wl, wl * lf, wl * x]))
-    D = sum_w * sum_l2 - sum_l * sum_l
-    safe = torch.where(D > 0, D, torch.ones_like(D))
-    t_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
-    t_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
-    pos = t_min > 0
-    t_min = torch.where(pos, torch.zeros_like(t_min), t_min)
-    t_scale = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, 1.0), t_scale)
-    mad = _error(t_scale[:, None], lv, t_min[:, None], x, w, use_mad)
-    return D, mad, t_scale, t_min, lv
-
-
-def _error(scale: torch.Tensor, levels: torch.Tensor, mn: torch.Tensor, x: torch.Tensor,
-           w: torch.Tensor, use_mad: bool) -> torch.Tensor:
-    """``sum += w * diff`` with ``diff = scale*L + min - x`` (``|diff|`` or ``diff²``)."""
-    diff = (scale * levels.float() + mn) - x
-    diff = diff.abs() if use_mad else diff * diff
-    return seq_sum(w * diff)
+    lv = torch.where(flat[:, None], torch.zeros_like(lv), lv)
+    return scale, lv, -mn
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool
@@ -220,34 +294,59 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool
     amax, mx = first_abs_max(x)
     zero = amax < GROUP_MAX_EPS
     iscale = rdiv(-nmax, torch.where(zero, torch.ones_like(mx), mx))
-    levels = nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
     if not do_rmse:
+        levels = nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
         return _zero_groups(_recip(iscale), levels + nmax, zero)
-    w = x * x
-    wx = w * x
-    lf = levels.float()
-    sumlx, suml2 = seq_sum(wx * lf), seq_sum((w * lf) * lf)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[1]):
-            li = levels[:, i].float()
-            slx = sumlx - wx[:, i] * li
-            sl2 = suml2 - (w[:, i] * li) * li
-            new_l = nearest_int((x[:, i] * sl2) / slx).clamp(-nmax, nmax - 1)
-            nf = new_l.float()
-            slx_n = slx + wx[:, i] * nf
-            sl2_n = sl2 + (w[:, i] * nf) * nf
-            take = ((slx > 0) & (new_l != levels[:, i]) & (sl2_n > 0)
-                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n))
-            levels[:, i] = torch.where(take, new_l, levels[:, i])
-            sumlx = torch.where(take, slx_n, sumlx)
-            suml2 = torch.where(take, sl2_n, suml2)
-            changed |= take
-        if not bool(changed.any()):
-            break
+    xt = x.t().contiguous()                                              # [n, B]
+    lv = _round_clamp(iscale * xt, -nmax, nmax - 1, iscale.abs() * amax)
+    w = xt * xt
+    wx = w * xt
+    sumlx, suml2 = csum0(wx * lv), csum0((w * lv) * lv)
+    sumlx, suml2 = _refine(xt, w, wx, lv, sumlx, suml2, -nmax, nmax - 1, True)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0),
                         torch.zeros_like(sumlx))
-    return _zero_groups(scale, levels + nmax, zero)
+    return _zero_groups(scale, lv.t().long() + nmax, zero)
+
+
+def _refine(xt: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, lv: torch.Tensor,
+            sumlx: torch.Tensor, suml2: torch.Tensor, lo: int, hi: int, q3: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The up-to-5 passes of one-level moves of ``make_q3_quants`` (``q3``) and
+    ``make_qp_quants`` over element-major ``[n, B]`` tensors; ``lv`` (float levels, for
+    ``make_qp_quants`` already wrapped to ``uint8_t``) is updated in place. A pass that moves
+    nothing in a group ends the C loop for that group (the next pass would repeat the same
+    steps), so each pass after the first runs only on the groups the previous pass moved."""
+    groups = None                                   # indices of the groups in play; None: all
+    cur = (xt, w, wx, lv)
+    for _ in range(5):
+        gx, gw, gwx, glv = cur
+        moved = torch.zeros_like(sumlx, dtype=torch.bool)
+        for i in range(gx.shape[0]):
+            li = glv[i]
+            slx = sumlx - gwx[i] * li
+            sl2 = suml2 - (gw[i] * li) * li
+            new_i = _nearest_i32((gx[i] * sl2) / slx).clamp_(min=lo, max=hi)
+            nf = new_i.float()
+            slx_n = slx + gwx[i] * nf
+            sl2_n = sl2 + (gw[i] * nf) * nf
+            ok = (slx > 0) & (sl2_n > 0) if q3 else (slx > 0) & (sl2 > 0)
+            take = (ok & (nf != li)
+                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n))
+            glv[i] = torch.where(take, nf if q3 else (new_i & 0xFF).float(), li)
+            sumlx = torch.where(take, slx_n, sumlx)
+            suml2 = torch.where(take, sl2_n, suml2)
+            moved |= take
+        if groups is None:
+            all_sumlx, all_suml2 = sumlx, suml2
+        else:
+            lv[:, groups], all_sumlx[groups], all_suml2[groups] = glv, sumlx, suml2
+        moved = moved.nonzero().squeeze(1)
+        if moved.numel() == 0:
+            break
+        groups = moved if groups is None else groups[moved]
+        cur = tuple(t[:, moved] for t in cur)
+        sumlx, suml2 = sumlx[moved], suml2[moved]
+    return all_sumlx, all_suml2
 
 
 def make_qp_quants(x: torch.Tensor, nmax: int, quant_weights: torch.Tensor
@@ -255,55 +354,35 @@ def make_qp_quants(x: torch.Tensor, nmax: int, quant_weights: torch.Tensor
     """``make_qp_quants(n, nmax, x, L, quant_weights)``: levels ``L`` in ``[0, nmax]`` for
     non-negative ``x`` (the k-quants' sub-block scales and mins) and the scale; ``L`` is kept
     as the C ``uint8_t`` array holds it (a negative level wraps modulo 256)."""
-    x, w = x.float(), quant_weights.float()
+    x = x.float()
     mx = x.amax(dim=-1)
     zero = mx < GROUP_MAX_EPS
-    mx = torch.where(zero, torch.ones_like(mx), mx)[:, None]
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    xt = x.t().contiguous()                                              # [n, B]
+    w = quant_weights.float().t().contiguous()
     iscale = rdiv(nmax, mx)
-    scale0 = _recip(iscale)
-    diff = x - scale0 * (nearest_int(iscale * x) & 0xFF).float()
-    best = seq_sum((w * diff) * diff)
-    consts = torch.tensor([np.float32(0.1) * np.float32(i) + np.float32(nmax)
-                           for i in range(-4, 5) if i != 0], dtype=torch.float32)
-    iscales = consts[None, :] / mx                                        # [B, 8]
-    lv = nearest_int(iscales[:, :, None] * x[:, None, :]).clamp(max=nmax).float()
-    diff = x[:, None, :] - _recip(iscales)[:, :, None] * lv
-    mse = seq_sum((w[:, None, :] * diff) * diff)
-    for k in range(iscales.shape[1]):
-        take = mse[:, k] < best
-        best = torch.where(take, mse[:, k], best)
-        iscale = torch.where(take[:, None], iscales[:, k:k + 1], iscale)
-    ints = nearest_int(iscale * x).clamp(max=nmax)
-    wx = w * x
-    sumlx = seq_sum(wx * ints.float())
-    suml2 = seq_sum((w * ints.float()) * ints.float())
-    levels = ints & 0xFF
-    sumlx, suml2 = _qp_refine(x, w, wx, levels, sumlx, suml2, nmax)
+
+    def mse(iscale: torch.Tensor, wrap: bool) -> torch.Tensor:
+        lv = _nearest_i32(iscale * xt)
+        lv = (lv & 0xFF) if wrap else lv.clamp_(max=nmax)
+        diff = xt - _recip(iscale) * lv.float()
+        return csum0((w * diff) * diff)
+
+    best = mse(iscale, True)
+    for i in (i for i in range(-4, 5) if i != 0):
+        c = float(np.float32(0.1) * np.float32(i) + np.float32(nmax))
+        cand = torch.div(torch.full_like(mx, c), mx)
+        err = mse(cand, False)
+        take = err < best
+        best = torch.where(take, err, best)
+        iscale = torch.where(take, cand, iscale)
+    ints = _nearest_i32(iscale * xt).clamp_(max=nmax)
+    lf = ints.float()
+    wx = w * xt
+    sumlx = csum0(wx * lf)
+    suml2 = csum0((w * lf) * lf)
+    lv = (ints & 0xFF).float()
+    sumlx, suml2 = _refine(xt, w, wx, lv, sumlx, suml2, -(1 << 30), nmax, False)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0),
                         torch.zeros_like(sumlx))
-    return _zero_groups(scale, levels, zero)
-
-
-def _qp_refine(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, levels: torch.Tensor,
-               sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``itry`` passes of ``make_qp_quants`` (``levels`` is updated in place)."""
-    for _ in range(5):
-        changed = torch.zeros_like(sumlx, dtype=torch.bool)
-        for i in range(x.shape[1]):
-            li = levels[:, i].float()
-            slx = sumlx - wx[:, i] * li
-            sl2 = suml2 - (w[:, i] * li) * li
-            new_l = nearest_int((x[:, i] * sl2) / slx).clamp(max=nmax)
-            nf = new_l.float()
-            slx_n = slx + wx[:, i] * nf
-            sl2_n = sl2 + (w[:, i] * nf) * nf
-            take = ((slx > 0) & (sl2 > 0) & (new_l != levels[:, i])
-                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n))
-            levels[:, i] = torch.where(take, new_l & 0xFF, levels[:, i])
-            sumlx = torch.where(take, slx_n, sumlx)
-            suml2 = torch.where(take, sl2_n, suml2)
-            changed |= take
-        if not bool(changed.any()):
-            break
-    return sumlx, suml2
+    return _zero_groups(scale, lv.t().long(), zero)

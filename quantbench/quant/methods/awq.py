@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
-from quantbench.quant.awq import apply_clip, fold_scales, search_clip, search_scales
+from quantbench.quant.awq import (apply_clip, fold_scales, output_error, search_clip,
+                                  search_scales)
 from quantbench.quant.gptq import GPTQParams, gptq_quantize
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.rtn import rtn_quantize
@@ -56,6 +57,7 @@ class AWQ(Method):
     description = "AWQ: activation-aware scales folded into norms/linears + clipping, then RTN or GPTQ"
     options_cls = AWQOptions
     symmetric = False
+    device_capable = True  # RTN and GPTQ on integer grids run where the block is
 
     def __init__(self, config: QuantizeConfig):
         super().__init__(config)
@@ -135,32 +137,117 @@ def _subset(items: list, windows: list[torch.Tensor], n: int) -> list:
     return out
 
 
-def awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
-    """Search and apply AWQ scales and clips to one float block in place; return the search
-    result as named tensors (``<prev>.awq_scales``, ``<linear>.awq_clip``)."""
-    from quantbench.calibration.pipeline import capture_linear_inputs
+class _Stop(Exception):
+    """Raised by a pre-hook to end a mixer forward once everything needed was captured."""
 
+
+class _Input:
+    """What the search needs of one linear input over all calibration micro-batches, gathered
+    batch by batch (nothing of full size is kept): the mean ``|x|`` per channel (``mean``),
+    the micro-batches the scale search runs on (``search``) and the evenly strided token
+    sample the clip search runs on (``sample``, tokens ``0, step, 2·step, …``)."""
+
+    def __init__(self, total: int, n_search: int, clip_tokens: int, want_mean: bool):
+        self.total, self.n_search, self.want_mean = total, n_search, want_mean
+        self.clip_tokens = clip_tokens
+        self.step = max(1, total // clip_tokens)
+        self.seen = 0
+        self.abs_sum: torch.Tensor | None = None
+        self.search: list[torch.Tensor] = []
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.want_mean:
+            part = flat.abs().sum(dim=0)
+            self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
+        if len(self.search) < self.n_search:
+            self.search.append(x)
+        first = (-self.seen) % self.step
+        self.parts.append(flat[first::self.step].clone())  # a view would keep the batch
+        self.seen += flat.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.abs_sum / self.seen
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.parts)[: self.clip_tokens]
+
+
+def _capture(mixer, modules: dict, normed: list[torch.Tensor], kwargs: list[dict],
+             inputs: dict[str, _Input], outs: list[torch.Tensor], n_out: int,
+             stop_at: str | None) -> None:
+    """Run ``mixer`` over every micro-batch, feeding what each of ``modules`` receives to its
+    ``_Input``; keep the first ``n_out`` outputs. From micro-batch ``n_out`` on, the forward
+    ends at ``stop_at`` (the branch's output linear, its last step) once every input of the
+    batch was seen: its output is not needed there."""
+    batch = [0]
+    seen: set[str] = set()
+
+    def hook(name):
+        def pre(mod, args):
+            inputs[name].add(args[0])
+            seen.add(name)
+            if name == stop_at and batch[0] >= n_out and seen >= set(modules):
+                raise _Stop
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for i, (x, kw) in enumerate(zip(normed, kwargs)):
+            batch[0] = i
+            seen.clear()
+            try:
+                out = mixer(x, **kw)
+            except _Stop:
+                continue
+            if i < n_out:
+                outs.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def _awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
     o, grid, arch, layer = config.options, config.grid, ctx.model.arch, ctx.layer
-    if not arch.sublayers:
-        raise ConfigError(f"awq needs the block structure (sublayers) of {arch.family}; "
-                          "use --method gptq")
     prefix = f"{arch.block_prefix}.{ctx.index}."
     result: dict[str, torch.Tensor] = {}
     x = ctx.hidden
-    for sub in arch.sublayers:
+    n_search = len(_subset(x, x, o.search_samples))
+    total = sum(h.shape[:-1].numel() for h in x)
+    firsts = {linears[0] for _, linears in arch.scale_folding}  # inputs whose mean |x| is used
+    subs = arch.sublayers
+    for k, sub in enumerate(subs):
+        last = k == len(subs) - 1
         norm, mixer = layer.get_submodule(sub.norm), layer.get_submodule(sub.mixer)
         kwargs = ctx.sublayer_kwargs(sub)
-        with torch.inference_mode():
-            normed = [norm(h) for h in x]
         groups = ctx.groups_of(sub)
+        normed = [norm(h) for h in x]
+        # one _Input per distinct input: the branch input norm(x) (read by every group of
+        # sub.inputs) and each inner group's (captured in the mixer)
+        reads = [g for g in groups if g[0] in sub.inputs]
+        inputs: dict[str, _Input] = {}
+        if reads:
+            branch_in = _Input(total, n_search, o.clip_tokens,
+                               any(lin in firsts for g in reads for lin in g))
+            for h in normed:
+                branch_in.add(h)
+            inputs.update({lin: branch_in for g in reads for lin in g})
+        for group in groups:
+            if group[0] not in sub.inputs:
+                shared = _Input(total, n_search, o.clip_tokens, any(g in firsts for g in group))
+                inputs.update({lin: shared for lin in group})
         inner = {g[0]: layer.get_submodule(g[0]) for g in groups if g[0] not in sub.inputs}
         outs: list[torch.Tensor] = []
-        feats = capture_linear_inputs(mixer, inner, normed, kwargs, outputs=outs)
-        for group in groups:
-            if group[0] in sub.inputs:
-                feats[group[0]] = normed
-            for lin in group[1:]:
-                feats[lin] = feats[group[0]]
+        # the branch output of every batch feeds the next branch; after the last branch only
+        # the scale search's reference batches are needed
+        n_out = n_search if last else len(normed)
+        _capture(mixer, inner, normed, kwargs, inputs, outs, n_out,
+                 sub.output if sub.output in inner else None)
+        scaled: dict[str, torch.Tensor] = {}  # folded scales by the linear that consumes them
         for prev, linears in arch.scale_folding:
             if not linears[0].startswith(sub.mixer + "."):
                 continue
@@ -171,55 +258,74 @@ def awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
             if prev_mod.weight.shape[0] != mods[0].in_features:
                 log.debug("block %d: %s → %s shapes differ, no scales", ctx.index, prev, linears)
                 continue
-            xs = feats[linears[0]]
-            x_mean = torch.cat([f.reshape(-1, f.shape[-1]) for f in xs]).abs().mean(dim=0)
+            feed = inputs[linears[0]]
             if set(linears) <= set(sub.inputs):   # inspect the whole branch
-                n_sub = _subset(normed, x, o.search_samples)
-                k_sub = kwargs[: len(n_sub)]
-                reference = torch.cat(outs[: len(n_sub)])
-                inspect = _branch_inspector(mixer, mods, n_sub, k_sub)
+                reference = _joined(outs[:n_search])
+                inspect = _branch_inspector(mixer, mods, normed[:n_search], kwargs[:n_search])
             else:                                 # inspect the single consuming linear
-                x_sub = torch.cat(_subset(xs, x, o.search_samples))
-                with torch.inference_mode():
-                    reference = mods[0](x_sub)
+                x_sub = _joined(feed.search)
+                reference = mods[0](x_sub)
                 inspect = _linear_inspector(mods[0], x_sub)
-            found = search_scales(x_mean, [m.weight.data for m in mods], grid, inspect,
-                                  reference, o.n_grid, o.duo_scaling, o.exhaustive)
-            with torch.inference_mode():
-                fold_scales(prev_mod, mods, found.scales)
-            result[f"{prefix}{prev}.awq_scales"] = found.scales.float().clone()
-            scaled = [f / found.scales for f in xs]
+            found = search_scales(feed.mean, [m.weight.data for m in mods], grid,
+                                  n_grid=o.n_grid, duo=o.duo_scaling, exhaustive=o.exhaustive,
+                                  error=output_error(inspect, reference))
+            fold_scales(prev_mod, mods, found.scales)
+            result[f"{prefix}{prev}.awq_scales"] = found.scales
             for lin in linears:
-                feats[lin] = scaled
+                scaled[lin] = found.scales
         if o.clip:
+            samples: dict[tuple[int, int], torch.Tensor] = {}
             for group in groups:
                 for lin in group:
                     if lin.endswith(CLIP_EXEMPT) or ctx.weight_name(lin) not in ctx.targets:
                         continue
                     module = layer.get_submodule(lin)
-                    flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats[lin]])
-                    step = max(1, flat.shape[0] // o.clip_tokens)
-                    max_val = search_clip(module.weight.data, flat[::step][: o.clip_tokens], grid,
-                                          o.clip_grid, o.max_shrink)
-                    with torch.inference_mode():
-                        module.weight.data.copy_(apply_clip(module.weight.data, max_val, grid))
-                    result[f"{prefix}{lin}.awq_clip"] = max_val.float().clone()
-        x = [h + out for h, out in zip(x, outs)]   # the float branch output (scales keep it)
+                    key = id(inputs[lin]), id(scaled.get(lin))
+                    if key not in samples:
+                        sample = inputs[lin].sample
+                        samples[key] = sample / scaled[lin] if lin in scaled else sample
+                    max_val = search_clip(module.weight.data, samples[key], grid, o.clip_grid,
+                                          o.max_shrink)
+                    module.weight.data.copy_(apply_clip(module.weight.data, max_val, grid))
+                    result[f"{prefix}{lin}.awq_clip"] = max_val
+        if not last:
+            x = [h + out for h, out in zip(x, outs)]   # the float branch output (scales keep it)
     return result
 
 
-def _branch_inspector(mixer, mods, normed, kwargs):
-    from quantbench.calibration.pipeline import call_mixer
+def awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """Search and apply AWQ scales and clips to one float block in place; return the search
+    result as named tensors (``<prev>.awq_scales``, ``<linear>.awq_clip``) on the CPU.
 
+    Runs where the block and its inputs are (CPU or GPU). Per branch one pass over the
+    calibration batches gathers the channel means, the search batches and the clip samples of
+    every linear input (the last branch stops each batch past the search ones at its output
+    linear); the scale search then runs its candidates on the search batches, a candidate of
+    a single consuming linear on its captured input."""
+    if not ctx.model.arch.sublayers:
+        raise ConfigError(f"awq needs the block structure (sublayers) of {ctx.model.arch.family}; "
+                          "use --method gptq")
+    found = _awq_block(ctx, config)
+    return {k: v.to("cpu", torch.float32, copy=True) for k, v in found.items()}
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _branch_inspector(mixer, mods, normed, kwargs):
+    """The branch output over the search batches with trial weights swapped into ``mods``
+    (their ``.data`` exchanged, nothing copied)."""
     def inspect(trial: list[torch.Tensor]) -> torch.Tensor:
-        saved = [m.weight.data.clone() for m in mods]
+        saved = [m.weight.data for m in mods]
         try:
             for m, w in zip(mods, trial):
-                m.weight.data.copy_(w)
-            return torch.cat([call_mixer(mixer, n, kw) for n, kw in zip(normed, kwargs)])
+                m.weight.data = w
+            outs = [mixer(n, **kw) for n, kw in zip(normed, kwargs)]
+            return _joined([out[0] if isinstance(out, tuple) else out for out in outs])
         finally:
             for m, w in zip(mods, saved):
-                m.weight.data.copy_(w)
+                m.weight.data = w
     return inspect
 
 
@@ -259,6 +365,7 @@ def apply_saved_tensors(arch, index: int, tensors: dict[str, torch.Tensor],
             continue
         key = f"{prefix}{prev}.weight"
         w = get(key)
+        s = s.to(w.device)  # a saved search is on the CPU, the block may be on a GPU
         work[key] = w / s if w.dim() == 1 else w / s.view(-1, 1)
         bias = f"{prefix}{prev}.bias"
         if bias in tensors:

@@ -27,6 +27,7 @@ class Method:
     fixed_bits: ClassVar[int | None] = None  # methods defined at one width (nf4: 4, llm_int8: 8)
     native_format: ClassVar[str | None] = None  # the layout made for it, if only some can hold it
     gguf_capable: ClassVar[bool] = False     # can quantize onto GGUF block types (--type)
+    device_capable: ClassVar[bool] = False   # quantize_with_stats runs on a GPU's tensors
 
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,

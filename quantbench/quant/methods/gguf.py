@@ -1,12 +1,15 @@
 """Methods on GGUF grids: ``rtn`` (llama.cpp's reference quantizers, data-free) and ``imatrix``
-(importance from the calibration layer weighting the scale/min search, as llama.cpp's
-``--imatrix`` does). A run's grid names a mixture (``Q4_K_M``); ``prepare`` resolves it to one
-ggml type per tensor with llama.cpp's rules, and each tensor is quantized with that type's codec.
+(importance from the calibration layer, or from a llama.cpp imatrix file, weighting the scale/min
+search as llama.cpp's ``--imatrix`` does). A run's grid names a mixture (``Q4_K_M``); ``prepare``
+resolves it to one ggml type per tensor with llama.cpp's rules, and each tensor is quantized with
+that type's codec.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +32,11 @@ class GGUFPlan:
     config: QuantizeConfig
     needs_calibration: bool
 
+    @property
+    def has_imatrix(self) -> bool:
+        """Whether llama.cpp's type rules see an importance matrix (they differ for Q4_0/Q5_0)."""
+        return self.needs_calibration
+
     def __init__(self, config: QuantizeConfig):
         super().__init__(config)
         self.types: dict[str, str] = {}
@@ -39,7 +47,7 @@ class GGUFPlan:
 
         if self.config.grid.kind == "gguf":
             self.types = plan_tensor_types(self.config.grid.type, model, targets,
-                                           has_imatrix=self.needs_calibration)
+                                           has_imatrix=self.has_imatrix)
 
     def tensor_type(self, name: str) -> str:
         if name not in self.types:
@@ -95,27 +103,123 @@ class RTN(_GGUFMethod):
 @dataclass(frozen=True)
 class ImatrixOptions(CalibrationOptions):
     calib_samples: int = 64
+    imatrix_file: str | None = None  # a llama.cpp imatrix (.gguf or .dat) instead of calibration
+
+
+IMATRIX_FILE = "imatrix.gguf"  # beside model.gguf: the importance a calibrated run used
+_CALIBRATION_FLAGS = {"calib_samples": "--calib-samples", "calib_len": "--calib-len",
+                      "calib_seed": "--seed", "calib_data": "--calib-data",
+                      "calib_chat_template": "--calib-chat-template"}
 
 
 @register_method("imatrix")
 class Imatrix(_GGUFMethod):
+    """Importance-weighted GGUF quantization. Calibrated, each block linear's importance comes
+    from the pipeline (sums of x² and rows, as llama-imatrix records them) and is written beside
+    the GGUF as ``imatrix.gguf`` (``llama-quantize --imatrix`` on it gives the same tensors).
+    With ``imatrix_file`` every tensor takes its own entry of that file, as llama-quantize does,
+    and no calibration runs."""
+
     description = ("llama.cpp's importance-weighted scale/min search, importance (mean x² per "
-                   "input column) from the calibration layer")
+                   "input column) from the calibration layer or a llama.cpp imatrix file")
     options_cls = ImatrixOptions
     needs_calibration = True
-    statistic = "importance"
+    statistic = "imatrix"
+
+    def __init__(self, config: QuantizeConfig):
+        from quantbench.calibration.imatrix_file import load_imatrix
+
+        super().__init__(config)
+        path = config.options.imatrix_file
+        self.loaded = load_imatrix(path) if path else None
+        self.needs_calibration = self.loaded is None  # a file replaces the calibration pass
+        self.importance: dict[str, torch.Tensor] = {}  # HF name → importance, from the file
+        self.collected: dict[str, Any] = {}            # GGUF name → ImatrixEntry, calibrated
+        self.gguf_names: dict[str, str] = {}
+        self.block_targets: list[str] = []
+
+    @property
+    def has_imatrix(self) -> bool:
+        return True
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
         if config.grid.kind != "gguf":
             raise ConfigError("imatrix weights GGUF block searches; pass --format gguf "
                               "--type Q4_K_M (or another GGUF type)")
+        o = config.options
+        if o.imatrix_file:
+            default = ImatrixOptions(imatrix_file=o.imatrix_file)
+            for name, flag in _CALIBRATION_FLAGS.items():
+                if getattr(o, name) != getattr(default, name):
+                    raise ConfigError(f"--imatrix {o.imatrix_file} replaces calibration; drop "
+                                      f"{flag}")
+
+    def prepare(self, model, targets: list[str]) -> None:
+        from quantbench.calibration.imatrix_file import importance_for_model
+
+        super().prepare(model, targets)
+        self.gguf_names = {n: model.arch.gguf_tensor_name(n) for n in targets}
+        self.block_targets = [n for n in targets if model.arch.block_of(n) is not None]
+        if self.loaded is not None:
+            self.importance = importance_for_model(self.loaded, model, targets)
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
-        # Embeddings and lm_head are quantized before the blocks, without importance: llama.cpp
-        # has none for token_embd either (its imatrix covers output.weight; ours does not yet).
-        return self.quantize_gguf(name, weight)
+        # Calibrated, embeddings and lm_head are quantized before the blocks, without
+        # importance (llama-imatrix collects output.weight only with --process-output).
+        return self.quantize_gguf(name, weight, self.importance.get(name))
 
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
-                            importance: torch.Tensor) -> QuantizedTensor:
-        return self.quantize_gguf(name, weight, importance)
+                            stat: tuple[torch.Tensor, int]) -> QuantizedTensor:
+        from quantbench.calibration.imatrix_file import ImatrixEntry
+
+        entry = ImatrixEntry.of(stat[0].cpu(), stat[1])
+        self.collected[self.gguf_names[name]] = entry
+        return self.quantize_gguf(name, weight, entry.importance())
+
+    def _dataset(self) -> str:
+        from quantbench.calibration.data import BUNDLED_C4
+
+        return self.config.options.calib_data or BUNDLED_C4
+
+    def gguf_metadata(self) -> list[tuple[str, Any, str]]:
+        """The ``quantize.imatrix.*`` keys llama-quantize adds to a file it quantized with an
+        imatrix (``(key, value, gguf value type name)``); calibrated, the file named is the
+        ``imatrix.gguf`` written beside the model."""
+        if self.loaded is not None:
+            kvs = [("quantize.imatrix.file", _c_string(self.config.options.imatrix_file),
+                    "STRING")]
+            if self.loaded.datasets:
+                kvs.append(("quantize.imatrix.dataset", _c_string(self.loaded.datasets[0]),
+                            "STRING"))
+            kvs.append(("quantize.imatrix.entries_count", len(self.loaded.entries), "UINT32"))
+            chunks = self.loaded.chunk_count
+        else:
+            kvs = [("quantize.imatrix.file", IMATRIX_FILE, "STRING"),
+                   ("quantize.imatrix.dataset", _c_string(self._dataset()), "STRING"),
+                   ("quantize.imatrix.entries_count", len(self.block_targets), "UINT32")]
+            chunks = self.config.options.calib_samples
+        if chunks > 0:
+            kvs.append(("quantize.imatrix.chunks_count", chunks, "UINT32"))
+        return kvs
+
+    def write_outputs(self, directory: Path) -> list[str]:
+        """Calibrated: the importance this run used, as llama.cpp's imatrix GGUF."""
+        from quantbench.calibration.imatrix_file import write_imatrix
+
+        if self.loaded is not None:
+            return []
+        expected = {self.gguf_names[n] for n in self.block_targets}
+        if set(self.collected) != expected:
+            raise ConfigError(f"imatrix: statistics for {len(self.collected)} of "
+                              f"{len(expected)} block linears; the pipeline skipped some")
+        o = self.config.options
+        write_imatrix(Path(directory) / IMATRIX_FILE, self.collected,
+                      datasets=[self._dataset()], chunk_count=o.calib_samples,
+                      chunk_size=o.calib_len)
+        return [IMATRIX_FILE]
+
+
+def _c_string(text: str) -> str:
+    """What llama-quantize keeps of a string metadata value (a 128-byte C buffer)."""
+    return text.encode("utf-8")[:127].decode("utf-8", "ignore")

@@ -24,6 +24,7 @@ class GPTQOptions(CalibrationOptions):
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = True  # measured better here (see README); --dynamic-groups for GPTQ's original
+    scale_search: bool = True   # shrink group ranges where diag(H)-weighted error drops
 
 
 @register_method("gptq")
@@ -37,6 +38,7 @@ class GPTQ(GGUFPlan, Method):
     needs_calibration = True
     statistic = "hessian"
     gguf_capable = True
+    device_capable = True  # integer grids solve on the GPU; GGUF codecs run on the CPU
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
@@ -56,10 +58,11 @@ class GPTQ(GGUFPlan, Method):
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
                             hessian: torch.Tensor) -> QuantizedTensor:
         o = self.config.options
-        params = GPTQParams(o.damp_percent, o.block_size, o.act_order, o.static_groups)
+        params = GPTQParams(o.damp_percent, o.block_size, o.act_order, o.static_groups,
+                            o.scale_search)
         if self.config.grid.kind == "gguf":
             ggml_type = self.tensor_type(name)
-            data, stats = gptq_gguf(weight, hessian, ggml_type, params)
+            data, stats = gptq_gguf(weight.cpu(), hessian.cpu(), ggml_type, params)
             qt = gguf_tensor(data, ggml_type, weight.dtype)
         else:
             scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \

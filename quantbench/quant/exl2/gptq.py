@@ -1,0 +1,116 @@
+"""GPTQ (and round-to-nearest) onto an EXL2 mix, as pure tensor functions.
+
+Rows are taken in act-order (``diag(H)`` descending, as exllamav2 always does); the mix cuts
+them into groups, widest codes first. GPTQ's shared column sweep
+(:func:`quantbench.quant.gptq.column_sweep`) fits each group's scales on the error-updated
+weights when the group starts (:func:`~quantbench.quant.exl2.grid.fit_group`, weighted by
+``diag(H)``), rounds each column against them and spreads the error over the columns still
+to come. The Hessian's factorisation can be prepared once and shared by every setting tried
+on the same input (:func:`prepare_hessian`), as the measurement does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantbench.config import EXL2GridConfig
+from quantbench.quant.exl2.grid import fit_group, group_layout, round_signed, scales_from_codes
+from quantbench.quant.gptq import (GPTQStats, Upcoming, column_sweep,
+                                   inverse_hessian_cholesky)
+from quantbench.tensor import QuantizedTensor
+
+
+@dataclass(frozen=True)
+class EXL2Params:
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+
+@dataclass(frozen=True)
+class PreparedHessian:
+    perm: torch.Tensor        # processing order (act-order)
+    hinv: torch.Tensor        # upper Cholesky factor of (H + λI)⁻¹, rows/cols in that order
+    importance: torch.Tensor  # diag(H) in that order
+    dead: torch.Tensor        # inputs that never saw a non-zero value (original order)
+    damp: float
+    damp_increased: bool
+
+
+def prepare_hessian(hessian: torch.Tensor, params: EXL2Params = EXL2Params()
+                    ) -> PreparedHessian:
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True) if params.act_order else \
+        torch.arange(H.shape[0], device=H.device)
+    H = H[perm][:, perm]
+    hinv, damp, increased = inverse_hessian_cholesky(H, params.damp_percent)
+    return PreparedHessian(perm, hinv, torch.diag(H).clone(), dead, damp, increased)
+
+
+def exl2_quantize(weight: torch.Tensor, hessian: "torch.Tensor | PreparedHessian | None",
+                  grid: EXL2GridConfig, params: EXL2Params = EXL2Params()
+                  ) -> tuple[QuantizedTensor, GPTQStats]:
+    """Quantize ``weight [out, in]`` onto the mix ``grid``: GPTQ given the input Hessian
+    ``H = 2·XᵀX/n`` (or its :func:`prepare_hessian`), or round-to-nearest group by group when
+    ``hessian`` is None (rows then in their original order)."""
+    W = weight.float().clone()
+    out_f, in_f = W.shape
+    layout = group_layout(grid, in_f)
+    prep = prepare_hessian(hessian, params) if isinstance(hessian, torch.Tensor) else hessian
+    if prep is None:
+        perm, importance = torch.arange(in_f, device=W.device), None
+    else:
+        perm, importance = prep.perm.to(W.device), prep.importance.to(W.device)
+        W[:, prep.dead.to(W.device)] = 0.0
+    W = W[:, perm]
+    starts, row = {}, 0
+    for index, (bits, rows) in enumerate(layout):
+        starts[row] = (index, bits, rows)
+        row += rows
+    qscale = torch.zeros(out_f, len(layout), dtype=torch.uint8, device=W.device)
+    qscale_max = torch.zeros(len(layout), dtype=torch.float16, device=W.device)
+    state: dict[str, object] = {}
+
+    def fit(j: int, w_group: torch.Tensor) -> None:
+        index, bits, rows = starts[j]
+        qs, qsm = fit_group(w_group, bits, None if importance is None else
+                            importance[j:j + rows])
+        qscale[:, index], qscale_max[index] = qs, qsm
+        scale = scales_from_codes(qs, qsm).float()
+        state.update(bits=bits, zero=float(1 << (bits - 1)), scale=scale,
+                     dead=(scale == 0) if bool((scale == 0).any()) else None)
+
+    def round_col(w: torch.Tensor, j: int, upcoming: Upcoming) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+        if j in starts:
+            fit(j, upcoming()[:, :starts[j][2]])
+        signed = round_signed(w, state["scale"], state["bits"])
+        q = signed + state["zero"]
+        if state["dead"] is not None:  # a channel whose scale is 0: the zero code
+            q = torch.where(state["dead"], torch.full_like(q, state["zero"]), q)
+        return (signed * state["scale"]).to(torch.float16).float(), q
+
+    if prep is None:
+        q_proc, losses = _round_sweep(W, round_col)
+    else:
+        q_proc, losses = column_sweep(W, prep.hinv.to(W.device), params.block_size, round_col)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
+    codes[:, perm] = q_proc.to(torch.uint8)
+    qt = QuantizedTensor(codes=codes, scales=qscale, zeros=None, grid=grid, dtype=weight.dtype,
+                         perm=perm.to(torch.int32), aux={"q_scale_max": qscale_max})
+    damp, increased = (0.0, False) if prep is None else (prep.damp, prep.damp_increased)
+    return qt, GPTQStats(damp=damp, damp_increased=increased, proxy_error=float(losses.sum()))
+
+
+def _round_sweep(W: torch.Tensor, round_col) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest through the same ``round_col`` (no error feedback)."""
+    codes = torch.empty_like(W)
+    losses = torch.zeros(W.shape[0], device=W.device)
+    for j in range(W.shape[1]):
+        deq, q = round_col(W[:, j], j, lambda j=j: W[:, j:])
+        codes[:, j] = q
+        losses += (W[:, j] - deq).square() / 2
+    return codes, losses

@@ -1,0 +1,215 @@
+"""``exl2``: exllamav2's quantization on the shared calibration layer.
+
+With ``bpw`` (``--bpw 4.65``) a measurement pass first records, per block branch and candidate
+setting, the exact bit cost and the relative output error
+(:mod:`quantbench.quant.exl2.measure`); the solver (:mod:`quantbench.quant.exl2.optimize`)
+picks one candidate per branch for the least total error within ``bpw × weights`` bits; then
+GPTQ with act-order quantizes every linear onto its mix on the true-sequential pipeline. The
+measurement is JSON, saved after every block (``measurement``, by default in the quantbench
+cache keyed by model and calibration), so a second target reuses it and an interrupted pass
+resumes. Without ``bpw`` every linear gets one width (``--bits``, ``--group-size``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantbench.config import CalibrationOptions, EXL2GridConfig, GridConfig, QuantizeConfig
+from quantbench.errors import ConfigError
+from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize, prepare_hessian
+from quantbench.quant.methods.base import Method
+from quantbench.registry import register_method
+from quantbench.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT_FILE = "exl2_measurement.json"   # written beside the weights
+STRATEGY_FILE = "exl2_strategy.json"
+
+
+@dataclass(frozen=True)
+class EXL2Options(CalibrationOptions):
+    bpw: float | None = None           # target bits per weight over the decoder linears
+    measurement: str | None = None     # JSON: reused when complete, resumed when not
+    measure_samples: int = 16          # calibration windows the measurement runs on
+    damp_percent: float = 0.01
+    block_size: int = 128
+
+
+@register_method("exl2")
+class EXL2(Method):
+    description = ("EXL2: measured mix of 2-8 bit widths per layer for a bpw target (--bpw), "
+                   "GPTQ with act-order on exllamav2's grid")
+    options_cls = EXL2Options
+    needs_calibration = True
+    statistic = "hessian"
+    default_bits = None          # type: ignore[assignment]  # --bpw excludes --bits
+    default_group_size = None    # type: ignore[assignment]
+    native_format = "exl2"
+
+    @classmethod
+    def make_grid(cls, bits: int | None, group_size: int | None, symmetric: bool | None,
+                  options: EXL2Options) -> GridConfig:
+        if symmetric is False:
+            raise ConfigError("EXL2 codes are symmetric; drop --zero-point")
+        if options.bpw is not None:
+            if bits is not None or group_size is not None:
+                raise ConfigError("--bpw lets the measurement pick bits and groups per layer; "
+                                  "drop --bits/--group-size (or drop --bpw for one width)")
+            return EXL2GridConfig(bpw=options.bpw)
+        bits = 4 if bits is None else bits
+        group_size = 128 if group_size is None else group_size
+        if group_size < 32:
+            raise ConfigError(f"EXL2 groups are multiples of 32 rows, got --group-size "
+                              f"{group_size}; use 32, 64, 128 ...")
+        return EXL2GridConfig((bits,), (1.0,), (group_size,))
+
+    @classmethod
+    def check(cls, config: QuantizeConfig) -> None:
+        o = config.options
+        if config.grid.kind != "exl2":
+            raise ConfigError(f"exl2 quantizes onto EXL2 mixes, not {config.grid.describe()}")
+        if config.targets.embeddings or config.targets.lm_head:
+            raise ConfigError("exl2 quantizes decoder-block linears only; drop "
+                              "--quantize-embeddings/--quantize-lm-head")
+        if not 0 < o.damp_percent < 1:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {o.damp_percent}")
+        if o.measure_samples < 1:
+            raise ConfigError("--measure-samples must be at least 1")
+        if o.measurement is not None and o.bpw is None:
+            raise ConfigError("--measurement is for a --bpw target; add --bpw")
+
+    def __init__(self, config: QuantizeConfig):
+        super().__init__(config)
+        self.params = EXL2Params(config.options.damp_percent, config.options.block_size)
+        self.settings: dict[str, EXL2GridConfig] = {}
+        self.measurement: Any = None
+        self.report: dict[str, Any] | None = None
+        self.path: Path | None = None
+        self.identity: dict[str, Any] = {}
+        self.targets: list[str] = []
+
+    # -- before any work: the measurement file, the target's feasibility -----------------
+
+    def prepare(self, model, targets: list[str]) -> None:
+        """Resolve the measurement file and refuse an impossible target or a measurement
+        of another model, before any work starts."""
+        from quantbench.quant.exl2.measure import (Measurement, check_target, model_identity,
+                                                   plan_slots)
+
+        if not self.config.grid.is_target:
+            return
+        self.targets = list(targets)
+        self.identity = model_identity(model, targets)
+        self.path = self._measurement_path()
+        if self.path.is_file():
+            self.measurement = Measurement.load(self.path)
+            self.measurement.check_model(self.identity, str(self.path))
+            if not self.measurement.complete:
+                self.measurement.check_resumable(self._calibration(), self.measurement.ladder,
+                                                 str(self.path))
+            log.info("EXL2: %s measurement %s", "reusing" if self.measurement.complete else
+                     "resuming", self.path)
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the EXL2 measurement beside {self.path} "
+                                  f"({exc.strerror}); pass --measurement FILE") from exc
+            self.measurement = Measurement(self.identity, self._calibration())
+        slots = self.measurement.slots if self.measurement.complete else \
+            plan_slots(model, targets, self.measurement.ladder)
+        check_target(self.config.grid.bpw, [[c.bits for c in s.candidates] for s in slots],
+                     sum(s.numel for s in slots))
+
+    def _calibration(self) -> dict[str, Any]:
+        o = self.config.options
+        return {"samples": o.measure_samples, "calib_samples": o.calib_samples,
+                "calib_len": o.calib_len, "calib_seed": o.calib_seed,
+                "calib_data": o.calib_data, "calib_chat_template": o.calib_chat_template,
+                "batch_size": o.batch_size}
+
+    def _measurement_path(self) -> Path:
+        from quantbench.models.sample import cache_root
+
+        if self.config.options.measurement:
+            return Path(self.config.options.measurement).expanduser()
+        key = hashlib.sha256(json.dumps([self.identity["digest"], self._calibration()],
+                                        sort_keys=True).encode()).hexdigest()[:20]
+        return cache_root() / "exl2" / f"measurement-{key}.json"
+
+    # -- at block 0 of the pipeline: measure (or resume), then allocate -------------------
+
+    def prepare_block(self, ctx) -> None:
+        if ctx.index != 0 or not self.config.grid.is_target or self.report is not None:
+            return
+        from quantbench.quant.exl2.measure import measure, plan_slots
+
+        m = self.measurement
+        if not m.complete:
+            log.info("EXL2: measuring into %s", self.path)
+            hidden, kwargs = _first_windows(ctx.hidden, ctx.kwargs,
+                                            self.config.options.measure_samples)
+            measure(ctx.model, hidden, kwargs, m, plan_slots(ctx.model, self.targets, m.ladder),
+                    self._quantize_measured, lambda mm: mm.save(self.path),
+                    lambda h: prepare_hessian(h.cpu(), self.params))
+        self.settings, self.report = m.allocate(self.config.grid.bpw)
+        log.info("EXL2: %.4f bpw for a %.4g target, predicted error %.5g (sum of %d branches)",
+                 self.report["achieved_bpw"], self.config.grid.bpw,
+                 self.report["predicted_error"], len(m.slots))
+
+    def _quantize_measured(self, weight: torch.Tensor, hessian: Any,
+                           grid: EXL2GridConfig) -> torch.Tensor:
+        qt, _ = exl2_quantize(weight.cpu(), hessian, grid, self.params)
+        return qt.dequantize().to(weight.device)
+
+    # -- the quantization pass ----------------------------------------------------------------
+
+    def grid_for(self, name: str) -> EXL2GridConfig:
+        if not self.config.grid.is_target:
+            return self.config.grid
+        if name not in self.settings:
+            raise ConfigError(f"{name} has no EXL2 setting in this run's allocation")
+        return self.settings[name]
+
+    def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
+        raise NotImplementedError("exl2 quantizes block linears only, from their Hessian")
+
+    def quantize_with_stats(self, name: str, weight: torch.Tensor,
+                            hessian: torch.Tensor) -> QuantizedTensor:
+        qt, stats = exl2_quantize(weight, hessian, self.grid_for(name), self.params)
+        if stats.damp_increased:
+            log.warning("%s: Cholesky failed at %.2g%% damping; used %.3g", name,
+                        100 * self.params.damp_percent, stats.damp)
+        qt.meta.update({"gptq_damp": stats.damp, "gptq_proxy_error": stats.proxy_error})
+        return qt
+
+    def write_side_files(self, directory: Path) -> list[str]:
+        """A bpw run: the measurement it used and the allocation (target, achieved bpw,
+        predicted error, every tensor's mix), beside the weights."""
+        from quantbench.formats.manifest import write_json_atomic
+
+        if self.report is None:
+            return []
+        self.measurement.save(Path(directory) / MEASUREMENT_FILE)
+        strategy = {**self.report, "measurement": str(self.path),
+                    "settings": {n: g.desc for n, g in self.settings.items()}}
+        write_json_atomic(Path(directory) / STRATEGY_FILE, strategy)
+        return [MEASUREMENT_FILE, STRATEGY_FILE]
+
+
+def _first_windows(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], n: int
+                   ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """The micro-batches holding the first ``n`` calibration windows (whole micro-batches)."""
+    count = 0
+    for i, h in enumerate(hidden):
+        count += h.shape[0]
+        if count >= n:
+            return hidden[:i + 1], kwargs[:i + 1]
+    return hidden, kwargs
