@@ -192,3 +192,16 @@ def test_targets_outside_the_measured_range_are_refused():
         check_target(4.9, costs, numel)
     with pytest.raises(ConfigError, match=r"above the dearest.*12\.000 bpw.*--bpw 12\.00"):
         check_target(12.5, costs, numel)
+
+
+def test_one_sweep_for_many_mixes_equals_separate_sweeps():
+    from quantbench.quant.exl2.gptq import exl2_quantize_many, prepare_hessian
+
+    x = _correlated(512, 128, 3)
+    w = (torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 0.05).half()
+    prep = prepare_hessian(2 * x.T @ x / x.shape[0])
+    grids = [EXL2GridConfig.from_desc(d) for d in ("1:4b_32g", MIX, "0.1:5b_32g/0.9:3b_64g")]
+    for grid, (many, _) in zip(grids, exl2_quantize_many(w, prep, grids)):
+        one, _ = exl2_quantize(w, prep, grid)
+        assert (many.codes == one.codes).float().mean() > 0.999
+        assert torch.allclose(many.dequantize(), one.dequantize(), atol=1e-2)

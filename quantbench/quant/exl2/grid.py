@@ -74,14 +74,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: "torch.Tens
     return ((codes.float() - zero) * scale.float()).to(torch.float16).float()
 
 
-_RINT = 12582912.0  # 1.5·2^23: (x + _RINT) − _RINT is float32 round-half-even for |x| < 2^22
+RINT_MAGIC = 12582912.0  # 1.5·2^23: (x + M) − M is float32 round-half-even for |x| < 2^22
 
 
 def rint(x: torch.Tensor) -> torch.Tensor:
     """``rintf`` (round half to even) of float32 values whose magnitude matters only up to 2^22
     (larger ones are clamped first): the same result as ``torch.round`` in two additions
     (on a contended CPU, ``torch.round`` cost milliseconds per call in the column sweep)."""
-    return (x.clamp(-4194304.0, 4194304.0) + _RINT) - _RINT
+    return (x.clamp(-4194304.0, 4194304.0) + RINT_MAGIC) - RINT_MAGIC
 
 
 def round_signed(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ def round_signed(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
     Clamping before rounding to integer bounds gives the same as after; a zero scale (fp16
     underflow) gives a clamped code that dequantizes to 0 like any other."""
     lo, hi = -float(1 << (bits - 1)), float((1 << (bits - 1)) - 1)
-    return (torch.clamp(w / scale.float().clamp_min(1e-30), lo, hi) + _RINT) - _RINT
+    return (torch.clamp(w / scale.float().clamp_min(1e-30), lo, hi) + RINT_MAGIC) - RINT_MAGIC
 
 
 def round_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -203,7 +203,8 @@ def plan_slots(model: Any, targets: list[str], ladder: list[str]) -> list[Slot]:
 
 # -- the measurement pass -------------------------------------------------------------------
 
-QuantizeFn = Callable[[torch.Tensor, Any, EXL2GridConfig], torch.Tensor]
+QuantizeFn = Callable[[torch.Tensor, Any, list[EXL2GridConfig]], list[torch.Tensor]]
+SWEEP_ELEMENTS = 1 << 25   # weights per stacked GPTQ sweep (copies of one linear, one per mix)
 
 
 def measure(model: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
@@ -212,9 +213,9 @@ def measure(model: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]
             prepare: Callable[[torch.Tensor], Any] = lambda h: h) -> Measurement:
     """Measure every block not yet in ``measurement`` (earlier ones only run forward, to
     make the inputs of the next), saving after each. ``hidden``/``kwargs`` are block 0's
-    float inputs; ``quantize(weight, prepare(hessian), mix)`` returns the dequantized weight
-    (``prepare`` runs once per input Hessian, e.g. its factorisation, shared by every
-    setting tried on that input)."""
+    float inputs; ``quantize(weight, prepare(hessian), mixes)`` returns the dequantized weight
+    for each mix (``prepare`` runs once per input Hessian, e.g. its factorisation, shared by
+    every setting tried on that input)."""
     from quantbench.calibration.pipeline import _skeleton, materialize_block
 
     skeleton = _skeleton(model)
@@ -297,10 +298,14 @@ def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
     norms = [torch.linalg.vector_norm(t.float(), dim=(1, 2)) for t in y]
     for cand in slot.candidates:
         for name, desc in cand.settings.items():
-            if (name, desc) not in cache:
+            if (name, desc) not in cache:  # this mix and the next few of the linear at once
+                todo = [desc] + [d for (n, d) in uses if n == name and d != desc
+                                 and (n, d) not in cache and uses[(n, d)] > 0]
+                todo = todo[:max(1, SWEEP_ELEMENTS // floats[name].numel())]
                 weight = floats[name].to(model.weights.dtype(name))
-                cache[(name, desc)] = quantize(weight, hessians[linear_of[name]],
-                                               EXL2GridConfig.from_desc(desc)).to(torch.float16)
+                grids = [EXL2GridConfig.from_desc(d) for d in todo]
+                for d, deq in zip(todo, quantize(weight, hessians[linear_of[name]], grids)):
+                    cache[(name, d)] = deq.to(torch.float16)
             layer.get_submodule(linear_of[name]).weight.data.copy_(cache[(name, desc)])
         ratios = [torch.linalg.vector_norm((call_mixer(mixer, n, k) - r).float(), dim=(1, 2)) / d
                   for n, k, r, d in zip(normed, kw, ref, norms)]

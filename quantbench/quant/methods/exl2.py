@@ -22,7 +22,8 @@ import torch
 
 from quantbench.config import CalibrationOptions, EXL2GridConfig, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
-from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize, prepare_hessian
+from quantbench.quant.exl2.gptq import (EXL2Params, exl2_quantize, exl2_quantize_many,
+                                        prepare_hessian)
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
@@ -39,7 +40,7 @@ class EXL2Options(CalibrationOptions):
     measurement: str | None = None     # JSON: reused when complete, resumed when not
     measure_samples: int = 16          # calibration windows the measurement runs on
     damp_percent: float = 0.01
-    block_size: int = 128
+    block_size: int = 32               # GPTQ lazy-batch width: 32 is fastest for the CPU sweeps
 
 
 @register_method("exl2")
@@ -165,9 +166,10 @@ class EXL2(Method):
                  self.report["predicted_error"], len(m.slots))
 
     def _quantize_measured(self, weight: torch.Tensor, hessian: Any,
-                           grid: EXL2GridConfig) -> torch.Tensor:
-        qt, _ = exl2_quantize(weight.cpu(), hessian, grid, self.params)
-        return qt.dequantize().to(weight.device)
+                           grids: list[EXL2GridConfig]) -> list[torch.Tensor]:
+        """The measurement's GPTQ: every mix of one linear in one stacked sweep (CPU)."""
+        results = exl2_quantize_many(weight.cpu(), hessian, grids, self.params)
+        return [qt.dequantize().to(weight.device) for qt, _ in results]
 
     # -- the quantization pass ----------------------------------------------------------------
 
