@@ -25,6 +25,7 @@ import torch
 from quantbench.config import GGUFGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError, ModelLoadError
 from quantbench.formats.base import Artifact, Format, read_manifest
+from quantbench.formats.gguf_meta import qk_permute_heads
 from quantbench.models.gguf_import import (hf_config_from_gguf, hf_name, permute_qk,
                                            unpermute_qk)
 from quantbench.quant.gguf.codec import get_codec
@@ -35,16 +36,6 @@ log = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("F32", "F16", "BF16")
-
-
-def _rotary_heads(config: dict[str, Any], name: str) -> int | None:
-    """Heads whose rows llama.cpp interleaves (q: attention heads, k: KV heads), else None."""
-    heads = config["num_attention_heads"]
-    if ".self_attn.q_proj." in name:
-        return heads
-    if ".self_attn.k_proj." in name:
-        return config.get("num_key_value_heads") or heads
-    return None
 
 
 @dataclass(frozen=True)
@@ -88,7 +79,7 @@ def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndar
     else:
         data = get_codec(item.ggml_type).quantize_rows(value.reshape(-1, value.shape[-1])) \
             .reshape(*item.byte_shape())
-    heads = _rotary_heads(config, item.hf_name)
+    heads = qk_permute_heads(config, item.hf_name)
     if heads:
         data = permute_qk(data, heads)
     return data.contiguous().numpy()
@@ -253,7 +244,7 @@ class GGUFWeights:
         shape = self.shape(name)
         data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).copy())
         data = data.reshape(int(np.prod(shape[:-1])), -1)
-        heads = _rotary_heads(self.config, name)
+        heads = qk_permute_heads(self.config, name)
         return unpermute_qk(data, heads) if heads else data
 
     def get(self, name: str) -> torch.Tensor:

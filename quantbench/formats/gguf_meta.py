@@ -4,7 +4,7 @@ What llama.cpp's own ``convert_hf_to_gguf.py`` (llama-cpp-python 0.3.36's vendor
 for the llama family (HF ``model_type`` llama, mistral → GGUF ``llama``; qwen2 → ``qwen2``),
 computed from ``config.json``, ``generation_config.json`` and the tokenizer files alone: no
 weights are read, no remote code runs, nothing is unpickled. The per-tensor types of the
-``llama-quantize`` mixtures live in :mod:`quantbench.formats.gguf_types`; the ``tokenizer.*``
+``llama-quantize`` mixtures live in :mod:`quantbench.quant.gguf.mixtures`; the ``tokenizer.*``
 keys in :mod:`quantbench.formats.gguf_vocab` (vocabularies) and
 :mod:`quantbench.formats.gguf_special` (special tokens, chat template).
 """
@@ -22,18 +22,16 @@ from typing import Any
 import torch
 from gguf import GGUFValueType as VT
 
-from quantbench.errors import ConfigError
-from quantbench.formats.gguf_types import file_type
-from quantbench.models.gguf_import import BLOCK_NAMES, TOP_NAMES, permute_qk
+from quantbench.errors import ConfigError, ModelLoadError
+from quantbench.quant.gguf.mixtures import file_type
+from quantbench.models.arch import ARCHITECTURES, arch_for
+from quantbench.models.gguf_import import permute_qk
 
 log = logging.getLogger(__name__)
 
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # HF model_type → GGUF arch
+ARCHS = {t: spec.gguf_arch for spec in ARCHITECTURES for t in spec.model_types}  # HF → GGUF arch
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 DEFAULT_ALIGNMENT = 32
-HF_BLOCK = {hf: gg for gg, hf in BLOCK_NAMES.items()}  # "self_attn.q_proj" → "attn_q"
-HF_TOP = {hf: gg for gg, hf in TOP_NAMES.items()}  # "model.embed_tokens" → "token_embd"
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _SAMPLING = (("sequence", "sequence", VT.STRING), ("top_k", "top_k", VT.INT32),
              ("top_p", "top_p", VT.FLOAT32), ("min_p", "min_p", VT.FLOAT32),
              ("xtc_probability", "xtc_probability", VT.FLOAT32),
@@ -241,12 +239,14 @@ def gguf_name(hf_name: str, config: dict) -> str | None:
         return None
     if hf_name == "lm_head.weight" and tied_embeddings(config):
         return None
-    if (m := _LAYER.match(hf_name)) and m.group(2) in HF_BLOCK:
-        return f"blk.{m.group(1)}.{HF_BLOCK[m.group(2)]}.{m.group(3)}"
-    base, _, suffix = hf_name.rpartition(".")
-    if base in HF_TOP:
-        return f"{HF_TOP[base]}.{suffix}"
-    raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a {config.get('model_type')} model")
+    if not hf_name.endswith((".weight", ".bias")):
+        raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a "
+                          f"{config.get('model_type')} model")
+    try:
+        return arch_for(config.get("model_type")).gguf_tensor_name(hf_name)
+    except ModelLoadError as exc:
+        raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a "
+                          f"{config.get('model_type')} model") from exc
 
 
 def gguf_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -275,11 +275,25 @@ def needs_qk_permute(config: dict) -> bool:
     return gguf_arch(config) == "llama"
 
 
-def to_gguf_tensor(hf_name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
-    """A tensor in GGUF row order: Q (``num_attention_heads``) and K (``num_key_value_heads``)
-    weights and biases of llama-arch models permuted with ``permute_qk``, the rest unchanged."""
+def qk_permute_heads(config: dict, hf_name: str) -> int | None:
+    """The heads whose rows llama.cpp's llama arch interleaves for RoPE in the tensor
+    ``hf_name`` (Q: ``num_attention_heads``, K: ``num_key_value_heads``, weights and biases);
+    None for every other tensor and for archs stored unpermuted (qwen2). The one place the
+    writer, the converter check and the reader decide the Q/K permutation."""
     if not needs_qk_permute(config):
-        return w
+        return None
+    module = hf_name.rpartition(".")[0]
+    if module.endswith("self_attn.q_proj"):
+        return int(config["num_attention_heads"])
+    if module.endswith("self_attn.k_proj"):
+        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return None
+
+
+def to_gguf_tensor(hf_name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
+    """A tensor in GGUF row order (:func:`qk_permute_heads` decides the permutation)."""
+    heads = qk_permute_heads(config, hf_name)
+    return permute_qk(w, heads) if heads else w
     if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
         return permute_qk(w, int(config["num_attention_heads"]))
     if hf_name.endswith(("k_proj.weight", "k_proj.bias")):

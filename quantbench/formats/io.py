@@ -156,8 +156,10 @@ class ShardedWriter:
 
 def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False,
                    on_step: Callable[[str], None] | None = None,
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Quantize block by block while streaming into ``out`` in format ``fmt``."""
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                   command: list[str] | None = None) -> Path:
+    """Quantize block by block while streaming into ``out`` in format ``fmt``; ``command``
+    (the CLI argv that asked for it) is recorded in the manifest."""
     writer_fmt = get_format(fmt)() if isinstance(fmt, str) else fmt
     model = qmodel.source
     writer_fmt.check(qmodel.config, model, qmodel.targets)
@@ -167,7 +169,8 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
         if hasattr(writer_fmt, "write_container"):  # a format with its own file (GGUF)
             tensor_info = writer_fmt.write_container(qmodel, tmp, on_step)
             manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
-                                      write_seconds=time.perf_counter() - start)
+                                      write_seconds=time.perf_counter() - start,
+                                      command=command)
             write_json_atomic(tmp / MANIFEST, manifest)
             log.info("wrote %s (%s)", out, writer_fmt.name)
             return Path(out)
@@ -197,7 +200,7 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
         if side_files:  # a method's own files, e.g. the EXL2 measurement and allocation
             side_files(tmp)
         manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
-                                  write_seconds=time.perf_counter() - start)
+                                  write_seconds=time.perf_counter() - start, command=command)
         write_json_atomic(tmp / MANIFEST, manifest)
     log.info("wrote %s (%s)", out, writer_fmt.name)
     return Path(out)

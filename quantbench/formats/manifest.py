@@ -69,12 +69,14 @@ def _numel(shape: list[int]) -> int:
 
 
 def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dict[str, Any]],
-                   write_seconds: float) -> dict[str, Any]:
+                   write_seconds: float, command: list[str] | None = None) -> dict[str, Any]:
+    """The manifest of a written artifact; ``command`` (the argv of the CLI run that wrote it)
+    is recorded when given, so a model card can quote it (older manifests lack the key)."""
     from quantbench import __version__
 
     files = file_table(directory)
     model = qmodel.source
-    return {
+    manifest = {
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "quantbench", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -95,6 +97,9 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
         "files": files,
         "eval": None,
     }
+    if command:
+        manifest["command"] = [str(arg) for arg in command]
+    return manifest
 
 
 def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:

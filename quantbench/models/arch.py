@@ -103,10 +103,29 @@ class ArchSpec:
             for hf, gg in self.gguf_names:
                 if hf == module:
                     return f"blk.{index}.{gg}.{suffix}"
-        top = {self.embed: "token_embd", self.final_norm: "output_norm", self.lm_head: "output"}
+        top = dict(self.gguf_top_names())
         if base in top:
             return f"{top[base]}.{suffix}"
         raise ModelLoadError(f"{tensor_name} has no GGUF name in the {self.family} mapping")
+
+    def gguf_top_names(self) -> tuple[tuple[str, str], ...]:
+        """``(HF module, llama.cpp name)`` of the tensors outside the blocks."""
+        return ((self.embed, "token_embd"), (self.final_norm, "output_norm"),
+                (self.lm_head, "output"))
+
+    def hf_tensor_name(self, gguf_name: str) -> str:
+        """llama.cpp tensor name → HF tensor name (the inverse of :meth:`gguf_tensor_name`)."""
+        base, _, suffix = gguf_name.rpartition(".")
+        parts = base.split(".")
+        if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit():
+            for hf, gg in self.gguf_names:
+                if gg == parts[2]:
+                    return f"{self.block_prefix}.{parts[1]}.{hf}.{suffix}"
+        for hf, gg in self.gguf_top_names():
+            if gg == base:
+                return f"{hf}.{suffix}"
+        raise ModelLoadError(f"unexpected GGUF tensor {gguf_name!r}; is this a {self.family}-"
+                             "family model?")
 
     def block_of(self, tensor_name: str) -> int | None:
         """Index of the decoder block a tensor belongs to, or None for non-block tensors."""

@@ -14,16 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from quantbench.errors import ModelLoadError
+from quantbench.models.arch import LLAMA
 
 log = logging.getLogger(__name__)
 
-BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# llama.cpp name → HF name, from the architecture's data (quantbench/models/arch.py)
+BLOCK_NAMES = {gg: hf for hf, gg in LLAMA.gguf_names}          # "attn_q" → "self_attn.q_proj"
+TOP_NAMES = {gg: hf for hf, gg in LLAMA.gguf_top_names()}      # "token_embd" → "model.embed_tokens"
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -41,13 +38,9 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def hf_name(gguf_name: str) -> str:
-    base, _, suffix = gguf_name.rpartition(".")
-    parts = base.split(".")
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{suffix}"
-    if base in TOP_NAMES:
-        return f"{TOP_NAMES[base]}.{suffix}"
-    raise ModelLoadError(f"unexpected GGUF tensor {gguf_name!r}; is this a llama-family model?")
+    """llama.cpp tensor name → HF name for the llama family (``blk.3.attn_q.weight`` →
+    ``model.layers.3.self_attn.q_proj.weight``)."""
+    return LLAMA.hf_tensor_name(gguf_name)
 
 
 def _field(reader, key: str, default: Any = None) -> Any:

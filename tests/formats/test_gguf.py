@@ -165,3 +165,36 @@ def test_gguf_source_to_hf_checkpoint_and_eval(tiny_llama_wide, tmp_path, monkey
           "--max-tokens", "256", "--no-cache", "--json", str(tmp_path / "eval.json")])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert 0 < report["results"]["bare.gguf"]["kld_mean"] < 0.05
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_qk_rows_permuted_for_llama_arch_only(kind, tmp_path):
+    """llama.cpp's converter interleaves Q/K rows for the llama arch and stores qwen2's as they
+    are (its Qwen2Model does not permute); our writer and reader decide it in one place."""
+    import transformers
+
+    from tests.conftest import make_tokenizer
+
+    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[kind]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls[0])(vocab_size=320, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=256,
+                                         bos_token_id=0, eos_token_id=1)
+    src = tmp_path / kind
+    getattr(transformers, cls[1])(cfg).to(torch.float16).save_pretrained(str(src))
+    make_tokenizer(src)
+    model, _, out = write(src, tmp_path, "F16")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    for gg, module in TYPES.items():
+        hf = model.weights.get(f"model.layers.0.{module}.weight").float()
+        if kind == "llama":
+            hf = permute_qk(hf, 4 if module.endswith("q_proj") else 2)
+        stored = np.asarray(tensors[gg].data, dtype=np.float32).reshape(hf.shape)
+        assert np.array_equal(stored, hf.numpy()), (kind, gg)
+    if kind == "qwen2":
+        return  # our GGUF reader imports the llama arch only
+    art = open_artifact(out)  # the reader undoes exactly what the writer did
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(art.weights.get(name).float(), model.weights.get(name).float())

@@ -31,7 +31,7 @@ from quantbench.formats.gguf_meta import (
     tensor_plan,
     to_gguf_tensor,
 )
-from quantbench.formats.gguf_types import FILE_TYPES, fallback, file_type, tensor_types
+from quantbench.quant.gguf.mixtures import FILE_TYPES, fallback, file_type, tensor_types
 from quantbench.formats.gguf_vocab import bpe_pre_tokenizer
 from quantbench.models.sample import cache_root
 

@@ -1,7 +1,7 @@
 """A llama.cpp mixture (``Q4_K_M``) resolved to one ggml type per tensor of a model."""
 from __future__ import annotations
 
-from quantbench.formats.gguf_types import tensor_types
+from quantbench.quant.gguf.mixtures import tensor_types
 
 
 def gguf_tensors(model) -> list[str]:
