@@ -73,8 +73,10 @@ def _block_shapes(model: Model) -> dict[str, tuple[int, int]]:
             if f"{model.arch.block_module(0, lin)}.weight" in model.weights}
 
 
-def estimate(model: Model, config, gflops: float | None = None) -> Plan:
-    """Estimate ``quantize(model, config)`` followed by writing, on this machine."""
+def estimate(model: Model, config, gflops: float | None = None, method=None) -> Plan:
+    """Estimate ``quantize(model, config)`` followed by writing, on this machine; ``method``
+    is the run's prepared method when known (an EXL2 run then counts only the blocks its
+    measurement file still lacks)."""
     o = config.options
     shapes = _block_shapes(model)
     hidden = int(model.config.get("hidden_size", 0)) or max(s[1] for s in shapes.values())
@@ -90,7 +92,11 @@ def estimate(model: Model, config, gflops: float | None = None) -> Plan:
     fwd = (2 * params + 2 * ctx * hidden) * tokens / 1e9          # one block forward
     if calibrated:
         parts["capture"] = fwd  # block 0's inputs
-    if config.method == "gptq" or getattr(o, "then", None) == "gptq":
+    if config.method == "exl2" and getattr(config.grid, "is_target", False):
+        todo = _exl2_blocks_to_measure(model, method)
+        if todo:
+            parts.update(_exl2_measurement(model, config, shapes, hidden, todo))
+    if config.method in ("gptq", "exl2") or getattr(o, "then", None) == "gptq":
         parts["forwards"] = 1.3 * fwd * n_blocks
         group_ins = [shapes[g[0]][1] for g in model.arch.sequential_groups if g[0] in shapes]
         parts["hessians"] = 2 * tokens * sum(i * i for i in group_ins) * n_blocks / 1e9
@@ -116,6 +122,41 @@ def estimate(model: Model, config, gflops: float | None = None) -> Plan:
     overhead = 0.0
     if device.type == "cuda" and "solves" in parts:
         overhead = GPU_COLUMN_SECONDS * sum(i for _, i in shapes.values()) * n_blocks
+    if device.type == "cuda" and "measurement solves" in parts:  # measured on the CPU today
+        overhead += parts.pop("measurement solves") / (measure_gflops() * EFFICIENCY)
     return Plan(config.method, n_blocks, tokens, sum(parts.values()),
                 gflops or measure_gflops(device=device), int(peak), parts, device.type,
                 overhead)
+
+
+def _exl2_blocks_to_measure(model: Model, method) -> int:
+    """Blocks an EXL2 ``--bpw`` run still has to measure: all without a measurement file,
+    none with a complete one, the rest of an interrupted one."""
+    m = getattr(method, "measurement", None)
+    if m is None:
+        return model.num_blocks
+    if m.complete:
+        return 0
+    return model.num_blocks - len({slot.block for slot in m.slots})
+
+
+def _exl2_measurement(model: Model, config, shapes: dict[str, tuple[int, int]], hidden: int,
+                      blocks: int) -> dict[str, float]:
+    """The measurement pass of ``blocks`` blocks: each branch's forward once per candidate on
+    the measurement windows, and GPTQ of every linear onto every rung of the ladder."""
+    from quantbench.quant.exl2.presets import LADDER, branch_candidates
+
+    o = config.options
+    tokens = min(o.measure_samples, o.calib_samples) * o.calib_len
+    params = sum(out * i for out, i in shapes.values())
+    fwd = (2 * params + 2 * o.calib_len * hidden) * tokens / 1e9
+    candidates = max(len(branch_candidates([lin for lin in shapes if lin.startswith(
+        sub.mixer + ".")])) for sub in model.arch.sublayers) if model.arch.sublayers else \
+        len(LADDER)
+    ins = {i for _, i in shapes.values()}
+    return {
+        "measurement forwards": (2 + candidates) * fwd * blocks,
+        "measurement hessians": 2 * tokens * sum(i * i for i in ins) * blocks / 1e9,
+        "measurement solves": sum(len(LADDER) * 2 * i * i * out + i**3
+                                  for out, i in shapes.values()) * blocks / 1e9,
+    }

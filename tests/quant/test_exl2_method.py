@@ -140,3 +140,22 @@ def test_cli_bpw_then_reuse(tiny_llama, tmp_path):
                "--measurement", tmp_path / "m.json")
     assert proc.returncode == 2 and "below the cheapest" in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_plan_counts_the_measurement_only_when_it_is_still_to_do(model, tmp_path):
+    from quantbench.calibration.plan import estimate
+
+    def plan(**kwargs):
+        q = quantize(model, method="exl2", bpw=4.6, **CALIB, **kwargs)
+        return estimate(model, q.config, gflops=10.0, method=q.method)
+
+    fresh = plan(measurement=str(tmp_path / "m.json"))
+    assert {"measurement forwards", "measurement solves"} <= set(fresh.parts)
+    one_width = quantize(model, method="exl2", bits=4, group_size=32, **CALIB)
+    uniform = estimate(model, one_width.config, gflops=10.0, method=one_width.method)
+    assert "measurement solves" not in uniform.parts and "solves" in uniform.parts
+    assert fresh.seconds > 3 * uniform.seconds      # 11 rungs per linear, 21 candidates
+    _convert(model, tmp_path / "a", 4.6, measurement=str(tmp_path / "m.json"))
+    reused = plan(measurement=str(tmp_path / "m.json"))
+    assert not any(k.startswith("measurement") for k in reused.parts)
+    assert reused.seconds == pytest.approx(uniform.seconds, rel=0.01)
