@@ -12,6 +12,7 @@ method's maths live on the GPU; what a block yields is always on the CPU.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # quantize_fn(weight name, weight, statistic or None) -> QuantizedTensor
 QuantizeFn = Callable[[str, torch.Tensor, Any], Any]
+QuantizeManyFn = Callable[[list[str], list[torch.Tensor], Any], "list[Any] | None"]
 
 
 @dataclass
@@ -141,6 +143,7 @@ class BlockContext:
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     targets: set[str]
+    quantize_many: QuantizeManyFn | None = None  # linears sharing an input in one call
 
     @property
     def device(self) -> torch.device:
@@ -176,12 +179,29 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
         for f in feats or []:
             collector.add(f)
         stat = collector.result()
+    names = [ctx.weight_name(lin) for lin in active]
+    qts = None
+    if ctx.quantize_many is not None and len(active) > 1 and stat is not None and \
+            sum(math.prod(ctx.model.weights.shape(n)) for n in names) <= stack_limit(ctx.device):
+        qts = ctx.quantize_many(names, [ctx.source_weight(lin) for lin in active], stat)
+    if qts is None:
+        qts = [quantize_fn(name, ctx.source_weight(lin), stat) for name, lin in zip(names, active)]
     results = {}
-    for lin in active:
-        qt = quantize_fn(ctx.weight_name(lin), ctx.source_weight(lin), stat)
+    for lin, name, qt in zip(active, names, qts):
         ctx.layer.get_submodule(lin).weight.data.copy_(qt.dequantize())
-        results[ctx.weight_name(lin)] = qt if ctx.device.type == "cpu" else qt.to(CPU)
+        results[name] = qt if ctx.device.type == "cpu" else qt.to(CPU)
     return results
+
+
+STACK_ELEMENTS_CPU = 1 << 24   # weights one shared-input sweep may stack (float32 copies: 64 MB)
+STACK_ELEMENTS_GPU = 1 << 28
+
+
+def stack_limit(device: torch.device) -> int:
+    """How many weights a method may quantize in one stacked call on ``device``: stacking
+    saves per-column steps (launch-bound on a GPU) at the cost of a few float32 copies of the
+    stack, kept small on the CPU so peak memory stays one block plus activations."""
+    return STACK_ELEMENTS_GPU if device.type == "cuda" else STACK_ELEMENTS_CPU
 
 
 def quantize_block_staged(ctx: BlockContext, statistic: str | None,
@@ -271,11 +291,14 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
     captured = capture_inputs(model, skeleton, windows, batch_size, device)
     prepare = getattr(method, "prepare_block", None)
     quantize_fn = method.quantize_with_stats
+    quantize_many = getattr(method, "quantize_many_with_stats", None)
     if device.type != "cpu" and not getattr(method, "device_capable", False):
         quantize_fn = _on_cpu(quantize_fn)
+        quantize_many = None
     for index in range(model.num_blocks):
         layer = materialize_block(skeleton, model, index, device)
-        ctx = BlockContext(model, layer, index, captured.hidden, captured.kwargs, targets)
+        ctx = BlockContext(model, layer, index, captured.hidden, captured.kwargs, targets,
+                           quantize_many)
         if prepare is not None:
             prepare(ctx)
         run = quantize_block_staged if staged and model.arch.sublayers else quantize_block

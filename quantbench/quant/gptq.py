@@ -101,6 +101,42 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConf
                   params: GPTQParams = GPTQParams(),
                   scale_dtype: torch.dtype = torch.float16) -> tuple[QuantizedTensor, GPTQStats]:
     """Quantize ``weight [out, in]`` given the input Hessian ``H = 2·XᵀX/n [in, in]``."""
+    qt, losses, damp, increased = _gptq_rows(weight, hessian, grid, params, scale_dtype)
+    return qt, GPTQStats(damp=damp, damp_increased=increased, proxy_error=float(losses.sum()))
+
+
+def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, grid: IntGridConfig,
+                       params: GPTQParams = GPTQParams(),
+                       scale_dtype: torch.dtype = torch.float16
+                       ) -> list[tuple[QuantizedTensor, GPTQStats]]:
+    """:func:`gptq_quantize` of several weights that share one input (q/k/v, gate/up) in one
+    sweep. GPTQ's error feedback runs along a row and never across rows, and every row here
+    sees the same Hessian (one factorisation, one act-order), so the weights are stacked
+    row-wise, swept once and split: the same codes as separate calls up to float summation
+    order, in one column loop instead of one per weight. Per-tensor grids are not stacked (their
+    one scale would be shared)."""
+    if grid.granularity == "tensor" or len(weights) < 2:
+        return [gptq_quantize(w, hessian, grid, params, scale_dtype) for w in weights]
+    if len({int(w.shape[1]) for w in weights}) != 1:
+        raise ValueError("weights sharing an input must have the same in_features")
+    stacked = torch.cat([w.float() for w in weights])
+    qt, losses, damp, increased = _gptq_rows(stacked, hessian, grid, params, scale_dtype)
+    out, row = [], 0
+    for w in weights:
+        rows = slice(row, row + int(w.shape[0]))
+        row = rows.stop
+        part = QuantizedTensor(codes=qt.codes[rows].clone(), scales=qt.scales[rows].clone(),
+                               zeros=None if qt.zeros is None else qt.zeros[rows].clone(),
+                               grid=grid, dtype=w.dtype, g_idx=qt.g_idx, perm=qt.perm)
+        out.append((part, GPTQStats(damp=damp, damp_increased=increased,
+                                    proxy_error=float(losses[rows].sum()))))
+    return out
+
+
+def _gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
+               params: GPTQParams, scale_dtype: torch.dtype
+               ) -> tuple[QuantizedTensor, torch.Tensor, float, bool]:
+    """:func:`gptq_quantize` returning the per-row losses, damping and whether it grew."""
     W = weight.float().clone()
     H = hessian.float().clone()
     out_f, in_f = W.shape
@@ -177,4 +213,4 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConf
         g_idx[perm] = (torch.arange(in_f, device=dev) // g).to(torch.int32)
     qt = QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, dtype=weight.dtype,
                          g_idx=g_idx, perm=perm.to(torch.int32) if perm is not None else None)
-    return qt, GPTQStats(damp=damp, damp_increased=increased, proxy_error=float(losses.sum()))
+    return qt, losses, damp, increased

@@ -108,3 +108,29 @@ def test_scale_search_lowers_gptq_output_error(static):
     errs = [_out_err(W, gptq_quantize(W, H, grid, GPTQParams(0.01, 128, True, static, s))[0]
                      .dequantize(), X) for s in (False, True)]
     assert errs[1] < 0.9 * errs[0], errs
+
+
+@pytest.mark.parametrize("static,act_order,sym,group", [(True, True, False, 32),
+                                                        (False, True, True, 32),
+                                                        (False, False, False, 64),
+                                                        (True, False, True, -1)])
+def test_shared_input_sweep_equals_one_sweep_each(static, act_order, sym, group):
+    """q/k/v (or gate/up) stacked row-wise: one factorisation, one column loop, same codes."""
+    from quantbench.quant.gptq import gptq_quantize_many
+
+    W, X, H = _problem(out_f=96)
+    parts = [W[:32].half(), W[32:48].half(), W[48:].half()]
+    grid = IntGridConfig.from_group_size(4, group, sym)
+    params = GPTQParams(act_order=act_order, static_groups=static)
+    many = gptq_quantize_many(parts, H, grid, params)
+    for w, (qt, stats) in zip(parts, many):
+        one, one_stats = gptq_quantize(w, H, grid, params)
+        assert qt.codes.shape == w.shape and qt.dtype == torch.float16
+        assert (qt.codes == one.codes).float().mean() > 0.999
+        assert torch.allclose(qt.dequantize(), one.dequantize(), atol=1e-3)
+        assert qt.scales.shape == one.scales.shape and torch.allclose(
+            qt.scales.float(), one.scales.float(), rtol=1e-3)
+        assert (qt.g_idx is None) == (one.g_idx is None)
+        if qt.g_idx is not None:
+            assert torch.equal(qt.g_idx, one.g_idx)
+        assert stats.proxy_error == pytest.approx(one_stats.proxy_error, rel=1e-3)

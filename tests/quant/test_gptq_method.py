@@ -56,3 +56,35 @@ def test_gptq_option_errors():
         get_method("gptq")(make_config("gptq", 4, 32, damp_percent=2.0))
     with pytest.raises(TypeError):
         make_config("gptq", 4, 32, no_such_option=1)
+
+
+def test_pipeline_sweeps_shared_input_linears_together(tiny_llama, monkeypatch):
+    """q/k/v and gate/up go to GPTQ as one stacked call (same tensors as one call each);
+    the CPU stacking limit falls back to one call per linear."""
+    import quantbench.calibration.pipeline as pipeline
+    from quantbench.quant.methods.gptq import GPTQ
+
+    calls = []
+    original = GPTQ.quantize_many_with_stats
+
+    def spy(self, names, weights, hessian):
+        calls.append([n.rsplit(".", 2)[-2] for n in names])
+        return original(self, names, weights, hessian)
+
+    monkeypatch.setattr(GPTQ, "quantize_many_with_stats", spy)
+
+    def run():
+        q = quantize(str(tiny_llama), method="gptq", bits=4, group_size=32, **CALIB)
+        return {n: t for _, tensors in q.iter_blocks() for n, t in tensors.items()
+                if hasattr(t, "codes")}
+
+    stacked = run()
+    assert calls[:2] == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+    monkeypatch.setattr(pipeline, "STACK_ELEMENTS_CPU", 0)
+    calls.clear()
+    single = run()
+    assert calls == [] and stacked.keys() == single.keys()
+    for name, qt in stacked.items():
+        assert (qt.codes == single[name].codes).float().mean() > 0.999, name
+        assert qt.meta["gptq_proxy_error"] == pytest.approx(
+            single[name].meta["gptq_proxy_error"], rel=1e-2)
