@@ -3,7 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from quantbench.api import compare, evaluate, inspect, load_model, quantize, save  # noqa: E402
+from quantbench.api import (compare, evaluate, inspect, load_model, quantize, save,  # noqa: E402
+                            upload)
 from quantbench.config import IntGridConfig, QuantizeConfig, TargetConfig  # noqa: E402
 from quantbench.tensor import QuantizedTensor  # noqa: E402
 
@@ -15,6 +16,7 @@ __all__ = [
     "evaluate",
     "compare",
     "inspect",
+    "upload",
     "IntGridConfig",
     "QuantizeConfig",
     "TargetConfig",

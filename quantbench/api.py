@@ -1,4 +1,5 @@
-"""The Python API: ``load_model``, ``quantize``, ``save``, ``evaluate``, ``compare``, ``inspect``.
+"""The Python API: ``load_model``, ``quantize``, ``save``, ``evaluate``, ``compare``, ``inspect``,
+``upload``.
 
 Thin wrappers that accept friendly arguments and delegate to the registered pieces.
 """
@@ -60,3 +61,19 @@ def inspect(path: "str | os.PathLike") -> dict[str, Any]:
     from quantbench.formats.inspect import inspect_artifact
 
     return inspect_artifact(Path(path))
+
+
+def upload(path: "str | os.PathLike", repo_id: str, *, private: bool = False,
+           revision: str | None = None, commit_message: str | None = None,
+           token: str | None = None, dry_run: bool = False, card: bool = True,
+           command: str | None = None, endpoint: str | None = None):
+    """Upload an artifact directory to the Hugging Face Hub with a model card; returns an
+    ``UploadResult`` (``dry_run``: the files and card, nothing sent).
+
+    >>> qb.upload("out/w4g64", "me/model-w4g64", dry_run=True).files  # doctest: +SKIP
+    """
+    from quantbench.hub.upload import upload_artifact
+
+    return upload_artifact(path, repo_id, private=private, revision=revision,
+                           commit_message=commit_message, token=token, dry_run=dry_run,
+                           card=card, command=command, endpoint=endpoint)

