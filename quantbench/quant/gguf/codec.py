@@ -28,6 +28,7 @@ from typing import ClassVar, TypeVar
 import torch
 
 from quantbench.errors import ConfigError
+from quantbench.threads import single_threaded
 
 T = TypeVar("T")
 
@@ -137,19 +138,6 @@ def run_chunks(fn: Callable[[int], None], starts: Iterable[int]) -> None:
         # a worker's set_num_threads(1) also sets torch's default for threads started later;
         # put the caller's count back there (its own count is unchanged)
         torch.set_num_threads(threads)
-
-
-class single_threaded:
-    """Context manager: torch ops in this thread without intra-op threads, restored after."""
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        if self.threads > 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.threads > 1:
-            torch.set_num_threads(self.threads)
 
 
 def register_codec(cls: type[T]) -> type[T]:

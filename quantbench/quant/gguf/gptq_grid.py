@@ -25,8 +25,9 @@ import torch
 
 from quantbench.quant.gguf.codec import BlockCodec, get_codec
 from quantbench.quant.gguf.legacy import _LegacyCodec, row_sigma2
-from quantbench.quant.gptq import (GPTQParams, GPTQStats, Upcoming, column_sweep,
-                                   inverse_hessian_cholesky)
+from quantbench.quant.gptq import (SINGLE_THREAD_ELEMENTS, GPTQParams, GPTQStats, Upcoming,
+                                   column_sweep, inverse_hessian_cholesky)
+from quantbench.threads import single_threaded
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _FIT_CHUNK = 512  # blocks of 256 per fit pass (the k-quant searches' temporaries)
@@ -38,7 +39,17 @@ def gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
     """Quantize ``weight [out, in]`` onto ``ggml_type`` with GPTQ given the Hessian
     ``H = 2·XᵀX/n [in, in]``; returns ``(block bytes uint8 [out, row_bytes], stats)``.
 
-    ``importance [in]`` weights the block searches (default: ``diag(H)``)."""
+    ``importance [in]`` weights the block searches (default: ``diag(H)``); like integer GPTQ,
+    a weight of up to ``SINGLE_THREAD_ELEMENTS`` runs on one CPU thread."""
+    if weight.numel() <= SINGLE_THREAD_ELEMENTS:
+        with single_threaded(weight.device):
+            return _gptq_gguf(weight, hessian, ggml_type, params, importance)
+    return _gptq_gguf(weight, hessian, ggml_type, params, importance)
+
+
+def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
+               params: GPTQParams | None, importance: torch.Tensor | None
+               ) -> tuple[torch.Tensor, GPTQStats]:
     params = GPTQParams() if params is None else params
     codec = get_codec(ggml_type)
     if codec.name in FLOAT_TYPES:
