@@ -41,6 +41,15 @@ def gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
 
     ``importance [in]`` weights the block searches (default: ``diag(H)``); like integer GPTQ,
     a weight of up to ``SINGLE_THREAD_ELEMENTS`` runs on one CPU thread."""
+    data, stats, _ = gptq_gguf_rows(weight, hessian, ggml_type, params, importance)
+    return data, stats
+
+
+def gptq_gguf_rows(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
+                   params: GPTQParams | None = None, importance: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, GPTQStats, torch.Tensor]:
+    """:func:`gptq_gguf` plus each row's share of the proxy error ``[out]`` (for weights
+    stacked row-wise into one sweep and split afterwards)."""
     if weight.numel() <= SINGLE_THREAD_ELEMENTS:
         with single_threaded(weight.device):
             return _gptq_gguf(weight, hessian, ggml_type, params, importance)
@@ -49,11 +58,12 @@ def gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
 
 def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
                params: GPTQParams | None, importance: torch.Tensor | None
-               ) -> tuple[torch.Tensor, GPTQStats]:
+               ) -> tuple[torch.Tensor, GPTQStats, torch.Tensor]:
     params = GPTQParams() if params is None else params
     codec = get_codec(ggml_type)
     if codec.name in FLOAT_TYPES:
-        return codec.quantize_rows(weight), GPTQStats(0.0, False, 0.0)
+        return codec.quantize_rows(weight), GPTQStats(0.0, False, 0.0), \
+            torch.zeros(weight.shape[0])
     if not hasattr(codec, "round_to_grid"):
         raise NotImplementedError(f"{codec.name} has no fit/round split for GPTQ")
     W = weight.float().clone()
@@ -79,7 +89,7 @@ def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
     codes = torch.empty(out_f, in_f, dtype=torch.long)
     codes[:, order] = q_proc.long()
     data = codec.pack(codes.reshape(-1, codec.block_size), fitted)
-    return data.reshape(out_f, -1), GPTQStats(damp, increased, float(losses.sum()))
+    return data.reshape(out_f, -1), GPTQStats(damp, increased, float(losses.sum())), losses
 
 
 def default_importance(hessian: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:

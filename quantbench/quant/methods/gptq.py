@@ -1,6 +1,7 @@
 """``gptq``: GPTQ on the shared calibration layer (Hessian collector, true-sequential)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -8,7 +9,7 @@ import torch
 
 from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
-from quantbench.quant.gguf.gptq_grid import gptq_gguf
+from quantbench.quant.gguf.gptq_grid import gptq_gguf, gptq_gguf_rows
 from quantbench.quant.gptq import GPTQParams, gptq_quantize, gptq_quantize_many
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
@@ -64,6 +65,8 @@ class GPTQ(GGUFPlan, Method):
                                  hessian: torch.Tensor) -> list[QuantizedTensor] | None:
         """Linears sharing an input (q/k/v, gate/up) in one sweep on integer grids (the same
         codes as one sweep each, with a third to a half fewer column steps); None elsewhere."""
+        if self.config.grid.kind == "gguf":
+            return self._quantize_many_gguf(names, weights, hessian)
         if self.config.grid.kind != "int":
             return None
         dtype = weights[0].dtype
@@ -73,6 +76,31 @@ class GPTQ(GGUFPlan, Method):
                 weights, hessian, self.config.grid, self._params(), scale_dtype)):
             out.append(self._finish(name, qt, stats))
         return out
+
+    def _quantize_many_gguf(self, names: list[str], weights: list[torch.Tensor],
+                            hessian: torch.Tensor) -> list[QuantizedTensor]:
+        """Linears of one ggml type stacked into one sweep (per-row block fits, so the same
+        bytes as one sweep each up to float summation order); others one by one."""
+        out: dict[str, QuantizedTensor] = {}
+        by_type: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            by_type.setdefault(self.tensor_type(name), []).append(i)
+        for ggml_type, idx in by_type.items():
+            if len(idx) == 1:
+                out[names[idx[0]]] = self.quantize_with_stats(names[idx[0]], weights[idx[0]],
+                                                              hessian)
+                continue
+            stacked = torch.cat([weights[i].cpu().float() for i in idx])
+            data, stats, losses = gptq_gguf_rows(stacked, hessian.cpu(), ggml_type,
+                                                 self._params())
+            row = 0
+            for i in idx:
+                rows = slice(row, row + int(weights[i].shape[0]))
+                row = rows.stop
+                qt = gguf_tensor(data[rows].clone(), ggml_type, weights[i].dtype)
+                out[names[i]] = self._finish(names[i], qt, dataclasses.replace(
+                    stats, proxy_error=float(losses[rows].sum())))
+        return [out[name] for name in names]
 
     def _finish(self, name: str, qt: QuantizedTensor, stats) -> QuantizedTensor:
         if stats.damp_increased:

@@ -140,3 +140,48 @@ def test_legacy_fit_round_pack_split(ggml_type, with_importance):
     assert torch.equal(codec.dequantize_codes(params.fallback, params), codec.dequantize(data))
     codes = codec.codes_for(codec.dequantize(data), params)
     assert torch.equal(codec.pack(codes, params), data)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K", "Q5_0"])
+def test_stacked_rows_equal_one_sweep_each(ggml_type):
+    """Linears sharing an input, stacked row-wise: block fits are per row, the sweep never
+    mixes rows, so the bytes are those of separate sweeps (up to float summation order)."""
+    from quantbench.quant.gguf.gptq_grid import gptq_gguf_rows
+
+    W, H = _layer(seed=7, out_f=96)
+    data, stats, losses = gptq_gguf_rows(W, H, ggml_type)
+    assert float(losses.sum()) == pytest.approx(stats.proxy_error)
+    for rows in (slice(0, 32), slice(32, 96)):
+        one, one_stats = gptq_gguf(W[rows], H, ggml_type)
+        assert (data[rows] == one).float().mean() > 0.995
+        assert float(losses[rows].sum()) == pytest.approx(one_stats.proxy_error, rel=1e-3)
+
+
+def test_pipeline_stacks_linears_of_one_type(tiny_llama_wide, monkeypatch):
+    """Q4_K_M: q/k (Q4_K) and gate/up share a sweep; a v_proj that the mixture lifts to
+    another type is quantized on its own."""
+    import quantbench.quant.gguf.gptq_grid as grid_mod
+    from quantbench.api import quantize
+
+    rows_seen = []
+    original = grid_mod._gptq_gguf
+
+    def spy(weight, *args, **kwargs):
+        rows_seen.append(int(weight.shape[0]))
+        return original(weight, *args, **kwargs)
+
+    monkeypatch.setattr(grid_mod, "_gptq_gguf", spy)
+    q = quantize(str(tiny_llama_wide), method="gptq", gguf_type="Q4_K_M", calib_samples=2,
+                 calib_len=64)
+    tensors = {n: t for _, ts in q.iter_blocks() for n, t in ts.items()}
+    shape = {n: tuple(q.source.weights.shape(n)) for n in q.targets}
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    k0 = "model.layers.0.self_attn.k_proj.weight"
+    if q.method.types[q0] == q.method.types[k0]:
+        assert shape[q0][0] + shape[k0][0] + (
+            shape["model.layers.0.self_attn.v_proj.weight"][0]
+            if q.method.types["model.layers.0.self_attn.v_proj.weight"] == q.method.types[q0]
+            else 0) in rows_seen
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    assert 2 * shape[gate][0] in rows_seen
+    assert tensors[q0].codes.shape[0] == shape[q0][0]
