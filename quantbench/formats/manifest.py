@@ -12,6 +12,7 @@ from typing import Any
 from quantbench.formats.base import MANIFEST
 
 MANIFEST_VERSION = 1
+WEIGHT_FILES = ("model.gguf",)  # weight files besides *.safetensors (side files do not count)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -88,7 +89,7 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
         "quantize": qmodel.config.to_dict(),
         "summary": {**summarize_tensors(tensor_info),
                     "size_bytes": sum(f["bytes"] for name, f in files.items()
-                                      if name.endswith(".safetensors")),
+                                      if name in WEIGHT_FILES or name.endswith(".safetensors")),
                     "quantize_seconds": round(qmodel.seconds, 3),
                     "quantize_device": getattr(qmodel, "device", "cpu"),
                     "quantize_device_peak_bytes": getattr(qmodel, "device_peak_bytes", None),

@@ -42,6 +42,7 @@ def test_written_bytes_are_our_codecs_and_read_back(tiny_llama_wide, tmp_path, g
     manifest = art.manifest
     assert manifest["format"] == "gguf" and manifest["quantize"]["grid"]["type"] == gguf_type
     assert manifest["tensors"]["model.norm.weight"]["ggml_type"] == "F32"
+    assert manifest["summary"]["size_bytes"] == (out / "model.gguf").stat().st_size
 
 
 def test_file_holds_llama_cpp_layout(tiny_llama_wide, tmp_path):
