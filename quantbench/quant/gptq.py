@@ -18,7 +18,7 @@ import torch
 from quantbench.config import IntGridConfig
 from quantbench.quant.grid import fit_scales, search_scales
 from quantbench.tensor import QuantizedTensor
-from quantbench.threads import single_threaded
+from quantbench.threads import run_chunks, single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +144,62 @@ def _gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
     """:func:`gptq_quantize` returning the per-row losses, damping and whether it grew; a
     weight of up to :data:`SINGLE_THREAD_ELEMENTS` is solved on one CPU thread (its products
     are too small for intra-op threads to pay for their synchronisation)."""
-    if weight.numel() <= SINGLE_THREAD_ELEMENTS:
-        with single_threaded(weight.device):
-            return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype)
-    return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype)
+    inverse = _inverse(hessian, params)
+    parts = row_parts(weight) if grid.granularity != "tensor" else [slice(None)]
+    if len(parts) == 1:
+        if weight.numel() <= SINGLE_THREAD_ELEMENTS:
+            with single_threaded(weight.device):
+                return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype, inverse)
+        return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype, inverse)
+    done: dict[int, tuple[QuantizedTensor, torch.Tensor, float, bool]] = {}
+
+    def one(i: int) -> None:
+        done[i] = _gptq_rows_impl(weight[parts[i]], hessian, grid, params, scale_dtype, inverse)
+
+    run_chunks(one, range(len(parts)))
+    pieces = [done[i] for i in range(len(parts))]
+    first = pieces[0][0]
+    qt = QuantizedTensor(
+        codes=torch.cat([p[0].codes for p in pieces]),
+        scales=torch.cat([p[0].scales for p in pieces]),
+        zeros=None if first.zeros is None else torch.cat([p[0].zeros for p in pieces]),
+        grid=grid, dtype=weight.dtype, g_idx=first.g_idx, perm=first.perm)
+    return qt, torch.cat([p[1] for p in pieces]), pieces[0][2], pieces[0][3]
 
 
 SINGLE_THREAD_ELEMENTS = 1 << 22
+PART_MIN_ELEMENTS = 1 << 19   # rows worth a worker thread of their own
+
+
+def row_parts(weight: torch.Tensor) -> list[slice]:
+    """Row ranges swept side by side on the CPU's worker threads (GPTQ never moves error
+    across rows, and every row shares the Hessian's factorisation): one per thread while each
+    keeps at least :data:`PART_MIN_ELEMENTS` weights; one range on a GPU."""
+    if weight.device.type != "cpu":
+        return [slice(None)]
+    rows = int(weight.shape[0])
+    n = min(torch.get_num_threads(), max(1, weight.numel() // PART_MIN_ELEMENTS), rows)
+    if n <= 1:
+        return [slice(None)]
+    bounds = [rows * i // n for i in range(n + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _inverse(hessian: torch.Tensor, params: GPTQParams) -> tuple[torch.Tensor, float, bool]:
+    """The factorisation every row shares: dead columns patched, act-order applied, then
+    :func:`inverse_hessian_cholesky`."""
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    if params.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    return inverse_hessian_cholesky(H, params.damp_percent)
 
 
 def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
-                    params: GPTQParams, scale_dtype: torch.dtype
+                    params: GPTQParams, scale_dtype: torch.dtype,
+                    inverse: tuple[torch.Tensor, float, bool]
                     ) -> tuple[QuantizedTensor, torch.Tensor, float, bool]:
     W = weight.float().clone()
     H = hessian.float().clone()
@@ -178,7 +223,7 @@ def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridCo
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     diag_proc = torch.diag(H)  # in processing order
-    Hinv, damp, increased = inverse_hessian_cholesky(H, params.damp_percent)
+    Hinv, damp, increased = inverse
     dev = W.device
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
     n_groups = grid.n_groups(in_f)

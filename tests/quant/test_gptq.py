@@ -134,3 +134,26 @@ def test_shared_input_sweep_equals_one_sweep_each(static, act_order, sym, group)
         if qt.g_idx is not None:
             assert torch.equal(qt.g_idx, one.g_idx)
         assert stats.proxy_error == pytest.approx(one_stats.proxy_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_row_parts_on_worker_threads_equal_one_sweep(static, monkeypatch):
+    """Rows swept side by side on worker threads (shared factorisation) = one sweep."""
+    import quantbench.quant.gptq as gptq_mod
+
+    W, X, H = _problem(out_f=96)
+    grid = IntGridConfig.from_group_size(4, 32, False)
+    params = GPTQParams(static_groups=static)
+    one, one_stats = gptq_quantize(W, H, grid, params)
+    monkeypatch.setattr(gptq_mod, "PART_MIN_ELEMENTS", 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert len(gptq_mod.row_parts(W)) == 3
+        split, stats = gptq_quantize(W, H, grid, params)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split.codes, one.codes) and torch.equal(split.scales, one.scales)
+    assert torch.equal(split.zeros, one.zeros)
+    assert (split.g_idx is None) == (one.g_idx is None)
+    assert stats.proxy_error == pytest.approx(one_stats.proxy_error, rel=1e-5)

@@ -18,6 +18,7 @@ Float types (F32/F16/BF16) have no grid to search and are encoded directly. Pure
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from typing import Any
 
@@ -26,8 +27,8 @@ import torch
 from quantbench.quant.gguf.codec import BlockCodec, get_codec
 from quantbench.quant.gguf.legacy import _LegacyCodec, row_sigma2
 from quantbench.quant.gptq import (SINGLE_THREAD_ELEMENTS, GPTQParams, GPTQStats, Upcoming,
-                                   column_sweep, inverse_hessian_cholesky)
-from quantbench.threads import single_threaded
+                                   column_sweep, inverse_hessian_cholesky, row_parts)
+from quantbench.threads import run_chunks, single_threaded
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _FIT_CHUNK = 512  # blocks of 256 per fit pass (the k-quant searches' temporaries)
@@ -50,10 +51,22 @@ def gptq_gguf_rows(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
                    ) -> tuple[torch.Tensor, GPTQStats, torch.Tensor]:
     """:func:`gptq_gguf` plus each row's share of the proxy error ``[out]`` (for weights
     stacked row-wise into one sweep and split afterwards)."""
-    if weight.numel() <= SINGLE_THREAD_ELEMENTS:
-        with single_threaded(weight.device):
-            return _gptq_gguf(weight, hessian, ggml_type, params, importance)
-    return _gptq_gguf(weight, hessian, ggml_type, params, importance)
+    parts = row_parts(weight)
+    if len(parts) == 1:
+        if weight.numel() <= SINGLE_THREAD_ELEMENTS:
+            with single_threaded(weight.device):
+                return _gptq_gguf(weight, hessian, ggml_type, params, importance)
+        return _gptq_gguf(weight, hessian, ggml_type, params, importance)
+    done: dict[int, tuple[torch.Tensor, GPTQStats, torch.Tensor]] = {}
+
+    def one(i: int) -> None:  # rows side by side on worker threads (block fits are per row)
+        done[i] = _gptq_gguf(weight[parts[i]], hessian, ggml_type, params, importance)
+
+    run_chunks(one, range(len(parts)))
+    pieces = [done[i] for i in range(len(parts))]
+    losses = torch.cat([p[2] for p in pieces])
+    stats = dataclasses.replace(pieces[0][1], proxy_error=float(losses.sum()))
+    return torch.cat([p[0] for p in pieces]), stats, losses
 
 
 def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,

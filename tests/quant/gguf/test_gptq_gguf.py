@@ -185,3 +185,20 @@ def test_pipeline_stacks_linears_of_one_type(tiny_llama_wide, monkeypatch):
     gate = "model.layers.0.mlp.gate_proj.weight"
     assert 2 * shape[gate][0] in rows_seen
     assert tensors[q0].codes.shape[0] == shape[q0][0]
+
+
+def test_row_parts_on_worker_threads_equal_one_sweep(monkeypatch):
+    import quantbench.quant.gptq as gptq_mod
+    from quantbench.quant.gguf.gptq_grid import gptq_gguf_rows
+
+    W, H = _layer(seed=8, out_f=96)
+    one, one_stats, one_losses = gptq_gguf_rows(W, H, "Q4_K")
+    monkeypatch.setattr(gptq_mod, "PART_MIN_ELEMENTS", 4096)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        split, stats, losses = gptq_gguf_rows(W, H, "Q4_K")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, one) and torch.allclose(losses, one_losses)
+    assert stats.proxy_error == pytest.approx(one_stats.proxy_error, rel=1e-5)
