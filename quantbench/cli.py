@@ -215,7 +215,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     qmodel = quantize(model, config)
     writer.check(config, model, qmodel.targets)
     if plan:
-        _print_plan(model, config, json_path)
+        _print_plan(model, config, json_path, qmodel.method)
         return
     with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
@@ -275,12 +275,12 @@ def _print_exl2_allocation(output: Path) -> None:
               soft_wrap=True)
 
 
-def _print_plan(model, config, json_path: str | None) -> None:
+def _print_plan(model, config, json_path: str | None, method=None) -> None:
     from rich.table import Table
 
     from quantbench.calibration.plan import estimate
 
-    p = estimate(model, config)
+    p = estimate(model, config, method=method)
     table = Table(title=f"plan: {config.method} {config.grid.describe()} on {model.source}")
     table.add_column("quantity")
     table.add_column("estimate", justify="right")
