@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 from quantbench.api import (compare, evaluate, inspect, load_model, quantize, save,  # noqa: E402
                             upload)
 from quantbench.config import IntGridConfig, QuantizeConfig, TargetConfig  # noqa: E402
+from quantbench.recipes import Recipe, run_recipe  # noqa: E402
 from quantbench.tensor import QuantizedTensor  # noqa: E402
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "compare",
     "inspect",
     "upload",
+    "Recipe",
+    "run_recipe",
     "IntGridConfig",
     "QuantizeConfig",
     "TargetConfig",

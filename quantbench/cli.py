@@ -1,4 +1,4 @@
-"""``quantbench`` command line: convert, eval, compare, inspect, list, upload."""
+"""``quantbench`` command line: convert, eval, compare, inspect, list, upload, run."""
 from __future__ import annotations
 
 import json
@@ -456,6 +456,31 @@ def upload_cmd(artifact, repo_id, private, revision, message, dry_run, no_card):
 
 
 cli.add_command(upload_cmd)
+
+
+@cli.command(name="run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", default=None,
+              help="Write the report here (default: the recipe's report, else "
+                   "OUTPUT_DIR/recipe-report.json).")
+@click.option("--dry-run-upload", is_flag=True,
+              help="Go through the upload step without sending anything to the Hub.")
+def run_cmd(recipe, json_path, dry_run_upload):
+    """Run a RECIPE (YAML): quantize, evaluate against one shared baseline, gate, upload.
+
+    Exits 1 when a job failed its quality gate or errored (the others still run)."""
+    from quantbench.recipes import Recipe, render_recipe_table, run_recipe
+
+    report = run_recipe(Recipe.load(recipe), progress=True, dry_run_upload=dry_run_upload,
+                        report_path=json_path)
+    out.print(render_recipe_table(report))
+    err.print(f"wrote {report.path}")
+    if not report.ok:
+        names = ", ".join(f"{j.name} ({'gate' if j.status == 'failed' else 'error'})"
+                          for j in report.failed)
+        err.print(f"error: {len(report.failed)} of {len(report.jobs)} jobs failed: {names}",
+                  markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ def test_readme_has_examples():
 
 def test_cli_examples_run_in_order(tmp_path):
     env = {**os.environ, "COLUMNS": "160"}
+    shutil.copytree(README.parent / "examples", tmp_path / "examples")  # files examples name
     for command in cli_commands():
         argv = shlex.split(command.split("#")[0])
         proc = subprocess.run([sys.executable, "-m", "quantbench.cli", *argv[1:]], cwd=tmp_path,

@@ -1,0 +1,341 @@
+"""A recipe: jobs (source × methods × bits × formats), one evaluation protocol, a quality gate,
+an output directory and an optional Hub target — read from YAML or built in Python, and
+checked before any work with one-line errors that name the bad key and what is allowed."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from quantbench.config import QuantizeConfig, TargetConfig
+from quantbench.errors import ConfigError
+from quantbench.eval.protocol import EvalProtocol
+
+
+class RecipeError(ConfigError):
+    """A recipe that cannot run: unknown key, wrong type, impossible combination."""
+
+
+TOP_KEYS = ("name", "source", "output_dir", "overwrite", "report", "defaults", "eval", "gate",
+            "upload", "jobs")
+JOB_KEYS = ("name", "source", "method", "methods", "bits", "group_size", "symmetric", "format",
+            "formats", "type", "types", "targets", "eval", "gate", "upload")
+EVAL_KEYS = ("ctx", "max_tokens", "n_windows", "scoring", "data", "batch_size", "device", "cache")
+GATE_KEYS = ("max_delta_ppl_pct", "max_kld", "min_top1")
+UPLOAD_KEYS = ("repo", "private", "revision", "commit_message")
+TARGET_KEYS = ("include", "exclude", "embeddings", "lm_head")
+KINDS = {"int": "an integer", "number": "a number", "bool": "true or false",
+         "str": "a non-empty string"}
+NAME_FIELDS = ("name", "method", "bits", "group_size", "format", "type", "source")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Quality a job must reach to pass (and be uploaded); ``None`` leaves a bound out."""
+
+    max_delta_ppl_pct: float | None = None
+    max_kld: float | None = None
+    min_top1: float | None = None
+
+    def check(self, result) -> list[str]:
+        """Reasons ``result`` (an ``EvalResult``) fails the gate; empty when it passes."""
+        reasons = []
+        if self.max_delta_ppl_pct is not None and \
+                not result.delta_ppl_pct <= self.max_delta_ppl_pct:
+            reasons.append(f"Δppl {result.delta_ppl_pct:+.3f} % > {self.max_delta_ppl_pct:g} %")
+        if self.max_kld is not None and not result.kld_mean <= self.max_kld:
+            reasons.append(f"KLD {result.kld_mean:.5g} > {self.max_kld:g}")
+        if self.min_top1 is not None and not result.top1 >= self.min_top1:
+            reasons.append(f"top-1 {result.top1:.4f} < {self.min_top1:g}")
+        return reasons
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How artifacts are scored (``quantbench eval``'s options): protocol, device, cache."""
+
+    protocol: EvalProtocol = field(default_factory=EvalProtocol)
+    device: str = "auto"
+    cache: bool = True
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A Hub target; ``repo`` may name the job: ``user/model-{name}`` (also ``{method}``,
+    ``{bits}``, ``{group_size}``, ``{format}``, ``{type}``, ``{source}``)."""
+
+    repo: str
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+
+
+def _tuple(value: Any) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One recipe entry; it expands into one artifact per method × bits × type × format.
+
+    ``options`` are method options (``calib_samples``, ``damp_percent``, ``bpw``, ...): each
+    method gets those it has; one that no method of the job has is refused.
+    """
+
+    methods: tuple[str, ...]
+    source: str | None = None
+    bits: tuple[int | None, ...] = (None,)
+    group_size: int | None = None
+    symmetric: bool | None = None
+    formats: tuple[str | None, ...] = (None,)
+    types: tuple[str | None, ...] = (None,)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    name: str | None = None
+    gate: Gate | None = None
+    evaluation: Evaluation | None = None
+    upload: "Upload | bool | None" = None  # None: the recipe's target; False: never upload
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # options that apply if taken
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "bits", "formats", "types"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One artifact to write: a job entry expanded and checked."""
+
+    name: str
+    index: int  # the recipe entry it came from
+    source: str
+    format: str
+    config: QuantizeConfig
+    gate: Gate
+    evaluation: Evaluation
+    upload: Upload | None
+    gguf_type: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        grid = self.config.grid
+        return {"method": self.config.method, "format": self.format, "type": self.gguf_type,
+                "bits": getattr(grid, "bits", None), "group_size": grid.cli_group_size,
+                "grid": grid.describe(), "config": self.config.to_dict()}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Jobs, protocol, gate, output directory and Hub target; checked when built."""
+
+    jobs: tuple[Job, ...]
+    output_dir: Path = Path("recipe-out")
+    name: str = "recipe"
+    source: str | None = None
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    gate: Gate = field(default_factory=Gate)
+    upload: Upload | None = None
+    overwrite: bool = False
+    report: Path | None = None
+    origin: str = "recipe"  # the file it was read from, for error messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "jobs", _tuple(self.jobs))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if self.report is not None:
+            object.__setattr__(self, "report", Path(self.report))
+        if not self.jobs:
+            raise RecipeError(f"{self.origin}: 'jobs' is empty; list at least one job")
+        self.plan()  # every combination checked now, before any work
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "Recipe":
+        """Read a YAML recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist")
+        return cls.from_yaml(path.read_text(encoding="utf-8"), origin=path.name)
+
+    @classmethod
+    def from_yaml(cls, text: str, origin: str = "recipe") -> "Recipe":
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise RecipeError(f"{origin}: not valid YAML{where}: {problem}") from exc
+        return cls.from_dict(data, origin=origin)
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "recipe") -> "Recipe":
+        """A recipe from the mapping a YAML file holds (see ``examples/recipe.yaml``)."""
+        from quantbench.recipes.parse import parse_recipe
+
+        return parse_recipe(data, origin)
+
+    def plan(self) -> list[PlannedJob]:
+        """Every job expanded into the artifacts it writes; impossible ones refused."""
+        planned = [p for i, job in enumerate(self.jobs) for p in _expand(self, job, i)]
+        _unique(planned, lambda p: p.name, f"{self.origin}: two jobs are named",
+                "give one of them a 'name'")
+        uploads = [p for p in planned if p.upload is not None]
+        _unique(uploads, lambda p: (p.upload.repo, p.upload.revision),
+                f"{self.origin}: two jobs upload to", "put {name} in the upload repo")
+        return planned
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "origin": self.origin, "output_dir": str(self.output_dir),
+                "jobs": [p.name for p in self.plan()]}
+
+
+def _unique(items: list, key: Callable, what: str, hint: str) -> None:
+    seen: set = set()
+    for item in items:
+        k = key(item)
+        if k in seen:
+            shown = k if isinstance(k, str) else " @ ".join(str(x) for x in k if x)
+            raise RecipeError(f"{what} {shown!r}; {hint}")
+        seen.add(k)
+
+
+# ---------------------------------------------------------------- expansion (Python or YAML)
+
+def _expand(recipe: Recipe, job: Job, index: int) -> list[PlannedJob]:
+    from quantbench.registry import get_format, get_method
+
+    where = f"{recipe.origin}: jobs[{index}]"
+    if not job.methods or job.methods == (None,):
+        raise RecipeError(f"{where}: no method; add 'method: NAME' (see quantbench list)")
+    source = job.source or recipe.source
+    if not source:
+        raise RecipeError(f"{where}: no source; add 'source:' to the job or the recipe")
+    for fmt in job.formats:
+        if fmt is not None:
+            _located(where + ".format", lambda: get_format(fmt))
+    taken = set()
+    for m in job.methods:
+        taken |= {f.name for f in dataclasses.fields(_located(where + ".method",
+                                                              lambda: get_method(m)).options_cls)}
+    unknown = sorted(set(job.options) - taken)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; no method of this job "
+                          f"({', '.join(job.methods)}) takes it ({_allowed(taken, JOB_KEYS)})")
+    bits_list = job.bits if job.bits != (None,) else _tuple(job.defaults.get("bits"))
+    combos = list(itertools.product(job.methods, job.types, bits_list))
+    several = len(combos) * len(job.formats) > 1
+    planned, seen = [], set()
+    for method, gguf_type, bits in combos:
+        config = _config(job, method, gguf_type, bits, where)
+        for chosen in job.formats:
+            fmt = chosen or _default_format(method, gguf_type)
+            key = (repr(config.to_dict()), fmt)
+            if key in seen:  # e.g. nf4 in a job with bits: [4, 3]: written once
+                continue
+            seen.add(key)
+            base = _auto_name(config, chosen, gguf_type)
+            name = (f"{job.name}-{base}" if several else job.name) if job.name else base
+            planned.append(PlannedJob(
+                name=name, index=index, source=str(source), format=fmt, config=config,
+                gate=job.gate if job.gate is not None else recipe.gate,
+                evaluation=job.evaluation or recipe.evaluation,
+                upload=_upload_for(job, recipe, name, config, fmt, gguf_type, source, where),
+                gguf_type=gguf_type))
+    return planned
+
+
+def _located(where: str, fn: Callable):
+    try:
+        return fn()
+    except ConfigError as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+
+
+def _allowed(options: set[str], keys: tuple[str, ...]) -> str:
+    return f"job keys: {', '.join(keys)}; method options: {', '.join(sorted(options)) or 'none'}"
+
+
+def _config(job: Job, method: str, gguf_type: str | None, bits: int | None,
+            where: str) -> QuantizeConfig:
+    """``make_config`` with the options this method has. Grid values from ``defaults``, and
+    bits/group size shared by several methods of one job, apply where the method's grid takes
+    them (a GGUF type or nf4/llm_int8 keep their own, as ``compare`` does); a job's own value
+    for its only method is never dropped."""
+    from quantbench.quant.run import make_config
+    from quantbench.registry import get_method
+
+    cls = get_method(method)
+    fields = {f.name for f in dataclasses.fields(cls.options_cls)}
+    options = {k: v for k, v in {**job.defaults, **job.options}.items() if k in fields}
+    grid = {"bits": bits, "group_size": job.group_size, "symmetric": job.symmetric}
+    loose = {k for k in ("group_size", "symmetric")
+             if grid[k] is None and job.defaults.get(k) is not None}
+    grid.update({k: job.defaults[k] for k in loose})
+    if job.bits == (None,) and bits is not None:
+        loose.add("bits")
+    if len(job.methods) > 1 and cls.fixed_bits is not None:
+        loose |= {"bits", "group_size"}
+
+    def make(values: dict[str, Any]) -> QuantizeConfig:
+        return make_config(method, values["bits"], values["group_size"], values["symmetric"],
+                           job.targets, gguf_type=gguf_type, **options)
+
+    try:
+        return make(grid)
+    except ConfigError as exc:
+        if loose:
+            try:
+                return make({**grid, **{k: None for k in loose}})
+            except ConfigError:
+                pass
+        raise RecipeError(f"{where} ({method}): {exc}") from exc
+
+
+def _default_format(method: str, gguf_type: str | None) -> str:
+    """As ``quantbench convert`` chooses: gguf with a type, exl2 for exl2, else dense."""
+    return "gguf" if gguf_type else "exl2" if method == "exl2" else "dense"
+
+
+def _auto_name(config: QuantizeConfig, fmt: str | None, gguf_type: str | None) -> str:
+    """``method-wBITS-gGROUP`` (``method-TYPE`` for GGUF, ``exl2-4.5bpw``), then the format
+    when one was chosen that the method's name does not already say."""
+    grid = config.grid
+    if gguf_type:
+        base = f"{config.method}-{gguf_type}"
+    elif getattr(grid, "bpw", None) is not None:
+        base = f"{config.method}-{grid.bpw:g}bpw"
+    else:
+        group = {-1: "ch", 0: "t"}.get(grid.cli_group_size, f"g{grid.cli_group_size}")
+        base = f"{config.method}-w{grid.bits}-{group}"
+        if getattr(config.options, "double_quant", False):
+            base += "-dq"
+    implied = fmt is None or fmt == config.method or (fmt == "gguf" and gguf_type)
+    return base if implied else f"{base}-{fmt}"
+
+
+def _upload_for(job: Job, recipe: Recipe, name: str, config: QuantizeConfig, fmt: str,
+                gguf_type: str | None, source: str, where: str) -> Upload | None:
+    target = recipe.upload if job.upload is None else job.upload
+    if target is None or target is False:
+        return None
+    if target is True:
+        if recipe.upload is None:
+            raise RecipeError(f"{where}.upload: 'true' needs a recipe-level 'upload:' target")
+        target = recipe.upload
+    values = {"name": name, "method": config.method, "bits": getattr(config.grid, "bits", ""),
+              "group_size": config.grid.cli_group_size, "format": fmt, "type": gguf_type or "",
+              "source": Path(str(source).split(":")[-1]).name}
+    try:
+        repo = target.repo.format(**values)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RecipeError(f"{where}.upload.repo: {target.repo!r} has an unknown placeholder "
+                          f"({exc}); allowed: {', '.join('{' + k + '}' for k in NAME_FIELDS)}"
+                          ) from exc
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise RecipeError(f"{where}.upload.repo: expected 'user/name', got {repo!r}")
+    return dataclasses.replace(target, repo=repo)
