@@ -144,7 +144,7 @@ def _gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
     """:func:`gptq_quantize` returning the per-row losses, damping and whether it grew; a
     weight of up to :data:`SINGLE_THREAD_ELEMENTS` is solved on one CPU thread (its products
     are too small for intra-op threads to pay for their synchronisation)."""
-    inverse = _inverse(hessian, params)
+    inverse = shared_inverse(hessian, params)
     parts = row_parts(weight) if grid.granularity != "tensor" else [slice(None)]
     if len(parts) == 1:
         if weight.numel() <= SINGLE_THREAD_ELEMENTS:
@@ -185,8 +185,10 @@ def row_parts(weight: torch.Tensor) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _inverse(hessian: torch.Tensor, params: GPTQParams) -> tuple[torch.Tensor, float, bool]:
-    """The factorisation every row shares: dead columns patched, act-order applied, then
+def shared_inverse(hessian: torch.Tensor, params: GPTQParams
+                   ) -> tuple[torch.Tensor, float, bool]:
+    """The factorisation every row shares, computed once per weight (or stack): dead columns
+    patched, act-order (columns by descending ``diag H``) applied, then
     :func:`inverse_hessian_cholesky`."""
     H = hessian.float().clone()
     dead = torch.diag(H) == 0
@@ -202,14 +204,13 @@ def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridCo
                     inverse: tuple[torch.Tensor, float, bool]
                     ) -> tuple[QuantizedTensor, torch.Tensor, float, bool]:
     W = weight.float().clone()
-    H = hessian.float().clone()
     out_f, in_f = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    diag = torch.diag(hessian).float().clone()   # the factorisation itself is ``inverse``
+    dead = diag == 0
+    diag[dead] = 1.0
     W[:, dead] = 0.0
     col = _column_grid(grid)
     g = grid.group_size if grid.granularity == "group" else in_f
-    diag = torch.diag(H)
 
     def fit(w: torch.Tensor, grid_: IntGridConfig, importance: torch.Tensor):
         if params.scale_search:
@@ -221,8 +222,8 @@ def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridCo
     whole = None if grid.granularity == "group" else fit(W, col, diag)
     perm = torch.argsort(diag, descending=True) if params.act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    diag_proc = torch.diag(H)  # in processing order
+        W = W[:, perm]
+    diag_proc = diag[perm] if perm is not None else diag  # in processing order
     Hinv, damp, increased = inverse
     dev = W.device
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)

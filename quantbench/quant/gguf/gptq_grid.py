@@ -27,7 +27,7 @@ import torch
 from quantbench.quant.gguf.codec import BlockCodec, get_codec
 from quantbench.quant.gguf.legacy import _LegacyCodec, row_sigma2
 from quantbench.quant.gptq import (SINGLE_THREAD_ELEMENTS, GPTQParams, GPTQStats, Upcoming,
-                                   column_sweep, inverse_hessian_cholesky, row_parts)
+                                   column_sweep, row_parts, shared_inverse)
 from quantbench.threads import run_chunks, single_threaded
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -51,16 +51,19 @@ def gptq_gguf_rows(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
                    ) -> tuple[torch.Tensor, GPTQStats, torch.Tensor]:
     """:func:`gptq_gguf` plus each row's share of the proxy error ``[out]`` (for weights
     stacked row-wise into one sweep and split afterwards)."""
+    params = GPTQParams() if params is None else params
+    inverse = None if ggml_type in FLOAT_TYPES else shared_inverse(hessian, params)
     parts = row_parts(weight)
     if len(parts) == 1:
         if weight.numel() <= SINGLE_THREAD_ELEMENTS:
             with single_threaded(weight.device):
-                return _gptq_gguf(weight, hessian, ggml_type, params, importance)
-        return _gptq_gguf(weight, hessian, ggml_type, params, importance)
+                return _gptq_gguf(weight, hessian, ggml_type, params, importance, inverse)
+        return _gptq_gguf(weight, hessian, ggml_type, params, importance, inverse)
     done: dict[int, tuple[torch.Tensor, GPTQStats, torch.Tensor]] = {}
 
     def one(i: int) -> None:  # rows side by side on worker threads (block fits are per row)
-        done[i] = _gptq_gguf(weight[parts[i]], hessian, ggml_type, params, importance)
+        done[i] = _gptq_gguf(weight[parts[i]], hessian, ggml_type, params, importance,
+                             inverse)
 
     run_chunks(one, range(len(parts)))
     pieces = [done[i] for i in range(len(parts))]
@@ -70,9 +73,11 @@ def gptq_gguf_rows(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
 
 
 def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
-               params: GPTQParams | None, importance: torch.Tensor | None
+               params: GPTQParams, importance: torch.Tensor | None,
+               inverse: tuple[torch.Tensor, float, bool] | None
                ) -> tuple[torch.Tensor, GPTQStats, torch.Tensor]:
-    params = GPTQParams() if params is None else params
+    """One row range; ``inverse`` is the rows' shared :func:`shared_inverse` (None for the
+    float types, which have no sweep)."""
     codec = get_codec(ggml_type)
     if codec.name in FLOAT_TYPES:
         return codec.quantize_rows(weight), GPTQStats(0.0, False, 0.0), \
@@ -80,19 +85,18 @@ def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
     if not hasattr(codec, "round_to_grid"):
         raise NotImplementedError(f"{codec.name} has no fit/round split for GPTQ")
     W = weight.float().clone()
-    H = hessian.float().clone()
     out_f, in_f = W.shape
     codec.check_row(in_f)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    diag = torch.diag(hessian).float().clone()
+    dead = diag == 0
+    diag[dead] = 1.0
     W[:, dead] = 0.0
     imp = default_importance(hessian, dead) if importance is None else importance.float()
     fitted = fit_rows(codec, W, imp if codec.name != "Q8_0" else None)
-    order = torch.argsort(torch.diag(H), descending=True) if params.act_order \
-        else torch.arange(in_f)
+    order = torch.argsort(diag, descending=True) if params.act_order else torch.arange(in_f)
     scale, offset, fallback = element_grids(codec, fitted, W.shape, order)
-    W, H = W[:, order], H[order][:, order]
-    Hinv, damp, increased = inverse_hessian_cholesky(H, params.damp_percent)
+    W = W[:, order]
+    Hinv, damp, increased = inverse
 
     def round_col(w: torch.Tensor, j: int, _: Upcoming) -> tuple[torch.Tensor, torch.Tensor]:
         q = codec.round_to_grid(w, scale[:, j], offset[:, j], fallback[:, j])
