@@ -133,6 +133,35 @@ def capture_linear_inputs(mixer: torch.nn.Module, modules: dict[str, torch.nn.Mo
     return seen
 
 
+class _InputTap(torch.nn.Module):
+    """Stands in for a mixer's output linear while only its input is wanted: records the
+    input and returns a zero-cost broadcast instead of computing the projection."""
+
+    def __init__(self, linear: torch.nn.Linear, seen: list[torch.Tensor]):
+        super().__init__()
+        self.out_features = linear.out_features
+        self.seen = seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return x.new_zeros(()).expand(*x.shape[:-1], self.out_features)
+
+
+def capture_output_input(mixer: torch.nn.Module, output: str, normed: list[torch.Tensor],
+                         kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """What the mixer's output linear ``output`` (a path inside ``mixer``) receives on every
+    micro-batch, without computing that linear (the mixer's outputs are discarded)."""
+    linear = mixer.get_submodule(output)
+    seen: list[torch.Tensor] = []
+    _set(mixer, output, _InputTap(linear, seen))
+    try:
+        for x, kw in zip(normed, kwargs):
+            call_mixer(mixer, x, kw)
+    finally:
+        _set(mixer, output, linear)
+    return seen
+
+
 @dataclass
 class BlockContext:
     """What a method sees of one block: the materialized layer and its calibration inputs."""
@@ -228,6 +257,9 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
                 continue
             if set(group) <= set(sub.inputs):
                 feats = normed
+            elif is_output:
+                feats = capture_output_input(mixer, sub.output[len(sub.mixer) + 1:], normed,
+                                             kwargs)
             else:
                 feats = capture_linear_inputs(
                     mixer, {group[0]: ctx.layer.get_submodule(group[0])}, normed,

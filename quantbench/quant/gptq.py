@@ -43,16 +43,28 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float,
                              max_tries: int = 6) -> tuple[torch.Tensor, float, bool]:
     """Upper Cholesky factor of ``(H + λI)⁻¹``; λ starts at ``damp_percent·mean(diag H)`` and
     grows ×10 until the factorisation succeeds."""
-    mean_diag = float(torch.diag(hessian).mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    return _reversed_factor(hessian.flip(0, 1), damp_percent, max_tries)
+
+
+def _reversed_factor(reversed_h: torch.Tensor, damp_percent: float, max_tries: int = 6
+                     ) -> tuple[torch.Tensor, float, bool]:
+    """:func:`inverse_hessian_cholesky` given ``J·H·J`` (``J`` the order reversal), which it
+    may overwrite. With ``J·H·J = L·Lᵀ``, ``H = R·Rᵀ`` for the upper triangular ``R = J·L·J``,
+    so ``H⁻¹ = (R⁻¹)ᵀ·R⁻¹`` and the factor wanted is ``R⁻¹ = J·L⁻¹·J``: one Cholesky and one
+    triangular inverse, without forming ``H⁻¹`` (about 2x faster than inverting and
+    factorising again, as accurate)."""
+    diag = reversed_h.diagonal()
+    mean_diag = float(diag.mean())
     damp = damp_percent * mean_diag if mean_diag > 0 else 1e-6
+    diag += damp
     for attempt in range(max_tries):
-        try:
-            lower = torch.linalg.cholesky(hessian + damp * eye)
-            inv = torch.cholesky_solve(eye, lower)  # 10-30x faster than cholesky_inverse on CPU
-            return torch.linalg.cholesky(inv, upper=True), damp, attempt > 0
-        except torch.linalg.LinAlgError:
-            damp *= 10.0
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        if int(info) == 0:
+            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            return upper, damp, attempt > 0
+        diag += 9.0 * damp  # λ → 10·λ
+        damp *= 10.0
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
 
 
@@ -93,7 +105,7 @@ def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
                 Err1[:, i] = err
                 W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1.0)
         losses += (Err1 * Err1 / 2).sum(dim=1)  # (w - q)² / d² / 2, as GPTQ reports it
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)  # in place: no temporary
     return codes, losses
 
 
@@ -190,13 +202,15 @@ def shared_inverse(hessian: torch.Tensor, params: GPTQParams
     """The factorisation every row shares, computed once per weight (or stack): dead columns
     patched, act-order (columns by descending ``diag H``) applied, then
     :func:`inverse_hessian_cholesky`."""
-    H = hessian.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    if params.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        H = H[perm][:, perm]
-    return inverse_hessian_cholesky(H, params.damp_percent)
+    diag = torch.diag(hessian).float()
+    dead = diag == 0
+    diag[dead] = 1.0
+    order = torch.argsort(diag, descending=True) if params.act_order else \
+        torch.arange(diag.numel(), device=diag.device)
+    rev = order.flip(0)
+    H = hessian.float()[rev[:, None], rev]  # J·H·J in processing order: one gather, a copy
+    H.diagonal()[dead[rev]] = 1.0
+    return _reversed_factor(H, params.damp_percent)
 
 
 def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,

@@ -68,6 +68,24 @@ def search_scales(w: torch.Tensor, grid: IntGridConfig, scale_dtype: torch.dtype
     imp = torch.ones(w.shape[1], device=w.device) if importance is None else \
         importance.float().clamp(min=0)
     imp = torch.cat([imp, imp.new_zeros(n * g - w.shape[1])]).reshape(1, n, g)
+    chunk = rows if w.device.type != "cpu" else max(1, SEARCH_CHUNK_ELEMENTS // (n * g))
+    if chunk < rows:  # rows are independent: search cache-sized row ranges one at a time
+        found = [_search_groups(wg[r:r + chunk], imp, grid, scale_dtype, steps, max_shrink)
+                 for r in range(0, rows, chunk)]
+        return (torch.cat([f[0] for f in found]),
+                None if found[0][1] is None else torch.cat([f[1] for f in found]))
+    return _search_groups(wg, imp, grid, scale_dtype, steps, max_shrink)
+
+
+# CPU row ranges of the scale search: its 2·steps passes then stay in cache, and its
+# temporaries stay below the pinned mmap threshold (no fresh pages to fault in per pass)
+SEARCH_CHUNK_ELEMENTS = 1 << 16
+
+
+def _search_groups(wg: torch.Tensor, imp: torch.Tensor, grid: IntGridConfig,
+                   scale_dtype: torch.dtype, steps: int, max_shrink: float
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`search_scales` on grouped weights ``wg [rows, n, g]`` with ``imp [1, n, g]``."""
     wmin, wmax = wg.amin(dim=2), wg.amax(dim=2)
     best_err = best_scale = best_zero = None
     for k in range(steps + 1):
