@@ -27,7 +27,7 @@ llamacpp: $(STAMP)
 	$(BIN)/python -m quantbench.runtimes.llamacpp || echo "llama.cpp could not be built here; the tests that need it skip"
 
 test: $(STAMP) llamacpp
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -8,6 +8,7 @@ tensors in their own mappings, which the kernel reclaims on free.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -17,12 +18,13 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
 _done = False
+_pinned = 1 << 20
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     """Set glibc's mmap threshold to ``nbytes`` (and stop it adapting); False where the C
     library is not glibc. Idempotent; an explicit ``MALLOC_MMAP_THRESHOLD_`` wins."""
-    global _done
+    global _done, _pinned
     import os
 
     if _done or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
@@ -32,6 +34,27 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         ok = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(nbytes)))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
-    _done = ok
+    _done, _pinned = ok, nbytes
     log.debug("mmap threshold pinned at %d bytes: %s", nbytes, ok)
     return ok
+
+
+@contextlib.contextmanager
+def heap_for_temporaries(nbytes: int = 16 << 20):
+    """For one forward pass: tensors of up to ``nbytes`` come from the heap and are reused in
+    place. A pass frees and reallocates the same activation sizes many times; with the pinned
+    threshold each one is a fresh mapping whose pages fault in and are zeroed again (on the
+    sample's GPTQ run a fifth of the CPU time went to that). On exit the threshold is pinned
+    again and the heap's free pages are handed back (``malloc_trim``), so the pass's
+    temporaries do not stay resident: measured on the sample, 84 -> 77 s for 757 -> 868 MB
+    peak RSS. A no-op where the threshold could not be pinned."""
+    if not _done:
+        yield
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(nbytes))
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(_pinned))
+        libc.malloc_trim(ctypes.c_size_t(0))

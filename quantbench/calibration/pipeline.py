@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from quantbench.calibration.collectors import COLLECTORS
-from quantbench.calibration.memory import pin_mmap_threshold
+from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
 from quantbench.devices import CPU
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
@@ -258,8 +258,9 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
             if set(group) <= set(sub.inputs):
                 feats = normed
             elif is_output:
-                feats = capture_output_input(mixer, sub.output[len(sub.mixer) + 1:], normed,
-                                             kwargs)
+                with heap_for_temporaries():
+                    feats = capture_output_input(mixer, sub.output[len(sub.mixer) + 1:],
+                                                 normed, kwargs)
             else:
                 feats = capture_linear_inputs(
                     mixer, {group[0]: ctx.layer.get_submodule(group[0])}, normed,

@@ -74,39 +74,45 @@ RoundColumn = Callable[[torch.Tensor, int, Upcoming], tuple[torch.Tensor, torch.
 
 def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
                  round_col: RoundColumn) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's column sweep over ``W [out, in]`` (columns already in processing order, updated
-    in place) with the upper Cholesky factor ``Hinv`` of ``H⁻¹``, in lazy batches of
+    """GPTQ's column sweep over ``W [out, in]`` (columns already in processing order; used as
+    scratch) with the upper Cholesky factor ``Hinv`` of ``H⁻¹``, in lazy batches of
     ``block_size`` columns.
 
     ``round_col(w, j, upcoming)`` rounds column ``j`` (its error-updated values ``w [out]``)
     and returns ``(dequantized [out], codes [out])``; ``upcoming()`` gives the error-updated
-    columns ``j..in`` (for grids fitted as a group starts). Returns ``(codes [out, in]`` float
-    in processing order, ``losses [out]`` = Σ (w − q)² / d² / 2 per row)."""
+    columns ``j..in`` as ``[out, in − j]`` (for grids fitted as a group starts). Returns
+    ``(codes [out, in]`` float in processing order, ``losses [out]`` = Σ (w − q)² / d² / 2 per
+    row).
+
+    The sweep works on ``Wᵀ``: a column is then one contiguous row, and the rank-1 error
+    update of the columns still to come is one contiguous block (about 2x faster per column
+    than updating a strided slice; the column steps are latency-bound)."""
     out_f, in_f = W.shape
-    codes = torch.empty(out_f, in_f, device=W.device)
+    WT = W.T.contiguous()                                    # [in, out]
+    codesT = torch.empty(in_f, out_f, device=W.device)
     losses = torch.zeros(out_f, device=W.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        inv_d = (1.0 / torch.diagonal(Hinv1)).tolist()
         # the column steps are many small ops: intra-op threads only add synchronisation
         # (4-7x slower with 2 threads on a busy 2-core machine); the batch update below is
         # one large product and keeps them
         with single_threaded(W.device):
             for i in range(i2 - i1):
                 def upcoming(i: int = i, W1: torch.Tensor = W1, i2: int = i2) -> torch.Tensor:
-                    return torch.cat([W1[:, i:], W[:, i2:]], dim=1)
+                    return torch.cat([W1[i:], WT[i2:]]).T.contiguous()
 
-                w = W1[:, i]
+                w = W1[i]
                 deq, q = round_col(w, i1 + i, upcoming)
-                err = (w - deq) / Hinv1[i, i]
-                codes[:, i1 + i] = q
-                Err1[:, i] = err
-                W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1.0)
-        losses += (Err1 * Err1 / 2).sum(dim=1)  # (w - q)² / d² / 2, as GPTQ reports it
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)  # in place: no temporary
-    return codes, losses
+                err = torch.sub(w, deq, out=Err1[i]).mul_(inv_d[i])
+                codesT[i1 + i] = q
+                W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1.0)
+        losses += (Err1 * Err1 / 2).sum(dim=0)  # (w - q)² / d² / 2, as GPTQ reports it
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)  # in place: no temporary
+    return codesT.T, losses
 
 
 def _column_grid(grid: IntGridConfig) -> IntGridConfig:

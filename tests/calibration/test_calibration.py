@@ -150,3 +150,23 @@ def test_hub_dataset_without_datasets_package_says_what_to_do(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(QuantbenchError, match="pip install datasets"):
         load_calibration_docs("hf:allenai/c4")
+
+
+def test_output_input_capture_skips_the_linear_and_restores_it():
+    from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
+    from quantbench.calibration.pipeline import capture_output_input
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    down = mlp[2]
+    calls = []
+    down.register_forward_hook(lambda m, i, o: calls.append(1))
+    xs = [torch.randn(2, 3, 8), torch.randn(1, 3, 8)]
+    pin_mmap_threshold()
+    with heap_for_temporaries():
+        seen = capture_output_input(mlp, "2", xs, [{}, {}])
+    assert calls == [] and mlp[2] is down          # never computed, put back
+    for x, s in zip(xs, seen):
+        torch.testing.assert_close(s, mlp[1](mlp[0](x)), rtol=0, atol=0)
+    with heap_for_temporaries():                     # usable again (threshold restored)
+        assert torch.zeros(1 << 20).sum() == 0
