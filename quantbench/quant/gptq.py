@@ -68,7 +68,7 @@ def _reversed_factor(reversed_h: torch.Tensor, damp_percent: float, max_tries: i
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
 
 
-Upcoming = Callable[[], torch.Tensor]
+Upcoming = Callable[[int], torch.Tensor]
 RoundColumn = Callable[[torch.Tensor, int, Upcoming], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -80,7 +80,8 @@ def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
 
     ``round_col(w, j, upcoming)`` rounds column ``j`` (its error-updated values ``w [out]``)
     and returns ``(dequantized [out], codes [out])``; ``upcoming()`` gives the error-updated
-    columns ``j..in`` as ``[out, in − j]`` (for grids fitted as a group starts). Returns
+    columns ``j..j + width`` as ``[out, width]`` (fewer at the end; for grids fitted as a group
+    starts: only the group is copied, not every column still to come). Returns
     ``(codes [out, in]`` float in processing order, ``losses [out]`` = Σ (w − q)² / d² / 2 per
     row).
 
@@ -102,8 +103,12 @@ def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
         # one large product and keeps them
         with single_threaded(W.device):
             for i in range(i2 - i1):
-                def upcoming(i: int = i, W1: torch.Tensor = W1, i2: int = i2) -> torch.Tensor:
-                    return torch.cat([W1[i:], WT[i2:]]).T.contiguous()
+                def upcoming(width: int, i: int = i, W1: torch.Tensor = W1, i2: int = i2
+                             ) -> torch.Tensor:
+                    inside = W1.shape[0] - i
+                    if width <= inside:
+                        return W1[i:i + width].T.contiguous()
+                    return torch.cat([W1[i:], WT[i2:i2 + width - inside]]).T.contiguous()
 
                 w = W1[i]
                 deq, q = round_col(w, i1 + i, upcoming)
@@ -275,7 +280,7 @@ def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridCo
             s_, z_ = s_all[:, j], z_all[:, j]
         elif grid.granularity == "group":
             if j % g == 0:
-                current = fit(upcoming()[:, :g], col, diag_proc[j:j + g])
+                current = fit(upcoming(g), col, diag_proc[j:j + g])
                 scales[:, j // g] = current[0][:, 0]
                 if zeros is not None:
                     zeros[:, j // g] = current[1][:, 0]

@@ -101,7 +101,7 @@ def exl2_quantize_many(weight: torch.Tensor, hessian: "torch.Tensor | PreparedHe
     def round_col(w: torch.Tensor, j: int, upcoming: Upcoming) -> tuple[torch.Tensor,
                                                                           torch.Tensor]:
         if j in starts:
-            fit(j, upcoming())
+            fit(j, upcoming(max(rows for *_, rows in starts[j])))
         signed = (torch.clamp(w / scale.clamp_min(1e-30), lo, hi) + RINT_MAGIC) - RINT_MAGIC
         q = signed + zero
         if state["dead"] is not None:  # a channel whose scale is 0: the zero code
@@ -130,7 +130,7 @@ def _round_sweep(W: torch.Tensor, round_col) -> tuple[torch.Tensor, torch.Tensor
     codes = torch.empty_like(W)
     losses = torch.zeros(W.shape[0], device=W.device)
     for j in range(W.shape[1]):
-        deq, q = round_col(W[:, j], j, lambda j=j: W[:, j:])
+        deq, q = round_col(W[:, j], j, lambda width, j=j: W[:, j:j + width])
         codes[:, j] = q
         losses += (W[:, j] - deq).square() / 2
     return codes, losses

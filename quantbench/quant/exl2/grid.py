@@ -103,13 +103,19 @@ def round_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor
 def _errors(w: torch.Tensor, scales: torch.Tensor, bits: int, importance: torch.Tensor
             ) -> torch.Tensor:
     """``Σ_c importance[c]·(w − deq)²`` per option and channel: ``w [out, rows]``, ``scales
-    [K, out]`` → ``[K, out]``."""
-    rows = []
-    for s in scales.float():
-        s = s.unsqueeze(-1)
-        deq = (round_signed(w, s, bits) * s).to(torch.float16).float()
-        rows.append(deq.sub_(w).square_() @ importance)
-    return torch.stack(rows)
+    [K, out]`` → ``[K, out]``; options in batches of about 2^16 values (few large ops: the
+    fit runs at every group start of every sweep)."""
+    scales = scales.float()
+    per = max(1, ERROR_BATCH_ELEMENTS // max(w.numel(), 1))
+    out = []
+    for k in range(0, scales.shape[0], per):
+        s = scales[k:k + per].unsqueeze(-1)                                 # [k, out, 1]
+        deq = (round_signed(w, s, bits) * s).to(torch.float16).float()      # [k, out, rows]
+        out.append(deq.sub_(w).square_() @ importance)
+    return torch.cat(out)
+
+
+ERROR_BATCH_ELEMENTS = 1 << 16   # 256 KiB temporaries: below the mmap threshold, no page faults
 
 
 def fit_group(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None
