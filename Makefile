@@ -26,11 +26,14 @@ demo: $(STAMP)
 llamacpp: $(STAMP)
 	$(BIN)/python -m quantbench.runtimes.llamacpp || echo "llama.cpp could not be built here; the tests that need it skip"
 
+# two pytest workers (one compute thread each; tests/conftest.py schedules the long tests first)
+XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP) llamacpp
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q $(XDIST) --durations=30
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 TINY_VOCAB = 320
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on the 2-core machine: one compute thread each (and in the
+    # processes they start), instead of two workers contending with two threads each
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def _wikitext_head(chars: int = 200_000) -> str:
@@ -163,3 +170,28 @@ def llama_vs_ours(llamacpp, eval_text_file, tmp_path):
         saved.unlink()
         return next(iter(ours.results.values())).ppl, theirs.ppl, same
     return run
+
+
+# -- scheduling under `make test` (pytest-xdist, --dist loadgroup) ---------------------------
+# Each module runs on one worker (its module-scoped fixtures, e.g. a quantized sample model,
+# are built once), except the README's command chains and the notebooks, which are
+# independent and the longest single tests: they are scheduled one by one. Longest first, so
+# the two workers finish together.
+INDEPENDENT = ("tests/test_readme.py::test_cli_examples_run_in_order",
+               "tests/test_notebooks.py::test_notebook_runs")
+
+
+def _unit(item) -> str:
+    return item.nodeid if item.nodeid.startswith(INDEPENDENT) else item.nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "numprocesses", None):
+        return
+    slow = {_unit(i) for i in items if i.get_closest_marker("slow")}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(name=_unit(item)))
+    # slow units first (chains and notebooks before whole modules), then the rest as collected
+    order = {unit: n for n, unit in enumerate(dict.fromkeys(_unit(i) for i in items))}
+    items.sort(key=lambda i: (_unit(i) not in slow, not i.nodeid.startswith(INDEPENDENT),
+                              order[_unit(i)]))

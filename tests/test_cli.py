@@ -115,9 +115,9 @@ def test_eval_and_compare_on_tiny_model(tiny_llama, tmp_path):
     assert json.loads((out / "quantbench.json").read_text())["eval"]["ppl"] > 1
     proc = run("compare", tiny_llama, "--method", "absmax,zeropoint", "--bits", "8,4",
                "--group-size", "32", "--ctx", "64", "--max-tokens", "256", "--no-cache",
-               "--json", tmp_path / "c.json", "--plot", tmp_path / "c.png")
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+               "--json", tmp_path / "new" / "c.json", "--plot", tmp_path / "c.png")
+    assert proc.returncode == 0, proc.stderr  # the JSON's folder is made when missing
+    rows = json.loads((tmp_path / "new" / "c.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["baseline", "absmax-w8-g32", "absmax-w4-g32",
                                          "zeropoint-w8-g32", "zeropoint-w4-g32"]
     assert "zeropoint" in proc.stdout and (tmp_path / "c.png").stat().st_size > 1000

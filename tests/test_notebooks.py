@@ -3,7 +3,6 @@ end to end (slow: the real sample model) so they never rot."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = ["01_quickstart.ipynb", "02_methods_compared.ipynb", "03_formats_and_runtimes.ipynb"]
-LONG = {"02_methods_compared.ipynb", "03_formats_and_runtimes.ipynb"}
 
 
 def _tracked() -> list[Path]:
@@ -67,9 +65,6 @@ def kernel_dir(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path, kernel_dir, monkeypatch):
-    if path.name in LONG and not os.environ.get("QUANTBENCH_ALL_NOTEBOOKS"):
-        pytest.skip(f"{path.name} takes 15-18 min on 2 shared cores (measured); set "
-                    "QUANTBENCH_ALL_NOTEBOOKS=1 to run it (CI runs 01 until it is faster)")
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))

@@ -31,15 +31,54 @@ def test_readme_has_examples():
     assert "make demo" in README.read_text() and "make test" in README.read_text()
 
 
-def test_cli_examples_run_in_order(tmp_path):
+def chains(commands: list[str]) -> list[list[str]]:
+    """The commands in groups that touch the same ``out/NAME`` paths (one command's output
+    is another's input), each group in README order: groups are independent of each other
+    and run as separate tests (in parallel under ``make test``)."""
+    parent = list(range(len(commands)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, command in enumerate(commands):
+        for path in set(re.findall(r"\bout/[^/\s]+", command.split("#")[0])):
+            if path in owner:
+                parent[root(i)] = root(owner[path])
+            else:
+                owner[path] = i
+    groups: dict[int, list[str]] = {}
+    for i, command in enumerate(commands):
+        groups.setdefault(root(i), []).append(command)
+    return list(groups.values())
+
+
+def test_chains_keep_dependent_commands_together():
+    got = chains(["quantbench convert a -o out/x", "quantbench eval out/y",
+                  "quantbench inspect out/x/model.gguf", "quantbench convert b --m out/m.json -o out/z",
+                  "quantbench convert c --m out/m.json -o out/w", "quantbench eval out/w"])
+    assert got == [["quantbench convert a -o out/x", "quantbench inspect out/x/model.gguf"],
+                   ["quantbench eval out/y"],
+                   ["quantbench convert b --m out/m.json -o out/z",
+                    "quantbench convert c --m out/m.json -o out/w", "quantbench eval out/w"]]
+    assert sum(map(len, chains(cli_commands()))) == len(cli_commands())
+
+
+@pytest.mark.parametrize("chain", chains(cli_commands()),
+                         ids=lambda chain: shlex.split(chain[0])[1] + ":" +
+                         (re.findall(r"\bout/([^/\s]+)", chain[0]) or ["-"])[-1])
+def test_cli_examples_run_in_order(chain, tmp_path):
     env = {**os.environ, "COLUMNS": "160"}
     shutil.copytree(README.parent / "examples", tmp_path / "examples")  # files examples name
-    for command in cli_commands():
+    for command in chain:
         argv = shlex.split(command.split("#")[0])
         proc = subprocess.run([sys.executable, "-m", "quantbench.cli", *argv[1:]], cwd=tmp_path,
                               capture_output=True, text=True, env=env, timeout=1200)
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-2000:]}"
-    assert (tmp_path / "out" / "compare.png").stat().st_size > 0
+    if any(" --plot out/compare.png" in c for c in chain):
+        assert (tmp_path / "out" / "compare.png").stat().st_size > 0
 
 
 def test_python_examples_run(tmp_path, monkeypatch):

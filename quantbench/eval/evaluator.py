@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,10 +98,15 @@ def _store_cache(cache_dir: Path | None, key: str, nlls: torch.Tensor, result: B
     from quantbench.formats.manifest import write_json_atomic
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{key}.npy.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, nlls.numpy().astype(np.float32))
-    tmp.replace(cache_dir / f"{key}.npy")
+    # a temporary name of its own: two evaluations of one source may finish at once
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.npy.", dir=cache_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, nlls.numpy().astype(np.float32))
+        os.replace(tmp, cache_dir / f"{key}.npy")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     write_json_atomic(cache_dir / f"{key}.json", {**asdict(result), "cached": False,
                                                   "protocol": protocol.to_dict(),
                                                   "created": time.time()})

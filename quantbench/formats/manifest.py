@@ -25,6 +25,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # e.g. `--json out/report.json`, new out/
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:

@@ -158,26 +158,28 @@ def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], grid: I
     return ScaleSearch(candidate_scales(x_mean, w_mean, ratio), ratio, losses)
 
 
-def _clip_chunk(out_elems: int, n_cand: int, device: torch.device) -> int:
-    """Clip candidates evaluated together. One on a CPU: the same matmul shapes as the
-    sequential search, so the same floats, and cache-sized passes; on a GPU as many as keep
-    the trial outputs under 32 M elements (fewer, larger kernels)."""
+def _clip_chunk(elems: int, n_cand: int, device: torch.device) -> int:
+    """Clip candidates evaluated together: one on a CPU (cache-sized passes); on a GPU as
+    many as keep the trial weights under 32 M elements (fewer, larger kernels)."""
     if device.type == "cpu":
         return 1
-    return max(1, min(n_cand, (1 << 25) // max(1, out_elems)))
+    return max(1, min(n_cand, (1 << 25) // max(1, elems)))
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: int = 20,
                 max_shrink: float = 0.5, row_batch: int = 512) -> torch.Tensor:
     """Per (row, group) clip value ``[rows, n_groups]`` minimising the group's output error
-    ``Σ_t (x_t·Q(clamp(w))_g − x_t·w_g)²`` over the sampled inputs ``x`` ``[T, in]``; the
+    ``mean_t (x_t·Q(clamp(w))_g − x_t·w_g)²`` over the sampled inputs ``x`` ``[T, in]``; the
     first smallest of the shrink factors ``1, 1 − 1/n, …`` wins.
 
-    The clamped groups' min/max (hence their scales) come from the float groups' min/max
-    without a pass over the trials, and rounding takes the grouped fast path; the errors are
-    the sequential search's, float for float."""
+    The error is evaluated as the quadratic form ``dᵀ G_g d`` of the weight change ``d`` with
+    each group's Gram matrix ``G_g = X_gᵀX_g / T`` (the same number as through the outputs,
+    with ``g/T`` of the work: 8x less at AWQ's 512 tokens and group 64). The clamped groups'
+    min/max (hence their scales) come from the float groups' min/max without a pass over the
+    trials, and rounding takes the grouped fast path."""
     w = w.float()
     xg = pad_groups(x.reshape(-1, x.shape[-1]).float(), grid).transpose(0, 1)  # [n, T, g]
+    gram = torch.bmm(xg.transpose(1, 2), xg).div_(xg.shape[1])                 # [n, g, g]
     n_cand = max(1, int(max_shrink * n_grid))
     # 1 − i/n rounded once to float32, as multiplying by the Python number does
     shrink = torch.tensor([1 - i / n_grid for i in range(n_cand)], device=w.device)
@@ -185,10 +187,9 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: i
     for r0 in range(0, w.shape[0], row_batch):
         wg = pad_groups(w[r0:r0 + row_batch], grid)                 # [r, n, g]
         rows, n, g = wg.shape
-        ref = torch.bmm(xg, wg.permute(1, 2, 0))                     # [n, T, r]
         mn, mx = torch.aminmax(wg, dim=2)                            # [r, n]
         org_max = torch.maximum(mn.abs(), mx.abs())
-        chunk = _clip_chunk(ref.numel(), n_cand, w.device)
+        chunk = _clip_chunk(wg.numel(), n_cand, w.device)
         best_err = best = None
         for c0 in range(0, n_cand, chunk):
             max_val = shrink[c0:c0 + chunk].view(-1, 1, 1) * org_max   # [c, r, n]
@@ -196,10 +197,10 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, grid: IntGridConfig, n_grid: i
             # min/max of a clamped group are its clamped min/max
             minmax = torch.clamp(mn, lo, max_val), torch.clamp(mx, lo, max_val)
             trial = torch.clamp(wg, lo.unsqueeze(-1), max_val.unsqueeze(-1))  # [c, r, n, g]
-            q = fake_quant_groups(trial, grid, minmax=minmax)
-            c = q.shape[0]
-            y = torch.bmm(xg, q.permute(2, 3, 0, 1).reshape(n, g, c * rows))  # [n, T, c·r]
-            err = y.view(n, -1, c, rows).sub_(ref.unsqueeze(2)).pow_(2).mean(dim=1)  # [n, c, r]
+            d = fake_quant_groups(trial, grid, minmax=minmax).sub_(wg)
+            c = d.shape[0]
+            d = d.permute(2, 0, 1, 3).reshape(n, c * rows, g)          # [n, c·r, g]
+            err = torch.bmm(d, gram).mul_(d).sum(dim=2).view(n, c, rows)   # [n, c, r]
             c_err, c_idx = err.min(dim=1)                              # [n, r]
             c_best = max_val.gather(0, c_idx.t().unsqueeze(0)).squeeze(0)    # [r, n]
             c_err = c_err.t()

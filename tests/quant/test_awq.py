@@ -88,34 +88,46 @@ def test_grouped_fake_quant_is_value_for_value_the_general_one(grid):
 
 
 def _clip_reference(w, x, grid, n_grid=20, max_shrink=0.5):
-    """The sequential clip search: one candidate at a time, errors from the outputs."""
+    """The sequential clip search: one candidate at a time, errors from the outputs. Returns
+    the choice and a function giving the output error of any clip values."""
     wg = pad_groups(w, grid)
     xg = pad_groups(x, grid).transpose(0, 1)
     ref = torch.bmm(xg, wg.permute(1, 2, 0))
     org_max = wg.abs().amax(dim=2)
-    best_err, best = torch.full_like(org_max, float("inf")), org_max.clone()
-    for i in range(max(1, int(max_shrink * n_grid))):
-        max_val = org_max * (1 - i / n_grid)
+
+    def error(max_val):
         bound = max_val.unsqueeze(-1)
         trial = torch.maximum(torch.minimum(wg, bound), -bound).reshape(w.shape[0], -1)
         q = pad_groups(fake_quant(trial, grid), grid)
-        err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()
+        return (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()
+
+    best_err, best = torch.full_like(org_max, float("inf")), org_max.clone()
+    for i in range(max(1, int(max_shrink * n_grid))):
+        max_val = org_max * (1 - i / n_grid)
+        err = error(max_val)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, max_val, best)
-    return best
+    return best, best_err, error
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"b{g.bits}g{g.group_size}s{g.symmetric}")
 def test_clip_search_picks_what_the_sequential_one_picks(grid, monkeypatch):
+    """The Gram-matrix error is the output error up to float rounding: the same choice but
+    for near-ties, where the choice is as good as the sequential search's to 1e-5."""
     x = outlier_inputs(n=256, seed=4)
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(5))
     w[0, 5] = 8.0
-    expected = _clip_reference(w, x, grid)
-    for row_batch in (512, 16):   # CPU: one candidate at a time, the same floats
-        assert torch.equal(search_clip(w, x, grid, row_batch=row_batch), expected)
-    # a GPU evaluates candidates in batches (here 3, 3, 3, 1): the same choice
+    expected, best_err, error = _clip_reference(w, x, grid)
+
+    def check(found):
+        assert (found == expected).float().mean() >= 0.98
+        assert torch.all(error(found) <= best_err * (1 + 1e-5) + 1e-12)
+
+    for row_batch in (512, 16):   # CPU: one candidate at a time
+        check(search_clip(w, x, grid, row_batch=row_batch))
+    # a GPU evaluates candidates in batches (here 3, 3, 3, 1)
     monkeypatch.setattr(awq_maths, "_clip_chunk", lambda elems, n, device: 3)
-    assert torch.equal(search_clip(w, x, grid, row_batch=16), expected)
+    check(search_clip(w, x, grid, row_batch=16))
 
 
 def test_search_with_an_error_function_matches_inspect_and_reference():
