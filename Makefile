@@ -27,7 +27,7 @@ llamacpp: $(STAMP)
 	$(BIN)/python -m quantbench.runtimes.llamacpp || echo "llama.cpp could not be built here; the tests that need it skip"
 
 # two pytest workers (one compute thread each; tests/conftest.py schedules the long tests first)
-XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+XDIST := -n 2 --dist loadscope --no-loadscope-reorder
 
 test: $(STAMP) llamacpp
 	$(BIN)/python -m pytest -q $(XDIST) --durations=30

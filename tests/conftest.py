@@ -172,26 +172,39 @@ def llama_vs_ours(llamacpp, eval_text_file, tmp_path):
     return run
 
 
-# -- scheduling under `make test` (pytest-xdist, --dist loadgroup) ---------------------------
+# -- scheduling under `make test` (pytest-xdist, two workers) --------------------------------
 # Each module runs on one worker (its module-scoped fixtures, e.g. a quantized sample model,
 # are built once), except the README's command chains and the notebooks, which are
-# independent and the longest single tests: they are scheduled one by one. Longest first, so
-# the two workers finish together.
+# independent and the longest single tests: they are scheduled one by one. Slow units first,
+# so the two workers finish together.
 INDEPENDENT = ("tests/test_readme.py::test_cli_examples_run_in_order",
                "tests/test_notebooks.py::test_notebook_runs")
 
 
-def _unit(item) -> str:
-    return item.nodeid if item.nodeid.startswith(INDEPENDENT) else item.nodeid.split("::")[0]
+def _unit(nodeid: str) -> str:
+    return nodeid if nodeid.startswith(INDEPENDENT) else nodeid.split("::")[0]
 
 
 def pytest_collection_modifyitems(config, items):
-    if not getattr(config.option, "numprocesses", None):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    slow = {_unit(i) for i in items if i.get_closest_marker("slow")}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(name=_unit(item)))
-    # slow units first (chains and notebooks before whole modules), then the rest as collected
-    order = {unit: n for n, unit in enumerate(dict.fromkeys(_unit(i) for i in items))}
-    items.sort(key=lambda i: (_unit(i) not in slow, not i.nodeid.startswith(INDEPENDENT),
-                              order[_unit(i)]))
+    slow = {_unit(i.nodeid) for i in items if i.get_closest_marker("slow")}
+    order = {unit: n for n, unit in enumerate(dict.fromkeys(_unit(i.nodeid) for i in items))}
+    items.sort(key=lambda i: (_unit(i.nodeid) not in slow,
+                              not i.nodeid.startswith(INDEPENDENT), order[_unit(i.nodeid)]))
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist not installed: tests run in one process
+    pass
+else:
+    class _UnitScheduling(LoadScopeScheduling):
+        """Whole modules (or single independent tests) as work units, in collection order
+        (xdist's own ``loadgroup`` marks need a writable node id, which pytest 9 lacks)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _UnitScheduling(config, log)

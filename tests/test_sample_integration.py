@@ -94,7 +94,7 @@ def calibrated(sample, tmp_path_factory):
     """3-bit group 64 (4-bit differences are muted on this Q4_1-derived sample): RTN vs GPTQ
     vs AWQ on the same small calibration set, written in the layouts runtimes load."""
     root = tmp_path_factory.mktemp("calibrated")
-    calib = dict(calib_samples=16, calib_len=256)
+    calib = dict(calib_samples=8, calib_len=256)
     jobs = {
         "zeropoint": (dict(method="zeropoint"), "gptq"),
         "gptq": (dict(method="gptq", symmetric=False, act_order=True, static_groups=True,
@@ -109,7 +109,7 @@ def calibrated(sample, tmp_path_factory):
     rtn4 = quantize(sample, method="zeropoint", bits=4, group_size=64)
     out["zeropoint4"] = open_artifact(save(rtn4, root / "zeropoint4", format="awq"))
     report = evaluate(source_factory(sample), {n: artifact_factory(a) for n, a in out.items()},
-                      sample.tokenizer(), EvalProtocol(ctx=512, max_tokens=4096),
+                      sample.tokenizer(), EvalProtocol(ctx=512, max_tokens=2048),
                       baseline_key=sample.fingerprint())
     return out, report
 
