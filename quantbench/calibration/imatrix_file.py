@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -293,22 +292,16 @@ def write_imatrix(path: str | os.PathLike, stats: Mapping[str, "ImatrixEntry | t
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
-    parent = path.absolute().parent
+    from quantbench.formats.manifest import atomic_write
+
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; name the imatrix file to write")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {parent} ({exc.strerror}); choose a writable "
-                          "path") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path) as fh:
             fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path} ({exc.strerror or exc}); choose a writable "
+                          "path") from exc
 
 
 def _gguf_string(text: str) -> bytes:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,18 +93,11 @@ def _store_cache(cache_dir: Path | None, key: str, nlls: torch.Tensor, result: B
                  protocol: EvalProtocol) -> None:
     if cache_dir is None:
         return
-    from quantbench.formats.manifest import write_json_atomic
+    from quantbench.formats.manifest import atomic_write, write_json_atomic
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # a temporary name of its own: two evaluations of one source may finish at once
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.npy.", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, nlls.numpy().astype(np.float32))
-        os.replace(tmp, cache_dir / f"{key}.npy")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(cache_dir / f"{key}.npy") as fh:
+        np.save(fh, nlls.numpy().astype(np.float32))
     write_json_atomic(cache_dir / f"{key}.json", {**asdict(result), "cached": False,
                                                   "protocol": protocol.to_dict(),
                                                   "created": time.time()})

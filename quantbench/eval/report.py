@@ -1,15 +1,13 @@
 """Presentation apart from computation: rich tables, JSON files, the size-vs-quality plot."""
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.table import Table
 
-from quantbench.formats.manifest import write_json_atomic
+from quantbench.formats.manifest import atomic_write, write_json_atomic
 
 
 @dataclass
@@ -77,12 +75,5 @@ def plot_size_vs_quality(rows: Sequence[ReportRow], path: Path, title: str) -> N
     ax.set_ylabel("Δ perplexity vs baseline (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(Path(path)) as fh:
+        fig.savefig(fh, format="png", bbox_inches="tight")

@@ -1,13 +1,14 @@
 """``quantbench.json``: what was done, to which source, and the checksum of every file."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from quantbench.formats.base import MANIFEST
 
@@ -23,18 +24,29 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a fresh temporary file beside ``path``; on success it replaces ``path``, else vanishes.
+
+    The temporary name is unique (``mkstemp``), so two writers of one path never share it; the
+    parent folder is created; a reader sees the old file or the whole new one, never a part.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)  # e.g. `--json out/report.json`, new out/
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, mode) as fh:
+            yield fh
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    with atomic_write(path, "w") as fh:  # e.g. `--json out/report.json` creates out/
+        json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
 
 
 def file_table(directory: Path) -> dict[str, dict[str, Any]]:

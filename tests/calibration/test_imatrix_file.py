@@ -88,8 +88,8 @@ def test_write_is_atomic_and_refuses_what_llama_cpp_cannot_read(tmp_path, monkey
 
     def fail(*args):
         raise OSError("disk full")
-    monkeypatch.setattr("quantbench.calibration.imatrix_file.os.replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr("quantbench.formats.manifest.os.replace", fail)
+    with pytest.raises(ConfigError, match="disk full"):
         write_imatrix(target, {"b.weight": (torch.ones(8), 1)})
     assert target.read_bytes() == before and [p.name for p in folder.iterdir()] == ["x.gguf"]
 

@@ -20,7 +20,6 @@ are shared with other processes).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import torch
