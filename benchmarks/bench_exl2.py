@@ -1,13 +1,18 @@
 """EXL2 on the sample model: bpw targets from one measurement, against uniform 4-bit GPTQ g64.
 
-    python benchmarks/bench_exl2.py [--targets 2.5,3.0,3.5,4.0,4.5,5.0,6.0] [--calib-samples 32]
+    python benchmarks/bench_exl2.py [--targets 2.5,3.0,3.5,4.0,4.65,5.0,6.0] [--calib-samples 32]
+        [--gguf-types Q3_K_M,Q4_K_M,Q5_K_M] [--workdir DIR]
 
 The first ``quantbench convert --method exl2 --bpw T`` measures every block branch × candidate
 into one measurement file; every other target reuses it (its measuring time is reported on
 its own line). Each conversion runs in its own process (wall time, peak RSS); every artifact
 is then read back through its format's reader and evaluated in one lock-step pass against the
 FP16 baseline on the same tokens. Writes JSON (with each target's achieved bpw and predicted
-error) and prints a table.
+error), prints a table, and plots bits per weight of the transformer blocks' linear layers
+against KLD: the EXL2 curve, this run's uniform GPTQ g64 and GGUF points (GGUF files made by
+quantbench, read back by our GGUF reader, scored in the same pass), and the uniform RTN / GPTQ /
+AWQ points of ``rtn_smollm2.json`` and ``calibrated_smollm2.json`` where their protocol is ours.
+With ``--workdir`` the artifacts and the measurement are kept, and a rerun reuses the measurement.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +30,7 @@ from rich.console import Console
 
 from quantbench.eval.evaluator import evaluate
 from quantbench.eval.protocol import EvalProtocol
-from quantbench.eval.report import ReportRow, plot_size_vs_quality, render_table, write_json
+from quantbench.eval.report import ReportRow, plot_curves, render_table, write_json
 from quantbench.eval.run import artifact_factory, eval_cache_dir, source_factory
 from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
@@ -36,22 +42,61 @@ def convert(source: str, out: Path, args: list[str]) -> dict:
     return run_measured(cmd, digits=2)
 
 
+BLOCK_TENSOR = re.compile(r"(?:^|\.)layers\.\d+\.")
+REFERENCES = ("rtn_smollm2.json", "calibrated_smollm2.json")
+
+
+def block_bpw(manifest: dict) -> float:
+    """Bits per weight over the transformer blocks' 2-D weights: the part every format here
+    quantizes (GGUF also quantizes the embedding; EXL2 and GPTQ keep it in float16)."""
+    rows = [t for name, t in manifest["tensors"].items()
+            if BLOCK_TENSOR.search(name) and len(t["shape"]) == 2]
+    n = sum(t["shape"][0] * t["shape"][1] for t in rows)
+    return round(sum(t["shape"][0] * t["shape"][1] * t["bits_per_weight"] for t in rows) / n, 4)
+
+
+def reference_series(protocol: dict, results: Path, console: Console) -> dict[str, list]:
+    """Uniform-method points measured earlier under the same protocol, by family."""
+    series: dict[str, list] = {}
+    for name in REFERENCES:
+        path = results / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        if data.get("protocol") != protocol:
+            console.print(f"[yellow]{name}: another protocol ({data.get('protocol_text')}); "
+                          "its points are left out of the plot[/]")
+            continue
+        for r in data["results"]:
+            group = "channel" if r["group_size"] == -1 else f"g{r['group_size']}"
+            point = (r["bits_per_weight"], r["kld_mean"], f"w{r['bits']}")
+            family = series.setdefault(f"{r['method']} {group} (uniform)", [])
+            if point not in family:  # RTN rows repeat in both files
+                family.append(point)
+    return series
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="sample:smollm2")
-    ap.add_argument("--targets", default="2.5,3.0,3.5,4.0,4.5,5.0,6.0")
+    ap.add_argument("--targets", default="2.5,3.0,3.5,4.0,4.65,5.0,6.0")
+    ap.add_argument("--gguf-types", default="Q3_K_M,Q4_K_M,Q5_K_M",
+                    help="GGUF mixtures made with --gguf-method, for the plot ('' for none)")
+    ap.add_argument("--gguf-method", default="imatrix")
     ap.add_argument("--calib-samples", default="32")
     ap.add_argument("--measure-samples", default="16")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--out", default="benchmarks/results/exl2_smollm2.json")
+    ap.add_argument("--workdir", default=None, help="keep artifacts and the measurement here")
     args = ap.parse_args()
     console = Console()
     model = load_model(args.source)
     protocol = EvalProtocol(ctx=args.ctx, max_tokens=args.max_tokens)
     calib = ["--calib-samples", args.calib_samples]
     with tempfile.TemporaryDirectory(prefix="qb-bench-exl2-") as tmp:
-        work = Path(tmp)
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         measurement = work / "measurement.json"
         runs: dict[str, dict] = {}
         jobs = [("gptq-w4-g64", "gptq", ["--method", "gptq", "--bits", "4", "--group-size", "64",
@@ -60,6 +105,10 @@ def main() -> None:
                                            "--measurement", str(measurement),
                                            "--measure-samples", args.measure_samples, *calib])
                  for t in args.targets.split(",")]
+        jobs += [(f"gguf-{t}-{args.gguf_method}", "gguf",
+                  ["--method", args.gguf_method, "--type", t,
+                   *(calib if args.gguf_method != "rtn" else [])])
+                 for t in args.gguf_types.split(",") if t]
         for name, method, cli in jobs:
             console.print(f"converting {name} …")
             fresh = method == "exl2" and not measurement.is_file()
@@ -77,6 +126,7 @@ def main() -> None:
         rows = []
         for name, run in runs.items():
             res, art = report.results[name], arts[name]
+            run["block_bpw"] = block_bpw(art.manifest)
             rows.append(ReportRow(
                 name=name, method=run["method"], bits=4 if run["method"] == "gptq" else None,
                 group_size=64 if run["method"] == "gptq" else None,
@@ -96,7 +146,19 @@ def main() -> None:
                     for row in rows],
     }
     write_json(Path(args.out), payload)
-    plot_size_vs_quality(rows, Path(args.out).with_suffix(".png"), f"EXL2 on {args.source}")
+    series = {"EXL2 (measured mix)": [], "GPTQ g64 (this run)": [],
+              f"GGUF {args.gguf_method} (quantbench)": []}
+    for row in rows:
+        run = runs[row.name]
+        family = {"exl2": "EXL2 (measured mix)", "gptq": "GPTQ g64 (this run)"}.get(
+            run["method"], f"GGUF {args.gguf_method} (quantbench)")
+        label = (f"{run['target_bpw']}" if run["method"] == "exl2"
+                 else row.name.split("-")[1] if run["method"] == "gguf" else "w4")
+        series[family].append((run["block_bpw"], row.kld_mean, label))
+    series.update(reference_series(protocol.to_dict(), Path(args.out).parent, console))
+    plot_curves(series, Path(args.out).with_suffix(".png"),
+                f"{args.source}: EXL2 targets against uniform methods — {report.describe()}",
+                "bits per weight, transformer blocks' linear layers")
     console.print(render_table(rows, f"EXL2 targets on {args.source}", report.describe()))
     console.print(f"wrote {args.out}")
 

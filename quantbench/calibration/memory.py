@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -19,6 +20,12 @@ log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
 _done = False
 _pinned = 1 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (raises OSError where it cannot be found)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
@@ -30,8 +37,7 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     if _done or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return _done
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(nbytes)))
+        ok = bool(_libc().mallopt(M_MMAP_THRESHOLD, ctypes.c_int(nbytes)))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
     _done, _pinned = ok, nbytes
@@ -51,7 +57,7 @@ def heap_for_temporaries(nbytes: int = 16 << 20):
     if not _done:
         yield
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(nbytes))
     try:
         yield

@@ -77,3 +77,43 @@ def plot_size_vs_quality(rows: Sequence[ReportRow], path: Path, title: str) -> N
     ax.grid(True, alpha=0.3)
     with atomic_write(Path(path)) as fh:
         fig.savefig(fh, format="png", bbox_inches="tight")
+
+
+Point = tuple[float, float, str]  # (x, y, label)
+
+
+def plot_curves(series: dict[str, Sequence[Point]], path: Path, title: str, xlabel: str,
+                ylabel: str = "mean KLD vs baseline (nats, log scale)", log_y: bool = True) -> int:
+    """One line per family (points joined in x order, each labelled), e.g. bits per weight
+    against KLD for EXL2 targets beside uniform GPTQ/AWQ/RTN and GGUF points; PNG, atomic.
+    Points without a value (or not positive on a log axis) are left out; returns the number of
+    lines drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.add_subplot()
+    drawn = 0
+    for family, points in series.items():
+        pts = sorted(p for p in points if p[0] is not None and p[1] is not None
+                     and (p[1] > 0 or not log_y))
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.2, label=family)
+        drawn += 1
+        for x, y, label in pts:
+            if label:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    with atomic_write(Path(path)) as fh:
+        fig.savefig(fh, format="png", bbox_inches="tight")
+    return drawn
