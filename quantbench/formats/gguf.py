@@ -26,7 +26,7 @@ from quantbench.config import GGUFGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError, ModelLoadError
 from quantbench.formats.base import Artifact, Format, read_manifest
 from quantbench.formats.gguf_meta import qk_permute_heads
-from quantbench.models.gguf_import import (hf_config_from_gguf, hf_name, permute_qk,
+from quantbench.models.gguf_import import (GENERATED, hf_config_from_gguf, hf_name, permute_qk,
                                            unpermute_qk)
 from quantbench.quant.gguf.codec import get_codec
 from quantbench.registry import register_format
@@ -214,6 +214,8 @@ class GGUFWeights:
         self.file, self.config = file, config
         self.tensors = {}
         for t in reader.tensors:
+            if t.name in GENERATED:  # rope_freqs: already in the config's rope_parameters
+                continue
             try:
                 name = hf_name(t.name)
             except ModelLoadError as exc:

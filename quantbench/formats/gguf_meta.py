@@ -294,12 +294,6 @@ def to_gguf_tensor(hf_name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
     """A tensor in GGUF row order (:func:`qk_permute_heads` decides the permutation)."""
     heads = qk_permute_heads(config, hf_name)
     return permute_qk(w, heads) if heads else w
-    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        return permute_qk(w, int(config["num_attention_heads"]))
-    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-        return permute_qk(w, int(heads))
-    return w
 
 
 def rope_freqs(config: dict) -> torch.Tensor | None:

@@ -1,4 +1,7 @@
-"""Turn a llama-family GGUF file into an FP16 Hugging Face checkpoint (used for the sample)."""
+"""Turn a llama-family GGUF file (GGUF arch ``llama`` — llama, mistral — or ``qwen2``) into an
+FP16 Hugging Face checkpoint: the sample, and any such GGUF given as a source, including files
+made by llama.cpp (RoPE scaling keys and llama3's ``rope_freqs`` tensor read back into the
+config)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantbench.errors import ModelLoadError
-from quantbench.models.arch import LLAMA
+from quantbench.models.arch import ARCHITECTURES, LLAMA, ArchSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,20 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def hf_name(gguf_name: str) -> str:
     """llama.cpp tensor name → HF name for the llama family (``blk.3.attn_q.weight`` →
-    ``model.layers.3.self_attn.q_proj.weight``)."""
+    ``model.layers.3.self_attn.q_proj.weight``; qwen2 shares these names)."""
     return LLAMA.hf_tensor_name(gguf_name)
+
+
+GENERATED = ("rope_freqs.weight",)  # llama.cpp-made tensors the HF config stands for
+
+
+def gguf_arch_spec(arch: str | None) -> ArchSpec:
+    for spec in ARCHITECTURES:
+        if spec.gguf_arch == arch:
+            return spec
+    known = sorted({spec.gguf_arch for spec in ARCHITECTURES})
+    raise ModelLoadError(f"GGUF architecture {arch!r} is not supported for import; quantbench "
+                         f"reads {', '.join(repr(a) for a in known)} GGUF files")
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -58,52 +73,125 @@ def _open(path: Path):
 
 
 def hf_config_from_gguf(reader) -> dict[str, Any]:
-    from transformers import LlamaConfig
+    """The HF ``config.json`` a GGUF's ``<arch>.*`` metadata stands for (GGUF arch ``llama`` →
+    LlamaConfig, ``qwen2`` → Qwen2Config)."""
+    import transformers
 
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(
-            f"GGUF architecture {arch!r} is not supported for import; only 'llama' is")
-    key = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
+    spec = gguf_arch_spec(arch)
+    key = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
     n_head = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
     names = {t.name for t in reader.tensors}
     vocab = key("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
-    cfg = LlamaConfig(
+    theta = float(key("rope.freq_base", 10000.0))
+    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // n_head)
+    kwargs: dict[str, Any] = dict(
         vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
         num_hidden_layers=int(key("block_count")), num_attention_heads=n_head,
         num_key_value_heads=int(key("attention.head_count_kv", n_head)),
-        head_dim=int(key("rope.dimension_count", hidden // n_head)),
         max_position_embeddings=int(key("context_length", 2048)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-        hidden_act="silu", architectures=["LlamaForCausalLM"],
-    )
-    config = cfg.to_dict()
+        hidden_act="silu")
+    rope = _rope_parameters(key, reader, theta, head_dim)
+    kwargs.update({"rope_parameters": rope} if rope else {"rope_theta": theta})
+    if spec.gguf_arch == "qwen2":
+        cls, archs = transformers.Qwen2Config, ["Qwen2ForCausalLM"]
+    else:
+        cls, archs = transformers.LlamaConfig, ["LlamaForCausalLM"]
+        kwargs.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in names,
+                      mlp_bias="blk.0.ffn_up.bias" in names)
+    config = cls(architectures=archs, **kwargs).to_dict()
     config["dtype"] = "float16"
     config.pop("transformers_version", None)
     return config
+
+
+def _rope_parameters(key, reader, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """RoPE scaling as transformers' ``rope_parameters``: from ``rope.scaling.*`` (linear,
+    yarn) or, for llama3 scaling, recovered from the ``rope_freqs`` tensor (which is all
+    llama.cpp keeps of it). None when unscaled."""
+    kind = key("rope.scaling.type")
+    if kind == "linear":
+        return {"rope_type": "linear", "rope_theta": theta,
+                "factor": float(key("rope.scaling.factor"))}
+    if kind == "yarn":
+        rope = {"rope_type": "yarn", "rope_theta": theta,
+                "factor": float(key("rope.scaling.factor")),
+                "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+        for gg, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                       ("yarn_attn_factor", "attention_factor"),
+                       ("yarn_ext_factor", "extrapolation_factor")):
+            if key(f"rope.scaling.{gg}") is not None:
+                rope[hf] = float(key(f"rope.scaling.{gg}"))
+        return rope
+    if kind not in (None, "none"):
+        raise ModelLoadError(f"GGUF RoPE scaling {kind!r} is not supported for import (linear, "
+                             "yarn and llama3 are)")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is None:
+        return None
+    return llama3_rope(np.asarray(freqs.data, dtype=np.float32).reshape(-1), theta, head_dim)
+
+
+def llama3_rope(freqs: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+    """llama3 ``rope_parameters`` that regenerate ``freqs`` (llama.cpp's ``rope_freqs``). Only
+    ``(old_ctx / (high - low), low / (high - low))`` shape the tensor, so ``low_freq_factor``
+    1 and ``high_freq_factor`` 4 (every Llama 3.x) are tried first, then any exact fit."""
+    from quantbench.formats.gguf_meta import rope_freqs
+
+    factor = float(freqs.max())
+    base = {"rope_type": "llama3", "rope_theta": theta, "factor": factor}
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * np.pi / inv
+    mid = (freqs > 1.0) & (freqs < factor)
+    # smooth = (1/f - 1/F) / (1 - 1/F) = old_ctx / (wavelen (h - l)) - l / (h - l)
+    smooth = (1.0 / freqs[mid].astype(np.float64) - 1.0 / factor) / (1.0 - 1.0 / factor)
+    candidates = []
+    if mid.any():
+        for low, high in ((1.0, 4.0), (1.0, 2.0)):
+            ctx = np.median(wavelen[mid] * (smooth * (high - low) + low))
+            candidates.append((low, high, int(round(ctx))))
+        if mid.sum() >= 2:  # an exact line through two points of the smooth band
+            a, b = np.polyfit(1.0 / wavelen[mid], smooth, 1)
+            if b < 0:
+                low = 1.0
+                candidates.append((low, low - low / b, int(round(a * (-low / b)))))
+    else:  # no band to read: the factors only say which wavelengths are scaled
+        edge = wavelen[freqs >= factor].min() if (freqs >= factor).any() else None
+        if edge is not None:
+            candidates.append((1.0, 4.0, int(np.floor(edge)) - 1))
+    config = {"rope_parameters": base, "head_dim": head_dim, "model_type": "llama"}
+    for low, high, ctx in candidates:
+        rope = {**base, "low_freq_factor": low, "high_freq_factor": float(high),
+                "original_max_position_embeddings": ctx}
+        config["rope_parameters"] = rope
+        mine = rope_freqs(config)
+        if mine is not None and np.allclose(mine.numpy(), freqs, rtol=1e-5, atol=0):
+            return rope
+    raise ModelLoadError("the GGUF's rope_freqs tensor does not match llama3 RoPE scaling; "
+                         "quantbench cannot import this file")
 
 
 def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor, str]]:
     """``(hf_name, float32 tensor [HF shape], ggml type name)`` for every tensor, Q/K unpermuted."""
     from gguf.quants import dequantize
 
-    heads = {"self_attn.q_proj": config["num_attention_heads"],
-             "self_attn.k_proj": config["num_key_value_heads"]}
+    from quantbench.formats.gguf_meta import qk_permute_heads
+
     for t in reader.tensors:
+        if t.name in GENERATED:
+            continue
         array = dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne[0] is innermost
         w = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
         name = hf_name(t.name)
-        for module, n in heads.items():
-            if f".{module}." in name:
-                w = unpermute_qk(w, n)
-        yield name, w, t.tensor_type.name
+        heads = qk_permute_heads(config, name)
+        yield name, (unpermute_qk(w, heads) if heads else w), t.tensor_type.name
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float16,

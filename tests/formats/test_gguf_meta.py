@@ -196,6 +196,46 @@ def test_variants_match_converter(kind, converter, tmp_path):
     getattr(transformers, model_cls)(cfg).to(torch.float16).save_pretrained(str(model_dir))
     (_qwen_tokenizer if kind == "qwen2" else make_tokenizer)(model_dir)
     assert_matches_converter(converter, model_dir, tmp_path / "ref.gguf")
+    assert_imports_back(tmp_path / "ref.gguf", model_dir, tmp_path / "back")
+
+
+def assert_imports_back(gguf_file: Path, model_dir: Path, out: Path) -> None:
+    """llama.cpp's file read back by quantbench (GGUF → HF checkpoint): the same architecture,
+    RoPE (llama3's rope_freqs tensor turned back into rope_parameters), biases and weights —
+    the same logits as the original model."""
+    import transformers
+
+    from quantbench.models.gguf_import import convert_gguf_to_hf
+
+    convert_gguf_to_hf(gguf_file, out, dtype=torch.float32, tokenizer=False)
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                                 dtype=torch.float32)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    want, got = original.config.to_dict(), back.config.to_dict()
+    # mistral is GGUF arch llama (llama.cpp runs it as one): it comes back a llama
+    assert got["model_type"] == {"mistral": "llama"}.get(want["model_type"], want["model_type"])
+    for key in ("num_key_value_heads", "tie_word_embeddings", "rope_parameters",
+                "attention_bias", "head_dim"):
+        if key not in want:  # e.g. mistral's config has no attention_bias
+            continue
+        assert got.get(key) == want.get(key) or (
+            key == "rope_parameters" and _same_rope(got[key], want[key])), key
+    ids = torch.randint(0, original.config.vocab_size, (2, 200), generator=torch.Generator()
+                        .manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _same_rope(got: dict, want: dict) -> bool:
+    """llama3 scaling is stored as per-frequency factors: any parameters that regenerate them
+    are the same RoPE (HF also adds defaults such as attention_factor for yarn)."""
+    from quantbench.formats.gguf_meta import rope_freqs
+
+    if got.get("rope_type") == "llama3":
+        cfg = lambda r: {"model_type": "llama", "rope_parameters": r,  # noqa: E731
+                         "hidden_size": 64, "num_attention_heads": 4}
+        return torch.allclose(rope_freqs(cfg(got)), rope_freqs(cfg(want)), rtol=1e-5)
+    return all(got.get(k) == v for k, v in want.items() if v is not None)
 
 
 def _tiny_model(directory: Path, vocab_size: int) -> dict:

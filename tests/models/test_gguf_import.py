@@ -101,3 +101,33 @@ def test_not_a_gguf(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(ModelLoadError, match="not a readable GGUF"):
         convert_gguf_to_hf(tmp_path / "x.gguf", tmp_path / "out", tokenizer=False)
+
+
+@pytest.mark.parametrize("factor,low,high,ctx", [(8.0, 1.0, 4.0, 8192),    # Llama 3.1
+                                                 (32.0, 1.0, 4.0, 8192),   # Llama 3.2
+                                                 (4.0, 1.0, 2.0, 2048),
+                                                 (16.0, 2.0, 8.0, 4096)])
+def test_llama3_rope_recovered_from_rope_freqs(factor, low, high, ctx):
+    """llama.cpp keeps llama3 RoPE scaling only as the rope_freqs tensor: the parameters read
+    back regenerate it exactly (the common Llama 3.x values come back as they were)."""
+    from quantbench.formats.gguf_meta import rope_freqs
+    from quantbench.models.gguf_import import llama3_rope
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": ctx}
+    config = {"model_type": "llama", "head_dim": 128, "rope_parameters": rope}
+    freqs = rope_freqs(config).numpy()
+    got = llama3_rope(freqs, 500000.0, 128)
+    np.testing.assert_allclose(rope_freqs({**config, "rope_parameters": got}).numpy(), freqs,
+                               rtol=1e-6)
+    if (low, high) == (1.0, 4.0):
+        assert got == rope
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused():
+    from quantbench.models.gguf_import import llama3_rope
+
+    freqs = np.linspace(1.0, 3.0, 64).astype(np.float32) ** 2  # no llama3 band shape
+    with pytest.raises(ModelLoadError, match="does not match llama3 RoPE"):
+        llama3_rope(freqs, 10000.0, 128)
