@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from quantbench.api import quantize, save
+from quantbench.api import evaluate, quantize, save
 from quantbench.config import IntGridConfig
 from quantbench.errors import ConfigError
 from quantbench.formats.io import open_artifact
@@ -281,3 +281,72 @@ def test_awq_refusals():
         awq(make_config("awq", 4, 32, False, then="hqq"))
     with pytest.raises(ConfigError, match="AWQ search file"):
         awq(make_config("awq", 4, 32, False, search_file="/nonexistent.safetensors"))
+
+
+# ------------------------------------------------------------------------- AWQ onto GGUF types
+
+@pytest.fixture(scope="module")
+def tiny_wide(tmp_path_factory):
+    """Rows a multiple of 256 (k-quant super-blocks), 2 blocks."""
+    from tests.conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("wide") / "llama", hidden=256,
+                           intermediate=512)
+
+
+def test_proxy_grids_follow_the_ggml_block_types():
+    from quantbench.quant.methods.awq import proxy_grid
+
+    q4k, q5_0, q3k = proxy_grid("Q4_K"), proxy_grid("Q5_0"), proxy_grid("Q3_K")
+    assert (q4k.bits, q4k.group_size, q4k.symmetric) == (4, 32, False)
+    assert (q5_0.bits, q5_0.group_size, q5_0.symmetric) == (5, 32, True)
+    assert (q3k.bits, q3k.group_size, q3k.symmetric) == (3, 16, True)
+    assert proxy_grid("F16") is None and proxy_grid("F32") is None
+
+
+def _effective(art, layer: int, linear: str, norm: str) -> torch.Tensor:
+    """``W · diag(norm)``: what a folded pair computes (scales folded into the norm cancel)."""
+    p = f"model.layers.{layer}."
+    return art.weights.get(f"{p}{linear}.weight").float() * \
+        art.weights.get(f"{p}{norm}.weight").float().view(1, -1)
+
+
+@pytest.mark.parametrize("then", ["rtn", "gptq"])
+def test_awq_onto_gguf_folds_scales_into_the_file(tiny_wide, tmp_path, then):
+    """AWQ on --type Q4_K_M: scales searched on the proxy grids fold into the F32 norms and the
+    linears before each tensor takes its ggml type; the folded model computes what the source
+    does up to quantization error; the search is written beside model.gguf and re-applies."""
+    model = load_model(tiny_wide)
+    q = quantize(model, method="awq", gguf_type="Q4_K_M", then=then, calib_samples=4,
+                 calib_len=64, n_grid=5)
+    out = save(q, tmp_path / "g", format="gguf")
+    assert (out / SEARCH_FILE).is_file() and (out / "model.gguf").is_file()
+    art = open_artifact(out)
+    assert art.format == "gguf"
+    src = open_artifact(tiny_wide)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.allclose(art.weights.get(norm).float(), src.weights.get(norm).float())
+    for layer in (0, 1):  # a pair whose norm were left unscaled would be off by the scales
+        for linear, ln in (("self_attn.q_proj", "input_layernorm"),
+                           ("mlp.gate_proj", "post_attention_layernorm")):
+            want = _effective(src, layer, linear, ln)
+            rel = (_effective(art, layer, linear, ln) - want).norm() / want.norm()
+            assert rel < 0.12, (layer, linear, float(rel))  # Q4_K/Q5_0 error + clipping
+    rtn = save(quantize(model, method="rtn", gguf_type="Q4_K_M"), tmp_path / "rtn",
+               format="gguf")
+    kld = {p.name: evaluate(p, ctx=64, max_tokens=1024, use_cache=False).results[p.name]
+           .kld_mean for p in (out, rtn)}
+    assert kld["g"] < 1.5 * kld["rtn"], kld  # the same function, quantized
+    if then == "rtn":  # the saved search, data-free, gives the same file
+        again = quantize(model, method="awq", gguf_type="Q4_K_M",
+                         search_file=str(out / SEARCH_FILE))
+        assert not again.method.needs_calibration
+        out2 = save(again, tmp_path / "g2", format="gguf")
+        assert (out2 / "model.gguf").read_bytes() == (out / "model.gguf").read_bytes()
+
+
+def test_awq_refuses_a_float_gguf_type():
+    from quantbench.registry import get_method
+
+    with pytest.raises(ConfigError, match="quantized GGUF type"):
+        get_method("awq")(make_config("awq", gguf_type="F16"))

@@ -8,21 +8,30 @@ scales are searched against the output of the module that consumes them (the who
 MLP for a norm pair, the single linear for a linear pair) and folded in; each weight's group
 ranges are then clipped (q/k exempt, as in AWQ). The search result is data: written as
 ``awq_search.safetensors`` and re-applied with ``search_file=`` without calibration.
+
+On a GGUF type (``--type Q4_K_M``) the search and the clips run on the integer grid nearest to
+the mixture's main block type (:func:`proxy_grid`: Q4_K → 4-bit, groups of 32, with a minimum),
+the scales fold into the float norms and linears as above, and each tensor is then quantized to
+its own ggml type: the codec's reference search (``then="rtn"``) or GPTQ onto the fitted blocks
+(``then="gptq"``, as ``--method gptq --type``).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 
-from quantbench.config import CalibrationOptions, QuantizeConfig
+from quantbench.config import CalibrationOptions, GridConfig, IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.quant.awq import (apply_clip, fold_scales, output_error, search_clip,
                                   search_scales)
 from quantbench.quant.gptq import GPTQParams, gptq_quantize
 from quantbench.quant.methods.base import Method
+from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
 from quantbench.quant.methods.rtn import rtn_quantize
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
@@ -52,24 +61,67 @@ class AWQOptions(CalibrationOptions):
     calib_samples: int = 32
 
 
+# the integer grid an AWQ search stands in for a GGUF block type with: (bits, group, symmetric)
+PROXY_GRIDS = {"Q2_K": (2, 16, False), "Q3_K": (3, 16, True), "Q4_K": (4, 32, False),
+               "Q5_K": (5, 32, False), "Q6_K": (6, 16, True), "Q4_0": (4, 32, True),
+               "Q4_1": (4, 32, False), "Q5_0": (5, 32, True), "Q5_1": (5, 32, False),
+               "Q8_0": (8, 32, True)}
+
+
+def proxy_grid(ggml_type: str) -> IntGridConfig | None:
+    """The integer grid AWQ's scale and clip searches stand in for a ggml block type with
+    (Q4_K → 4-bit g32 with a zero-point, Q5_0 → symmetric 5-bit g32, Q3_K → symmetric 3-bit
+    g16); None for float types."""
+    if ggml_type not in PROXY_GRIDS:
+        return None
+    bits, group, symmetric = PROXY_GRIDS[ggml_type]
+    return IntGridConfig.from_group_size(bits, group, symmetric)
+
+
+GridFor = Callable[[str], "GridConfig | None"]  # full weight name → the grid searches use
+
+
+def _grid_for(grid: "GridConfig | GridFor") -> GridFor:
+    return grid if callable(grid) else (lambda name: grid)
+
+
 @register_method("awq")
-class AWQ(Method):
+class AWQ(GGUFPlan, Method):
     description = "AWQ: activation-aware scales folded into norms/linears + clipping, then RTN or GPTQ"
     options_cls = AWQOptions
     symmetric = False
     device_capable = True  # RTN and GPTQ on integer grids run where the block is
+    gguf_capable = True    # searched on proxy_grid, each tensor then on its ggml type
 
     def __init__(self, config: QuantizeConfig):
         super().__init__(config)
         self.search: dict[str, torch.Tensor] = {}
         self.saved = _load_search(config.options.search_file)
 
+    def search_grid(self, name: str) -> GridConfig | None:
+        """The grid the searches quantize weight ``name`` with: the run's integer grid, or on
+        GGUF the proxy of the ggml type llama.cpp's rules give this tensor (on SmolLM2's
+        576-wide rows Q4_K_M's Q4_K falls back to Q5_0: its proxy is 5-bit)."""
+        if self.config.grid.kind != "gguf":
+            return self.config.grid
+        return proxy_grid(self.tensor_type(name)) if name in self.types else None
+
+    @property
+    def has_imatrix(self) -> bool:  # llama.cpp's type rules for Q4_0/Q5_0 (calibrated or not)
+        return self.config.options.then == "gptq"
+
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
         o = config.options
         if o.then not in ("rtn", "gptq"):
             raise ConfigError(f"--then must be rtn or gptq, got {o.then!r}")
-        if config.grid.granularity == "tensor":
+        if config.grid.kind == "gguf":
+            from quantbench.quant.gguf.mixtures import DEFAULT_TYPES
+
+            if DEFAULT_TYPES.get(config.grid.type, config.grid.type) not in PROXY_GRIDS:
+                raise ConfigError(f"awq needs a quantized GGUF type, not {config.grid.type}; "
+                                  "use e.g. --type Q4_K_M")
+        elif config.grid.granularity == "tensor":
             raise ConfigError("awq needs per-group or per-channel scales; pass --group-size 128 "
                               "(or -1 for per channel)")
         if o.n_grid < 1 or o.clip_grid < 1 or not 0 <= o.max_shrink < 1:
@@ -88,31 +140,49 @@ class AWQ(Method):
     # -- the pipeline calls these --------------------------------------------------------------
     def prepare_block(self, ctx) -> None:
         if self.saved is not None:
-            _apply_saved(ctx.layer, ctx.model.arch, ctx.index, self.saved, self.config.grid)
+            _apply_saved(ctx.layer, ctx.model.arch, ctx.index, self.saved, self.search_grid)
         else:
-            self.search.update(awq_block(ctx, self.config))
+            self.search.update(awq_block(ctx, self.config, self.search_grid))
 
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
                             hessian: torch.Tensor | None) -> QuantizedTensor:
+        o = self.config.options
+        params = GPTQParams(o.damp_percent, o.block_size, o.act_order, o.static_groups)
+        if self.config.grid.kind == "gguf":
+            if hessian is None:
+                return self.quantize_gguf(name, weight)
+            from quantbench.quant.gguf.gptq_grid import gptq_gguf
+
+            ggml_type = self.tensor_type(name)
+            data, _ = gptq_gguf(weight.cpu(), hessian.cpu(), ggml_type, params)
+            return gguf_tensor(data, ggml_type, weight.dtype)
         scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
             else torch.float16
         if hessian is None:
             return rtn_quantize(weight, self.config.grid, scale_dtype)
-        o = self.config.options
-        params = GPTQParams(o.damp_percent, o.block_size, o.act_order, o.static_groups)
         qt, _ = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)
         return qt
 
     # -- data-free re-application of a saved search (then=rtn) --------------------------------
     def transform_block(self, model, index: int, tensors: dict[str, torch.Tensor]
                         ) -> dict[str, torch.Tensor]:
-        return apply_saved_tensors(model.arch, index, tensors, self.saved, self.config.grid)
+        return apply_saved_tensors(model.arch, index, tensors, self.saved, self.search_grid)
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
         return self.quantize_with_stats(name, weight, None)
 
     def outputs(self) -> dict[str, dict[str, torch.Tensor]]:
         return {SEARCH_FILE: dict(self.search)} if self.search else {}
+
+    def write_outputs(self, directory: Path) -> list[str]:
+        """GGUF outputs: the search result beside ``model.gguf`` (``--search-file`` re-applies
+        it to this or another GGUF type without calibration)."""
+        from safetensors.torch import save_file
+
+        if not self.search:  # (the GGUF writer runs inside the output's temporary folder)
+            return []
+        save_file(dict(self.search), str(Path(directory) / SEARCH_FILE), {"format": "pt"})
+        return [SEARCH_FILE]
 
 
 def _load_search(path: str | None) -> dict[str, torch.Tensor] | None:
@@ -211,8 +281,8 @@ def _capture(mixer, modules: dict, normed: list[torch.Tensor], kwargs: list[dict
 
 
 @torch.inference_mode()
-def _awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
-    o, grid, arch, layer = config.options, config.grid, ctx.model.arch, ctx.layer
+def _awq_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, torch.Tensor]:
+    o, arch, layer = config.options, ctx.model.arch, ctx.layer
     prefix = f"{arch.block_prefix}.{ctx.index}."
     result: dict[str, torch.Tensor] = {}
     x = ctx.hidden
@@ -266,6 +336,10 @@ def _awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
                 x_sub = _joined(feed.search)
                 reference = mods[0](x_sub)
                 inspect = _linear_inspector(mods[0], x_sub)
+            grids = [g for g in (grid_for(ctx.weight_name(lin)) for lin in linears) if g]
+            if not grids:  # e.g. GGUF tensors kept in float
+                continue
+            grid = min(grids, key=lambda g: g.bits)  # the coarsest grid the scales must serve
             found = search_scales(feed.mean, [m.weight.data for m in mods], grid,
                                   n_grid=o.n_grid, duo=o.duo_scaling, exhaustive=o.exhaustive,
                                   error=output_error(inspect, reference))
@@ -284,6 +358,9 @@ def _awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
                     if key not in samples:
                         sample = inputs[lin].sample
                         samples[key] = sample / scaled[lin] if lin in scaled else sample
+                    grid = grid_for(ctx.weight_name(lin))
+                    if grid is None:
+                        continue
                     max_val = search_clip(module.weight.data, samples[key], grid, o.clip_grid,
                                           o.max_shrink)
                     module.weight.data.copy_(apply_clip(module.weight.data, max_val, grid))
@@ -293,7 +370,8 @@ def _awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
     return result
 
 
-def awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+def awq_block(ctx, config: QuantizeConfig, grid: "GridConfig | GridFor | None" = None
+              ) -> dict[str, torch.Tensor]:
     """Search and apply AWQ scales and clips to one float block in place; return the search
     result as named tensors (``<prev>.awq_scales``, ``<linear>.awq_clip``) on the CPU.
 
@@ -305,7 +383,7 @@ def awq_block(ctx, config: QuantizeConfig) -> dict[str, torch.Tensor]:
     if not ctx.model.arch.sublayers:
         raise ConfigError(f"awq needs the block structure (sublayers) of {ctx.model.arch.family}; "
                           "use --method gptq")
-    found = _awq_block(ctx, config)
+    found = _awq_block(ctx, config, _grid_for(config.grid if grid is None else grid))
     return {k: v.to("cpu", torch.float32, copy=True) for k, v in found.items()}
 
 
@@ -347,8 +425,11 @@ def _apply_saved(layer, arch, index: int, saved: dict[str, torch.Tensor], grid) 
 
 
 def apply_saved_tensors(arch, index: int, tensors: dict[str, torch.Tensor],
-                        saved: dict[str, torch.Tensor] | None, grid) -> dict[str, torch.Tensor]:
-    """Re-apply a saved AWQ search (scales, then clips) to one block's named tensors."""
+                        saved: dict[str, torch.Tensor] | None, grid: "GridConfig | GridFor"
+                        ) -> dict[str, torch.Tensor]:
+    """Re-apply a saved AWQ search (scales, then clips) to one block's named tensors; ``grid``
+    (or ``grid(weight name)``) is the grid the clips were searched on."""
+    grid_for = _grid_for(grid)
     if saved is None:
         return tensors
     prefix = f"{arch.block_prefix}.{index}."
@@ -377,5 +458,6 @@ def apply_saved_tensors(arch, index: int, tensors: dict[str, torch.Tensor],
         clip = saved.get(f"{prefix}{lin}.awq_clip")
         if clip is not None:
             k = f"{prefix}{lin}.weight"
-            work[k] = apply_clip(get(k), clip, grid)
+            if grid_for(k) is not None:
+                work[k] = apply_clip(get(k), clip, grid_for(k))
     return {**tensors, **{k: v.to(tensors[k].dtype) for k, v in work.items()}}
