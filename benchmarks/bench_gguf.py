@@ -3,7 +3,7 @@
     python benchmarks/bench_gguf.py [--types Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K] [--chunks 16]
 
 For each type: quantbench's ``convert --type`` with ``rtn`` (llama.cpp's reference search),
-``imatrix`` and ``gptq`` (when the method takes GGUF types), against llama.cpp's
+``imatrix``, ``gptq`` and ``awq+gptq`` (``--methods``), against llama.cpp's
 ``convert_hf_to_gguf.py`` + ``llama-quantize`` with and without ``llama-imatrix`` (fed the same
 calibration windows as text). Every file is scored by ``llama-perplexity`` against the F16
 file's saved logits (``--kl-divergence``): perplexity, mean / p99 KLD, top-1 agreement, on the
@@ -13,7 +13,6 @@ same tokens (second-half scoring, ctx 512). Wall time and peak RSS of every step
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,18 +24,24 @@ from rich.console import Console
 from rich.table import Table
 
 from quantbench.calibration.data import CalibrationSpec, sample_windows
+from quantbench.eval.report import write_json
 from quantbench.models.loader import load_model
-from quantbench.registry import get_method
 from quantbench.runtimes import llamacpp
 
 CALIB = ("--calib-samples", "16", "--calib-len", "512")
 
 
+METHODS = {  # our GGUF methods by label: convert options
+    "rtn": ["--method", "rtn"],
+    "imatrix": ["--method", "imatrix", *CALIB],
+    "gptq": ["--method", "gptq", *CALIB],
+    "awq+gptq": ["--method", "awq", "--then", "gptq", *CALIB],
+}
+
+
 def convert_ours(source: str, gguf_type: str, method: str, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "quantbench.cli", "convert", source, "--method", method,
+    cmd = [sys.executable, "-m", "quantbench.cli", "convert", source, *METHODS[method],
            "--type", gguf_type, "-o", str(out), "--overwrite"]
-    if method != "rtn":
-        cmd += CALIB
     return {**run_measured(cmd), "file": str(out / "model.gguf")}
 
 
@@ -76,11 +81,15 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--out", default="benchmarks/results/gguf_smollm2.json")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"ours: {', '.join(METHODS)}")
     args = ap.parse_args()
     types = args.types.split(",")
     tools = llamacpp.ensure()
     model = load_model(args.source)
-    ours_methods = ["rtn", "imatrix"] + (["gptq"] if get_method("gptq").gguf_capable else [])
+    ours_methods = args.methods.split(",")
+    unknown = set(ours_methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown --methods {', '.join(sorted(unknown))}; use {', '.join(METHODS)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "calibration.txt"
@@ -111,8 +120,7 @@ def main() -> None:
                "f16_ppl": f16.ppl, "llama_cpp_steps": llama["steps"], "calibration": CALIB,
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    write_json(Path(args.out), payload)
     show(payload)
 
 
