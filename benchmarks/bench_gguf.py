@@ -35,7 +35,7 @@ METHODS = {  # our GGUF methods by label: convert options
     "rtn": ["--method", "rtn"],
     "imatrix": ["--method", "imatrix", *CALIB],
     "gptq": ["--method", "gptq", *CALIB],
-    "awq+gptq": ["--method", "awq", "--then", "gptq", *CALIB],
+    "awq+gptq": ["--method", "awq", "--then", "gptq", "--act-order", *CALIB],
 }
 
 
