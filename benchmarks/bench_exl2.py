@@ -56,8 +56,16 @@ def block_bpw(manifest: dict) -> float:
 
 
 def reference_series(protocol: dict, results: Path, console: Console) -> dict[str, list]:
-    """Uniform-method points measured earlier under the same protocol, by family."""
+    """Uniform-method points measured earlier under the same protocol, by family. GPTQ's
+    points come from ``gptq_scale_search_smollm2.json`` (the current GPTQ, scale search on):
+    the GPTQ rows of ``calibrated_smollm2.json`` predate it."""
     series: dict[str, list] = {}
+
+    def add(family: str, point: tuple) -> None:
+        points = series.setdefault(family, [])
+        if point not in points:  # RTN rows repeat in two files
+            points.append(point)
+
     for name in REFERENCES:
         path = results / name
         if not path.is_file():
@@ -68,12 +76,38 @@ def reference_series(protocol: dict, results: Path, console: Console) -> dict[st
                           "its points are left out of the plot[/]")
             continue
         for r in data["results"]:
+            if r["method"] == "gptq":
+                continue
             group = "channel" if r["group_size"] == -1 else f"g{r['group_size']}"
-            point = (r["bits_per_weight"], r["kld_mean"], f"w{r['bits']}")
-            family = series.setdefault(f"{r['method']} {group} (uniform)", [])
-            if point not in family:  # RTN rows repeat in both files
-                family.append(point)
+            add(f"{r['method']} {group} (uniform)", (r["bits_per_weight"], r["kld_mean"],
+                                                     f"w{r['bits']}"))
+    path = results / "gptq_scale_search_smollm2.json"
+    if path.is_file():
+        report = json.loads(path.read_text())["report"]
+        if report["protocol"] == protocol:
+            for key, r in report["results"].items():
+                bits = int(key[1:])  # zero-point g64: fp16 scale + `bits`-bit zero per 64
+                add("gptq g64 zero-point (uniform)", (bits + (16 + bits) / 64, r["kld_mean"],
+                                                      key))
     return series
+
+
+def plot(payload: dict, out: Path, console: Console) -> None:
+    """The size-vs-KLD curves of a results file (``--replot`` redraws them from it)."""
+    series: dict[str, list] = {}
+    for r in payload["results"]:
+        if r["method"] == "exl2":
+            family, label = "EXL2 (measured mix)", f"{r['target_bpw']}"
+        elif r["method"] == "gptq":
+            family, label = "GPTQ g64 symmetric (this run)", "w4"
+        else:  # gguf-<TYPE>-<method>
+            _, gguf_type, how = r["name"].split("-", 2)
+            family, label = f"GGUF {how} (quantbench, this run)", gguf_type
+        series.setdefault(family, []).append((r["block_bpw"], r["kld_mean"], label))
+    series.update(reference_series(payload["protocol"], out.parent, console))
+    plot_curves(series, out.with_suffix(".png"),
+                f"{payload['source']}: EXL2 targets against uniform methods — "
+                f"{payload['protocol_text']}", "bits per weight, transformer blocks' linear layers")
 
 
 def main() -> None:
@@ -89,8 +123,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--out", default="benchmarks/results/exl2_smollm2.json")
     ap.add_argument("--workdir", default=None, help="keep artifacts and the measurement here")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
     args = ap.parse_args()
     console = Console()
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out), console)
+        return
     model = load_model(args.source)
     protocol = EvalProtocol(ctx=args.ctx, max_tokens=args.max_tokens)
     calib = ["--calib-samples", args.calib_samples]
@@ -146,19 +184,7 @@ def main() -> None:
                     for row in rows],
     }
     write_json(Path(args.out), payload)
-    series = {"EXL2 (measured mix)": [], "GPTQ g64 (this run)": [],
-              f"GGUF {args.gguf_method} (quantbench)": []}
-    for row in rows:
-        run = runs[row.name]
-        family = {"exl2": "EXL2 (measured mix)", "gptq": "GPTQ g64 (this run)"}.get(
-            run["method"], f"GGUF {args.gguf_method} (quantbench)")
-        label = (f"{run['target_bpw']}" if run["method"] == "exl2"
-                 else row.name.split("-")[1] if run["method"] == "gguf" else "w4")
-        series[family].append((run["block_bpw"], row.kld_mean, label))
-    series.update(reference_series(protocol.to_dict(), Path(args.out).parent, console))
-    plot_curves(series, Path(args.out).with_suffix(".png"),
-                f"{args.source}: EXL2 targets against uniform methods — {report.describe()}",
-                "bits per weight, transformer blocks' linear layers")
+    plot(payload, Path(args.out), console)
     console.print(render_table(rows, f"EXL2 targets on {args.source}", report.describe()))
     console.print(f"wrote {args.out}")
 
