@@ -1,6 +1,7 @@
 """GGUF on the sample, ours against llama.cpp's own pipeline, all measured by llama.cpp.
 
-    python benchmarks/bench_gguf.py [--types Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K] [--chunks 16]
+    python benchmarks/bench_gguf.py [--types Q8_0,Q4_0,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K] [--chunks 16]
+        [--methods rtn,imatrix,gptq,awq+gptq@Q4_K_M+Q3_K_M]
 
 For each type: quantbench's ``convert --type`` with ``rtn`` (llama.cpp's reference search),
 ``imatrix``, ``gptq`` and ``awq+gptq`` (``--methods``), against llama.cpp's
@@ -77,16 +78,21 @@ def llama_pipeline(tools, model_dir: Path, work: Path, types: list[str], calib: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="sample:smollm2")
-    ap.add_argument("--types", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--out", default="benchmarks/results/gguf_smollm2.json")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"ours: {', '.join(METHODS)}")
+    ap.add_argument("--methods", default="rtn,imatrix,gptq,awq+gptq@Q4_K_M+Q3_K_M",
+                    help=f"ours, of {', '.join(METHODS)}; NAME@T1+T2 runs NAME on those types only")
     args = ap.parse_args()
     types = args.types.split(",")
     tools = llamacpp.ensure()
     model = load_model(args.source)
-    ours_methods = args.methods.split(",")
+    only: dict[str, set[str]] = {}
+    for spec in args.methods.split(","):
+        name, _, on = spec.partition("@")
+        only[name] = set(on.split("+")) if on else set(types)
+    ours_methods = list(only)
     unknown = set(ours_methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown --methods {', '.join(sorted(unknown))}; use {', '.join(METHODS)}")
@@ -104,7 +110,7 @@ def main() -> None:
     rows = []
     for t in types:
         candidates = {(m, t): convert_ours(args.source, t, m, work / f"ours-{m}-{t}")
-                      for m in ours_methods}
+                      for m in ours_methods if t in only[m]}
         candidates.update({k: v for k, v in llama["files"].items() if k[1] == t})
         for (who, _), info in candidates.items():
             r = llamacpp.perplexity(tools, Path(info["file"]), text, kld_base=base)
