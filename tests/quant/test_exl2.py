@@ -205,3 +205,22 @@ def test_one_sweep_for_many_mixes_equals_separate_sweeps():
         one, _ = exl2_quantize(w, prep, grid)
         assert (many.codes == one.codes).float().mean() > 0.999
         assert torch.allclose(many.dequantize(), one.dequantize(), atol=1e-2)
+
+
+def test_branch_errors_are_relative_per_token():
+    """A token with a massive activation must not hide the error on the others (per window,
+    the error below would read ~0.0001 instead of ~0.5)."""
+    import torch
+
+    from quantbench.quant.exl2.measure import token_errors, token_norms
+
+    y = torch.ones(1, 4, 8)
+    y[0, 0] *= 1e4                          # a massive-activation token
+    ref = torch.zeros(1, 4, 8)
+    out = ref.clone()
+    out[0, 1:] += 0.5                       # half the norm of y on every ordinary token
+    errors = token_errors(out, ref, token_norms(y))
+    assert errors.shape == (4,)
+    assert errors[0] == 0 and torch.allclose(errors[1:], torch.full((3,), 0.5))
+    window = torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(y)
+    assert window < 1e-3 < float(errors.mean())

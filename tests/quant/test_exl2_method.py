@@ -98,6 +98,10 @@ def test_measurement_of_another_model_is_refused(model, tmp_path):
     (tmp_path / "junk.json").write_text('{"kind": "something else"}')
     with pytest.raises(Exception, match="not a quantbench EXL2 measurement"):
         quantize(model, method="exl2", bpw=4.6, measurement=str(tmp_path / "junk.json"))
+    old = json.loads((tmp_path / "m.json").read_text())
+    (tmp_path / "v1.json").write_text(json.dumps({**old, "version": 1}))
+    with pytest.raises(Exception, match="measured the old way"):  # per-window errors
+        quantize(model, method="exl2", bpw=4.6, measurement=str(tmp_path / "v1.json"))
 
 
 @pytest.mark.parametrize("bpw,needle", [(2.5, "below the cheapest"), (12.0, "above the dearest")])

@@ -1,8 +1,11 @@
 """The EXL2 measurement: for every residual branch of every block (a *slot*) and every
 candidate setting of its linears, the exact bit cost (FORMATS.md §4.6) and the relative output
-error ``mean over windows of ‖y_q − y‖_F / ‖y‖_F`` of the block's hidden state after the
-branch, with the branch's linears quantized by GPTQ on float inputs (as exllamav2's
-``measure.py`` does).
+error ``mean over tokens of ‖y_q − y‖ / ‖y‖`` of the block's hidden state after the branch,
+with the branch's linears quantized by GPTQ on float inputs. exllamav2's ``measure.py`` takes
+the ratio per window (``‖·‖_F`` over all tokens); per token it is here because a few tokens
+with massive activations (SmolLM2 from block 12 on) set a window's norm and hide the error of
+every other token — the allocator then starved those blocks (2-bit MLPs at a 4.0 bpw target,
+KLD 0.40 against 0.21 for uniform GPTQ; see benchmarks/results/exl2_smollm2.json).
 
 The result is data (:class:`Measurement`, JSON): saved after every block, so an interrupted
 pass resumes where it stopped, and reusable for any bpw target without measuring again
@@ -30,7 +33,7 @@ from quantbench.quant.exl2.presets import LADDER, branch_candidates
 log = logging.getLogger(__name__)
 
 KIND = "quantbench-exl2-measurement"
-VERSION = 1
+VERSION = 2  # 2: per-token relative errors (1: per-window, skewed by massive activations)
 
 
 @dataclass
@@ -66,6 +69,10 @@ class Measurement:
         if data.get("version", 0) > VERSION:
             raise QuantbenchError(f"{source} was written by a newer quantbench (measurement "
                                   f"version {data['version']}); upgrade quantbench")
+        if data.get("version", 0) < VERSION:
+            raise QuantbenchError(f"{source} holds errors measured the old way (per window, "
+                                  f"version {data.get('version', 0)}); measure again with a "
+                                  "new --measurement file")
         try:
             slots = [Slot(s["block"], s["branch"], s["numel"],
                           [Candidate(dict(c["settings"]), int(c["bits"]), float(c["error"]))
@@ -268,6 +275,18 @@ def _branch(model: Any, layer: torch.nn.Module, index: int, sub: Any, x: list[to
     return y
 
 
+def token_norms(y: torch.Tensor) -> torch.Tensor:
+    """``‖y_t‖`` of every token of a hidden state ``[batch, tokens, hidden]``."""
+    return torch.linalg.vector_norm(y.float(), dim=-1).clamp_min(1e-12)
+
+
+def token_errors(out: torch.Tensor, ref: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``‖out_t − ref_t‖ / ‖y_t‖`` per token, flat. Per token, not per window: a few tokens
+    with massive activations (SmolLM2 from block 12 on) would otherwise set a window's norm
+    and hide the error of every other token."""
+    return (torch.linalg.vector_norm((out - ref).float(), dim=-1) / norms).flatten()
+
+
 def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
                     quantize: QuantizeFn, prepare: Callable[[torch.Tensor], Any]) -> None:
     from quantbench.calibration.collectors import HessianCollector
@@ -295,7 +314,7 @@ def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
     floats = {n: layer.get_submodule(lin).weight.detach().clone() for n, lin in linear_of.items()}
     uses = Counter(item for cand in slot.candidates for item in cand.settings.items())
     cache: dict[tuple[str, str], torch.Tensor] = {}   # only settings still to be used
-    norms = [torch.linalg.vector_norm(t.float(), dim=(1, 2)) for t in y]
+    norms = [token_norms(t) for t in y]
     for cand in slot.candidates:
         for name, desc in cand.settings.items():
             if (name, desc) not in cache:  # this mix and the next few of the linear at once
@@ -307,7 +326,7 @@ def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
                 for d, deq in zip(todo, quantize(weight, hessians[linear_of[name]], grids)):
                     cache[(name, d)] = deq.to(torch.float16)
             layer.get_submodule(linear_of[name]).weight.data.copy_(cache[(name, desc)])
-        ratios = [torch.linalg.vector_norm((call_mixer(mixer, n, k) - r).float(), dim=(1, 2)) / d
+        ratios = [token_errors(call_mixer(mixer, n, k), r, d)
                   for n, k, r, d in zip(normed, kw, ref, norms)]
         cand.error = float(torch.cat(ratios).mean())
         for item in cand.settings.items():
