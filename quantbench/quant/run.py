@@ -166,7 +166,7 @@ def _gguf_grid(method_cls, gguf_type: str, bits: int | None, group_size: int | N
     """GGUF types fix their own widths and blocks; every 2-D tensor is stored in one."""
     if not method_cls.gguf_capable:
         raise ConfigError(f"{method_cls.name} cannot target GGUF types; use --method rtn, "
-                          "imatrix or gptq with --type")
+                          "imatrix, gptq or awq with --type")
     if bits is not None or group_size is not None or symmetric is not None:
         raise ConfigError(f"--type {gguf_type} fixes bits, blocks and zero-points; drop "
                           "--bits/--group-size/--zero-point")

@@ -68,7 +68,7 @@ def test_refusals_leave_nothing(tiny_llama, tmp_path, capsys):
     cases = [
         (["--type", "Q4_K_X"], "unknown GGUF type"),
         (["--type", "Q4_K_M", "--bits", "4"], "drop --bits"),
-        (["--type", "Q4_K_M", "--method", "awq"], "cannot target GGUF types"),
+        (["--type", "Q4_K_M", "--method", "zeropoint"], "cannot target GGUF types"),
         (["--method", "zeropoint", "-g", "32", "--format", "gguf"], "pass --type"),
     ]
     for args, match in cases:
