@@ -63,6 +63,10 @@ def _calibration_options(f):
         click.option("--scale-search/--no-scale-search", default=None,
                      help="GPTQ: shrink each group's range where that lowers the diag(H)-"
                           "weighted rounding error (default on; off = plain min/max)."),
+        click.option("--attention-values/--input-values", "attention_values", default=None,
+                     help="GPTQ on GGUF types: v_proj rows per kv head on the Hessian of the "
+                          "attention-weighted inputs they are read with (default), or on the "
+                          "plain input Hessian."),
         click.option("--damp", "damp_percent", type=float, default=None,
                      help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
         click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),
@@ -110,7 +114,8 @@ def _calibration_options(f):
 
 
 FLAGS = {"n_grid": "--awq-grid", "damp_percent": "--damp", "calib_seed": "--seed",
-         "static_groups": "--static-groups/--dynamic-groups", "imatrix_file": "--imatrix"}
+         "static_groups": "--static-groups/--dynamic-groups", "imatrix_file": "--imatrix",
+         "attention_values": "--attention-values/--input-values"}
 
 
 def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:

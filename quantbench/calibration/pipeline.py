@@ -173,6 +173,7 @@ class BlockContext:
     kwargs: list[dict[str, Any]]
     targets: set[str]
     quantize_many: QuantizeManyFn | None = None  # linears sharing an input in one call
+    attention_values: bool = False  # value projections get per-kv-head attention Hessians
 
     @property
     def device(self) -> torch.device:
@@ -195,12 +196,24 @@ class BlockContext:
 
 
 def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch.Tensor] | None,
-                    statistic: str | None, quantize_fn: QuantizeFn) -> dict[str, Any]:
+                    statistic: str | None, quantize_fn: QuantizeFn,
+                    own: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantize the targets of one group from a statistic over ``feats`` (their shared input);
-    put the dequantized weights back so later groups see quantized inputs."""
+    put the dequantized weights back so later groups see quantized inputs. ``own`` gives some
+    linears a statistic of their own (quantized one by one, after the shared ones)."""
+    own = own or {}
     active = [lin for lin in group if ctx.weight_name(lin) in ctx.targets]
     if not active:
         return {}
+    results = {}
+    if any(lin in own for lin in active):
+        shared = tuple(lin for lin in group if lin not in own)
+        results = _quantize_group(ctx, shared, feats, statistic, quantize_fn) if shared else {}
+        for lin in (lin for lin in active if lin in own):
+            name = ctx.weight_name(lin)
+            qt = quantize_fn(name, ctx.source_weight(lin), own[lin])
+            results[name] = _put_back(ctx, lin, qt)
+        return results
     stat = None
     if statistic is not None:
         collector = COLLECTORS[statistic](ctx.layer.get_submodule(active[0]).in_features,
@@ -215,11 +228,30 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
         qts = ctx.quantize_many(names, [ctx.source_weight(lin) for lin in active], stat)
     if qts is None:
         qts = [quantize_fn(name, ctx.source_weight(lin), stat) for name, lin in zip(names, active)]
-    results = {}
     for lin, name, qt in zip(active, names, qts):
-        ctx.layer.get_submodule(lin).weight.data.copy_(qt.dequantize())
-        results[name] = qt if ctx.device.type == "cpu" else qt.to(CPU)
+        results[name] = _put_back(ctx, lin, qt)
     return results
+
+
+def _put_back(ctx: BlockContext, linear: str, qt: Any) -> Any:
+    """Dequantized weights into the block (later groups see them); the result on the CPU."""
+    ctx.layer.get_submodule(linear).weight.data.copy_(qt.dequantize())
+    return qt if ctx.device.type == "cpu" else qt.to(CPU)
+
+
+def _value_statistics(ctx: BlockContext, sub: Sublayer, group: tuple[str, ...],
+                      mixer: torch.nn.Module, normed: list[torch.Tensor],
+                      kwargs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{value linear: HeadHessians}`` when the method asks for attention-weighted value
+    statistics and this group quantizes the sublayer's value projection; else empty."""
+    if not (ctx.attention_values and sub.values in group
+            and ctx.weight_name(sub.values) in ctx.targets):
+        return {}
+    from quantbench.calibration.attention import value_hessians
+
+    heads, kv_heads = ctx.model.arch.head_counts(ctx.model.config)
+    with heap_for_temporaries():
+        return {sub.values: value_hessians(mixer, normed, kwargs, heads, kv_heads)}
 
 
 STACK_ELEMENTS_CPU = 1 << 24   # weights one shared-input sweep may stack (float32 copies: 64 MB)
@@ -255,8 +287,10 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
             if not (has_target and statistic) and not is_output:
                 results.update(_quantize_group(ctx, group, None, None, quantize_fn))
                 continue
+            own: dict[str, Any] = {}
             if set(group) <= set(sub.inputs):
                 feats = normed
+                own = _value_statistics(ctx, sub, group, mixer, normed, kwargs)
             elif is_output:
                 with heap_for_temporaries():
                     feats = capture_output_input(mixer, sub.output[len(sub.mixer) + 1:],
@@ -265,7 +299,7 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
                 feats = capture_linear_inputs(
                     mixer, {group[0]: ctx.layer.get_submodule(group[0])}, normed,
                     kwargs)[group[0]]
-            results.update(_quantize_group(ctx, group, feats, statistic, quantize_fn))
+            results.update(_quantize_group(ctx, group, feats, statistic, quantize_fn, own))
             if is_output:
                 out_feats = feats
         with torch.inference_mode():
@@ -303,7 +337,7 @@ def quantize_block(ctx: BlockContext, statistic: str | None,
 def _on_cpu(quantize_fn: QuantizeFn) -> QuantizeFn:
     """For methods whose maths is CPU-only (``device_capable`` False): hand them CPU copies."""
     def run(name: str, weight: torch.Tensor, stat: Any) -> Any:
-        if isinstance(stat, torch.Tensor):
+        if hasattr(stat, "to"):  # a tensor, or HeadHessians
             stat = stat.to(CPU)
         return quantize_fn(name, weight.to(CPU), stat)
     return run
@@ -331,7 +365,7 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
     for index in range(model.num_blocks):
         layer = materialize_block(skeleton, model, index, device)
         ctx = BlockContext(model, layer, index, captured.hidden, captured.kwargs, targets,
-                           quantize_many)
+                           quantize_many, bool(getattr(method, "attention_values", False)))
         if prepare is not None:
             prepare(ctx)
         run = quantize_block_staged if staged and model.arch.sublayers else quantize_block

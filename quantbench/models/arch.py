@@ -32,12 +32,13 @@ class Sublayer:
     inputs: tuple[str, ...]
     output: str
     takes_layer_kwargs: bool = False  # attention needs the mask / position embeddings
+    values: str | None = None  # attention's value projection (its rows are read per kv head)
 
 
 LLAMA_SUBLAYERS = (
     Sublayer("input_layernorm", "self_attn",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-             takes_layer_kwargs=True),
+             takes_layer_kwargs=True, values="self_attn.v_proj"),
     Sublayer("post_attention_layernorm", "mlp", ("mlp.gate_proj", "mlp.up_proj"),
              "mlp.down_proj"),
 )
@@ -51,7 +52,8 @@ class ArchSpec:
     ``sequential_groups`` is the true-sequential order (linears sharing an input together);
     ``scale_folding`` pairs a norm/linear with the linears it feeds (AWQ folds scales there);
     ``sublayers`` describes the block as residual branches (None: run it only whole);
-    ``gguf_names`` maps block-relative module names to llama.cpp tensor names.
+    ``gguf_names`` maps block-relative module names to llama.cpp tensor names;
+    ``heads_key`` / ``kv_heads_key`` name the config's attention head counts.
     """
 
     family: str
@@ -79,6 +81,8 @@ class ArchSpec:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     gguf_arch: str = "llama"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"  # absent from a config: as many as heads
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -90,6 +94,11 @@ class ArchSpec:
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
     )
+
+    def head_counts(self, config: dict) -> tuple[int, int]:
+        """``(attention heads, kv heads)`` of a model config."""
+        heads = int(config[self.heads_key])
+        return heads, int(config.get(self.kv_heads_key) or heads)
 
     def block_module(self, index: int, name: str) -> str:
         return f"{self.block_prefix}.{index}.{name}"

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from quantbench.calibration.attention import HeadHessians
 from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.quant.gguf.gptq_grid import gptq_gguf, gptq_gguf_rows
-from quantbench.quant.gptq import GPTQParams, gptq_quantize, gptq_quantize_many
+from quantbench.quant.gptq import GPTQParams, GPTQStats, gptq_quantize, gptq_quantize_many
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
 from quantbench.registry import register_method
@@ -26,6 +27,7 @@ class GPTQOptions(CalibrationOptions):
     act_order: bool = True
     static_groups: bool = True  # measured better here (see README); --dynamic-groups for GPTQ's original
     scale_search: bool = True   # shrink group ranges where diag(H)-weighted error drops
+    attention_values: bool = True  # GGUF: v_proj per kv head on attention-weighted Hessians
 
 
 @register_method("gptq")
@@ -40,6 +42,14 @@ class GPTQ(GGUFPlan, Method):
     statistic = "hessian"
     gguf_capable = True
     device_capable = True  # integer grids solve on the GPU; GGUF codecs run on the CPU
+
+    @property
+    def attention_values(self) -> bool:
+        """Whether the pipeline hands value projections one attention-weighted Hessian per kv
+        head (``calibration/attention.py``). On GGUF types only for now: their grids are per
+        row, so rows swept with different Hessians still make one valid tensor, whereas an
+        integer grid's act-order ``g_idx`` is shared by all rows."""
+        return self.config.grid.kind == "gguf" and self.config.options.attention_values
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
@@ -112,6 +122,8 @@ class GPTQ(GGUFPlan, Method):
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
                             hessian: torch.Tensor) -> QuantizedTensor:
         params = self._params()
+        if isinstance(hessian, HeadHessians):
+            return self._quantize_heads(name, weight, hessian)
         if self.config.grid.kind == "gguf":
             ggml_type = self.tensor_type(name)
             data, stats = gptq_gguf(weight.cpu(), hessian.cpu(), ggml_type, params)
@@ -121,3 +133,19 @@ class GPTQ(GGUFPlan, Method):
                 else torch.float16
             qt, stats = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)
         return self._finish(name, qt, stats)
+
+    def _quantize_heads(self, name: str, weight: torch.Tensor,
+                        hessians: HeadHessians) -> QuantizedTensor:
+        """A value projection on a GGUF type: each kv head's rows swept with its own
+        attention-weighted Hessian; the rows' block bytes stacked back in order."""
+        if self.config.grid.kind != "gguf":
+            raise ConfigError("per-kv-head value Hessians are used on GGUF types only")
+        ggml_type = self.tensor_type(name)
+        parts, damp, increased, proxy = [], 0.0, False, 0.0
+        for rows, h in zip(hessians.rows(weight.shape[0]), hessians.per_head.cpu()):
+            data, stats = gptq_gguf(weight[rows].cpu(), h, ggml_type, self._params())
+            parts.append(data)
+            damp, increased = max(damp, stats.damp), increased or stats.damp_increased
+            proxy += stats.proxy_error
+        qt = gguf_tensor(torch.cat(parts), ggml_type, weight.dtype)
+        return self._finish(name, qt, GPTQStats(damp, increased, proxy))

@@ -158,8 +158,9 @@ def test_stacked_rows_equal_one_sweep_each(ggml_type):
 
 
 def test_pipeline_stacks_linears_of_one_type(tiny_llama_wide, monkeypatch):
-    """Q4_K_M: q/k (Q4_K) and gate/up share a sweep; a v_proj that the mixture lifts to
-    another type is quantized on its own."""
+    """Q4_K_M: q/k (Q4_K) and gate/up share a sweep; v_proj is swept per kv head on its
+    attention-weighted Hessians (with ``attention_values=False`` it joins q/k when the mixture
+    gives it their type)."""
     import quantbench.quant.gguf.gptq_grid as grid_mod
     from quantbench.api import quantize
 
@@ -177,14 +178,20 @@ def test_pipeline_stacks_linears_of_one_type(tiny_llama_wide, monkeypatch):
     shape = {n: tuple(q.source.weights.shape(n)) for n in q.targets}
     q0 = "model.layers.0.self_attn.q_proj.weight"
     k0 = "model.layers.0.self_attn.k_proj.weight"
-    if q.method.types[q0] == q.method.types[k0]:
-        assert shape[q0][0] + shape[k0][0] + (
-            shape["model.layers.0.self_attn.v_proj.weight"][0]
-            if q.method.types["model.layers.0.self_attn.v_proj.weight"] == q.method.types[q0]
-            else 0) in rows_seen
+    v0 = "model.layers.0.self_attn.v_proj.weight"
+    assert q.method.types[q0] == q.method.types[k0] == q.method.types[v0] == "Q4_K"
+    assert shape[q0][0] + shape[k0][0] in rows_seen
+    assert shape[v0][0] // 2 in rows_seen  # two kv heads
     gate = "model.layers.0.mlp.gate_proj.weight"
     assert 2 * shape[gate][0] in rows_seen
     assert tensors[q0].codes.shape[0] == shape[q0][0]
+    assert tensors[v0].codes.shape[0] == shape[v0][0]
+    rows_seen.clear()
+    plain = quantize(str(tiny_llama_wide), method="gptq", gguf_type="Q4_K_M", calib_samples=2,
+                     calib_len=64, attention_values=False)
+    for _ in plain.iter_blocks():
+        pass
+    assert shape[q0][0] + shape[k0][0] + shape[v0][0] in rows_seen
 
 
 def test_row_parts_on_worker_threads_equal_one_sweep(monkeypatch):
