@@ -64,9 +64,9 @@ def _calibration_options(f):
                      help="GPTQ: shrink each group's range where that lowers the diag(H)-"
                           "weighted rounding error (default on; off = plain min/max)."),
         click.option("--attention-values/--input-values", "attention_values", default=None,
-                     help="GPTQ on GGUF types: v_proj rows per kv head on the Hessian of the "
-                          "attention-weighted inputs they are read with (default), or on the "
-                          "plain input Hessian."),
+                     help="GPTQ: v_proj rows per kv head on the Hessian of the attention-"
+                          "weighted inputs they are read with (default on GGUF types; opt-in "
+                          "on integer grids), or on the plain input Hessian."),
         click.option("--damp", "damp_percent", type=float, default=None,
                      help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
         click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),

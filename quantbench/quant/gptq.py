@@ -127,9 +127,13 @@ def _column_grid(grid: IntGridConfig) -> IntGridConfig:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
                   params: GPTQParams = GPTQParams(),
-                  scale_dtype: torch.dtype = torch.float16) -> tuple[QuantizedTensor, GPTQStats]:
-    """Quantize ``weight [out, in]`` given the input Hessian ``H = 2·XᵀX/n [in, in]``."""
-    qt, losses, damp, increased = _gptq_rows(weight, hessian, grid, params, scale_dtype)
+                  scale_dtype: torch.dtype = torch.float16,
+                  order: torch.Tensor | None = None) -> tuple[QuantizedTensor, GPTQStats]:
+    """Quantize ``weight [out, in]`` given the input Hessian ``H = 2·XᵀX/n [in, in]``.
+
+    ``order``: the act-order to use instead of ``H``'s own (row blocks swept on different
+    Hessians that must share one column order, e.g. one ``g_idx`` for the whole tensor)."""
+    qt, losses, damp, increased = _gptq_rows(weight, hessian, grid, params, scale_dtype, order)
     return qt, GPTQStats(damp=damp, damp_increased=increased, proxy_error=float(losses.sum()))
 
 
@@ -162,22 +166,25 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, grid:
 
 
 def _gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
-               params: GPTQParams, scale_dtype: torch.dtype
+               params: GPTQParams, scale_dtype: torch.dtype,
+               order: torch.Tensor | None = None
                ) -> tuple[QuantizedTensor, torch.Tensor, float, bool]:
     """:func:`gptq_quantize` returning the per-row losses, damping and whether it grew; a
     weight of up to :data:`SINGLE_THREAD_ELEMENTS` is solved on one CPU thread (its products
     are too small for intra-op threads to pay for their synchronisation)."""
-    inverse = shared_inverse(hessian, params)
+    inverse = shared_inverse(hessian, params, order)
     parts = row_parts(weight) if grid.granularity != "tensor" else [slice(None)]
     if len(parts) == 1:
         if weight.numel() <= SINGLE_THREAD_ELEMENTS:
             with single_threaded(weight.device):
-                return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype, inverse)
-        return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype, inverse)
+                return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype, inverse,
+                                       order)
+        return _gptq_rows_impl(weight, hessian, grid, params, scale_dtype, inverse, order)
     done: dict[int, tuple[QuantizedTensor, torch.Tensor, float, bool]] = {}
 
     def one(i: int) -> None:
-        done[i] = _gptq_rows_impl(weight[parts[i]], hessian, grid, params, scale_dtype, inverse)
+        done[i] = _gptq_rows_impl(weight[parts[i]], hessian, grid, params, scale_dtype, inverse,
+                                  order)
 
     run_chunks(one, range(len(parts)))
     pieces = [done[i] for i in range(len(parts))]
@@ -208,16 +215,27 @@ def row_parts(weight: torch.Tensor) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def shared_inverse(hessian: torch.Tensor, params: GPTQParams
-                   ) -> tuple[torch.Tensor, float, bool]:
+def act_order(hessian: torch.Tensor, params: GPTQParams,
+              order: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The processing order of the columns: ``order`` when given, else by descending ``diag H``
+    (dead columns counted as 1); None without act-order."""
+    if not params.act_order:
+        return None
+    if order is not None:
+        return order.to(hessian.device)
+    diag = torch.diag(hessian).float().clone()
+    diag[diag == 0] = 1.0
+    return torch.argsort(diag, descending=True)
+
+
+def shared_inverse(hessian: torch.Tensor, params: GPTQParams,
+                   order: torch.Tensor | None = None) -> tuple[torch.Tensor, float, bool]:
     """The factorisation every row shares, computed once per weight (or stack): dead columns
-    patched, act-order (columns by descending ``diag H``) applied, then
-    :func:`inverse_hessian_cholesky`."""
+    patched, act-order (:func:`act_order`) applied, then :func:`inverse_hessian_cholesky`."""
     diag = torch.diag(hessian).float()
     dead = diag == 0
-    diag[dead] = 1.0
-    order = torch.argsort(diag, descending=True) if params.act_order else \
-        torch.arange(diag.numel(), device=diag.device)
+    perm = act_order(hessian, params, order)
+    order = perm if perm is not None else torch.arange(diag.numel(), device=diag.device)
     rev = order.flip(0)
     H = hessian.float()[rev[:, None], rev]  # J·H·J in processing order: one gather, a copy
     H.diagonal()[dead[rev]] = 1.0
@@ -226,7 +244,8 @@ def shared_inverse(hessian: torch.Tensor, params: GPTQParams
 
 def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
                     params: GPTQParams, scale_dtype: torch.dtype,
-                    inverse: tuple[torch.Tensor, float, bool]
+                    inverse: tuple[torch.Tensor, float, bool],
+                    given_order: torch.Tensor | None = None
                     ) -> tuple[QuantizedTensor, torch.Tensor, float, bool]:
     W = weight.float().clone()
     out_f, in_f = W.shape
@@ -245,7 +264,7 @@ def _gptq_rows_impl(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridCo
     static = fit(W, grid, diag) if (  # groups fixed on the original weights
         params.static_groups and grid.granularity == "group") else None
     whole = None if grid.granularity == "group" else fit(W, col, diag)
-    perm = torch.argsort(diag, descending=True) if params.act_order else None
+    perm = act_order(hessian, params, given_order)
     if perm is not None:
         W = W[:, perm]
     diag_proc = diag[perm] if perm is not None else diag  # in processing order

@@ -82,7 +82,7 @@ def test_head_rows_must_split():
 
 
 def _v_error(path, **options) -> tuple[float, float]:
-    """GPTQ on Q4_K_M: v_proj of block 0 scored by the attention-output error and by the plain
+    """GPTQ (Q4_K_M unless ``options`` say otherwise): v_proj of block 0 scored by the attention-output error and by the plain
     input-Hessian error on the calibration windows."""
     from quantbench.api import quantize
     from quantbench.calibration.data import CalibrationSpec, sample_windows
@@ -90,8 +90,8 @@ def _v_error(path, **options) -> tuple[float, float]:
     windows = sample_windows(load_model(path).tokenizer(),
                              CalibrationSpec(4, 64, 0, None, False))
     model, mixer, normed, kwargs = _attention_block(path, windows)
-    q = quantize(model, method="gptq", gguf_type="Q4_K_M", calib_samples=4, calib_len=64,
-                 **options)
+    options = {"gguf_type": "Q4_K_M", **options}
+    q = quantize(model, method="gptq", calib_samples=4, calib_len=64, **options)
     name = "model.layers.0.self_attn.v_proj.weight"
     tensors = {n: t for _, ts in q.iter_blocks() for n, t in ts.items()}
     W = model.weights.get(name).float()
@@ -110,3 +110,37 @@ def test_gptq_gguf_values_follow_the_attention(tiny_llama_wide):
     att_off, plain_off = _v_error(tiny_llama_wide, attention_values=False)
     assert att_on < att_off
     assert plain_off < plain_on
+
+
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_integer_gptq_values_follow_the_attention_when_asked(tiny_llama_wide, static_groups):
+    """On an integer grid (opt-in) the heads share one act-order: one g_idx for the tensor
+    (dynamic groups), and the same attention-output gain as on GGUF types."""
+    grid = dict(gguf_type=None, bits=4, group_size=32, static_groups=static_groups)
+    att_on, plain_on = _v_error(tiny_llama_wide, attention_values=True, **grid)
+    att_off, plain_off = _v_error(tiny_llama_wide, **grid)  # default off on integer grids
+    assert att_on < att_off
+    assert plain_off < plain_on
+
+
+def test_integer_attention_values_write_and_read_back(tiny_llama_wide, tmp_path):
+    from quantbench.api import quantize, save
+    from quantbench.formats.io import open_artifact
+
+    q = quantize(str(tiny_llama_wide), method="gptq", bits=4, group_size=32, calib_samples=2,
+                 calib_len=64, attention_values=True, static_groups=False)
+    art = open_artifact(save(q, tmp_path / "w4", format="gptq"))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    tensors = {n: t for _, ts in q.iter_blocks() for n, t in ts.items()}
+    assert tensors[name].g_idx is not None
+    assert torch.equal(art.quantized(name).dequantize(), tensors[name].dequantize())
+
+
+def test_attention_values_need_rows_with_their_own_scales():
+    from quantbench.errors import ConfigError
+    from quantbench.quant.run import make_config
+    from quantbench.registry import get_method
+
+    config = make_config("gptq", 4, 0, True, attention_values=True)  # 0: one scale per tensor
+    with pytest.raises(ConfigError, match="scale per row"):
+        get_method("gptq")(config)

@@ -11,7 +11,8 @@ from quantbench.calibration.attention import HeadHessians
 from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.quant.gguf.gptq_grid import gptq_gguf, gptq_gguf_rows
-from quantbench.quant.gptq import GPTQParams, GPTQStats, gptq_quantize, gptq_quantize_many
+from quantbench.quant.gptq import (GPTQParams, GPTQStats, act_order, gptq_quantize,
+                                   gptq_quantize_many)
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
 from quantbench.registry import register_method
@@ -27,7 +28,9 @@ class GPTQOptions(CalibrationOptions):
     act_order: bool = True
     static_groups: bool = True  # measured better here (see README); --dynamic-groups for GPTQ's original
     scale_search: bool = True   # shrink group ranges where diag(H)-weighted error drops
-    attention_values: bool = True  # GGUF: v_proj per kv head on attention-weighted Hessians
+    # v_proj per kv head on attention-weighted Hessians; None: on GGUF types, off on integer
+    # grids (measured there, not yet made the default)
+    attention_values: bool | None = None
 
 
 @register_method("gptq")
@@ -46,10 +49,13 @@ class GPTQ(GGUFPlan, Method):
     @property
     def attention_values(self) -> bool:
         """Whether the pipeline hands value projections one attention-weighted Hessian per kv
-        head (``calibration/attention.py``). On GGUF types only for now: their grids are per
-        row, so rows swept with different Hessians still make one valid tensor, whereas an
-        integer grid's act-order ``g_idx`` is shared by all rows."""
-        return self.config.grid.kind == "gguf" and self.config.options.attention_values
+        head (``calibration/attention.py``): by default on GGUF types, asked for on integer
+        grids with per-row scales (the heads then share one act-order, so one ``g_idx``)."""
+        chosen = self.config.options.attention_values
+        if self.config.grid.kind == "gguf":
+            return chosen is not False
+        return bool(chosen) and self.config.grid.kind == "int" and \
+            self.config.grid.granularity != "tensor"
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
@@ -58,6 +64,10 @@ class GPTQ(GGUFPlan, Method):
             raise ConfigError(f"damp_percent must be in (0, 1), got {o.damp_percent}")
         if o.block_size < 1:
             raise ConfigError(f"GPTQ block size must be >= 1, got {o.block_size}")
+        if o.attention_values and config.grid.kind == "int" and \
+                config.grid.granularity == "tensor":
+            raise ConfigError("--attention-values sweeps v_proj per kv head, which needs a scale "
+                              "per row; use a channel or group grid, or drop the flag")
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
         """Embeddings / lm_head of a GGUF run (quantized before the blocks, no Hessian): the
@@ -136,16 +146,37 @@ class GPTQ(GGUFPlan, Method):
 
     def _quantize_heads(self, name: str, weight: torch.Tensor,
                         hessians: HeadHessians) -> QuantizedTensor:
-        """A value projection on a GGUF type: each kv head's rows swept with its own
-        attention-weighted Hessian; the rows' block bytes stacked back in order."""
-        if self.config.grid.kind != "gguf":
-            raise ConfigError("per-kv-head value Hessians are used on GGUF types only")
-        ggml_type = self.tensor_type(name)
-        parts, damp, increased, proxy = [], 0.0, False, 0.0
-        for rows, h in zip(hessians.rows(weight.shape[0]), hessians.per_head.cpu()):
-            data, stats = gptq_gguf(weight[rows].cpu(), h, ggml_type, self._params())
-            parts.append(data)
-            damp, increased = max(damp, stats.damp), increased or stats.damp_increased
-            proxy += stats.proxy_error
-        qt = gguf_tensor(torch.cat(parts), ggml_type, weight.dtype)
-        return self._finish(name, qt, GPTQStats(damp, increased, proxy))
+        """A value projection: each kv head's rows swept with its own attention-weighted
+        Hessian and stacked back in order. On a GGUF type every head takes its own act-order
+        (the block bytes are per row); on an integer grid the heads share the act-order of
+        their summed Hessians, so the tensor keeps one ``g_idx``/``perm``."""
+        params = self._params()
+        rows = hessians.rows(weight.shape[0])
+        stats = []
+        if self.config.grid.kind == "gguf":
+            ggml_type = self.tensor_type(name)
+            parts = []
+            for r, h in zip(rows, hessians.per_head.cpu()):
+                data, st = gptq_gguf(weight[r].cpu(), h, ggml_type, params)
+                parts.append(data)
+                stats.append(st)
+            qt = gguf_tensor(torch.cat(parts), ggml_type, weight.dtype)
+        else:
+            order = act_order(hessians.per_head.sum(0), params)
+            scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
+                else torch.float16
+            pieces = []
+            for r, h in zip(rows, hessians.per_head.to(weight.device)):
+                piece, st = gptq_quantize(weight[r], h, self.config.grid, params, scale_dtype,
+                                          order)
+                pieces.append(piece)
+                stats.append(st)
+            first = pieces[0]
+            qt = QuantizedTensor(
+                codes=torch.cat([p.codes for p in pieces]),
+                scales=torch.cat([p.scales for p in pieces]),
+                zeros=None if first.zeros is None else torch.cat([p.zeros for p in pieces]),
+                grid=self.config.grid, dtype=weight.dtype, g_idx=first.g_idx, perm=first.perm)
+        return self._finish(name, qt, GPTQStats(
+            max(st.damp for st in stats), any(st.damp_increased for st in stats),
+            sum(st.proxy_error for st in stats)))
