@@ -45,6 +45,16 @@ SUITES = {  # (method, bits, group size, extra CLI options); -1 = per output cha
         ("gptq", 3, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
         ("awq", 3, 64, ("--calib-samples", "32")),
     ],
+    # GPTQ on integer grids with v_proj on the attention-weighted Hessians per kv head
+    # (--attention-values, opt-in there) against the plain input Hessian, at 4 and 3 bits
+    "attention": [
+        ("gptq", 4, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
+        ("gptq", 4, 64, ("--zero-point", "--static-groups", "--calib-samples", "32",
+                         "--attention-values")),
+        ("gptq", 3, 64, ("--zero-point", "--static-groups", "--calib-samples", "32")),
+        ("gptq", 3, 64, ("--zero-point", "--static-groups", "--calib-samples", "32",
+                         "--attention-values")),
+    ],
     # the bitsandbytes family in its own layout (read back as transformers + bitsandbytes run
     # it: LLM.int8 with its outlier decomposition), next to integer RTN and GPTQ near the
     # same bits per weight; NF4 has no 3-bit form (3-bit results: the calibrated suite)
@@ -86,7 +96,8 @@ def main() -> None:
         runs = {}
         for method, bits, group, extra, *fmt in SUITES[args.suite]:
             name = f"{method}-w{bits}-g{'ch' if group == -1 else group}" + (
-                "-dq" if "--double-quant" in extra else "")
+                "-dq" if "--double-quant" in extra else "") + (
+                "-attn" if "--attention-values" in extra else "")
             fmt = fmt[0] if fmt else args.format
             console.print(f"converting {name} → {fmt} …")
             runs[name] = {"method": method, "bits": bits, "group_size": group,

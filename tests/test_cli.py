@@ -154,6 +154,25 @@ def test_plan_grows_with_calibration(tiny_llama):
     assert rtn.tokens == 0 and rtn.seconds < small.seconds
 
 
+
+def test_plan_counts_attention_values(tiny_llama):
+    """GPTQ on GGUF types pays one more attention pass for its value Hessians; integer grids
+    only when asked."""
+    from quantbench.calibration.plan import estimate
+    from quantbench.models.loader import load_model
+    from quantbench.quant.run import make_config
+
+    model = load_model(tiny_llama)
+
+    def parts(**kw):
+        return estimate(model, make_config("gptq", calib_samples=8, **kw), gflops=10.0).parts
+
+    assert "attention values" in parts(gguf_type="Q4_K_M")
+    assert "attention values" not in parts(gguf_type="Q4_K_M", attention_values=False)
+    assert "attention values" not in parts(bits=4, group_size=32)
+    assert "attention values" in parts(bits=4, group_size=32, attention_values=True)
+
+
 def test_awq_via_cli_writes_the_awq_layout_and_search(tiny_llama, tmp_path):
     out = tmp_path / "awq"
     proc = run("convert", tiny_llama, "--method", "awq", "--bits", "4", "--group-size", "32",

@@ -17,6 +17,7 @@ import torch
 from quantbench.config import CalibrationOptions
 from quantbench.devices import CPU, resolve_device
 from quantbench.models.loader import Model
+from quantbench.registry import get_method
 
 RUNTIME_BASE_BYTES = 600 * 2**20   # Python + torch + transformers, measured
 EFFICIENCY = 0.45                  # real forwards reach about this share of a square matmul
@@ -102,6 +103,12 @@ def estimate(model: Model, config, gflops: float | None = None, method=None) -> 
         parts["hessians"] = 2 * tokens * sum(i * i for i in group_ins) * n_blocks / 1e9
         parts["solves"] = sum(2 * i * i * out + i**3 for out, i in shapes.values()) \
             * n_blocks / 1e9
+    wants = getattr(get_method(config.method), "wants_attention_values", None)
+    if wants is not None and wants(config):
+        heads, _ = model.arch.head_counts(model.config)
+        # one more attention pass; per head P·X [ctx, ctx]x[ctx, hidden] and ZᵀZ
+        parts["attention values"] = (fwd * 0.3 + 2 * tokens * heads * hidden * (ctx + hidden)
+                                     / 1e9) * n_blocks
     if config.method == "awq":
         search_tokens = min(tokens, o.search_samples * o.calib_len)
         parts["forwards"] = parts.get("forwards", 0) + 2 * fwd * n_blocks
@@ -160,3 +167,4 @@ def _exl2_measurement(model: Model, config, shapes: dict[str, tuple[int, int]], 
         "measurement solves": sum(len(LADDER) * 2 * i * i * out + i**3
                                   for out, i in shapes.values()) * blocks / 1e9,
     }
+

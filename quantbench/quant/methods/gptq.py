@@ -46,16 +46,20 @@ class GPTQ(GGUFPlan, Method):
     gguf_capable = True
     device_capable = True  # integer grids solve on the GPU; GGUF codecs run on the CPU
 
+    @staticmethod
+    def wants_attention_values(config: QuantizeConfig) -> bool:
+        """Whether value projections get one attention-weighted Hessian per kv head
+        (``calibration/attention.py``): by default on GGUF types, when asked on integer grids
+        with per-row scales (the heads then share one act-order, so one ``g_idx``)."""
+        chosen = config.options.attention_values
+        if config.grid.kind == "gguf":
+            return chosen is not False
+        return bool(chosen) and config.grid.kind == "int" and config.grid.granularity != "tensor"
+
     @property
     def attention_values(self) -> bool:
-        """Whether the pipeline hands value projections one attention-weighted Hessian per kv
-        head (``calibration/attention.py``): by default on GGUF types, asked for on integer
-        grids with per-row scales (the heads then share one act-order, so one ``g_idx``)."""
-        chosen = self.config.options.attention_values
-        if self.config.grid.kind == "gguf":
-            return chosen is not False
-        return bool(chosen) and self.config.grid.kind == "int" and \
-            self.config.grid.granularity != "tensor"
+        """Read by the calibration pipeline."""
+        return self.wants_attention_values(self.config)
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
