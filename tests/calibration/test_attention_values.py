@@ -29,11 +29,29 @@ def _o_inputs(mixer, normed, kwargs) -> torch.Tensor:
                       for f in capture_output_input(mixer, "o_proj", normed, kwargs)])
 
 
-def test_head_hessians_give_the_exact_attention_output_error(tiny_llama):
+@pytest.fixture(scope="module")
+def tiny_mistral_sliding(tmp_path_factory):
+    """Mistral with a sliding window shorter than the test windows (the mask is not causal)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, sliding_window=8)
+    path = tmp_path_factory.mktemp("mistral") / "sliding"
+    MistralForCausalLM(cfg).to(torch.float16).save_pretrained(str(path))
+    make_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_mistral_sliding"])
+def test_head_hessians_give_the_exact_attention_output_error(which, request):
     """``‖Δ(attention output)‖² = n/2 · Σ_g tr(ΔW_g H_g ΔW_gᵀ)`` for any change ``ΔW`` of
-    v_proj, measured with the model's own (SDPA) attention; a change confined to one kv
-    head's rows shows up in that head's Hessian only."""
-    model, mixer, normed, kwargs = _attention_block(tiny_llama)
+    v_proj, measured with the model's own (SDPA) attention, causal or sliding-window; a change
+    confined to one kv head's rows shows up in that head's Hessian only."""
+    model, mixer, normed, kwargs = _attention_block(request.getfixturevalue(which))
     heads, kv = model.arch.head_counts(model.config)
     stat = value_hessians(mixer, normed, kwargs, heads, kv)
     assert stat.per_head.shape == (kv, 64, 64)
