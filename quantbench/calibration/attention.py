@@ -97,9 +97,8 @@ def value_hessians(mixer: torch.nn.Module, inputs: list[torch.Tensor],
     hidden = inputs[0].shape[-1]
     acc = torch.zeros(n_kv_heads, hidden, hidden, dtype=torch.float64,
                       device=inputs[0].device)
-    seen = {"n": 0}
+    seen = 0
     current: dict[str, torch.Tensor] = {}
-
     per_group = n_heads // n_kv_heads
 
     def sink(probs: torch.Tensor) -> None:  # probs [b, heads, t, t]; one sequence and group
@@ -114,5 +113,5 @@ def value_hessians(mixer: torch.nn.Module, inputs: list[torch.Tensor],
         for x, kw in zip(inputs, kwargs):
             current["x"] = x
             mixer(x, **kw)
-            seen["n"] += x.shape[0] * x.shape[1]
-    return HeadHessians((acc * (2.0 / max(seen["n"], 1))).float())
+            seen += x.shape[0] * x.shape[1]
+    return HeadHessians((acc * (2.0 / max(seen, 1))).float())

@@ -188,13 +188,19 @@ def _gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
 
     run_chunks(one, range(len(parts)))
     pieces = [done[i] for i in range(len(parts))]
-    first = pieces[0][0]
-    qt = QuantizedTensor(
-        codes=torch.cat([p[0].codes for p in pieces]),
-        scales=torch.cat([p[0].scales for p in pieces]),
-        zeros=None if first.zeros is None else torch.cat([p[0].zeros for p in pieces]),
-        grid=grid, dtype=weight.dtype, g_idx=first.g_idx, perm=first.perm)
+    qt = stack_rows([p[0] for p in pieces])
     return qt, torch.cat([p[1] for p in pieces]), pieces[0][2], pieces[0][3]
+
+
+def stack_rows(pieces: list[QuantizedTensor]) -> QuantizedTensor:
+    """Row blocks of one weight, quantized on one grid with one column order, as one tensor
+    (``g_idx``/``perm`` are the blocks' shared ones)."""
+    first = pieces[0]
+    return QuantizedTensor(
+        codes=torch.cat([p.codes for p in pieces]),
+        scales=torch.cat([p.scales for p in pieces]),
+        zeros=None if first.zeros is None else torch.cat([p.zeros for p in pieces]),
+        grid=first.grid, dtype=first.dtype, g_idx=first.g_idx, perm=first.perm)
 
 
 SINGLE_THREAD_ELEMENTS = 1 << 22

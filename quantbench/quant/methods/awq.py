@@ -32,7 +32,7 @@ from quantbench.quant.awq import (apply_clip, fold_scales, output_error, search_
 from quantbench.quant.gptq import GPTQParams, gptq_quantize
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
-from quantbench.quant.methods.rtn import rtn_quantize
+from quantbench.quant.methods.rtn import _scale_dtype, rtn_quantize
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
@@ -156,8 +156,7 @@ class AWQ(GGUFPlan, Method):
             ggml_type = self.tensor_type(name)
             data, _ = gptq_gguf(weight.cpu(), hessian.cpu(), ggml_type, params)
             return gguf_tensor(data, ggml_type, weight.dtype)
-        scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
-            else torch.float16
+        scale_dtype = _scale_dtype(weight.dtype)
         if hessian is None:
             return rtn_quantize(weight, self.config.grid, scale_dtype)
         qt, _ = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)

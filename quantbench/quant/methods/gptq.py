@@ -12,9 +12,10 @@ from quantbench.config import CalibrationOptions, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.quant.gguf.gptq_grid import gptq_gguf, gptq_gguf_rows
 from quantbench.quant.gptq import (GPTQParams, GPTQStats, act_order, gptq_quantize,
-                                   gptq_quantize_many)
+                                   gptq_quantize_many, stack_rows)
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
+from quantbench.quant.methods.rtn import _scale_dtype
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
@@ -94,7 +95,7 @@ class GPTQ(GGUFPlan, Method):
         if self.config.grid.kind != "int":
             return None
         dtype = weights[0].dtype
-        scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        scale_dtype = _scale_dtype(dtype)
         out = []
         for name, (qt, stats) in zip(names, gptq_quantize_many(
                 weights, hessian, self.config.grid, self._params(), scale_dtype)):
@@ -143,9 +144,8 @@ class GPTQ(GGUFPlan, Method):
             data, stats = gptq_gguf(weight.cpu(), hessian.cpu(), ggml_type, params)
             qt = gguf_tensor(data, ggml_type, weight.dtype)
         else:
-            scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
-                else torch.float16
-            qt, stats = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)
+            qt, stats = gptq_quantize(weight, hessian, self.config.grid, params,
+                                      _scale_dtype(weight.dtype))
         return self._finish(name, qt, stats)
 
     def _quantize_heads(self, name: str, weight: torch.Tensor,
@@ -167,20 +167,14 @@ class GPTQ(GGUFPlan, Method):
             qt = gguf_tensor(torch.cat(parts), ggml_type, weight.dtype)
         else:
             order = act_order(hessians.per_head.sum(0), params)
-            scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) \
-                else torch.float16
+            scale_dtype = _scale_dtype(weight.dtype)
             pieces = []
             for r, h in zip(rows, hessians.per_head.to(weight.device)):
                 piece, st = gptq_quantize(weight[r], h, self.config.grid, params, scale_dtype,
                                           order)
                 pieces.append(piece)
                 stats.append(st)
-            first = pieces[0]
-            qt = QuantizedTensor(
-                codes=torch.cat([p.codes for p in pieces]),
-                scales=torch.cat([p.scales for p in pieces]),
-                zeros=None if first.zeros is None else torch.cat([p.zeros for p in pieces]),
-                grid=self.config.grid, dtype=weight.dtype, g_idx=first.g_idx, perm=first.perm)
+            qt = stack_rows(pieces)
         return self._finish(name, qt, GPTQStats(
             max(st.damp for st in stats), any(st.damp_increased for st in stats),
             sum(st.proxy_error for st in stats)))
