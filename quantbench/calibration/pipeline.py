@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -34,8 +34,27 @@ QuantizeManyFn = Callable[[list[str], list[torch.Tensor], Any], "list[Any] | Non
 
 @dataclass
 class Captured:
-    hidden: list[torch.Tensor]        # one [B, L, H] tensor per micro-batch
-    kwargs: list[dict[str, Any]]      # the layer kwargs of each micro-batch
+    """Calibration inputs of the blocks: block 0's hidden states and every block's own layer
+    arguments (attention mask, position embeddings, ...), as the model's forward makes them.
+    Layers of one attention kind share the same tensors; a model whose layers alternate
+    sliding-window and global attention (or RoPE bases) gives each layer its own."""
+
+    hidden: list[torch.Tensor]              # one [B, L, H] tensor per micro-batch
+    layer_kwargs: list[list[dict[str, Any]]]  # per block: the kwargs of each micro-batch
+
+    @property
+    def kwargs(self) -> list[dict[str, Any]]:
+        """Block 0's layer arguments (one dict per micro-batch)."""
+        return self.layer_kwargs[0]
+
+    def first(self, n: int) -> "Captured":
+        """The micro-batches holding the first ``n`` windows (whole micro-batches)."""
+        count = 0
+        for i, h in enumerate(self.hidden):
+            count += h.shape[0]
+            if count >= n:
+                return Captured(self.hidden[:i + 1], [kw[:i + 1] for kw in self.layer_kwargs])
+        return self
 
 
 def _skeleton(model: Model) -> torch.nn.Module:
@@ -65,10 +84,32 @@ def materialize_block(skeleton: torch.nn.Module, model: Model, index: int,
     return layer.eval()
 
 
+class _ArgumentTap(torch.nn.Module):
+    """Stands in for decoder layer ``index`` while the inputs are captured: records the hidden
+    state (block 0 only) and the keyword arguments the model passes to this layer, and returns
+    the hidden state unchanged (no block runs)."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, captured: Captured):
+        super().__init__()
+        self.index, self.captured = index, captured
+        for attr in ("attention_type", "layer_idx", "is_sliding"):  # what a forward may read
+            if hasattr(layer, attr):
+                setattr(self, attr, getattr(layer, attr))
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.captured.hidden.append(hidden.detach())
+        self.captured.layer_kwargs[self.index].append(
+            {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        return hidden
+
+
 def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tensor,
                    batch_size: int, device: torch.device = CPU) -> Captured:
-    """Run embeddings (+ rotary) and block 0 once per micro-batch; a pre-hook records what
-    block 0 receives. Later blocks are never run here."""
+    """Run the model's forward once per micro-batch with every decoder layer replaced by a tap:
+    the embeddings (+ rotary) run, the model makes each layer's arguments (its own mask and
+    position embeddings), the taps record them and block 0's input. No block is run."""
     arch = model.arch
     embed = skeleton.get_submodule(arch.embed).to_empty(device=device)
     embed.weight.data.copy_(model.weights.get(f"{arch.embed}.weight").float())
@@ -76,32 +117,44 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
     _set(skeleton, arch.rotary, rotary_cls(config=skeleton.config).to(device))
     base = skeleton.get_submodule(arch.base_model)
     layers = skeleton.get_submodule(arch.block_prefix)
-    first = materialize_block(skeleton, model, 0, device)
-    captured = Captured([], [])
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    _set(skeleton, arch.block_prefix, torch.nn.ModuleList([first]))
+    captured = Captured([], [[] for _ in range(len(layers))])
+    taps = torch.nn.ModuleList([_ArgumentTap(layer, i, captured) for i, layer in
+                                enumerate(layers)])
+    _set(skeleton, arch.block_prefix, taps)
     _set(skeleton, arch.final_norm, torch.nn.Identity())
     try:
         with torch.inference_mode():
             for batch in windows.split(batch_size):
                 base(input_ids=batch.to(device), use_cache=False)
     finally:
-        handle.remove()
         _set(skeleton, arch.block_prefix, layers)
-        embed.to("meta")  # only block 0's inputs were needed
+        embed.to("meta")  # only the blocks' inputs were needed
     return captured
 
 
-def _run(layer: torch.nn.Module, captured: Captured) -> list[torch.Tensor]:
+def walk_blocks(model: Model, skeleton: torch.nn.Module, captured: Captured,
+                visit: Callable[["BlockContext"], tuple[Any, list[torch.Tensor]]],
+                device: torch.device = CPU, targets: set[str] | None = None,
+                **context: Any) -> Iterator[tuple[int, Any]]:
+    """The one block loop: for every block, materialize it on ``device`` (weights read lazily),
+    hand ``visit`` a :class:`BlockContext` with the block's inputs and its own layer arguments,
+    take the next block's inputs from what ``visit`` returns, free the block, and yield
+    ``(index, visit's result)``. ``context`` fills the remaining ``BlockContext`` fields."""
+    hidden = captured.hidden
+    for index in range(model.num_blocks):
+        layer = materialize_block(skeleton, model, index, device)
+        ctx = BlockContext(model, layer, index, hidden, captured.layer_kwargs[index],
+                           targets if targets is not None else set(), **context)
+        result, hidden = visit(ctx)
+        layer.to("meta")  # release the block's memory
+        yield index, result
+
+
+def _run(layer: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]
+         ) -> list[torch.Tensor]:
     outs = []
     with torch.inference_mode():
-        for hidden, kwargs in zip(captured.hidden, captured.kwargs):
+        for hidden, kwargs in zip(hidden, kwargs):
             out = layer(hidden, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
@@ -174,6 +227,7 @@ class BlockContext:
     targets: set[str]
     quantize_many: QuantizeManyFn | None = None  # linears sharing an input in one call
     attention_values: bool = False  # value projections get per-kv-head attention Hessians
+    calibration: Captured | None = None  # every block's inputs (a measurement pass reuses them)
 
     @property
     def device(self) -> torch.device:
@@ -305,10 +359,21 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
         with torch.inference_mode():
             if out_feats is not None:
                 out_linear = ctx.layer.get_submodule(sub.output)
-                x = [h + out_linear(f) for h, f in zip(x, out_feats)]
+                branch = (out_linear(f) for f in out_feats)
             else:
-                x = [h + call_mixer(mixer, n, kw) for h, n, kw in zip(x, normed, kwargs)]
+                branch = (call_mixer(mixer, n, kw) for n, kw in zip(normed, kwargs))
+            x = residual_add(ctx.layer, sub, x, branch)
     return results, x
+
+
+def residual_add(layer: torch.nn.Module, sub: Sublayer, x: list[torch.Tensor],
+                 branch: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``x + post_norm(branch)`` per micro-batch (``x + branch`` when the sublayer declares no
+    norm after its branch, as in llama; Gemma 2/3 and OLMo 2 norm the branch output)."""
+    if sub.post_norm is None:
+        return [h + b for h, b in zip(x, branch)]
+    post = layer.get_submodule(sub.post_norm)
+    return [h + post(b) for h, b in zip(x, branch)]
 
 
 def quantize_block(ctx: BlockContext, statistic: str | None,
@@ -316,7 +381,6 @@ def quantize_block(ctx: BlockContext, statistic: str | None,
     """True-sequential quantization running the whole block once per group, then once more
     for the next block's inputs: for architectures without declared sublayers."""
     results: dict[str, Any] = {}
-    captured = Captured(ctx.hidden, ctx.kwargs)
     for group in ctx.model.arch.sequential_groups:
         modules = {lin: ctx.layer.get_submodule(lin) for lin in group
                    if ctx.weight_name(lin) in ctx.targets}
@@ -327,11 +391,11 @@ def quantize_block(ctx: BlockContext, statistic: str | None,
             first = next(iter(modules.values()))
             handle = first.register_forward_hook(lambda mod, inp, out: feats.append(inp[0]))
             try:
-                _run(ctx.layer, captured)
+                _run(ctx.layer, ctx.hidden, ctx.kwargs)
             finally:
                 handle.remove()
         results.update(_quantize_group(ctx, group, feats, statistic, quantize_fn))
-    return results, _run(ctx.layer, captured)
+    return results, _run(ctx.layer, ctx.hidden, ctx.kwargs)
 
 
 def _on_cpu(quantize_fn: QuantizeFn) -> QuantizeFn:
@@ -362,18 +426,20 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
     if device.type != "cpu" and not getattr(method, "device_capable", False):
         quantize_fn = _on_cpu(quantize_fn)
         quantize_many = None
-    for index in range(model.num_blocks):
-        layer = materialize_block(skeleton, model, index, device)
-        ctx = BlockContext(model, layer, index, captured.hidden, captured.kwargs, targets,
-                           quantize_many, bool(getattr(method, "attention_values", False)))
+    run = quantize_block_staged if staged and model.arch.sublayers else quantize_block
+
+    def visit(ctx: BlockContext) -> tuple[dict[str, Any], list[torch.Tensor]]:
         if prepare is not None:
             prepare(ctx)
-        run = quantize_block_staged if staged and model.arch.sublayers else quantize_block
-        quantized, captured.hidden = run(ctx, method.statistic, quantize_fn)
-        prefix = f"{model.arch.block_prefix}.{index}."
-        state = layer.state_dict()
+        quantized, outputs = run(ctx, method.statistic, quantize_fn)
+        prefix = f"{model.arch.block_prefix}.{ctx.index}."
+        state = ctx.layer.state_dict()
         tensors = {n: quantized[n] if n in quantized else
                    state[n[len(prefix):]].detach().to(CPU, model.weights.dtype(n), copy=True)
-                   for n in model.block_tensor_names(index)}
-        layer.to("meta")  # release the block's memory
-        yield index, tensors
+                   for n in model.block_tensor_names(ctx.index)}
+        return tensors, outputs
+
+    yield from walk_blocks(model, skeleton, captured, visit, device, targets,
+                           quantize_many=quantize_many,
+                           attention_values=bool(getattr(method, "attention_values", False)),
+                           calibration=captured)

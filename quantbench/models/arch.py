@@ -21,7 +21,9 @@ LLAMA_LINEARS = (
 
 @dataclass(frozen=True)
 class Sublayer:
-    """One pre-norm residual branch of a decoder block: ``x + mixer(norm(x))``.
+    """One residual branch of a decoder block: ``x + mixer(norm(x))``, or
+    ``x + post_norm(mixer(norm(x)))`` where the family norms the branch output too (Gemma 2/3,
+    OLMo 2: ``post_norm``).
 
     ``inputs`` are the linears that read ``norm(x)`` directly; ``output`` is the linear whose
     output is the mixer's output. Knowing this lets the calibration pipeline run a block branch
@@ -33,6 +35,7 @@ class Sublayer:
     output: str
     takes_layer_kwargs: bool = False  # attention needs the mask / position embeddings
     values: str | None = None  # attention's value projection (its rows are read per kv head)
+    post_norm: str | None = None  # a norm on the branch output before the residual add
 
 
 LLAMA_SUBLAYERS = (

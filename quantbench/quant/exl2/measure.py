@@ -214,29 +214,30 @@ QuantizeFn = Callable[[torch.Tensor, Any, list[EXL2GridConfig]], list[torch.Tens
 SWEEP_ELEMENTS = 1 << 25   # weights per stacked GPTQ sweep (copies of one linear, one per mix)
 
 
-def measure(model: Any, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
-            measurement: Measurement, planned: list[Slot], quantize: QuantizeFn,
-            save: Callable[[Measurement], None],
+def measure(model: Any, captured: Any, measurement: Measurement, planned: list[Slot],
+            quantize: QuantizeFn, save: Callable[[Measurement], None],
             prepare: Callable[[torch.Tensor], Any] = lambda h: h) -> Measurement:
     """Measure every block not yet in ``measurement`` (earlier ones only run forward, to
-    make the inputs of the next), saving after each. ``hidden``/``kwargs`` are block 0's
-    float inputs; ``quantize(weight, prepare(hessian), mixes)`` returns the dequantized weight
-    for each mix (``prepare`` runs once per input Hessian, e.g. its factorisation, shared by
-    every setting tried on that input)."""
-    from quantbench.calibration.pipeline import _skeleton, materialize_block
+    make the inputs of the next), saving after each. ``captured`` (the calibration layer's
+    :class:`~quantbench.calibration.pipeline.Captured`) holds block 0's float inputs and every
+    block's layer arguments; the blocks are walked by the pipeline's one block loop.
+    ``quantize(weight, prepare(hessian), mixes)`` returns the dequantized weight for each mix
+    (``prepare`` runs once per input Hessian, e.g. its factorisation, shared by every setting
+    tried on that input)."""
+    from quantbench.calibration.pipeline import _skeleton, walk_blocks
 
-    skeleton = _skeleton(model)
-    device = hidden[0].device
     done = measurement.measured_blocks()
     by_block: dict[int, list[Slot]] = {}
     for slot in planned:
         by_block.setdefault(slot.block, []).append(slot)
-    x = list(hidden)
-    for index in range(model.num_blocks):
-        layer = materialize_block(skeleton, model, index, device)
-        todo = [] if index in done else by_block.get(index, [])
-        x = _block(model, layer, index, x, kwargs, todo, quantize, prepare)
-        layer.to("meta")
+
+    def visit(ctx: Any) -> tuple[list[Slot], list[torch.Tensor]]:
+        todo = [] if ctx.index in done else by_block.get(ctx.index, [])
+        return todo, _block(model, ctx.layer, ctx.index, ctx.hidden, ctx.kwargs, todo,
+                            quantize, prepare)
+
+    device = captured.hidden[0].device
+    for index, todo in walk_blocks(model, _skeleton(model), captured, visit, device):
         if index not in done:
             measurement.slots += todo
             measurement.complete = index == model.num_blocks - 1
@@ -262,14 +263,15 @@ def _block(model: Any, layer: torch.nn.Module, index: int, x: list[torch.Tensor]
 def _branch(model: Any, layer: torch.nn.Module, index: int, sub: Any, x: list[torch.Tensor],
             kwargs: list[dict[str, Any]], slot: Slot | None, quantize: QuantizeFn,
             prepare: Callable[[torch.Tensor], Any]) -> list[torch.Tensor]:
-    """``x + mixer(norm(x))`` in float; measure ``slot``'s candidates on the way."""
-    from quantbench.calibration.pipeline import call_mixer
+    """``x + mixer(norm(x))`` in float (a declared post-branch norm applied to the branch);
+    measure ``slot``'s candidates on the way (errors relative to the hidden state after it)."""
+    from quantbench.calibration.pipeline import call_mixer, residual_add
 
     norm, mixer = layer.get_submodule(sub.norm), layer.get_submodule(sub.mixer)
     kw = kwargs if sub.takes_layer_kwargs else [{} for _ in x]
     normed = [norm(h) for h in x]
     ref = [call_mixer(mixer, n, k) for n, k in zip(normed, kw)]
-    y = [h + r for h, r in zip(x, ref)]
+    y = residual_add(layer, sub, x, ref)
     if slot is not None:
         _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot, quantize, prepare)
     return y
@@ -285,6 +287,10 @@ def token_errors(out: torch.Tensor, ref: torch.Tensor, norms: torch.Tensor) -> t
     with massive activations (SmolLM2 from block 12 on) would otherwise set a window's norm
     and hide the error of every other token."""
     return (torch.linalg.vector_norm((out - ref).float(), dim=-1) / norms).flatten()
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
@@ -315,6 +321,10 @@ def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
     uses = Counter(item for cand in slot.candidates for item in cand.settings.items())
     cache: dict[tuple[str, str], torch.Tensor] = {}   # only settings still to be used
     norms = [token_norms(t) for t in y]
+    post = _identity
+    if sub.post_norm is not None:  # the branch output as the residual stream receives it
+        post = layer.get_submodule(sub.post_norm)
+        ref = [post(r) for r in ref]
     for cand in slot.candidates:
         for name, desc in cand.settings.items():
             if (name, desc) not in cache:  # this mix and the next few of the linear at once
@@ -326,7 +336,7 @@ def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
                 for d, deq in zip(todo, quantize(weight, hessians[linear_of[name]], grids)):
                     cache[(name, d)] = deq.to(torch.float16)
             layer.get_submodule(linear_of[name]).weight.data.copy_(cache[(name, desc)])
-        ratios = [token_errors(call_mixer(mixer, n, k), r, d)
+        ratios = [token_errors(post(call_mixer(mixer, n, k)), r, d)
                   for n, k, r, d in zip(normed, kw, ref, norms)]
         cand.error = float(torch.cat(ratios).mean())
         for item in cand.settings.items():

@@ -155,9 +155,8 @@ class EXL2(Method):
         m = self.measurement
         if not m.complete:
             log.info("EXL2: measuring into %s", self.path)
-            hidden, kwargs = _first_windows(ctx.hidden, ctx.kwargs,
-                                            self.config.options.measure_samples)
-            measure(ctx.model, hidden, kwargs, m, plan_slots(ctx.model, self.targets, m.ladder),
+            measure(ctx.model, ctx.calibration.first(self.config.options.measure_samples), m,
+                    plan_slots(ctx.model, self.targets, m.ladder),
                     self._quantize_measured, lambda mm: mm.save(self.path),
                     lambda h: prepare_hessian(h.cpu(), self.params))
         self.settings, self.report = m.allocate(self.config.grid.bpw)
@@ -205,13 +204,3 @@ class EXL2(Method):
         write_json_atomic(Path(directory) / STRATEGY_FILE, strategy)
         return [MEASUREMENT_FILE, STRATEGY_FILE]
 
-
-def _first_windows(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], n: int
-                   ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """The micro-batches holding the first ``n`` calibration windows (whole micro-batches)."""
-    count = 0
-    for i, h in enumerate(hidden):
-        count += h.shape[0]
-        if count >= n:
-            return hidden[:i + 1], kwargs[:i + 1]
-    return hidden, kwargs
