@@ -112,6 +112,8 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
     position embeddings), the taps record them and block 0's input. No block is run."""
     arch = model.arch
     embed = skeleton.get_submodule(arch.embed).to_empty(device=device)
+    if embed._non_persistent_buffers_set:  # e.g. Gemma's embedding scale √hidden: not on disk
+        skeleton._init_weights(embed)
     embed.weight.data.copy_(model.weights.get(f"{arch.embed}.weight").float())
     rotary_cls = type(skeleton.get_submodule(arch.rotary))
     _set(skeleton, arch.rotary, rotary_cls(config=skeleton.config).to(device))
