@@ -20,16 +20,22 @@ def _as_model(model: "Model | str | os.PathLike", trust_remote_code: bool = Fals
 def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None = None,
              group_size: int | None = None, symmetric: bool | None = None,
              targets: TargetConfig | None = None, config: QuantizeConfig | None = None,
-             **options: Any):
-    """Quantize ``model`` (a ``Model`` or a source string); returns a lazy ``QuantizedModel``.
+             progress: bool = False, **options: Any):
+    """Quantize ``model`` (a ``Model`` or a source string): calibration and quantization run
+    here (a progress bar with ``progress=True``), and the ``QuantizedModel`` returned holds
+    the result, so saving it in several formats does not quantize again.
 
     >>> q = quantize("sample:smollm2", method="zeropoint", bits=4, group_size=64)  # doctest: +SKIP
     """
+    from quantbench.progress import block_progress
     from quantbench.quant.run import make_config, quantize as run_quantize
 
     if config is None:
         config = make_config(method, bits, group_size, symmetric, targets, **options)
-    return run_quantize(_as_model(model), config)
+    qmodel = run_quantize(_as_model(model), config)
+    label = f"{config.method} {config.grid.describe()}"
+    with block_progress(qmodel.num_steps(), label, enabled=progress) as step:
+        return qmodel.run(step)
 
 
 def save(qmodel, out: "str | os.PathLike", format: str = "dense", overwrite: bool = False,

@@ -158,11 +158,15 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
                    on_step: Callable[[str], None] | None = None,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                    command: list[str] | None = None) -> Path:
-    """Quantize block by block while streaming into ``out`` in format ``fmt``; ``command``
-    (the CLI argv that asked for it) is recorded in the manifest."""
+    """Write a quantization result into ``out`` in format ``fmt``, block by block from its
+    store (running the quantization first if it has not run: ``on_step`` then follows it);
+    ``command`` (the CLI argv that asked for it) is recorded in the manifest."""
     writer_fmt = get_format(fmt)() if isinstance(fmt, str) else fmt
     model = qmodel.source
     writer_fmt.check(qmodel.config, model, qmodel.targets)
+    if not qmodel.done:  # quantize now (the steps of the progress bar), then write
+        qmodel.run(on_step)
+        on_step = None
     start = time.perf_counter()
     tensor_info: dict[str, dict[str, Any]] = {}
     with atomic_output_dir(Path(out), overwrite) as tmp:

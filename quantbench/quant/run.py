@@ -5,7 +5,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -61,8 +61,10 @@ def check_grid(model: Model, names: list[str], grid: GridConfig) -> None:
 
 @dataclass
 class QuantizedModel:
-    """The result of ``quantize``: source + config + targets; codes are computed per block
-    as a writer pulls them, so memory stays bounded by one block."""
+    """The result of ``quantize``: source + config + targets, and once :meth:`run` has
+    finished, every block's tensors in a :class:`~quantbench.quant.store.BlockStore` (on disk,
+    one block in memory at a time). Writing it in one format or several reads the store:
+    calibration and quantization run once. A result not yet run runs when first written."""
 
     source: Model
     config: QuantizeConfig
@@ -71,10 +73,34 @@ class QuantizedModel:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"  # where the calibrated maths ran, set when the blocks are pulled
     device_peak_bytes: int | None = None  # a GPU's peak allocated memory during the run
+    store: Any = None  # the BlockStore, once run
 
     @property
     def seconds(self) -> float:
         return sum(self.timings.values())
+
+    @property
+    def done(self) -> bool:
+        return self.store is not None
+
+    def run(self, on_step: Callable[[str], None] | None = None) -> "QuantizedModel":
+        """Calibrate and quantize every block into the store (once; ``on_step(label)`` after
+        each of :meth:`num_steps` steps). Returns self."""
+        from quantbench.quant.store import BlockStore
+
+        if self.store is not None:
+            return self
+        store = BlockStore()
+        try:
+            for label, tensors in self._compute_blocks():
+                store.add(label, tensors)
+                if on_step:
+                    on_step(label)
+        except BaseException:
+            store.close()
+            raise
+        self.store = store
+        return self
 
     def _convert(self, name: str, tensor: torch.Tensor) -> "torch.Tensor | QuantizedTensor":
         if name not in self._target_set:
@@ -90,7 +116,10 @@ class QuantizedModel:
 
     def iter_blocks(self) -> Iterator[tuple[str, Tensors]]:
         """Yield ``(label, {tensor name: Tensor or QuantizedTensor})``, a block at a time;
-        non-block tensors (embeddings, final norm, lm_head) come first."""
+        non-block tensors (embeddings, final norm, lm_head) come first. Runs first if needed."""
+        yield from self.run().store
+
+    def _compute_blocks(self) -> Iterator[tuple[str, Tensors]]:
         weights = self.source.weights
         others = self.source.other_tensor_names()
         yield "embeddings/head", {n: self._convert(n, weights.get(n)) for n in others}
