@@ -30,14 +30,7 @@ def register_format(name: str) -> Callable[[type[T]], type[T]]:
     return _register(_FORMATS, "format", name)
 
 
-def _ensure_builtins() -> None:
-    # Importing the packages registers the built-in methods and formats.
-    import quantbench.formats  # noqa: F401
-    import quantbench.quant.methods  # noqa: F401
-
-
 def _get(table: dict[str, type], kind: str, name: str) -> type:
-    _ensure_builtins()
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
         raise ConfigError(f"unknown {kind} {name!r}; choose one of: {known}")
@@ -53,10 +46,8 @@ def get_format(name: str) -> type:
 
 
 def method_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_METHODS)
 
 
 def format_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_FORMATS)

@@ -100,13 +100,7 @@ def register_codec(cls: type[T]) -> type[T]:
     return cls
 
 
-def _ensure_builtins() -> None:
-    import quantbench.quant.gguf.kquants  # noqa: F401
-    import quantbench.quant.gguf.legacy  # noqa: F401
-
-
 def get_codec(name: str) -> BlockCodec:
-    _ensure_builtins()
     key = str(name).upper()
     if key not in _CODECS:
         raise ConfigError(f"unknown GGUF tensor type {name!r}; known: {', '.join(codec_names())}")
@@ -114,11 +108,9 @@ def get_codec(name: str) -> BlockCodec:
 
 
 def codec_for_id(type_id: int) -> BlockCodec | None:
-    _ensure_builtins()
     return next((c for c in _CODECS.values() if c.type_id == type_id), None)
 
 
 def codec_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_CODECS)
 
