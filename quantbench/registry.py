@@ -1,4 +1,7 @@
-"""Name → class registries for quantization methods and checkpoint formats."""
+"""Name → class registries for quantization methods and checkpoint formats.
+
+Leaf tables: they never import their entries. ``quantbench/builtins.py`` (imported by
+``quantbench/__init__.py``) imports the built-in methods and formats, which register here."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar

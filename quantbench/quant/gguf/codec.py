@@ -17,6 +17,9 @@ searches' temporaries stay a few MB however large the tensor) and runs the chunk
 the codecs issue many small tensor ops, and torch's own intra-op threads (OpenMP) synchronise
 at every one of them, which costs far more than it gains (tens of times more when the cores
 are shared with other processes).
+
+The registry is a leaf table: ``quantbench/builtins.py`` imports the built-in codecs
+(``kquants``, ``kquants_low``, ``legacy``), which register here with :func:`register_codec`.
 """
 from __future__ import annotations
 
