@@ -10,12 +10,10 @@ keys in :mod:`quantbench.formats.gguf_vocab` (vocabularies) and
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,9 @@ import torch
 from gguf import GGUFValueType as VT
 
 from quantbench.errors import ConfigError, ModelLoadError
-from quantbench.quant.gguf.mixtures import file_type
 from quantbench.formats.gguf_kv import (ARCHS, KV, gguf_arch, kv_dict,  # noqa: F401  (re-exported)
                                         read_json)
+from quantbench.quant.gguf.mixtures import file_type
 from quantbench.models.arch import arch_for
 
 log = logging.getLogger(__name__)
