@@ -3,6 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import quantbench.builtins  # noqa: E402,F401  (registers the built-in methods, formats, codecs)
 from quantbench.api import (compare, evaluate, inspect, load_model, quantize, save,  # noqa: E402
                             upload)
 from quantbench.config import IntGridConfig, QuantizeConfig, TargetConfig  # noqa: E402

@@ -1,4 +1,7 @@
-"""Name → class registries for quantization methods and checkpoint formats."""
+"""Name → class registries for quantization methods and checkpoint formats.
+
+Leaf tables: they never import their entries. ``quantbench/builtins.py`` (imported by
+``quantbench/__init__.py``) imports the built-in methods and formats, which register here."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar
@@ -30,14 +33,7 @@ def register_format(name: str) -> Callable[[type[T]], type[T]]:
     return _register(_FORMATS, "format", name)
 
 
-def _ensure_builtins() -> None:
-    # Importing the packages registers the built-in methods and formats.
-    import quantbench.formats  # noqa: F401
-    import quantbench.quant.methods  # noqa: F401
-
-
 def _get(table: dict[str, type], kind: str, name: str) -> type:
-    _ensure_builtins()
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
         raise ConfigError(f"unknown {kind} {name!r}; choose one of: {known}")
@@ -53,10 +49,8 @@ def get_format(name: str) -> type:
 
 
 def method_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_METHODS)
 
 
 def format_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_FORMATS)

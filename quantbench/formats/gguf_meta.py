@@ -10,12 +10,10 @@ keys in :mod:`quantbench.formats.gguf_vocab` (vocabularies) and
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,13 @@ import torch
 from gguf import GGUFValueType as VT
 
 from quantbench.errors import ConfigError, ModelLoadError
+from quantbench.formats.gguf_kv import (ARCHS, KV, gguf_arch, kv_dict,  # noqa: F401  (re-exported)
+                                        read_json)
 from quantbench.quant.gguf.mixtures import file_type
-from quantbench.models.arch import ARCHITECTURES, arch_for
-from quantbench.models.gguf_import import permute_qk
+from quantbench.models.arch import arch_for
 
 log = logging.getLogger(__name__)
 
-ARCHS = {t: spec.gguf_arch for spec in ARCHITECTURES for t in spec.model_types}  # HF → GGUF arch
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 DEFAULT_ALIGNMENT = 32
 _SAMPLING = (("sequence", "sequence", VT.STRING), ("top_k", "top_k", VT.INT32),
@@ -40,32 +38,6 @@ _SAMPLING = (("sequence", "sequence", VT.STRING), ("top_k", "top_k", VT.INT32),
              ("repetition_penalty", "penalty_repeat", VT.FLOAT32),
              ("mirostat", "mirostat", VT.INT32), ("mirostat_tau", "mirostat_tau", VT.FLOAT32),
              ("mirostat_eta", "mirostat_eta", VT.FLOAT32))
-
-
-@dataclass(frozen=True)
-class KV:
-    """One GGUF key/value; arrays carry their element type in ``sub_type``.
-
-    Write it with ``GGUFWriter.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)``.
-    """
-    key: str
-    value: Any
-    vtype: VT
-    sub_type: VT | None = None
-
-
-def kv_dict(kvs: Sequence[KV]) -> dict[str, Any]:
-    """``{key: value}``; a later entry for the same key replaces an earlier one (as in gguf-py)."""
-    return {kv.key: kv.value for kv in kvs}
-
-
-def gguf_arch(config: dict) -> str:
-    """The GGUF architecture name of an HF config; ConfigError for the unsupported ones."""
-    model_type = config.get("model_type")
-    if model_type not in ARCHS:
-        raise ConfigError(f"GGUF export does not support model_type {model_type!r}; "
-                          f"supported: {', '.join(ARCHS)}")
-    return ARCHS[model_type]
 
 
 # ---------------------------------------------------------------------------------- metadata
@@ -182,14 +154,6 @@ def _sampling_kvs(model_dir: Path) -> list[KV]:
             if gen.get(hf) is not None]
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's content, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def default_name(config: dict, model_dir: Path) -> str:
     """``general.name``: the model part of ``_name_or_path`` when it is a hub id, else the folder
     name, title-cased as gguf-py does ("smollm2-fp16" → "Smollm2 Fp16")."""
@@ -268,6 +232,20 @@ def tensor_plan(shapes: dict[str, Sequence[int]], config: dict) -> list[tuple[st
 def count_params(shapes: dict[str, Sequence[int]], config: dict) -> int:
     """Elements in the tensors the GGUF will hold (what ``general.size_label`` counts)."""
     return sum(math.prod(ne) for _, _, ne in tensor_plan(shapes, config))
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotary layout (halves) → llama.cpp layout (interleaved pairs), rows only."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of ``permute_qk``."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
 
 
 def needs_qk_permute(config: dict) -> bool:

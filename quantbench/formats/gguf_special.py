@@ -16,7 +16,7 @@ from typing import Any
 from gguf import GGUFValueType as VT
 
 from quantbench.errors import ConfigError
-from quantbench.formats.gguf_meta import KV, read_json
+from quantbench.formats.gguf_kv import KV, read_json
 
 log = logging.getLogger(__name__)
 

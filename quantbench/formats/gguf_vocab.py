@@ -26,7 +26,7 @@ from typing import Any
 from gguf import GGUFValueType as VT
 
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.gguf_meta import KV, gguf_arch, read_json
+from quantbench.formats.gguf_kv import KV, gguf_arch, read_json
 from quantbench.formats.gguf_special import SPECIAL_TYPES, special_metadata
 
 log = logging.getLogger(__name__)

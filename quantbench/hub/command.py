@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from quantbench.cli_options import method_params
 from quantbench.config import grid_from_dict
 from quantbench.errors import QuantbenchError
 
@@ -71,14 +72,13 @@ def _target_args(targets: dict[str, Any], gguf: bool) -> list[str]:
 
 def _option_args(method: str, options: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """Options that differ from the method's defaults, as flags; and those no flag sets."""
-    from quantbench.cli import convert
     from quantbench.registry import get_method
 
     try:
         defaults = dataclasses.asdict(get_method(method).options_cls())
     except QuantbenchError:  # a method this quantbench does not know: keep every option
         defaults = {}
-    params = {p.name: p for p in convert.params if isinstance(p, click.Option)}
+    params = method_params()
     args: list[str] = []
     unset: dict[str, Any] = {}
     for name, value in options.items():

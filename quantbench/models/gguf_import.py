@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantbench.errors import ModelLoadError
+from quantbench.formats.gguf_meta import permute_qk, unpermute_qk  # noqa: F401  (re-exported)
 from quantbench.models.arch import ARCHITECTURES, LLAMA, ArchSpec
 
 log = logging.getLogger(__name__)
@@ -24,20 +25,6 @@ log = logging.getLogger(__name__)
 # llama.cpp name → HF name, from the architecture's data (quantbench/models/arch.py)
 BLOCK_NAMES = {gg: hf for hf, gg in LLAMA.gguf_names}          # "attn_q" → "self_attn.q_proj"
 TOP_NAMES = {gg: hf for hf, gg in LLAMA.gguf_top_names()}      # "token_embd" → "model.embed_tokens"
-
-
-def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF rotary layout (halves) → llama.cpp layout (interleaved pairs), rows only."""
-    rows = w.shape[0]
-    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of ``permute_qk``."""
-    rows = w.shape[0]
-    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
 
 
 def hf_name(gguf_name: str) -> str:
@@ -234,7 +221,7 @@ def cached_hf_checkpoint(gguf_path: Path) -> Path:
     """An FP16 HF checkpoint of a GGUF file (dequantized), built once into the user cache,
     keyed by the file's sha256, so a GGUF can be a source like any checkpoint directory."""
     from quantbench.formats.manifest import sha256_file
-    from quantbench.models.sample import cache_root
+    from quantbench.models.cache import cache_root
 
     gguf_path = Path(gguf_path)
     target = cache_root() / "gguf" / sha256_file(gguf_path)[:24]

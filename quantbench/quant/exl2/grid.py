@@ -10,10 +10,12 @@ kernels form (``dq_scale``, ``dq``), so what we evaluate is what the runtime com
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from quantbench.config import EXL2GridConfig
+if TYPE_CHECKING:
+    from quantbench.config import EXL2GridConfig
 
 SCALE_CODES = 16                 # 4-bit scale codes 1..16 (stored minus one)
 MIN_P, MAX_P, P_STEPS = 0.70, 1.20, 21   # the search over qscale_max (exllamav2: 0.70..1.20)

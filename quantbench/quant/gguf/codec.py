@@ -17,6 +17,9 @@ searches' temporaries stay a few MB however large the tensor) and runs the chunk
 the codecs issue many small tensor ops, and torch's own intra-op threads (OpenMP) synchronise
 at every one of them, which costs far more than it gains (tens of times more when the cores
 are shared with other processes).
+
+The registry is a leaf table: ``quantbench/builtins.py`` imports the built-in codecs
+(``kquants``, ``kquants_low``, ``legacy``), which register here with :func:`register_codec`.
 """
 from __future__ import annotations
 
@@ -100,13 +103,7 @@ def register_codec(cls: type[T]) -> type[T]:
     return cls
 
 
-def _ensure_builtins() -> None:
-    import quantbench.quant.gguf.kquants  # noqa: F401
-    import quantbench.quant.gguf.legacy  # noqa: F401
-
-
 def get_codec(name: str) -> BlockCodec:
-    _ensure_builtins()
     key = str(name).upper()
     if key not in _CODECS:
         raise ConfigError(f"unknown GGUF tensor type {name!r}; known: {', '.join(codec_names())}")
@@ -114,11 +111,9 @@ def get_codec(name: str) -> BlockCodec:
 
 
 def codec_for_id(type_id: int) -> BlockCodec | None:
-    _ensure_builtins()
     return next((c for c in _CODECS.values() if c.type_id == type_id), None)
 
 
 def codec_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_CODECS)
 

@@ -338,6 +338,3 @@ class Q6K(KQuantCodec):
         sc = c_int8(blocks[:, 192:208].long())
         d = fp16_from_bytes(blocks[:, 208:210])
         return codes, KParams(d, torch.zeros_like(d), sc, torch.zeros_like(sc), codes)
-
-
-from quantbench.quant.gguf import kquants_low  # noqa: E402,F401  (registers Q2_K and Q3_K)

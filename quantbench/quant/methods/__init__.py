@@ -1,2 +1,2 @@
-"""Quantization methods, each registered by name (importing this package registers them)."""
-from quantbench.quant.methods import awq, bnb, exl2, gguf, gptq, rtn  # noqa: F401
+"""Quantization methods, each registered by name (``quantbench/builtins.py`` imports the
+built-ins so they register)."""
