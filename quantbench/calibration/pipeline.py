@@ -235,6 +235,12 @@ class BlockContext:
     def device(self) -> torch.device:
         return self.hidden[0].device if self.hidden else CPU
 
+    @property
+    def attention_kind(self) -> str:
+        """This block's attention kind (``full_attention``, ``sliding_attention``)."""
+        return self.model.arch.attention_kinds(self.model.config,
+                                               self.model.num_blocks)[self.index]
+
     def weight_name(self, linear: str) -> str:
         return f"{self.model.arch.block_module(self.index, linear)}.weight"
 

@@ -38,6 +38,45 @@ class Sublayer:
     post_norm: str | None = None  # a norm on the branch output before the residual add
 
 
+@dataclass(frozen=True)
+class Fused:
+    """A projection stored as one linear whose output rows are several logical ones (Phi-3's
+    ``self_attn.qkv_proj`` = q, k, v; ``mlp.gate_up_proj`` = gate, up). It is quantized as
+    stored (runtimes load it by that name); ``parts`` name the logical linears in row order
+    with the size of each as a product of config keys (``"num_attention_heads*head_dim"``),
+    so methods and formats can find a part's rows (the value rows an attention-weighted
+    statistic covers, the split a GGUF architecture expects)."""
+
+    name: str
+    parts: tuple[tuple[str, str], ...]
+
+    def rows(self, config: dict) -> dict[str, slice]:
+        """``{part: its rows}`` for a model config; refuses sizes that are not in it."""
+        out, start = {}, 0
+        for part, size in self.parts:
+            n = 1
+            for key in size.split("*"):
+                value = config_value(config, key)
+                if value is None:
+                    raise ModelLoadError(f"{self.name}: the config has no {key!r} to size "
+                                         f"its {part} rows")
+                n *= int(value)
+            out[part] = slice(start, start + n)
+            start += n
+        return out
+
+
+def config_value(config: dict, key: str):
+    """A config entry; ``head_dim`` defaults to ``hidden_size / num_attention_heads``."""
+    if config.get(key) is not None:
+        return config[key]
+    if key == "head_dim" and config.get("hidden_size") and config.get("num_attention_heads"):
+        return config["hidden_size"] // config["num_attention_heads"]
+    if key == "num_key_value_heads":
+        return config.get("num_attention_heads")
+    return None
+
+
 LLAMA_SUBLAYERS = (
     Sublayer("input_layernorm", "self_attn",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
@@ -86,6 +125,7 @@ class ArchSpec:
     gguf_arch: str = "llama"
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"  # absent from a config: as many as heads
+    fused: tuple[Fused, ...] = ()  # projections stored as one linear of several logical ones
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -102,6 +142,25 @@ class ArchSpec:
         """``(attention heads, kv heads)`` of a model config."""
         heads = int(config[self.heads_key])
         return heads, int(config.get(self.kv_heads_key) or heads)
+
+    def attention_kinds(self, config: dict, num_blocks: int) -> list[str]:
+        """Each layer's attention kind, as transformers names them: ``config["layer_types"]``
+        where the config lists them (alternating ``sliding_attention`` / ``full_attention``),
+        else ``sliding_attention`` everywhere for a model with a sliding window in use, else
+        ``full_attention``. The calibration layer does not need this (each layer's own mask is
+        captured from the model); reports and GGUF metadata do."""
+        kinds = config.get("layer_types")
+        if kinds:
+            if len(kinds) != num_blocks:
+                raise ModelLoadError(f"config layer_types lists {len(kinds)} layers, the model "
+                                     f"has {num_blocks}")
+            return list(kinds)
+        sliding = config.get("sliding_window") and config.get("use_sliding_window", True)
+        return ["sliding_attention" if sliding else "full_attention"] * num_blocks
+
+    def fused_parts(self, linear: str) -> Fused | None:
+        """The declaration of a fused projection (block-relative name), or None."""
+        return next((f for f in self.fused if f.name == linear), None)
 
     def block_module(self, index: int, name: str) -> str:
         return f"{self.block_prefix}.{index}.{name}"

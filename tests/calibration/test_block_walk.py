@@ -57,7 +57,9 @@ def alternating_qwen2(tmp_path_factory):
 def test_each_block_gets_its_own_layer_arguments(alternating_qwen2):
     model = load_model(alternating_qwen2)
     states = _reference_states(alternating_qwen2)
-    outs = _float_walk(model, _whole)
+    kinds = []
+    outs = _float_walk(model, lambda ctx: (kinds.append(ctx.attention_kind), _whole(ctx))[1])
+    assert kinds == ["sliding_attention", "full_attention"] * 2
     for index, out in enumerate(outs[:-1]):  # the last hidden state is after the final norm
         assert torch.allclose(out, states[index + 1], atol=1e-5), f"block {index}"
 

@@ -90,3 +90,32 @@ def test_hub_id_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
         load_model("someorg/some-model-that-is-not-cached")
+
+
+def test_block_description_fused_parts_and_attention_kinds():
+    """Fused projections split into their logical rows from the config; each layer's
+    attention kind comes from layer_types or the sliding-window setting."""
+    import dataclasses
+
+    from quantbench.errors import ModelLoadError
+    from quantbench.models.arch import LLAMA, Fused
+
+    qkv = Fused("self_attn.qkv_proj", (("q", "num_attention_heads*head_dim"),
+                                       ("k", "num_key_value_heads*head_dim"),
+                                       ("v", "num_key_value_heads*head_dim")))
+    phi3_like = dataclasses.replace(LLAMA, fused=(qkv,))
+    config = {"hidden_size": 3072, "num_attention_heads": 32, "num_key_value_heads": 8}
+    rows = phi3_like.fused_parts("self_attn.qkv_proj").rows(config)
+    assert rows == {"q": slice(0, 3072), "k": slice(3072, 3840), "v": slice(3840, 4608)}
+    assert phi3_like.fused_parts("self_attn.o_proj") is None
+    with pytest.raises(ModelLoadError, match="no 'num_attention_heads'"):
+        qkv.rows({"hidden_size": 64})
+
+    assert LLAMA.attention_kinds({}, 2) == ["full_attention"] * 2
+    assert LLAMA.attention_kinds({"sliding_window": 4096}, 2) == ["sliding_attention"] * 2
+    assert LLAMA.attention_kinds({"sliding_window": 8, "use_sliding_window": False}, 1) == \
+        ["full_attention"]
+    alternating = ["sliding_attention", "full_attention"]
+    assert LLAMA.attention_kinds({"layer_types": alternating}, 2) == alternating
+    with pytest.raises(ModelLoadError, match="lists 2 layers"):
+        LLAMA.attention_kinds({"layer_types": alternating}, 3)
