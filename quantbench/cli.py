@@ -69,6 +69,8 @@ def _calibration_options(f):
                           "on integer grids), or on the plain input Hessian."),
         click.option("--damp", "damp_percent", type=float, default=None,
                      help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
+        click.option("--block-size", "block_size", type=int, default=None,
+                     help="GPTQ/exl2: columns per lazy-batch update (gptq 128, exl2 32)."),
         click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),
         click.option("--calib-len", type=int, default=None, help="Tokens per window (512)."),
         click.option("--calib-data", type=str, default=None,
@@ -81,7 +83,9 @@ def _calibration_options(f):
                      help="Calibrated methods: where blocks, statistics and solves run: auto "
                           "(a CUDA GPU when torch sees one, else cpu), cpu, cuda, cuda:N."),
         click.option("--then", type=click.Choice(["rtn", "gptq"]), default=None,
-                     help="AWQ: how to round after scaling (rtn)."),
+                     help="AWQ: the method that picks the codes after scaling (rtn); with "
+                          "gptq every GPTQ flag applies (defaults under AWQ: --no-act-order, "
+                          "--static-groups, --input-values)."),
         click.option("--awq-grid", "n_grid", type=int, default=None,
                      help="AWQ: grid points for the scale exponent (20)."),
         click.option("--clip/--no-clip", default=None, help="AWQ: search weight clipping (on)."),
@@ -118,29 +122,24 @@ FLAGS = {"n_grid": "--awq-grid", "damp_percent": "--damp", "calib_seed": "--seed
          "attention_values": "--attention-values/--input-values"}
 
 
-def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Only the options the method has; naming one it lacks is an error, not silence."""
-    import dataclasses
+def _flag(option: str) -> str:
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
 
-    from quantbench.errors import ConfigError
+
+def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Only the options the method has (with AWQ, those of its ``--then`` method too); naming
+    one it lacks is an error, not silence."""
     from quantbench.registry import get_method
 
-    fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
     chosen = {k: v for k, v in given.items() if v is not None}
-    unknown = sorted(set(chosen) - fields)
-    if unknown:
-        flag = FLAGS.get(unknown[0], "--" + unknown[0].replace("_", "-"))
-        raise ConfigError(f"method {method} takes no {flag} option")
+    get_method(method).check_options(chosen, _flag)
     return chosen
 
 
 def _accepts(method: str, given: dict[str, Any]) -> bool:
-    import dataclasses
-
     from quantbench.registry import get_method
 
-    fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
-    return bool(fields & set(given))
+    return bool(get_method(method).option_names(given) & set(given))
 
 
 def _write_json(path: str | None, payload: Any) -> None:
