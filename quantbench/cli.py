@@ -55,29 +55,24 @@ def _protocol_fields(ctx, max_tokens, n_windows, scoring, data) -> dict[str, Any
     return fields
 
 
-def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Only the options the method has; naming one it lacks is an error, not silence."""
-    import dataclasses
+def _flag(option: str) -> str:
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
 
-    from quantbench.errors import ConfigError
+
+def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Only the options the method has (with AWQ, those of its ``--then`` method too); naming
+    one it lacks is an error, not silence."""
     from quantbench.registry import get_method
 
-    fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
     chosen = {k: v for k, v in given.items() if v is not None}
-    unknown = sorted(set(chosen) - fields)
-    if unknown:
-        flag = FLAGS.get(unknown[0], "--" + unknown[0].replace("_", "-"))
-        raise ConfigError(f"method {method} takes no {flag} option")
+    get_method(method).check_options(chosen, _flag)
     return chosen
 
 
 def _accepts(method: str, given: dict[str, Any]) -> bool:
-    import dataclasses
-
     from quantbench.registry import get_method
 
-    fields = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
-    return bool(fields & set(given))
+    return bool(get_method(method).option_names(given) & set(given))
 
 
 def _write_json(path: str | None, payload: Any) -> None:

@@ -23,6 +23,8 @@ def calibration_options(f):
                           "on integer grids), or on the plain input Hessian."),
         click.option("--damp", "damp_percent", type=float, default=None,
                      help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
+        click.option("--block-size", "block_size", type=int, default=None,
+                     help="GPTQ/exl2: columns per lazy-batch update (gptq 128, exl2 32)."),
         click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),
         click.option("--calib-len", type=int, default=None, help="Tokens per window (512)."),
         click.option("--calib-data", type=str, default=None,
@@ -35,7 +37,9 @@ def calibration_options(f):
                      help="Calibrated methods: where blocks, statistics and solves run: auto "
                           "(a CUDA GPU when torch sees one, else cpu), cpu, cuda, cuda:N."),
         click.option("--then", type=click.Choice(["rtn", "gptq"]), default=None,
-                     help="AWQ: how to round after scaling (rtn)."),
+                     help="AWQ: the method that picks the codes after scaling (rtn); with "
+                          "gptq every GPTQ flag applies (defaults under AWQ: --no-act-order, "
+                          "--static-groups, --input-values)."),
         click.option("--awq-grid", "n_grid", type=int, default=None,
                      help="AWQ: grid points for the scale exponent (20)."),
         click.option("--clip/--no-clip", default=None, help="AWQ: search weight clipping (on)."),

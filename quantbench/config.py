@@ -417,6 +417,20 @@ class MethodOptions:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def sweep(self) -> "SweepSettings | None":
+        """The GPTQ column sweep that picked the codes (what the GPTQ and compressed-tensors
+        configs record), or None for a method without one."""
+        return None
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a checkpoint's quantization config says of a GPTQ sweep."""
+
+    act_order: bool
+    static_groups: bool
+    damp_percent: float
+
 
 @dataclass(frozen=True)
 class CalibrationOptions(MethodOptions):
@@ -460,5 +474,5 @@ class QuantizeConfig:
             method=data["method"],
             grid=grid_from_dict(data.get("grid", {})),
             targets=TargetConfig.from_dict(data.get("targets", {})),
-            options=method_cls.options_cls(**data.get("options", {})),
+            options=method_cls.build_options(**data.get("options", {})),
         )

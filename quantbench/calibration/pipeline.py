@@ -14,16 +14,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
+from quantbench.calibration.attention import HeadHessians
 from quantbench.calibration.collectors import COLLECTORS
 from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
 from quantbench.devices import CPU
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
+
+if TYPE_CHECKING:
+    from quantbench.quant.methods.base import Method
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,8 @@ class _ArgumentTap(torch.nn.Module):
         super().__init__()
         self.index, self.captured = index, captured
         for attr in ("attention_type", "layer_idx", "is_sliding"):  # what a forward may read
-            if hasattr(layer, attr):
-                setattr(self, attr, getattr(layer, attr))
+            if attr in layer.__dict__:
+                self.__dict__[attr] = layer.__dict__[attr]
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -409,36 +413,36 @@ def quantize_block(ctx: BlockContext, statistic: str | None,
 def _on_cpu(quantize_fn: QuantizeFn) -> QuantizeFn:
     """For methods whose maths is CPU-only (``device_capable`` False): hand them CPU copies."""
     def run(name: str, weight: torch.Tensor, stat: Any) -> Any:
-        if hasattr(stat, "to"):  # a tensor, or HeadHessians
+        if isinstance(stat, (torch.Tensor, HeadHessians)):
             stat = stat.to(CPU)
         return quantize_fn(name, weight.to(CPU), stat)
     return run
 
 
-def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method: Any,
+def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method: "Method",
                  batch_size: int = 8, staged: bool = True, device: torch.device = CPU
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(block index, {tensor name: QuantizedTensor or tensor})`` in order, on the CPU.
 
-    ``method`` provides ``statistic`` (a collector name, or None), ``quantize_with_stats(name,
-    weight, statistic)``, and optionally ``prepare_block(ctx)``, run on the float block first
-    (AWQ rescales and clips there). Non-quantized tensors come from the block as the method
-    left it, in the checkpoint's dtype. On a GPU ``device`` the block forwards and statistics
-    run there; so does ``quantize_with_stats`` when the method is ``device_capable``."""
+    ``method`` (the ``Method`` contract) provides ``statistic`` (a collector name, or None),
+    ``quantize_with_stats(name, weight, statistic)``, ``quantize_many_with_stats`` for linears
+    sharing an input, ``attention_values``, and ``prepare_block(ctx)``, run on the float block
+    first (AWQ rescales and clips there). Non-quantized tensors come from the block as the
+    method left it, in the checkpoint's dtype. On a GPU ``device`` the block forwards and
+    statistics run there; so does ``quantize_with_stats`` when the method is
+    ``device_capable``."""
     pin_mmap_threshold()
     skeleton = _skeleton(model)
     captured = capture_inputs(model, skeleton, windows, batch_size, device)
-    prepare = getattr(method, "prepare_block", None)
-    quantize_fn = method.quantize_with_stats
-    quantize_many = getattr(method, "quantize_many_with_stats", None)
-    if device.type != "cpu" and not getattr(method, "device_capable", False):
+    quantize_fn: QuantizeFn = method.quantize_with_stats
+    quantize_many: QuantizeManyFn | None = method.quantize_many_with_stats
+    if device.type != "cpu" and not method.device_capable:
         quantize_fn = _on_cpu(quantize_fn)
         quantize_many = None
     run = quantize_block_staged if staged and model.arch.sublayers else quantize_block
 
     def visit(ctx: BlockContext) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        if prepare is not None:
-            prepare(ctx)
+        method.prepare_block(ctx)
         quantized, outputs = run(ctx, method.statistic, quantize_fn)
         prefix = f"{model.arch.block_prefix}.{ctx.index}."
         state = ctx.layer.state_dict()
@@ -449,5 +453,5 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
 
     yield from walk_blocks(model, skeleton, captured, visit, device, targets,
                            quantize_many=quantize_many,
-                           attention_values=bool(getattr(method, "attention_values", False)),
+                           attention_values=bool(method.attention_values),
                            calibration=captured)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantbench.config import CalibrationOptions
 from quantbench.devices import CPU, resolve_device
 from quantbench.models.loader import Model
 from quantbench.registry import get_method
@@ -77,46 +76,37 @@ def _block_shapes(model: Model) -> dict[str, tuple[int, int]]:
 def estimate(model: Model, config, gflops: float | None = None, method=None) -> Plan:
     """Estimate ``quantize(model, config)`` followed by writing, on this machine; ``method``
     is the run's prepared method when known (an EXL2 run then counts only the blocks its
-    measurement file still lacks)."""
+    measurement file still lacks). The shared stages are costed here from the method's
+    ``needs_calibration``, ``statistic`` and ``attention_values``; its own stages come from
+    its ``plan_costs``."""
     o = config.options
+    if method is None:
+        method = get_method(config.method)(config)
     shapes = _block_shapes(model)
     hidden = int(model.config.get("hidden_size", 0)) or max(s[1] for s in shapes.values())
     inter = max(max(s) for s in shapes.values())
     n_blocks = model.num_blocks
     params = sum(o_ * i for o_, i in shapes.values())
-    calibrated = isinstance(o, CalibrationOptions) and not (
-        getattr(o, "search_file", None) and getattr(o, "then", "rtn") == "rtn") and not \
-        getattr(o, "imatrix_file", None)  # a llama.cpp imatrix replaces calibration
+    calibrated = method.needs_calibration  # (a saved AWQ search or an imatrix file: not)
     tokens = o.calib_samples * o.calib_len if calibrated else 0
-    ctx = getattr(o, "calib_len", 0)
+    ctx = o.calib_len if calibrated else 0
     parts: dict[str, float] = {}
     fwd = (2 * params + 2 * ctx * hidden) * tokens / 1e9          # one block forward
     if calibrated:
         parts["capture"] = fwd  # block 0's inputs
-    if config.method == "exl2" and getattr(config.grid, "is_target", False):
-        todo = _exl2_blocks_to_measure(model, method)
-        if todo:
-            parts.update(_exl2_measurement(model, config, shapes, hidden, todo))
-    if config.method in ("gptq", "exl2") or getattr(o, "then", None) == "gptq":
+    if method.statistic == "hessian":  # GPTQ's sweep: gptq, exl2, awq --then gptq
         parts["forwards"] = 1.3 * fwd * n_blocks
         group_ins = [shapes[g[0]][1] for g in model.arch.sequential_groups if g[0] in shapes]
         parts["hessians"] = 2 * tokens * sum(i * i for i in group_ins) * n_blocks / 1e9
         parts["solves"] = sum(2 * i * i * out + i**3 for out, i in shapes.values()) \
             * n_blocks / 1e9
-    wants = getattr(get_method(config.method), "wants_attention_values", None)
-    if wants is not None and wants(config):
+    if method.attention_values:
         heads, _ = model.arch.head_counts(model.config)
         # one more attention pass; per head P·X [ctx, ctx]x[ctx, hidden] and ZᵀZ
         parts["attention values"] = (fwd * 0.3 + 2 * tokens * heads * hidden * (ctx + hidden)
                                      / 1e9) * n_blocks
-    if config.method == "awq":
-        search_tokens = min(tokens, o.search_samples * o.calib_len)
-        parts["forwards"] = parts.get("forwards", 0) + 2 * fwd * n_blocks
-        parts["scale search"] = (o.n_grid + 1) * fwd * search_tokens / max(tokens, 1) * n_blocks
-        if o.clip:
-            shrink = max(1, int(o.max_shrink * o.clip_grid))
-            parts["clip search"] = sum(2 * o.clip_tokens * i * out * (shrink + 1)
-                                       for out, i in shapes.values()) * n_blocks / 1e9
+    for part, gflop in method.plan_costs(model, shapes, hidden, tokens, fwd).items():
+        parts[part] = parts.get(part, 0) + gflop  # AWQ's searches, an EXL2 measurement
     if not calibrated:
         parts["rounding"] = 20 * params * n_blocks / 1e9
     block_bytes = params * 4
@@ -136,18 +126,7 @@ def estimate(model: Model, config, gflops: float | None = None, method=None) -> 
                 overhead)
 
 
-def _exl2_blocks_to_measure(model: Model, method) -> int:
-    """Blocks an EXL2 ``--bpw`` run still has to measure: all without a measurement file,
-    none with a complete one, the rest of an interrupted one."""
-    m = getattr(method, "measurement", None)
-    if m is None:
-        return model.num_blocks
-    if m.complete:
-        return 0
-    return model.num_blocks - len({slot.block for slot in m.slots})
-
-
-def _exl2_measurement(model: Model, config, shapes: dict[str, tuple[int, int]], hidden: int,
+def exl2_measurement(model: Model, config, shapes: dict[str, tuple[int, int]], hidden: int,
                       blocks: int) -> dict[str, float]:
     """The measurement pass of ``blocks`` blocks: each branch's forward once per candidate on
     the measurement windows, and GPTQ of every linear onto every rung of the ladder."""

@@ -77,6 +77,13 @@ class Format:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    container: ClassVar[str | None] = None  # a format with its own file (gguf): write_container
+
+    def write_container(self, qmodel, directory: Path,
+                        on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """A ``container`` format: stream every block into its own file in ``directory``;
+        return the manifest's tensor info. The safetensors layouts use ``encode`` instead."""
+        raise NotImplementedError
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
         """Refuse a combination this layout cannot store, before any work starts.

@@ -36,9 +36,9 @@ def _suggest_group(in_features: set[int], wanted: int) -> int:
 
 def _dynamic_groups(config: QuantizeConfig) -> bool:
     """Act-order with groups formed in processing order needs a ``g_idx`` per module."""
-    options = config.options
-    return (config.grid.granularity == "group" and getattr(options, "act_order", False)
-            and not getattr(options, "static_groups", False))
+    sweep = config.options.sweep()
+    return (config.grid.granularity == "group" and sweep is not None and sweep.act_order
+            and not sweep.static_groups)
 
 
 @register_format("compressed-tensors")
@@ -74,7 +74,8 @@ class CompressedTensorsFormat(Format):
             "strategy": STRATEGY[grid.granularity],
             "group_size": grid.group_size if grid.granularity == "group" else None,
             "block_structure": None, "dynamic": False,
-            "actorder": "weight" if getattr(config.options, "act_order", False) else None,
+            "actorder": "weight" if (sweep := config.options.sweep()) and sweep.act_order
+            else None,
             "observer": "minmax",
             "observer_kwargs": {},
         }

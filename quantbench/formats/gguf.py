@@ -61,7 +61,7 @@ def plan_file(qmodel) -> list[PlannedTensor]:
     from quantbench.quant.gguf.plan import gguf_tensors
 
     model = qmodel.source
-    types = getattr(qmodel.method, "types", {})
+    types = qmodel.method.tensor_types()
     plan = []
     for name in gguf_tensors(model):
         shape = tuple(model.weights.shape(name))
@@ -112,8 +112,7 @@ class GGUFFormat(Format):
         plan = plan_file(qmodel)
         writer = gguf.GGUFWriter(None, model.arch.gguf_arch)
         add_metadata(writer, model, qmodel.config.grid.type, plan)
-        method_kvs = getattr(qmodel.method, "gguf_metadata", None)
-        for key, value, vtype in method_kvs() if method_kvs else ():  # quantize.imatrix.*
+        for key, value, vtype in qmodel.method.gguf_metadata():  # quantize.imatrix.*
             writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
         for item in plan:
             writer.add_tensor_info(item.gguf_name, item.byte_shape(), np.dtype(np.uint8),
@@ -131,9 +130,6 @@ class GGUFFormat(Format):
             if on_step:
                 on_step(label)
         writer.close()
-        write_outputs = getattr(qmodel.method, "write_outputs", None)
-        if write_outputs:  # e.g. the imatrix a calibrated run used, for llama-quantize
-            write_outputs(directory)
         return info
 
     @classmethod

@@ -202,14 +202,14 @@ class GPTQFormat(ModuleTensorsFormat):
         """AutoGPTQ/GPTQModel keys (§1.6); sym → v1 ``gptq``, zero-point → ``gptq_v2``."""
         from quantbench import __version__
 
-        grid, options = config.grid, config.options
+        grid, sweep = config.grid, config.options.sweep()
         fmt = V1 if grid.symmetric else V2
         q: dict[str, Any] = {
             "quant_method": "gptq", "bits": grid.bits, "group_size": grid.cli_group_size,
-            "desc_act": bool(getattr(options, "act_order", False)),
-            "static_groups": bool(getattr(options, "static_groups", False)),
+            "desc_act": bool(sweep and sweep.act_order),
+            "static_groups": bool(sweep and sweep.static_groups),
             "sym": grid.symmetric, "true_sequential": True,
-            "damp_percent": float(getattr(options, "damp_percent", 0.01)),
+            "damp_percent": float(sweep.damp_percent if sweep else 0.01),
             "checkpoint_format": fmt, "format": fmt, "pack_dtype": "int32",
             "lm_head": f"{arch.lm_head}.weight" in targets,
             "meta": {"quantizer": [f"quantbench:{__version__}"]},

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
-
 from quantbench.errors import FormatError, QuantbenchError
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
 from quantbench.formats.manifest import build_manifest, write_json_atomic
@@ -168,46 +166,49 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
         qmodel.run(on_step)
         on_step = None
     start = time.perf_counter()
-    tensor_info: dict[str, dict[str, Any]] = {}
     with atomic_output_dir(Path(out), overwrite) as tmp:
-        if hasattr(writer_fmt, "write_container"):  # a format with its own file (GGUF)
+        if writer_fmt.container is not None:  # a format with its own file (GGUF)
             tensor_info = writer_fmt.write_container(qmodel, tmp, on_step)
-            manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
-                                      write_seconds=time.perf_counter() - start,
-                                      command=command)
-            write_json_atomic(tmp / MANIFEST, manifest)
-            log.info("wrote %s (%s)", out, writer_fmt.name)
-            return Path(out)
-        writer = ShardedWriter(tmp, max_shard_bytes)
-        for label, tensors in qmodel.iter_blocks():
-            for name, value in tensors.items():
-                if isinstance(value, QuantizedTensor):
-                    for key, packed in writer_fmt.encode(name, value).items():
-                        writer.add(key, packed)
-                    tensor_info[name] = _qt_info(value)
-                else:
-                    writer.add(name, value)
-                    tensor_info[name] = _plain_info(value)
-            if on_step:
-                on_step(label)
-        writer.close()
-        _write_config(tmp, model, writer_fmt.quantization_config(
-            qmodel.config, qmodel.targets, model.arch))
-        for aux in model.aux_files():
-            shutil.copy2(aux, tmp / aux.name)
-        for fname, text in writer_fmt.extra_files(qmodel.config, qmodel.targets,
-                                                  model.arch).items():
-            (tmp / fname).write_text(text)
-        for fname, tensors in qmodel.method_outputs().items():  # e.g. AWQ's search result
-            save_file(tensors, str(tmp / fname), {"format": "pt"})
-        side_files = getattr(qmodel.method, "write_side_files", None)
-        if side_files:  # a method's own files, e.g. the EXL2 measurement and allocation
-            side_files(tmp)
+        else:
+            tensor_info = _write_shards(qmodel, writer_fmt, tmp, on_step, max_shard_bytes)
+        # the method's own files once every block was pulled (AWQ's search, the imatrix a
+        # calibrated GGUF run used, the EXL2 measurement and allocation)
+        qmodel.method.side_files(tmp)
         manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
                                   write_seconds=time.perf_counter() - start, command=command)
         write_json_atomic(tmp / MANIFEST, manifest)
     log.info("wrote %s (%s)", out, writer_fmt.name)
     return Path(out)
+
+
+def _write_shards(qmodel, writer_fmt: Format, tmp: Path,
+                  on_step: Callable[[str], None] | None, max_shard_bytes: int
+                  ) -> dict[str, dict[str, Any]]:
+    """The safetensors layouts: shards, config.json, the source's auxiliary files and the
+    format's own text files; returns the manifest's tensor info."""
+    model = qmodel.source
+    tensor_info: dict[str, dict[str, Any]] = {}
+    writer = ShardedWriter(tmp, max_shard_bytes)
+    for label, tensors in qmodel.iter_blocks():
+        for name, value in tensors.items():
+            if isinstance(value, QuantizedTensor):
+                for key, packed in writer_fmt.encode(name, value).items():
+                    writer.add(key, packed)
+                tensor_info[name] = _qt_info(value)
+            else:
+                writer.add(name, value)
+                tensor_info[name] = _plain_info(value)
+        if on_step:
+            on_step(label)
+    writer.close()
+    _write_config(tmp, model, writer_fmt.quantization_config(
+        qmodel.config, qmodel.targets, model.arch))
+    for aux in model.aux_files():
+        shutil.copy2(aux, tmp / aux.name)
+    for fname, text in writer_fmt.extra_files(qmodel.config, qmodel.targets,
+                                              model.arch).items():
+        (tmp / fname).write_text(text)
+    return tensor_info
 
 
 def _qt_info(qt: QuantizedTensor) -> dict[str, Any]:

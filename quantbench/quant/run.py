@@ -9,9 +9,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from quantbench.config import GGUFGridConfig, GridConfig, QuantizeConfig, TargetConfig
+from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, QuantizeConfig,
+                               TargetConfig)
 from quantbench.errors import ConfigError
 from quantbench.models.loader import Model
+from quantbench.quant.methods.base import Method
 from quantbench.registry import get_method
 from quantbench.tensor import QuantizedTensor
 
@@ -69,7 +71,7 @@ class QuantizedModel:
     source: Model
     config: QuantizeConfig
     targets: list[str]
-    method: Any
+    method: Method
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"  # where the calibrated maths ran, set when the blocks are pulled
     device_peak_bytes: int | None = None  # a GPU's peak allocated memory during the run
@@ -123,14 +125,12 @@ class QuantizedModel:
         weights = self.source.weights
         others = self.source.other_tensor_names()
         yield "embeddings/head", {n: self._convert(n, weights.get(n)) for n in others}
-        if getattr(self.method, "needs_calibration", False):
+        if self.method.needs_calibration:
             yield from self._calibrated_blocks()
             return
-        transform = getattr(self.method, "transform_block", None)
         for index in range(self.source.num_blocks):
             block = {n: weights.get(n) for n in self.source.block_tensor_names(index)}
-            if transform is not None:  # e.g. re-applying a saved AWQ search
-                block = transform(self.source, index, block)
+            block = self.method.transform_block(self.source, index, block)  # e.g. a saved AWQ search
             yield f"block {index}", {n: self._convert(n, t) for n, t in block.items()}
 
     def _calibrated_blocks(self) -> Iterator[tuple[str, Tensors]]:
@@ -155,12 +155,6 @@ class QuantizedModel:
         if device.type == "cuda":
             self.device_peak_bytes = int(torch.cuda.max_memory_allocated(device))
 
-    def method_outputs(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Data a method produced beside the weights (file name → tensors), available once
-        every block has been pulled; written into the artifact."""
-        outputs = getattr(self.method, "outputs", None)
-        return outputs() if outputs else {}
-
     def num_steps(self) -> int:
         return self.source.num_blocks + 1
 
@@ -177,7 +171,7 @@ def make_config(method: str = "zeropoint", bits: int | None = None,
     ``gguf_type`` (a llama.cpp mixture such as ``Q4_K_M``) the grid is that GGUF type and
     every 2-D tensor, embeddings and lm_head included, is a target."""
     method_cls = get_method(method)
-    opts = method_cls.options_cls(**options)
+    opts = method_cls.build_options(**options)
     targets = targets or TargetConfig()
     if gguf_type is not None:
         return QuantizeConfig(method=method, grid=_gguf_grid(method_cls, gguf_type, bits,
@@ -208,12 +202,10 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
     method = method_cls(config)
     names = select_targets(model, config.targets)
     check_grid(model, names, config.grid)
-    if hasattr(config.options, "device"):  # refuse a device that is not there before work
+    if isinstance(config.options, CalibrationOptions):  # refuse a missing device before work
         from quantbench.devices import resolve_device
         resolve_device(config.options.device)
-    prepare = getattr(method, "prepare", None)
-    if prepare is not None:  # e.g. a GGUF mixture resolved to one type per tensor
-        prepare(model, names)
+    method.prepare(model, names)  # e.g. a GGUF mixture resolved to one type per tensor
     log.info("quantizing %d tensors of %s with %s %s", len(names), model.source,
              config.method, config.grid.describe())
     return QuantizedModel(source=model, config=config, targets=names, method=method)

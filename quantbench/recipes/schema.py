@@ -219,8 +219,8 @@ def _expand(recipe: Recipe, job: Job, index: int) -> list[PlannedJob]:
             _located(where + ".format", lambda: get_format(fmt))
     taken = set()
     for m in job.methods:
-        taken |= {f.name for f in dataclasses.fields(_located(where + ".method",
-                                                              lambda: get_method(m)).options_cls)}
+        taken |= _located(where + ".method", lambda: get_method(m)).option_names(
+            {**job.defaults, **job.options})
     unknown = sorted(set(job.options) - taken)
     if unknown:
         raise RecipeError(f"{where}: unknown key {unknown[0]!r}; no method of this job "
@@ -269,8 +269,9 @@ def _config(job: Job, method: str, gguf_type: str | None, bits: int | None,
     from quantbench.registry import get_method
 
     cls = get_method(method)
-    fields = {f.name for f in dataclasses.fields(cls.options_cls)}
-    options = {k: v for k, v in {**job.defaults, **job.options}.items() if k in fields}
+    given = {**job.defaults, **job.options}
+    fields = cls.option_names(given)  # awq: its own and those of its ``then`` method
+    options = {k: v for k, v in given.items() if k in fields}
     grid = {"bits": bits, "group_size": job.group_size, "symmetric": job.symmetric}
     loose = {k for k in ("group_size", "symmetric")
              if grid[k] is None and job.defaults.get(k) is not None}

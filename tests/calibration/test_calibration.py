@@ -8,6 +8,7 @@ from quantbench.calibration.data import CalibrationSpec, load_calibration_docs, 
 from quantbench.calibration.pipeline import _skeleton, capture_inputs, run_pipeline
 from quantbench.eval.data import load_eval_text
 from quantbench.models.loader import load_model
+from quantbench.quant.methods.base import Method
 
 
 def test_collectors_accumulate_exactly():
@@ -81,8 +82,9 @@ class Keep:
         return self.w.float()
 
 
-class Identity:
-    """A 'method' that keeps weights as they are and records each Hessian it is given."""
+class Identity(Method):
+    """A method that keeps weights as they are and records each Hessian it is given (the
+    contract's defaults for every other hook)."""
 
     statistic = "hessian"
 

@@ -1,5 +1,6 @@
-"""``awq``: activation-aware scaling and clipping on the shared calibration layer, then
-round-to-nearest (default) or GPTQ (``then="gptq"``) on the rescaled block.
+"""``awq``: activation-aware scaling and clipping on the shared calibration layer, a transform
+(``methods/transform.py``) around the method that then picks the codes: round-to-nearest
+(``then="rtn"``, default) or GPTQ with all its options (``then="gptq"``).
 
 Per block and residual branch (``ArchSpec.sublayers``): one float pass captures what every
 linear receives and the branch output; for each ``scale_folding`` pair (llama family:
@@ -13,37 +14,39 @@ On a GGUF type (``--type Q4_K_M``) the search and the clips run on the integer g
 the mixture's main block type (:func:`proxy_grid`: Q4_K → 4-bit, groups of 32, with a minimum),
 the scales fold into the float norms and linears as above, and each tensor is then quantized to
 its own ggml type: the codec's reference search (``then="rtn"``) or GPTQ onto the fitted blocks
-(``then="gptq"``, as ``--method gptq --type``).
+(``then="gptq"``, as ``--method gptq --type``). The search and folding code is in
+``awq_search.py``.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, ClassVar, Mapping
 
 import torch
 from safetensors import safe_open
 
 from quantbench.config import CalibrationOptions, GridConfig, IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
-from quantbench.quant.awq import (apply_clip, fold_scales, output_error, search_clip,
-                                  search_scales)
-from quantbench.quant.gptq import GPTQParams, gptq_quantize
-from quantbench.quant.methods.base import Method
-from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
-from quantbench.quant.methods.rtn import _scale_dtype, rtn_quantize
+from quantbench.quant.methods.awq_search import (CLIP_EXEMPT, apply_saved,  # noqa: F401
+                                                 apply_saved_tensors, awq_block)
+from quantbench.quant.methods.transform import Transform, TransformOptions
 from quantbench.registry import register_method
-from quantbench.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
 SEARCH_FILE = "awq_search.safetensors"
-CLIP_EXEMPT = ("q_proj", "k_proj")  # their errors feed a dot product, AWQ leaves them unclipped
+
+# GPTQ's defaults under AWQ, where they differ from ``--method gptq``'s: the combination
+# measured when AWQ + GPTQ was added (act-order off, static groups, no attention-weighted
+# values), so its outputs keep their bytes; every one can be set (``--then gptq --act-order``).
+GPTQ_UNDER_AWQ = {"damp_percent": 0.01, "block_size": 128, "act_order": False,
+                  "static_groups": True, "scale_search": True, "attention_values": False}
 
 
 @dataclass(frozen=True)
-class AWQOptions(CalibrationOptions):
+class AWQOptions(CalibrationOptions, TransformOptions):
     n_grid: int = 20
     exhaustive: bool = False      # every grid point (AWQ) instead of coarse + refine
     duo_scaling: bool = True
@@ -52,13 +55,11 @@ class AWQOptions(CalibrationOptions):
     max_shrink: float = 0.5
     clip_tokens: int = 512
     search_samples: int = 8       # windows the scale search runs its forwards on (4096 tokens)
-    then: str = "rtn"             # "rtn" or "gptq"
     search_file: str | None = None
-    damp_percent: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = True
     calib_samples: int = 32
+
+    inner_methods: ClassVar[tuple[str, ...]] = ("rtn", "gptq")
+    inner_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {"gptq": GPTQ_UNDER_AWQ}
 
 
 # the integer grid an AWQ search stands in for a GGUF block type with: (bits, group, symmetric)
@@ -78,19 +79,12 @@ def proxy_grid(ggml_type: str) -> IntGridConfig | None:
     return IntGridConfig.from_group_size(bits, group, symmetric)
 
 
-GridFor = Callable[[str], "GridConfig | None"]  # full weight name → the grid searches use
-
-
-def _grid_for(grid: "GridConfig | GridFor") -> GridFor:
-    return grid if callable(grid) else (lambda name: grid)
-
-
 @register_method("awq")
-class AWQ(GGUFPlan, Method):
+class AWQ(Transform):
     description = "AWQ: activation-aware scales folded into norms/linears + clipping, then RTN or GPTQ"
     options_cls = AWQOptions
+    inner_methods = AWQOptions.inner_methods
     symmetric = False
-    device_capable = True  # RTN and GPTQ on integer grids run where the block is
     gguf_capable = True    # searched on proxy_grid, each tensor then on its ggml type
 
     def __init__(self, config: QuantizeConfig):
@@ -104,17 +98,12 @@ class AWQ(GGUFPlan, Method):
         576-wide rows Q4_K_M's Q4_K falls back to Q5_0: its proxy is 5-bit)."""
         if self.config.grid.kind != "gguf":
             return self.config.grid
-        return proxy_grid(self.tensor_type(name)) if name in self.types else None
-
-    @property
-    def has_imatrix(self) -> bool:  # llama.cpp's type rules for Q4_0/Q5_0 (calibrated or not)
-        return self.config.options.then == "gptq"
+        types = self.inner.tensor_types()
+        return proxy_grid(types[name]) if name in types else None
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
         o = config.options
-        if o.then not in ("rtn", "gptq"):
-            raise ConfigError(f"--then must be rtn or gptq, got {o.then!r}")
         if config.grid.kind == "gguf":
             from quantbench.quant.gguf.mixtures import DEFAULT_TYPES
 
@@ -126,62 +115,46 @@ class AWQ(GGUFPlan, Method):
                               "(or -1 for per channel)")
         if o.n_grid < 1 or o.clip_grid < 1 or not 0 <= o.max_shrink < 1:
             raise ConfigError("awq needs --awq-grid >= 1 and a max shrink in [0, 1)")
-        if o.act_order and o.then != "gptq":
-            raise ConfigError("act-order only applies with --then gptq")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.saved is None or self.config.options.then == "gptq"
+        return self.saved is None or self.inner.needs_calibration
 
-    @property
-    def statistic(self) -> str | None:
-        return "hessian" if self.config.options.then == "gptq" else None
-
-    # -- the pipeline calls these --------------------------------------------------------------
-    def prepare_block(self, ctx) -> None:
+    # -- the transform: search and fold (calibrated), or re-apply a saved search -------------
+    def apply_block(self, ctx) -> None:
         if self.saved is not None:
-            _apply_saved(ctx.layer, ctx.model.arch, ctx.index, self.saved, self.search_grid)
+            apply_saved(ctx.layer, ctx.model.arch, ctx.index, self.saved, self.search_grid)
         else:
             self.search.update(awq_block(ctx, self.config, self.search_grid))
 
-    def quantize_with_stats(self, name: str, weight: torch.Tensor,
-                            hessian: torch.Tensor | None) -> QuantizedTensor:
-        o = self.config.options
-        params = GPTQParams(o.damp_percent, o.block_size, o.act_order, o.static_groups)
-        if self.config.grid.kind == "gguf":
-            if hessian is None:
-                return self.quantize_gguf(name, weight)
-            from quantbench.quant.gguf.gptq_grid import gptq_gguf
-
-            ggml_type = self.tensor_type(name)
-            data, _ = gptq_gguf(weight.cpu(), hessian.cpu(), ggml_type, params)
-            return gguf_tensor(data, ggml_type, weight.dtype)
-        scale_dtype = _scale_dtype(weight.dtype)
-        if hessian is None:
-            return rtn_quantize(weight, self.config.grid, scale_dtype)
-        qt, _ = gptq_quantize(weight, hessian, self.config.grid, params, scale_dtype)
-        return qt
-
-    # -- data-free re-application of a saved search (then=rtn) --------------------------------
-    def transform_block(self, model, index: int, tensors: dict[str, torch.Tensor]
-                        ) -> dict[str, torch.Tensor]:
+    def apply_tensors(self, model, index: int, tensors: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
         return apply_saved_tensors(model.arch, index, tensors, self.saved, self.search_grid)
 
-    def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
-        return self.quantize_with_stats(name, weight, None)
-
-    def outputs(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {SEARCH_FILE: dict(self.search)} if self.search else {}
-
-    def write_outputs(self, directory: Path) -> list[str]:
-        """GGUF outputs: the search result beside ``model.gguf`` (``--search-file`` re-applies
-        it to this or another GGUF type without calibration)."""
+    def own_side_files(self, directory: Path) -> list[str]:
+        """The search result beside the weights (``--search-file`` re-applies it to this or
+        another grid or GGUF type without calibration)."""
         from safetensors.torch import save_file
 
-        if not self.search:  # (the GGUF writer runs inside the output's temporary folder)
+        if not self.search:
             return []
         save_file(dict(self.search), str(Path(directory) / SEARCH_FILE), {"format": "pt"})
         return [SEARCH_FILE]
+
+    def own_plan_costs(self, model, shapes: dict[str, tuple[int, int]], hidden: int,
+                       tokens: int, fwd: float) -> dict[str, float]:
+        """Two more block forwards (capture, branch outputs), the scale search's candidate
+        forwards on the search windows, the clip search's candidate matmuls."""
+        o, n_blocks = self.config.options, model.num_blocks
+        search_tokens = min(tokens, o.search_samples * o.calib_len)
+        parts = {"forwards": 2 * fwd * n_blocks,
+                 "scale search": (o.n_grid + 1) * fwd * search_tokens / max(tokens, 1)
+                 * n_blocks}
+        if o.clip:
+            shrink = max(1, int(o.max_shrink * o.clip_grid))
+            parts["clip search"] = sum(2 * o.clip_tokens * i * out * (shrink + 1)
+                                       for out, i in shapes.values()) * n_blocks / 1e9
+        return parts
 
 
 def _load_search(path: str | None) -> dict[str, torch.Tensor] | None:
@@ -193,270 +166,3 @@ def _load_search(path: str | None) -> dict[str, torch.Tensor] | None:
     except (OSError, Exception) as exc:  # safetensors raises its own error type
         raise ConfigError(f"cannot read AWQ search file {path} ({exc}); pass the "
                           f"{SEARCH_FILE} an earlier awq run wrote") from exc
-
-
-def _subset(items: list, windows: list[torch.Tensor], n: int) -> list:
-    """The first micro-batches covering ``n`` windows."""
-    out, seen = [], 0
-    for item, w in zip(items, windows):
-        if seen >= n:
-            break
-        out.append(item)
-        seen += w.shape[0]
-    return out
-
-
-class _Stop(Exception):
-    """Raised by a pre-hook to end a mixer forward once everything needed was captured."""
-
-
-class _Input:
-    """What the search needs of one linear input over all calibration micro-batches, gathered
-    batch by batch (nothing of full size is kept): the mean ``|x|`` per channel (``mean``),
-    the micro-batches the scale search runs on (``search``) and the evenly strided token
-    sample the clip search runs on (``sample``, tokens ``0, step, 2·step, …``)."""
-
-    def __init__(self, total: int, n_search: int, clip_tokens: int, want_mean: bool):
-        self.total, self.n_search, self.want_mean = total, n_search, want_mean
-        self.clip_tokens = clip_tokens
-        self.step = max(1, total // clip_tokens)
-        self.seen = 0
-        self.abs_sum: torch.Tensor | None = None
-        self.search: list[torch.Tensor] = []
-        self.parts: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1])
-        if self.want_mean:
-            part = flat.abs().sum(dim=0)
-            self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
-        if len(self.search) < self.n_search:
-            self.search.append(x)
-        first = (-self.seen) % self.step
-        self.parts.append(flat[first::self.step].clone())  # a view would keep the batch
-        self.seen += flat.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.abs_sum / self.seen
-
-    @property
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.parts)[: self.clip_tokens]
-
-
-def _capture(mixer, modules: dict, normed: list[torch.Tensor], kwargs: list[dict],
-             inputs: dict[str, _Input], outs: list[torch.Tensor], n_out: int,
-             stop_at: str | None) -> None:
-    """Run ``mixer`` over every micro-batch, feeding what each of ``modules`` receives to its
-    ``_Input``; keep the first ``n_out`` outputs. From micro-batch ``n_out`` on, the forward
-    ends at ``stop_at`` (the branch's output linear, its last step) once every input of the
-    batch was seen: its output is not needed there."""
-    batch = [0]
-    seen: set[str] = set()
-
-    def hook(name):
-        def pre(mod, args):
-            inputs[name].add(args[0])
-            seen.add(name)
-            if name == stop_at and batch[0] >= n_out and seen >= set(modules):
-                raise _Stop
-        return pre
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    try:
-        for i, (x, kw) in enumerate(zip(normed, kwargs)):
-            batch[0] = i
-            seen.clear()
-            try:
-                out = mixer(x, **kw)
-            except _Stop:
-                continue
-            if i < n_out:
-                outs.append(out[0] if isinstance(out, tuple) else out)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.inference_mode()
-def _awq_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, torch.Tensor]:
-    o, arch, layer = config.options, ctx.model.arch, ctx.layer
-    prefix = f"{arch.block_prefix}.{ctx.index}."
-    result: dict[str, torch.Tensor] = {}
-    x = ctx.hidden
-    n_search = len(_subset(x, x, o.search_samples))
-    total = sum(h.shape[:-1].numel() for h in x)
-    firsts = {linears[0] for _, linears in arch.scale_folding}  # inputs whose mean |x| is used
-    subs = arch.sublayers
-    for k, sub in enumerate(subs):
-        last = k == len(subs) - 1
-        norm, mixer = layer.get_submodule(sub.norm), layer.get_submodule(sub.mixer)
-        kwargs = ctx.sublayer_kwargs(sub)
-        groups = ctx.groups_of(sub)
-        normed = [norm(h) for h in x]
-        # one _Input per distinct input: the branch input norm(x) (read by every group of
-        # sub.inputs) and each inner group's (captured in the mixer)
-        reads = [g for g in groups if g[0] in sub.inputs]
-        inputs: dict[str, _Input] = {}
-        if reads:
-            branch_in = _Input(total, n_search, o.clip_tokens,
-                               any(lin in firsts for g in reads for lin in g))
-            for h in normed:
-                branch_in.add(h)
-            inputs.update({lin: branch_in for g in reads for lin in g})
-        for group in groups:
-            if group[0] not in sub.inputs:
-                shared = _Input(total, n_search, o.clip_tokens, any(g in firsts for g in group))
-                inputs.update({lin: shared for lin in group})
-        inner = {g[0]: layer.get_submodule(g[0]) for g in groups if g[0] not in sub.inputs}
-        outs: list[torch.Tensor] = []
-        # the branch output of every batch feeds the next branch; after the last branch only
-        # the scale search's reference batches are needed
-        n_out = n_search if last else len(normed)
-        _capture(mixer, inner, normed, kwargs, inputs, outs, n_out,
-                 sub.output if sub.output in inner else None)
-        scaled: dict[str, torch.Tensor] = {}  # folded scales by the linear that consumes them
-        for prev, linears in arch.scale_folding:
-            if not linears[0].startswith(sub.mixer + "."):
-                continue
-            if not any(ctx.weight_name(lin) in ctx.targets for lin in linears):
-                continue
-            prev_mod = layer.get_submodule(prev)
-            mods = [layer.get_submodule(lin) for lin in linears]
-            if prev_mod.weight.shape[0] != mods[0].in_features:
-                log.debug("block %d: %s → %s shapes differ, no scales", ctx.index, prev, linears)
-                continue
-            feed = inputs[linears[0]]
-            if set(linears) <= set(sub.inputs):   # inspect the whole branch
-                reference = _joined(outs[:n_search])
-                inspect = _branch_inspector(mixer, mods, normed[:n_search], kwargs[:n_search])
-            else:                                 # inspect the single consuming linear
-                x_sub = _joined(feed.search)
-                reference = mods[0](x_sub)
-                inspect = _linear_inspector(mods[0], x_sub)
-            grids = [g for g in (grid_for(ctx.weight_name(lin)) for lin in linears) if g]
-            if not grids:  # e.g. GGUF tensors kept in float
-                continue
-            grid = min(grids, key=lambda g: g.bits)  # the coarsest grid the scales must serve
-            found = search_scales(feed.mean, [m.weight.data for m in mods], grid,
-                                  n_grid=o.n_grid, duo=o.duo_scaling, exhaustive=o.exhaustive,
-                                  error=output_error(inspect, reference))
-            fold_scales(prev_mod, mods, found.scales)
-            result[f"{prefix}{prev}.awq_scales"] = found.scales
-            for lin in linears:
-                scaled[lin] = found.scales
-        if o.clip:
-            samples: dict[tuple[int, int], torch.Tensor] = {}
-            for group in groups:
-                for lin in group:
-                    if lin.endswith(CLIP_EXEMPT) or ctx.weight_name(lin) not in ctx.targets:
-                        continue
-                    module = layer.get_submodule(lin)
-                    key = id(inputs[lin]), id(scaled.get(lin))
-                    if key not in samples:
-                        sample = inputs[lin].sample
-                        samples[key] = sample / scaled[lin] if lin in scaled else sample
-                    grid = grid_for(ctx.weight_name(lin))
-                    if grid is None:
-                        continue
-                    max_val = search_clip(module.weight.data, samples[key], grid, o.clip_grid,
-                                          o.max_shrink)
-                    module.weight.data.copy_(apply_clip(module.weight.data, max_val, grid))
-                    result[f"{prefix}{lin}.awq_clip"] = max_val
-        if not last:
-            x = [h + out for h, out in zip(x, outs)]   # the float branch output (scales keep it)
-    return result
-
-
-def awq_block(ctx, config: QuantizeConfig, grid: "GridConfig | GridFor | None" = None
-              ) -> dict[str, torch.Tensor]:
-    """Search and apply AWQ scales and clips to one float block in place; return the search
-    result as named tensors (``<prev>.awq_scales``, ``<linear>.awq_clip``) on the CPU.
-
-    Runs where the block and its inputs are (CPU or GPU). Per branch one pass over the
-    calibration batches gathers the channel means, the search batches and the clip samples of
-    every linear input (the last branch stops each batch past the search ones at its output
-    linear); the scale search then runs its candidates on the search batches, a candidate of
-    a single consuming linear on its captured input."""
-    if not ctx.model.arch.sublayers:
-        raise ConfigError(f"awq needs the block structure (sublayers) of {ctx.model.arch.family}; "
-                          "use --method gptq")
-    found = _awq_block(ctx, config, _grid_for(config.grid if grid is None else grid))
-    return {k: v.to("cpu", torch.float32, copy=True) for k, v in found.items()}
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _branch_inspector(mixer, mods, normed, kwargs):
-    """The branch output over the search batches with trial weights swapped into ``mods``
-    (their ``.data`` exchanged, nothing copied)."""
-    def inspect(trial: list[torch.Tensor]) -> torch.Tensor:
-        saved = [m.weight.data for m in mods]
-        try:
-            for m, w in zip(mods, trial):
-                m.weight.data = w
-            outs = [mixer(n, **kw) for n, kw in zip(normed, kwargs)]
-            return _joined([out[0] if isinstance(out, tuple) else out for out in outs])
-        finally:
-            for m, w in zip(mods, saved):
-                m.weight.data = w
-    return inspect
-
-
-def _linear_inspector(module, x):
-    def inspect(trial: list[torch.Tensor]) -> torch.Tensor:
-        out = x @ trial[0].t()
-        return out + module.bias if getattr(module, "bias", None) is not None else out
-    return inspect
-
-
-def _apply_saved(layer, arch, index: int, saved: dict[str, torch.Tensor], grid) -> None:
-    prefix = f"{arch.block_prefix}.{index}."
-    state = {prefix + k: v for k, v in layer.state_dict().items()}
-    new = apply_saved_tensors(arch, index, state, saved, grid)
-    with torch.inference_mode():
-        for name, tensor in new.items():
-            target = layer.get_parameter(name[len(prefix):])
-            target.data.copy_(tensor.to(target.dtype))
-
-
-def apply_saved_tensors(arch, index: int, tensors: dict[str, torch.Tensor],
-                        saved: dict[str, torch.Tensor] | None, grid: "GridConfig | GridFor"
-                        ) -> dict[str, torch.Tensor]:
-    """Re-apply a saved AWQ search (scales, then clips) to one block's named tensors; ``grid``
-    (or ``grid(weight name)``) is the grid the clips were searched on."""
-    grid_for = _grid_for(grid)
-    if saved is None:
-        return tensors
-    prefix = f"{arch.block_prefix}.{index}."
-    work: dict[str, torch.Tensor] = {}
-
-    def get(key: str) -> torch.Tensor:
-        if key not in work:
-            work[key] = tensors[key].float()
-        return work[key]
-
-    for prev, linears in arch.scale_folding:
-        s = saved.get(f"{prefix}{prev}.awq_scales")
-        if s is None:
-            continue
-        key = f"{prefix}{prev}.weight"
-        w = get(key)
-        s = s.to(w.device)  # a saved search is on the CPU, the block may be on a GPU
-        work[key] = w / s if w.dim() == 1 else w / s.view(-1, 1)
-        bias = f"{prefix}{prev}.bias"
-        if bias in tensors:
-            work[bias] = get(bias) / s
-        for lin in linears:
-            k = f"{prefix}{lin}.weight"
-            work[k] = get(k) * s.view(1, -1)
-    for lin in arch.linears:
-        clip = saved.get(f"{prefix}{lin}.awq_clip")
-        if clip is not None:
-            k = f"{prefix}{lin}.weight"
-            if grid_for(k) is not None:
-                work[k] = apply_clip(get(k), clip, grid_for(k))
-    return {**tensors, **{k: v.to(tensors[k].dtype) for k, v in work.items()}}

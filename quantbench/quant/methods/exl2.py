@@ -145,6 +145,19 @@ class EXL2(Method):
                                         sort_keys=True).encode()).hexdigest()[:20]
         return cache_root() / "exl2" / f"measurement-{key}.json"
 
+    def plan_costs(self, model, shapes: dict[str, tuple[int, int]], hidden: int, tokens: int,
+                   fwd: float) -> dict[str, float]:
+        """A ``bpw`` run: the measurement of the blocks its file still lacks (all without a
+        file, none with a complete one)."""
+        from quantbench.calibration.plan import exl2_measurement
+
+        if not self.config.grid.is_target:
+            return {}
+        m = self.measurement
+        todo = model.num_blocks if m is None else 0 if m.complete else \
+            model.num_blocks - len({slot.block for slot in m.slots})
+        return exl2_measurement(model, self.config, shapes, hidden, todo) if todo else {}
+
     # -- at block 0 of the pipeline: measure (or resume), then allocate -------------------
 
     def prepare_block(self, ctx) -> None:
@@ -191,7 +204,7 @@ class EXL2(Method):
         qt.meta.update({"gptq_damp": stats.damp, "gptq_proxy_error": stats.proxy_error})
         return qt
 
-    def write_side_files(self, directory: Path) -> list[str]:
+    def side_files(self, directory: Path) -> list[str]:
         """A bpw run: the measurement it used and the allocation (target, achieved bpw,
         predicted error, every tensor's mix), beside the weights."""
         from quantbench.formats.manifest import write_json_atomic

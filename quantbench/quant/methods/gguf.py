@@ -49,6 +49,9 @@ class GGUFPlan:
             self.types = plan_tensor_types(self.config.grid.type, model, targets,
                                            has_imatrix=self.has_imatrix)
 
+    def tensor_types(self) -> dict[str, str]:
+        return self.types
+
     def tensor_type(self, name: str) -> str:
         if name not in self.types:
             raise ConfigError(f"{name} has no GGUF type in this run's plan")
@@ -85,6 +88,7 @@ class RTN(_GGUFMethod):
     description = ("round-to-nearest with the grid's own fit: llama.cpp's reference quantizers "
                    "on GGUF types, min/max scales on integer grids")
     options_cls = MethodOptions
+    device_capable = True  # as a transform's inner method: rounds where the block is
 
     @classmethod
     def make_grid(cls, bits: int, group_size: int, symmetric: bool | None,
@@ -203,7 +207,7 @@ class Imatrix(_GGUFMethod):
             kvs.append(("quantize.imatrix.chunks_count", chunks, "UINT32"))
         return kvs
 
-    def write_outputs(self, directory: Path) -> list[str]:
+    def side_files(self, directory: Path) -> list[str]:
         """Calibrated: the importance this run used, as llama.cpp's imatrix GGUF."""
         from quantbench.calibration.imatrix_file import write_imatrix
 

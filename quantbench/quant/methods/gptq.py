@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from quantbench.calibration.attention import HeadHessians
-from quantbench.config import CalibrationOptions, QuantizeConfig
+from quantbench.config import CalibrationOptions, QuantizeConfig, SweepSettings
 from quantbench.errors import ConfigError
 from quantbench.quant.gguf.gptq_grid import gptq_gguf, gptq_gguf_rows
 from quantbench.quant.gptq import (GPTQParams, GPTQStats, act_order, gptq_quantize,
                                    gptq_quantize_many, stack_rows)
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan, gguf_tensor
-from quantbench.quant.methods.rtn import _scale_dtype
+from quantbench.quant.methods.rtn import _scale_dtype, rtn_quantize
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
@@ -32,6 +32,9 @@ class GPTQOptions(CalibrationOptions):
     # v_proj per kv head on attention-weighted Hessians; None: on GGUF types, off on integer
     # grids (measured there, not yet made the default)
     attention_values: bool | None = None
+
+    def sweep(self) -> SweepSettings:
+        return SweepSettings(self.act_order, self.static_groups, self.damp_percent)
 
 
 @register_method("gptq")
@@ -75,10 +78,10 @@ class GPTQ(GGUFPlan, Method):
                               "per row; use a channel or group grid, or drop the flag")
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
-        """Embeddings / lm_head of a GGUF run (quantized before the blocks, no Hessian): the
-        type's own RTN codec."""
+        """Embeddings / lm_head (quantized before the blocks, no Hessian): the GGUF type's own
+        RTN codec, or round-to-nearest with min/max scales on an integer grid."""
         if self.config.grid.kind != "gguf":
-            raise NotImplementedError("gptq quantizes block linears only, from their Hessian")
+            return rtn_quantize(weight, self.config.grid, _scale_dtype(weight.dtype))
         return self.quantize_gguf(name, weight)
 
     def _params(self) -> GPTQParams:
