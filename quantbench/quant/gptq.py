@@ -15,10 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from quantbench.config import IntGridConfig
+from typing import TYPE_CHECKING
+
 from quantbench.quant.grid import fit_scales, search_scales
 from quantbench.tensor import QuantizedTensor
 from quantbench.threads import run_chunks, single_threaded
+
+if TYPE_CHECKING:
+    from quantbench.quant.grids.int import IntGridConfig
 
 log = logging.getLogger(__name__)
 
