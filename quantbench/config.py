@@ -19,6 +19,12 @@ from quantbench.quant.grids import (BNB_BLOCK_SIZES, CODEBOOKS, CONFIG_VERSION, 
                                     IntGridConfig, grid_from_dict)
 from quantbench.quant.grids import check_version as _check_version
 
+__all__ = ["BNB_BLOCK_SIZES", "CODEBOOKS", "CONFIG_VERSION", "EXL2_WIDTHS", "GGUF_MIXTURES",
+           "GGUF_TENSOR_TYPES", "GRANULARITIES", "GRIDS", "CalibrationOptions",
+           "CodebookGridConfig", "EXL2GridConfig", "GGUFGridConfig", "Grid", "GridConfig",
+           "Int8RowGridConfig", "IntGridConfig", "MethodOptions", "QuantizeConfig",
+           "TargetConfig", "grid_from_dict"]
+
 
 @dataclass(frozen=True)
 class TargetConfig:
