@@ -12,10 +12,9 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from quantbench.quant.grid import fit_scales, search_scales
 from quantbench.tensor import QuantizedTensor

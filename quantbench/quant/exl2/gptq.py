@@ -11,10 +11,9 @@ on the same input (:func:`prepare_hessian`), as the measurement does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from quantbench.quant.exl2.grid import RINT_MAGIC, fit_group, group_layout, scales_from_codes
 from quantbench.quant.gptq import (GPTQStats, Upcoming, column_sweep,

@@ -10,7 +10,6 @@ kernels form (``dq_scale``, ``dq``), so what we evaluate is what the runtime com
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 import torch
