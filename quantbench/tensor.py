@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from quantbench.config import GridConfig
-from quantbench.quant import bnb
-from quantbench.quant.exl2.grid import dequantize_exl2, total_bits
-from quantbench.quant.grid import dequantize_codes, group_index
-from quantbench.quant.gguf.codec import get_codec
+if TYPE_CHECKING:
+    from quantbench.quant.grids.base import Grid
 
 
 @dataclass
@@ -28,22 +26,22 @@ class QuantizedTensor:
     ``dtype``: the dtype of the original weight (what dense outputs are written in).
     ``aux``: further stored tensors a grid needs (double quantization's nested statistics).
 
-    On a codebook grid (NF4/FP4) ``codes`` are table indices and ``scales`` the per-block absmax
-    ``[1, n_blocks]`` (float32, or uint8 codes of it under double quantization with
-    ``aux["nested_absmax"]`` and ``aux["nested_offset"]``). On the LLM.int8 grid ``codes`` are
-    ``CB + 128`` and ``scales`` the ``[out, 1]`` float32 row absmax ``SCB``. On a GGUF grid
-    (one ggml tensor type) ``codes`` are the ggml block bytes ``[out, in / block · type_size]``
-    row by row, in the HF row order, and ``scales`` is empty: the blocks carry their own.
-    On an EXL2 mix ``codes`` are symmetric codes in original column order, ``scales`` the
-    uint8 scale codes ``qscale`` (1..16) ``[out, n_groups]``, ``aux["q_scale_max"]`` the fp16
-    ``[n_groups]`` maxima and ``perm`` the act-order (processing row ``r`` is column
-    ``perm[r]``); groups run over the processing rows as the mix lays them out.
+    The grid says what the parts mean (each grid's docstring: codebook indices and block
+    absmax, LLM.int8 ``CB + 128`` and ``SCB``, GGUF block bytes, EXL2 scale codes) and does
+    the work: validation, logical shape, ``dequantize``, storage bits and what ``equal``
+    compares beyond the parts (``quant/grids/``).
+
+    A *stack* (MoE experts) has one more leading dimension on every stored part: codes
+    ``[experts, out, in]``, scales ``[experts, ...]`` and so on (``g_idx``/``perm`` and aux
+    tensors too). :meth:`stack` builds one from 2-D tensors on one grid, ``qt[i]`` gives
+    slice ``i`` back; shape, numel, dequantize, storage bits and equality treat the leading
+    dimension as a stack of independent 2-D tensors.
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
-    grid: GridConfig
+    grid: "Grid"
     dtype: torch.dtype = torch.float16
     g_idx: torch.Tensor | None = None
     perm: torch.Tensor | None = None
@@ -51,40 +49,86 @@ class QuantizedTensor:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.codes.dim() == 3:
+            self._check_stack()
+            return
         if self.codes.dim() != 2:
-            raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(self.codes.shape)}")
-        if self.grid.kind == "gguf":
-            codec = get_codec(self.grid.type)
-            if self.codes.dtype != torch.uint8 or self.codes.shape[1] % codec.type_size:
-                raise ValueError(f"a {codec.name} row is whole {codec.type_size}-byte blocks "
-                                 f"of uint8, got {self.codes.dtype} {tuple(self.codes.shape)}")
-            return
-        if self.grid.kind == "exl2":
-            self._check_exl2()
-            return
-        if self.grid.kind == "codebook":
-            n = self.grid.n_blocks(self.codes.numel())
-            if tuple(self.scales.shape) != (1, n):
-                raise ValueError(f"a {self.grid.describe()} weight of {self.codes.numel()} values "
-                                 f"needs absmax of shape (1, {n}), got {tuple(self.scales.shape)}")
-            return
-        rows, n_groups = self.scales.shape
-        if rows not in (1, self.codes.shape[0]):
-            raise ValueError("scales rows must be 1 or out_features")
-        if n_groups != self.grid.n_groups(self.codes.shape[1]) and self.g_idx is None:
-            raise ValueError(
-                f"scales have {n_groups} groups, grid {self.grid.describe()} needs "
-                f"{self.grid.n_groups(self.codes.shape[1])}"
-            )
+            raise ValueError(f"codes must be 2-D [out, in] (or 3-D [experts, out, in]), got "
+                             f"shape {tuple(self.codes.shape)}")
+        self.grid.validate(self)
 
-    def _check_exl2(self) -> None:
-        out_f, in_f = self.codes.shape
-        n = self.grid.n_groups(in_f)
-        qmax = self.aux.get("q_scale_max")
-        if tuple(self.scales.shape) != (out_f, n) or qmax is None or qmax.numel() != n \
-                or self.perm is None or self.perm.numel() != in_f:
-            raise ValueError(f"an {self.grid.describe()} weight {out_f}x{in_f} needs scale codes "
-                             f"({out_f}, {n}), q_scale_max ({n},) and a permutation ({in_f},)")
+    # -- stacks (a leading experts dimension) ----------------------------------------------------
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this is a stack of 2-D tensors (codes ``[experts, out, in]``)."""
+        return self.codes.dim() == 3
+
+    def __len__(self) -> int:
+        if not self.stacked:
+            raise TypeError("a 2-D QuantizedTensor is not a stack; len() needs [experts, ...]")
+        return int(self.codes.shape[0])
+
+    def __getitem__(self, index: int) -> "QuantizedTensor":
+        """Slice ``index`` of a stack as a 2-D tensor (views of the stored parts)."""
+        if not self.stacked:
+            raise TypeError("only a stacked QuantizedTensor can be indexed")
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"expert {index} of a stack of {n}")
+
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        metas = self.meta.get("stack")
+        return QuantizedTensor(
+            codes=self.codes[index], scales=self.scales[index], zeros=part(self.zeros),
+            grid=self.grid, dtype=self.dtype, g_idx=part(self.g_idx), perm=part(self.perm),
+            meta=dict(metas[index]) if metas else {},
+            aux={k: v[index] for k, v in self.aux.items()})
+
+    def slices(self) -> list["QuantizedTensor"]:
+        """The 2-D tensors of a stack; ``[self]`` for a 2-D tensor."""
+        return [self[i] for i in range(len(self))] if self.stacked else [self]
+
+    @classmethod
+    def stack(cls, parts: Sequence["QuantizedTensor"]) -> "QuantizedTensor":
+        """2-D tensors of one shape on one grid (one per expert) as one stack; each part's
+        ``meta`` is kept in ``meta["stack"]``."""
+        if not parts:
+            raise ValueError("cannot stack no tensors")
+        first = parts[0]
+        for p in parts:
+            if p.stacked or p.grid != first.grid or p.dtype != first.dtype \
+                    or p.shape != first.shape or p.aux.keys() != first.aux.keys():
+                raise ValueError("a stack needs 2-D tensors of one shape, grid, dtype and aux")
+
+        def joined(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError(f"a stack needs {name} on every part or on none")
+            return torch.stack(values)
+
+        return cls(codes=torch.stack([p.codes for p in parts]),
+                   scales=torch.stack([p.scales for p in parts]), zeros=joined("zeros"),
+                   grid=first.grid, dtype=first.dtype, g_idx=joined("g_idx"),
+                   perm=joined("perm"), meta={"stack": [dict(p.meta) for p in parts]},
+                   aux={k: torch.stack([p.aux[k] for p in parts]) for k in first.aux})
+
+    def _check_stack(self) -> None:
+        n = int(self.codes.shape[0])
+        parts = {"scales": self.scales, "zeros": self.zeros, "g_idx": self.g_idx,
+                 "perm": self.perm, **{f"aux[{k!r}]": v for k, v in self.aux.items()}}
+        for name, t in parts.items():
+            if t is not None and (t.dim() == 0 or t.shape[0] != n):
+                raise ValueError(f"a stack of {n} needs {name} with a leading dimension of {n}, "
+                                 f"got {tuple(t.shape)}")
+        for i in range(n):
+            self[i]  # validates slice i on the grid
+
+    # -- the tensor ------------------------------------------------------------------------------
 
     def to(self, device: "torch.device | str") -> "QuantizedTensor":
         """The same tensor with every stored part on ``device`` (self when already there)."""
@@ -101,45 +145,32 @@ class QuantizedTensor:
             aux={k: v.to(device) for k, v in self.aux.items()})
 
     @property
-    def shape(self) -> tuple[int, int]:
-        if self.grid.kind == "gguf":
-            codec = get_codec(self.grid.type)
-            return (self.codes.shape[0],
-                    self.codes.shape[1] // codec.type_size * codec.block_size)
-        return tuple(self.codes.shape)  # type: ignore[return-value]
+    def shape(self) -> tuple[int, ...]:
+        """The logical weight shape ``(out, in)``, or ``(experts, out, in)`` for a stack."""
+        if self.stacked:
+            return (len(self), *self.grid.shape(self[0]))
+        return self.grid.shape(self)
 
     @property
     def numel(self) -> int:
-        rows, cols = self.shape
-        return rows * cols
+        return math.prod(self.shape)
 
     def group_index(self) -> torch.Tensor:
         if self.g_idx is not None:
             return self.g_idx
-        return group_index(self.codes.shape[1], self.grid, self.codes.device)
+        return self.grid.group_index(self.codes.shape[-1], self.codes.device)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Float weight; float32 unless a dtype is given (formats write ``self.dtype``)."""
-        if self.grid.kind == "gguf":
-            w = get_codec(self.grid.type).dequantize_rows(self.codes, self.shape[1])
-        elif self.grid.kind == "codebook":
-            w = bnb.dequantize_4bit(self.codes, self.block_absmax(), self.grid)
-        elif self.grid.kind == "int8_row":
-            w = bnb.int8_dequantize(self.int8_codes(), self.scales.reshape(-1))
-        elif self.grid.kind == "exl2":
-            w = dequantize_exl2(self.codes, self.scales, self.aux["q_scale_max"], self.perm,
-                                self.grid)
+        if self.stacked:
+            w = torch.stack([s.dequantize() for s in self.slices()])
         else:
-            w = dequantize_codes(self.codes, self.scales, self.zeros, self.grid,
-                                 self.group_index())
+            w = self.grid.dequantize(self)
         return w if dtype is None else w.to(dtype)
 
     def block_absmax(self) -> torch.Tensor:
         """Codebook grids: the float32 absmax of every block (nested statistics undone)."""
-        if self.scales.dtype == torch.uint8:
-            return bnb.dequantize_absmax(self.scales, self.aux["nested_absmax"],
-                                         self.aux["nested_offset"])
-        return self.scales.reshape(-1).float()
+        return self.grid.block_absmax(self)  # type: ignore[attr-defined]
 
     def int8_codes(self) -> torch.Tensor:
         """LLM.int8 grid: the signed int8 ``CB`` bitsandbytes stores."""
@@ -147,20 +178,7 @@ class QuantizedTensor:
 
     def storage_bits(self) -> int:
         """Bits a packed checkpoint spends on this tensor: codes, scales, zeros, g_idx."""
-        if self.grid.kind == "gguf":
-            return self.codes.numel() * 8
-        if self.grid.kind == "exl2":  # exllamav2's own count (FORMATS.md §4.6)
-            return total_bits(self.grid, self.shape[1], self.shape[0])
-        bits = self.numel * self.grid.bits
-        bits += self.scales.numel() * self.scales.element_size() * 8
-        bits += sum(t.numel() * t.element_size() * 8 for t in self.aux.values())
-        if self.grid.kind == "codebook":  # the tables bitsandbytes stores beside every weight
-            bits += 16 * 32 + (256 * 32 if self.aux else 0)
-        if self.zeros is not None:
-            bits += self.zeros.numel() * self.grid.bits
-        if self.g_idx is not None and self.perm is not None:
-            bits += self.g_idx.numel() * 32
-        return bits
+        return sum(self.grid.storage_bits(s) for s in self.slices())
 
     def bits_per_weight(self) -> float:
         return self.storage_bits() / self.numel
@@ -172,6 +190,11 @@ class QuantizedTensor:
                 return a is None and b is None
             return a.dtype == b.dtype and torch.equal(a, b)
 
+        if self.stacked != other.stacked or self.codes.shape != other.codes.shape:
+            return False
+        if self.stacked:
+            return self.grid == other.grid and \
+                all(a.equal(b) for a, b in zip(self.slices(), other.slices()))
         return (
             self.grid == other.grid
             and same(self.codes, other.codes)
@@ -179,7 +202,5 @@ class QuantizedTensor:
             and same(self.zeros, other.zeros)
             and self.aux.keys() == other.aux.keys()
             and all(same(v, other.aux[k]) for k, v in self.aux.items())
-            and (self.grid.kind != "int"
-                 or torch.equal(self.group_index(), other.group_index()))
-            and (self.grid.kind != "exl2" or same(self.perm, other.perm))
+            and self.grid.same_layout(self, other)
         )

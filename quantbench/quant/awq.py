@@ -14,12 +14,14 @@ full-size passes as the maths allows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from quantbench.config import IntGridConfig
 from quantbench.quant.grid import _smallest_positive, fake_quantize, group_index, pad_groups
+
+if TYPE_CHECKING:
+    from quantbench.quant.grids.int import IntGridConfig
 
 ErrorFn = Callable[[list[torch.Tensor]], torch.Tensor]
 

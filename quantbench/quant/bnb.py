@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from quantbench.config import CodebookGridConfig
+if TYPE_CHECKING:
+    from quantbench.quant.grids.codebook import CodebookGridConfig
+
+NESTED_BLOCK_SIZE = 256   # double quantization: absmax values per nested block
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1], sorted (index = bucket).
 NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -74,7 +79,7 @@ def _block_absmax_scaled(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, 
     return absmax, scaled
 
 
-def quantize_4bit(w: torch.Tensor, grid: CodebookGridConfig
+def quantize_4bit(w: torch.Tensor, grid: "CodebookGridConfig"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (uint8 ``[out, in]``, stored table index 0..15) and per-block absmax (float32)."""
     bounds, order = _bounds(grid.codebook)
@@ -85,7 +90,7 @@ def quantize_4bit(w: torch.Tensor, grid: CodebookGridConfig
     return q.to(torch.uint8).reshape(w.shape), absmax
 
 
-def quantize_absmax(absmax: torch.Tensor, block: int = CodebookGridConfig.nested_block_size
+def quantize_absmax(absmax: torch.Tensor, block: int = NESTED_BLOCK_SIZE
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: ``(qabsmax uint8, nested_absmax float32, offset float32 scalar)``
     with ``absmax ≈ map[qabsmax]·nested_absmax[i // 256] + offset``."""
@@ -121,7 +126,7 @@ def _quantize_blockwise_lut(flat: torch.Tensor, block: int) -> tuple[torch.Tenso
 
 
 def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor,
-                      block: int = CodebookGridConfig.nested_block_size) -> torch.Tensor:
+                      block: int = NESTED_BLOCK_SIZE) -> torch.Tensor:
     values = dynamic_map_signed()[qabsmax.reshape(-1).long()]
     return _times_blocks(values, nested_absmax, block) + offset
 
@@ -138,7 +143,7 @@ def _times_blocks(values: torch.Tensor, absmax: torch.Tensor, block: int) -> tor
     return out
 
 
-def dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, grid: CodebookGridConfig
+def dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, grid: "CodebookGridConfig"
                     ) -> torch.Tensor:
     """float32 ``table[code] · absmax[block]`` in the weight's shape."""
     values = codebook(grid.codebook)[codes.reshape(-1).long()]

@@ -12,13 +12,16 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from quantbench.config import IntGridConfig
 from quantbench.quant.grid import fit_scales, search_scales
 from quantbench.tensor import QuantizedTensor
 from quantbench.threads import run_chunks, single_threaded
+
+if TYPE_CHECKING:
+    from quantbench.quant.grids.int import IntGridConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,12 @@ ones for the scale that is actually written to disk.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from quantbench.config import IntGridConfig
+if TYPE_CHECKING:
+    from quantbench.quant.grids.int import IntGridConfig
 
 
 def _smallest_positive(dtype: torch.dtype) -> float:

@@ -11,14 +11,17 @@ on the same input (:func:`prepare_hessian`), as the measurement does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from quantbench.config import EXL2GridConfig
 from quantbench.quant.exl2.grid import RINT_MAGIC, fit_group, group_layout, scales_from_codes
 from quantbench.quant.gptq import (GPTQStats, Upcoming, column_sweep,
                                    inverse_hessian_cholesky)
 from quantbench.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    from quantbench.quant.grids.exl2 import EXL2GridConfig
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from quantbench.config import EXL2GridConfig
+    from quantbench.quant.grids.exl2 import EXL2GridConfig
 
 SCALE_CODES = 16                 # 4-bit scale codes 1..16 (stored minus one)
 MIN_P, MAX_P, P_STEPS = 0.70, 1.20, 21   # the search over qscale_max (exllamav2: 0.70..1.20)

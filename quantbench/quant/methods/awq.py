@@ -27,8 +27,9 @@ from typing import Any, ClassVar, Mapping
 import torch
 from safetensors import safe_open
 
-from quantbench.config import CalibrationOptions, GridConfig, IntGridConfig, QuantizeConfig
+from quantbench.config import CalibrationOptions, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.quant.grids.gguf import PROXY_GRIDS, proxy_grid  # noqa: F401  (their home now)
 from quantbench.quant.methods.awq_search import (CLIP_EXEMPT, apply_saved,  # noqa: F401
                                                  apply_saved_tensors, awq_block)
 from quantbench.quant.methods.transform import Transform, TransformOptions
@@ -62,23 +63,6 @@ class AWQOptions(CalibrationOptions, TransformOptions):
     inner_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {"gptq": GPTQ_UNDER_AWQ}
 
 
-# the integer grid an AWQ search stands in for a GGUF block type with: (bits, group, symmetric)
-PROXY_GRIDS = {"Q2_K": (2, 16, False), "Q3_K": (3, 16, True), "Q4_K": (4, 32, False),
-               "Q5_K": (5, 32, False), "Q6_K": (6, 16, True), "Q4_0": (4, 32, True),
-               "Q4_1": (4, 32, False), "Q5_0": (5, 32, True), "Q5_1": (5, 32, False),
-               "Q8_0": (8, 32, True)}
-
-
-def proxy_grid(ggml_type: str) -> IntGridConfig | None:
-    """The integer grid AWQ's scale and clip searches stand in for a ggml block type with
-    (Q4_K → 4-bit g32 with a zero-point, Q5_0 → symmetric 5-bit g32, Q3_K → symmetric 3-bit
-    g16); None for float types."""
-    if ggml_type not in PROXY_GRIDS:
-        return None
-    bits, group, symmetric = PROXY_GRIDS[ggml_type]
-    return IntGridConfig.from_group_size(bits, group, symmetric)
-
-
 @register_method("awq")
 class AWQ(Transform):
     description = "AWQ: activation-aware scales folded into norms/linears + clipping, then RTN or GPTQ"
@@ -96,23 +80,19 @@ class AWQ(Transform):
         """The grid the searches quantize weight ``name`` with: the run's integer grid, or on
         GGUF the proxy of the ggml type llama.cpp's rules give this tensor (on SmolLM2's
         576-wide rows Q4_K_M's Q4_K falls back to Q5_0: its proxy is 5-bit)."""
-        if self.config.grid.kind != "gguf":
-            return self.config.grid
-        types = self.inner.tensor_types()
-        return proxy_grid(types[name]) if name in types else None
+        planned = self.inner.tensor_types()
+        if planned and name not in planned:
+            return None
+        return self.inner.grid_for(name).search_proxy()
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
         o = config.options
-        if config.grid.kind == "gguf":
-            from quantbench.quant.gguf.mixtures import DEFAULT_TYPES
-
-            if DEFAULT_TYPES.get(config.grid.type, config.grid.type) not in PROXY_GRIDS:
-                raise ConfigError(f"awq needs a quantized GGUF type, not {config.grid.type}; "
-                                  "use e.g. --type Q4_K_M")
-        elif config.grid.granularity == "tensor":
-            raise ConfigError("awq needs per-group or per-channel scales; pass --group-size 128 "
-                              "(or -1 for per channel)")
+        if config.grid.search_proxy() is None:
+            raise ConfigError(f"awq searches per-group or per-channel scales, which "
+                              f"{config.grid.describe()} has none of; pass --group-size 128 "
+                              "(or -1 for per channel), or a quantized GGUF type such as "
+                              "--type Q4_K_M")
         if o.n_grid < 1 or o.clip_grid < 1 or not 0 <= o.max_shrink < 1:
             raise ConfigError("awq needs --awq-grid >= 1 and a max shrink in [0, 1)")
 

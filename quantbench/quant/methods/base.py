@@ -102,6 +102,11 @@ class Method:
         """Once the targets are known (a GGUF mixture resolved to a type per tensor, an EXL2
         measurement file found); default: nothing."""
 
+    def grid_for(self, name: str) -> GridConfig:
+        """The grid tensor ``name`` is quantized onto; default: the run's grid (a GGUF
+        mixture's plan gives each tensor its own type)."""
+        return self.config.grid
+
     def tensor_types(self) -> dict[str, str]:
         """The ggml type of every target in a GGUF run (after ``prepare``); default: none."""
         return {}

@@ -12,7 +12,6 @@ import torch
 from quantbench.config import (CalibrationOptions, CodebookGridConfig, GridConfig,
                                Int8RowGridConfig, MethodOptions, QuantizeConfig)
 from quantbench.errors import ConfigError
-from quantbench.quant import bnb
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
@@ -39,15 +38,7 @@ class _FourBit(Method):
         return CodebookGridConfig(cls.codebook, group_size, bool(options.double_quant))
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
-        grid = self.config.grid
-        codes, absmax = bnb.quantize_4bit(weight, grid)
-        aux: dict[str, torch.Tensor] = {}
-        scales = absmax
-        if grid.double_quant:
-            scales, nested, offset = bnb.quantize_absmax(absmax)
-            aux = {"nested_absmax": nested, "nested_offset": offset.reshape(())}
-        return QuantizedTensor(codes=codes, scales=scales.reshape(1, -1), zeros=None, grid=grid,
-                               dtype=weight.dtype, aux=aux)
+        return self.config.grid.rtn(weight)
 
 
 @register_method("nf4")
@@ -103,14 +94,11 @@ class LLMInt8(Method):
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
                             act_absmax: torch.Tensor) -> QuantizedTensor:
         threshold = self.config.options.threshold
-        cb, scb = bnb.int8_rows(weight)
-        codes = (cb.to(torch.int16) + 128).to(torch.uint8)
+        qt = Int8RowGridConfig().rtn(weight)   # LLM.int8 is defined on its own grid
         outliers = int((act_absmax >= threshold).sum()) if threshold > 0 else 0
         fraction = outliers / act_absmax.numel()
         log.info("%s: %d of %d input columns reach |x| >= %g (%.2f%%)", name, outliers,
                  act_absmax.numel(), threshold, 100 * fraction)
-        return QuantizedTensor(codes=codes, scales=scb.reshape(-1, 1), zeros=None,
-                               grid=Int8RowGridConfig(), dtype=weight.dtype,
-                               meta={"outlier_columns": outliers,
-                                     "outlier_fraction": round(fraction, 6),
-                                     "act_absmax_max": round(float(act_absmax.max()), 4)})
+        qt.meta.update({"outlier_columns": outliers, "outlier_fraction": round(fraction, 6),
+                        "act_absmax_max": round(float(act_absmax.max()), 4)})
+        return qt

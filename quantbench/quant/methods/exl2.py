@@ -22,8 +22,7 @@ import torch
 
 from quantbench.config import CalibrationOptions, EXL2GridConfig, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
-from quantbench.quant.exl2.gptq import (EXL2Params, exl2_quantize, exl2_quantize_many,
-                                        prepare_hessian)
+from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize_many, prepare_hessian
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
@@ -74,7 +73,7 @@ class EXL2(Method):
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
         o = config.options
-        if config.grid.kind != "exl2":
+        if not isinstance(config.grid, EXL2GridConfig):
             raise ConfigError(f"exl2 quantizes onto EXL2 mixes, not {config.grid.describe()}")
         if config.targets.embeddings or config.targets.lm_head:
             raise ConfigError("exl2 quantizes decoder-block linears only; drop "
@@ -197,7 +196,7 @@ class EXL2(Method):
 
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
                             hessian: torch.Tensor) -> QuantizedTensor:
-        qt, stats = exl2_quantize(weight, hessian, self.grid_for(name), self.params)
+        qt, stats = self.grid_for(name).gptq(weight, hessian, self.params)
         if stats.damp_increased:
             log.warning("%s: Cholesky failed at %.2g%% damping; used %.3g", name,
                         100 * self.params.damp_percent, stats.damp)

@@ -16,9 +16,7 @@ import torch
 from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, IntGridConfig,
                                MethodOptions, QuantizeConfig)
 from quantbench.errors import ConfigError
-from quantbench.quant.gguf.codec import get_codec
 from quantbench.quant.methods.base import Method
-from quantbench.quant.methods.rtn import _scale_dtype, rtn_quantize
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
@@ -26,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class GGUFPlan:
-    """Mixin for any method that can target GGUF: the per-tensor type plan of a mixture and one
-    tensor's encoding with the type's own codec (llama.cpp's RTN / imatrix quantizers)."""
+    """Mixin for any method that can target GGUF: the per-tensor grids a run's grid plans
+    (a GGUF mixture: one ggml type per tensor by llama.cpp's rules; other grids plan none and
+    every tensor takes the run's grid) and one tensor's round-to-nearest fit on its grid
+    (llama.cpp's RTN / imatrix quantizers on GGUF types)."""
 
     config: QuantizeConfig
     needs_calibration: bool
@@ -39,36 +39,45 @@ class GGUFPlan:
 
     def __init__(self, config: QuantizeConfig):
         super().__init__(config)
-        self.types: dict[str, str] = {}
+        self.planned: dict[str, GridConfig] = {}
 
     def prepare(self, model, targets: list[str]) -> None:
-        """Resolve the mixture to a ggml type per target (llama.cpp's rules)."""
-        from quantbench.quant.gguf.plan import plan_tensor_types
+        """The run grid's per-tensor plan (a GGUF mixture: llama.cpp's rules)."""
+        self.planned = self.config.grid.plan(model, targets, has_imatrix=self.has_imatrix)
 
-        if self.config.grid.kind == "gguf":
-            self.types = plan_tensor_types(self.config.grid.type, model, targets,
-                                           has_imatrix=self.has_imatrix)
+    @property
+    def types(self) -> dict[str, str]:
+        """Planned ggml type names by tensor (empty unless the run's grid is a GGUF mixture)."""
+        return {name: grid.type for name, grid in self.planned.items()}
+
+    def grid_for(self, name: str) -> GridConfig:
+        """The grid tensor ``name`` is quantized onto: its planned one, or the run's grid
+        when the run's grid plans none."""
+        if not self.planned:
+            return self.config.grid
+        if name not in self.planned:
+            raise ConfigError(f"{name} has no {self.config.grid.describe()} type in this run's "
+                              "plan")
+        return self.planned[name]
 
     def tensor_types(self) -> dict[str, str]:
         return self.types
 
     def tensor_type(self, name: str) -> str:
-        if name not in self.types:
+        if name not in self.planned:
             raise ConfigError(f"{name} has no GGUF type in this run's plan")
-        return self.types[name]
+        return self.planned[name].type
 
     def quantize_gguf(self, name: str, weight: torch.Tensor,
                       importance: torch.Tensor | None = None) -> QuantizedTensor:
-        ggml_type = self.tensor_type(name)
-        codec = get_codec(ggml_type)
-        data = codec.quantize_rows(weight, importance if _uses_importance(ggml_type) else None)
-        return gguf_tensor(data, ggml_type, weight.dtype)
+        """Round-to-nearest onto the tensor's planned grid (``importance`` where it weighs
+        one)."""
+        return self.grid_for(name).rtn(weight, importance=importance)
 
 
 def gguf_tensor(data: torch.Tensor, ggml_type: str, dtype: torch.dtype) -> QuantizedTensor:
     """A tensor's ggml block bytes ``[rows, row_bytes]`` as a ``QuantizedTensor``."""
-    return QuantizedTensor(codes=data, scales=torch.empty(0), zeros=None,
-                           grid=GGUFGridConfig(ggml_type), dtype=dtype)
+    return GGUFGridConfig(ggml_type).tensor(data, dtype)
 
 
 class _GGUFMethod(GGUFPlan, Method):
@@ -77,10 +86,6 @@ class _GGUFMethod(GGUFPlan, Method):
 
     native_format = "gguf"
     gguf_capable = True
-
-
-def _uses_importance(ggml_type: str) -> bool:
-    return ggml_type not in ("F32", "F16", "BF16", "Q8_0")
 
 
 @register_method("rtn")
@@ -99,9 +104,7 @@ class RTN(_GGUFMethod):
                                              is not None else False)
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
-        if self.config.grid.kind == "gguf":
-            return self.quantize_gguf(name, weight)
-        return rtn_quantize(weight, self.config.grid, _scale_dtype(weight.dtype))
+        return self.grid_for(name).rtn(weight)
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class Imatrix(_GGUFMethod):
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
-        if config.grid.kind != "gguf":
+        if not config.grid.weighs_importance:
             raise ConfigError("imatrix weights GGUF block searches; pass --format gguf "
                               "--type Q4_K_M (or another GGUF type)")
         o = config.options

@@ -3,23 +3,21 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.config import QuantizeConfig
+from quantbench.config import GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
-from quantbench.quant.grid import fit_scales, quantize_codes
+from quantbench.quant.grids.base import scale_dtype_for
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
 
-def rtn_quantize(weight: torch.Tensor, grid, scale_dtype: torch.dtype) -> QuantizedTensor:
-    """Pure RTN: fit per-group scales (and zeros) from min/max, round every weight."""
-    scales, zeros = fit_scales(weight, grid, scale_dtype)
-    codes = quantize_codes(weight, scales, zeros, grid)
-    return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, dtype=weight.dtype)
+def rtn_quantize(weight: torch.Tensor, grid: GridConfig, scale_dtype: torch.dtype
+                 ) -> QuantizedTensor:
+    """Pure RTN: the grid's own round-to-nearest fit (``grid.rtn``)."""
+    return grid.rtn(weight, scale_dtype=scale_dtype)
 
 
-def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+_scale_dtype = scale_dtype_for   # the name AWQ imports
 
 
 class _RTN(Method):
@@ -35,7 +33,7 @@ class _RTN(Method):
             )
 
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
-        return rtn_quantize(weight, self.config.grid, _scale_dtype(weight.dtype))
+        return self.config.grid.rtn(weight)
 
 
 @register_method("absmax")

@@ -170,6 +170,9 @@ class Transform(Method):
     def tensor_types(self) -> dict[str, str]:
         return self.inner.tensor_types()
 
+    def grid_for(self, name: str):
+        return self.inner.grid_for(name)
+
     def plan_costs(self, model, shapes: dict[str, tuple[int, int]], hidden: int, tokens: int,
                    fwd: float) -> dict[str, float]:
         parts = self.inner.plan_costs(model, shapes, hidden, tokens, fwd)
