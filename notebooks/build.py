@@ -49,9 +49,9 @@ model = qb.load_model("sample:smollm2")
 print(model.source, "·", model.config["model_type"], "·", model.num_blocks, "blocks ·",
       model.dtype)'''),
     ("md", """\
-`quantize` is lazy: it checks the combination (method, grid, targets) now and quantizes block
-by block while `save` streams the result into the output directory, which appears only when
-complete."""),
+`quantize` checks the combination (method, grid, targets) and quantizes block by block (one
+block in memory; `progress=True` shows a bar); the result is kept, so `save` can write it in one
+format or several without quantizing again. Each output directory appears only when complete."""),
     ("code", '''\
 q = qb.quantize(model, method="zeropoint", bits=4, group_size=64)
 path = qb.save(q, OUT / "zeropoint-w4g64", format="compressed-tensors", overwrite=True)

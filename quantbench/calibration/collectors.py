@@ -35,19 +35,24 @@ class HessianCollector:
 
 
 class ActMagnitudeCollector:
-    """Mean |x| per input channel (AWQ's activation scale)."""
+    """Mean |x| per input channel (AWQ's activation scale), summed in the inputs' dtype one
+    micro-batch at a time (the order AWQ's search has always used)."""
 
     def __init__(self, in_features: int, device: torch.device | None = None):
-        self.total = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.in_features, self.device = in_features, device
+        self.total: torch.Tensor | None = None
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        self.total += x.abs().sum(dim=0, dtype=torch.float64)
+        part = x.abs().sum(dim=0)
+        self.total = part if self.total is None else self.total.add_(part)
         self.n += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return (self.total / max(self.n, 1)).float()
+        if self.total is None:
+            return torch.zeros(self.in_features, device=self.device)
+        return (self.total / self.n).float()
 
 
 class ImportanceCollector:

@@ -149,13 +149,15 @@ def test_cli_bpw_then_reuse(tiny_llama, tmp_path):
 def test_plan_counts_the_measurement_only_when_it_is_still_to_do(model, tmp_path):
     from quantbench.calibration.plan import estimate
 
-    def plan(**kwargs):
-        q = quantize(model, method="exl2", bpw=4.6, **CALIB, **kwargs)
+    from quantbench.quant.run import make_config, quantize as checked
+
+    def plan(**kwargs):  # checked and prepared, not run (what `convert --plan` does)
+        q = checked(model, make_config("exl2", bpw=4.6, **CALIB, **kwargs))
         return estimate(model, q.config, gflops=10.0, method=q.method)
 
     fresh = plan(measurement=str(tmp_path / "m.json"))
     assert {"measurement forwards", "measurement solves"} <= set(fresh.parts)
-    one_width = quantize(model, method="exl2", bits=4, group_size=32, **CALIB)
+    one_width = checked(model, make_config("exl2", 4, 32, **CALIB))
     uniform = estimate(model, one_width.config, gflops=10.0, method=one_width.method)
     assert "measurement solves" not in uniform.parts and "solves" in uniform.parts
     assert fresh.seconds > 3 * uniform.seconds      # 11 rungs per linear, 21 candidates

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from quantbench.calibration.collectors import ActMagnitudeCollector
 from quantbench.config import GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.quant.awq import (apply_clip, fold_scales, output_error, search_clip,
@@ -56,15 +57,14 @@ class _Input:
         self.clip_tokens = clip_tokens
         self.step = max(1, total // clip_tokens)
         self.seen = 0
-        self.abs_sum: torch.Tensor | None = None
+        self.magnitude = ActMagnitudeCollector(0)
         self.search: list[torch.Tensor] = []
         self.parts: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
         if self.want_mean:
-            part = flat.abs().sum(dim=0)
-            self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
+            self.magnitude.add(flat)
         if len(self.search) < self.n_search:
             self.search.append(x)
         first = (-self.seen) % self.step
@@ -73,7 +73,7 @@ class _Input:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.abs_sum / self.seen
+        return self.magnitude.result()
 
     @property
     def sample(self) -> torch.Tensor:
