@@ -19,7 +19,8 @@ from typing import Any, Callable
 import click
 
 from quantbench.errors import ConfigError
-from quantbench.options import cli_flag, declaring_classes, field_type, off_flag, option_fields, option_spec
+from quantbench.options import (cli_flag, declaring_classes, field_type, off_flag,
+                                option_fields, option_spec)
 from quantbench.registry import get_method, method_names
 
 # The order methods' flags appear in ``--help`` (a method not listed follows, by name).
@@ -97,7 +98,7 @@ def _merge(name: str, uses: list[tuple[str, type, dataclasses.Field]]) -> Method
     choices: list[str] = []
     for _, cls, f in uses:
         choices += [c for c in _choices(cls, option_spec(cls, f).choices) or () if c not in choices]
-    first_method, first_cls, first = uses[0]
+    _, first_cls, first = uses[0]
     return MethodFlag(name, flag, off, kind, tuple(choices) or None,
                       option_spec(first_cls, first).help, tuple(m for m, _, _ in uses),
                       tuple(f.default for _, _, f in uses))

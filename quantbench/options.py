@@ -22,8 +22,8 @@ from typing import Any
 
 from quantbench.errors import ConfigError
 
-__all__ = ["OptionSpec", "cli_flag", "declaring_classes", "field_type", "internal", "option", "option_fields",
-           "off_flag", "option_spec"]
+__all__ = ["OptionSpec", "cli_flag", "declaring_classes", "field_type", "internal", "off_flag",
+           "option", "option_fields", "option_spec"]
 
 _KEY = "quantbench.option"
 _NO_FIELD = dataclasses.field()
