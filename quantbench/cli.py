@@ -13,7 +13,8 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from quantbench.cli_options import FLAGS, calibration_options as _calibration_options
+from quantbench.cli_options import calibration_options as _calibration_options
+from quantbench.cli_options import flag_names
 from quantbench.errors import QuantbenchError
 
 out = Console()
@@ -56,7 +57,7 @@ def _protocol_fields(ctx, max_tokens, n_windows, scoring, data) -> dict[str, Any
 
 
 def _flag(option: str) -> str:
-    return FLAGS.get(option, "--" + option.replace("_", "-"))
+    return flag_names().get(option, "--" + option.replace("_", "-"))
 
 
 def _method_options(method: str, given: dict[str, Any]) -> dict[str, Any]:

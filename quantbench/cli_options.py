@@ -1,79 +1,166 @@
-"""The method options of ``quantbench convert`` as click options: shared by the CLI
-(``cli.py``) and the command line rebuilt from a manifest (``hub/command.py``), so neither
-imports the other."""
+"""The method options of ``quantbench convert`` (and ``compare``) as click options, generated
+from the registered methods' options dataclasses (``quantbench/options.py`` declares each field's
+flag and help): shared by the CLI (``cli.py``) and the command line rebuilt from a manifest
+(``hub/command.py``), so neither imports the other.
+
+One flag per option name over every registered method (``calib_samples`` is one
+``--calib-samples`` for gptq, awq, imatrix, ...); its help names the methods that take it and
+their defaults. Every flag defaults to None ("not given"): the method's own default applies, and
+naming an option the method lacks is refused (``Method.check_options``).
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import click
+
+from quantbench.errors import ConfigError
+from quantbench.options import (cli_flag, declaring_classes, field_type, off_flag,
+                                option_fields, option_spec)
+from quantbench.registry import get_method, method_names
+
+# The order methods' flags appear in ``--help`` (a method not listed follows, by name).
+HELP_ORDER = ("gptq", "awq", "imatrix", "exl2", "nf4", "fp4", "llm_int8")
+
+
+@dataclass(frozen=True)
+class MethodFlag:
+    """One command-line option for the option field ``name`` of the methods ``owners``."""
+
+    name: str
+    flag: str                       # ``--damp``
+    off: str | None                 # a bool pair's off spelling
+    kind: type                      # bool, int, float or str
+    choices: tuple[str, ...] | None
+    help: str
+    owners: tuple[str, ...]
+    defaults: tuple[Any, ...]       # each owner's default, in ``owners`` order
+
+    @property
+    def spelling(self) -> str:
+        """How messages name it: ``--damp``; a pair with its own off name in full
+        (``--static-groups/--dynamic-groups``)."""
+        if self.off and self.off != "--no-" + self.flag[2:]:
+            return f"{self.flag}/{self.off}"
+        return self.flag
+
+    def click_option(self) -> Callable:
+        text = _help(self)
+        if self.kind is bool and self.off is None:
+            return click.option(self.flag, self.name, is_flag=True, default=None, help=text)
+        if self.kind is bool:
+            return click.option(f"{self.flag}/{self.off}", self.name, default=None, help=text)
+        kind = click.Choice(list(self.choices)) if self.choices else self.kind
+        return click.option(self.flag, self.name, type=kind, default=None, help=text)
+
+
+def _methods() -> list[str]:
+    names = method_names()
+    return [m for m in HELP_ORDER if m in names] + [m for m in names if m not in HELP_ORDER]
+
+
+def _own_first(cls: type) -> list[dataclasses.Field]:
+    """``cls``'s option fields, those it declares itself first."""
+    own = cls.__dict__.get("__annotations__", {})
+    fields = option_fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
+def _choices(cls: type, choices: Any) -> tuple[str, ...] | None:
+    if choices is None:
+        return None
+    return tuple(getattr(cls, choices) if isinstance(choices, str) else choices)
+
+
+@functools.cache
+def method_flags() -> tuple[MethodFlag, ...]:
+    """Every method option that has a flag, once per field name, in ``--help`` order."""
+    found: dict[str, list[tuple[str, type, dataclasses.Field]]] = {}
+    for method in _methods():
+        cls = get_method(method).options_cls
+        for f in _own_first(cls):
+            if cli_flag(cls, f) is not None:
+                found.setdefault(f.name, []).append((method, cls, f))
+    return tuple(_merge(name, uses) for name, uses in found.items())
+
+
+def _merge(name: str, uses: list[tuple[str, type, dataclasses.Field]]) -> MethodFlag:
+    """One flag for a field several methods have; they must agree on how it is spelled."""
+    shapes = {(cli_flag(cls, f), off_flag(cls, f), field_type(f)[0]) for _, cls, f in uses}
+    if len(shapes) > 1:
+        raise ConfigError(f"option {name!r} is declared differently by "
+                          f"{', '.join(m for m, _, _ in uses)}: {sorted(map(str, shapes))}")
+    flag, off, kind = shapes.pop()
+    choices: list[str] = []
+    for _, cls, f in uses:
+        choices += [c for c in _choices(cls, option_spec(cls, f).choices) or () if c not in choices]
+    _, first_cls, first = uses[0]
+    return MethodFlag(name, flag, off, kind, tuple(choices) or None,
+                      option_spec(first_cls, first).help, tuple(m for m, _, _ in uses),
+                      tuple(f.default for _, _, f in uses))
+
+
+def _shared(flag: MethodFlag) -> bool:
+    """Whether the option comes from a base class several methods share (the calibration
+    windows, the device), not from one method's own options: its help names no method."""
+    classes = [get_method(m).options_cls for m in flag.owners]
+    declared = set().union(*(declaring_classes(cls, flag.name) for cls in classes))
+    return len(flag.owners) > 1 and not declared & set(classes)
+
+
+def _value(flag: MethodFlag, value: Any) -> str:
+    if flag.kind is bool and flag.off:
+        if flag.spelling != flag.flag:
+            return flag.flag if value else flag.off
+        return "on" if value else "off"
+    return str(value)
+
+
+def _default_note(flag: MethodFlag) -> str:
+    """``default 128; awq 32, imatrix 64`` (one default, then the methods that differ);
+    empty where the default is None or a switch's off."""
+    pairs = [(m, d) for m, d in zip(flag.owners, flag.defaults)
+             if d is not None and not (flag.kind is bool and flag.off is None and d is False)]
+    if not pairs:
+        return ""
+    counts = Counter(_value(flag, d) for _, d in pairs)
+    common, n = counts.most_common(1)[0]
+    if len(counts) == 1:
+        return f"default {common}"
+    if n == 1:
+        return "default: " + ", ".join(f"{m} {_value(flag, d)}" for m, d in pairs)
+    others = ", ".join(f"{m} {_value(flag, d)}" for m, d in pairs if _value(flag, d) != common)
+    return f"default {common}; {others}"
+
+
+def _help(flag: MethodFlag) -> str:
+    text = flag.help
+    if not _shared(flag):
+        word = text.split()[0]
+        lower = text if len(word) > 1 and word.isupper() else text[:1].lower() + text[1:]
+        text = f"{'/'.join(flag.owners)}: {lower}"
+    note = _default_note(flag)
+    if note:
+        text = f"{text.rstrip('.')} ({note})."
+    return text
 
 
 def calibration_options(f):
     """The method options of ``quantbench convert`` (each a field of a method's options
     dataclass), as click options on ``f``."""
-    options = [
-        click.option("--act-order/--no-act-order", default=None,
-                     help="GPTQ: columns by descending Hessian diagonal (default on)."),
-        click.option("--static-groups/--dynamic-groups", default=None,
-                     help="GPTQ: group scales fixed in original column order before act-order (default; no g_idx), or formed in processing order with a g_idx (--dynamic-groups, the original GPTQ)."),
-        click.option("--scale-search/--no-scale-search", default=None,
-                     help="GPTQ: shrink each group's range where that lowers the diag(H)-"
-                          "weighted rounding error (default on; off = plain min/max)."),
-        click.option("--attention-values/--input-values", "attention_values", default=None,
-                     help="GPTQ: v_proj rows per kv head on the Hessian of the attention-"
-                          "weighted inputs they are read with (default on GGUF types; opt-in "
-                          "on integer grids), or on the plain input Hessian."),
-        click.option("--damp", "damp_percent", type=float, default=None,
-                     help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)."),
-        click.option("--block-size", "block_size", type=int, default=None,
-                     help="GPTQ/exl2: columns per lazy-batch update (gptq 128, exl2 32)."),
-        click.option("--calib-samples", type=int, default=None, help="Calibration windows (gptq 128, awq 32)."),
-        click.option("--calib-len", type=int, default=None, help="Tokens per window (512)."),
-        click.option("--calib-data", type=str, default=None,
-                     help="Calibration text: .txt, .jsonl, or hf:NAME[:CONFIG[:SPLIT]] "
-                          "(bundled C4 sample)."),
-        click.option("--calib-chat-template", is_flag=True, default=None,
-                     help="Wrap each calibration document in the tokenizer's chat template."),
-        click.option("--seed", "calib_seed", type=int, default=None, help="Sampling seed (0)."),
-        click.option("--device", type=str, default=None,
-                     help="Calibrated methods: where blocks, statistics and solves run: auto "
-                          "(a CUDA GPU when torch sees one, else cpu), cpu, cuda, cuda:N."),
-        click.option("--then", type=click.Choice(["rtn", "gptq"]), default=None,
-                     help="AWQ: the method that picks the codes after scaling (rtn); with "
-                          "gptq every GPTQ flag applies (defaults under AWQ: --no-act-order, "
-                          "--static-groups, --input-values)."),
-        click.option("--awq-grid", "n_grid", type=int, default=None,
-                     help="AWQ: grid points for the scale exponent (20)."),
-        click.option("--clip/--no-clip", default=None, help="AWQ: search weight clipping (on)."),
-        click.option("--exhaustive-search", "exhaustive", is_flag=True, default=None,
-                     help="AWQ: evaluate every grid point (default: coarse grid + refinement)."),
-        click.option("--search-samples", type=int, default=None,
-                     help="AWQ: windows the scale search runs on (8)."),
-        click.option("--search-file", type=str, default=None,
-                     help="AWQ: re-apply a saved awq_search.safetensors instead of searching."),
-        click.option("--imatrix", "imatrix_file", type=str, default=None,
-                     help="imatrix: a llama.cpp imatrix file (llama-imatrix's .gguf or legacy "
-                          ".dat) instead of calibration; implies --method imatrix."),
-        click.option("--bpw", type=float, default=None,
-                     help="exl2: target bits per weight over the decoder linears; a measurement "
-                          "picks each layer's mix of 2-8 bit widths (e.g. 4.65)."),
-        click.option("--measurement", type=str, default=None,
-                     help="exl2: the measurement JSON to reuse (complete), resume (unfinished) "
-                          "or write (absent); default: one in the quantbench cache."),
-        click.option("--measure-samples", type=int, default=None,
-                     help="exl2: calibration windows the measurement runs on (16)."),
-        click.option("--double-quant", "double_quant", is_flag=True, default=None,
-                     help="nf4/fp4: quantize the absmax values too (bitsandbytes' double quant)."),
-        click.option("--threshold", type=float, default=None,
-                     help="llm_int8: activation magnitude from which a column runs in 16-bit "
-                          "at run time (6.0; 0 = no decomposition)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
+    for flag in reversed(method_flags()):
+        f = flag.click_option()(f)
     return f
 
 
-FLAGS = {"n_grid": "--awq-grid", "damp_percent": "--damp", "calib_seed": "--seed",
-         "static_groups": "--static-groups/--dynamic-groups", "imatrix_file": "--imatrix",
-         "attention_values": "--attention-values/--input-values"}
+@functools.cache
+def flag_names() -> dict[str, str]:
+    """``{option field name: its flag as messages spell it}`` (``damp_percent: --damp``)."""
+    return {flag.name: flag.spelling for flag in method_flags()}
 
 
 def method_params() -> dict[str, click.Parameter]:

@@ -17,6 +17,7 @@ from quantbench.quant.grids import (BNB_BLOCK_SIZES, CODEBOOKS, CONFIG_VERSION, 
                                     GRANULARITIES, GRIDS, CodebookGridConfig, EXL2GridConfig,
                                     GGUFGridConfig, Grid, GridConfig, Int8RowGridConfig,
                                     IntGridConfig, grid_from_dict)
+from quantbench.options import option
 from quantbench.quant.grids import check_version as _check_version
 
 __all__ = ["BNB_BLOCK_SIZES", "CODEBOOKS", "CONFIG_VERSION", "EXL2_WIDTHS", "GGUF_MIXTURES",
@@ -85,13 +86,16 @@ class CalibrationOptions(MethodOptions):
     """Options every calibrated method shares: which windows the calibration layer feeds it.
     Subclasses redeclare ``calib_samples`` for their own default."""
 
-    calib_samples: int = 128
-    calib_len: int = 512
-    calib_seed: int = 0
-    calib_data: str | None = None
-    calib_chat_template: bool = False
-    batch_size: int = 8
-    device: str = "auto"  # where blocks, statistics and solves run: auto|cpu|cuda|cuda:N
+    calib_samples: int = option(128, help="Calibration windows.")
+    calib_len: int = option(512, help="Tokens per window.")
+    calib_seed: int = option(0, flag="--seed", help="Sampling seed.")
+    calib_data: str | None = option(None, help="Calibration text: .txt, .jsonl, or "
+                                    "hf:NAME[:CONFIG[:SPLIT]] (default: the bundled C4 sample).")
+    calib_chat_template: bool = option(False, switch=True, help="Wrap each calibration "
+                                       "document in the tokenizer's chat template.")
+    batch_size: int = option(8, cli=False, help="Calibration windows per forward batch.")
+    device: str = option("auto", help="Where blocks, statistics and solves run: auto (a CUDA "
+                         "GPU when torch sees one, else cpu), cpu, cuda, cuda:N.")
 
 
 @dataclass(frozen=True)

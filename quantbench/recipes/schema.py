@@ -439,10 +439,28 @@ def _targets(data: Any, where: str) -> TargetConfig:
 
 
 def _option_names() -> tuple[str, ...]:
+    """Every registered method's option field names (``quantbench/options.py``)."""
+    from quantbench.options import option_fields
     from quantbench.registry import get_method, method_names
 
     return tuple(sorted({f.name for m in method_names()
-                         for f in dataclasses.fields(get_method(m).options_cls)}))
+                         for f in option_fields(get_method(m).options_cls)}))
+
+
+_KIND_OF = {bool: "bool", int: "int", float: "number", str: "str"}
+
+
+def _check_options(data: Mapping[str, Any], where: str) -> None:
+    """Method option values type-checked against their fields' annotations (``None`` where
+    the field is optional); values are kept as given."""
+    from quantbench.options import field_type, option_fields
+    from quantbench.registry import get_method, method_names
+
+    types = {f.name: field_type(f) for m in method_names()
+             for f in option_fields(get_method(m).options_cls)}
+    for key, value in data.items():
+        if key in types and not (value is None and types[key][1]):
+            _typed(value, f"{where}.{key}", _KIND_OF[types[key][0]])
 
 
 GRID_KEYS = ("bits", "group_size", "symmetric")
@@ -466,6 +484,7 @@ def _job(data: Any, where: str, defaults: Mapping[str, Any], recipe: dict[str, A
     only where the method takes them)."""
     options = _option_names()
     data = _mapping(data, where, JOB_KEYS + options)
+    _check_options(data, where)
     inherited = {k: v for k, v in defaults.items() if k not in GRID_KEYS and k not in options
                  and not any(k in pair and (pair[0] in data or pair[1] in data)
                              for pair in PAIRS)}
@@ -502,6 +521,7 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     defaults = _mapping(data.get("defaults") or {}, f"{origin}: defaults",
                         tuple(k for k in JOB_KEYS + _option_names()
                               if k not in ("name", "eval", "gate", "upload")))
+    _check_options(defaults, f"{origin}: defaults")
     recipe = {"gate": _gate(data.get("gate"), f"{origin}: gate"),
               "evaluation": _evaluation(data.get("eval"), f"{origin}: eval"),
               "upload": _upload(data.get("upload"), f"{origin}: upload")}

@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from quantbench.config import CalibrationOptions, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.options import option
 from quantbench.quant.grids.gguf import PROXY_GRIDS, proxy_grid  # noqa: F401  (their home now)
 from quantbench.quant.methods.awq_search import (CLIP_EXEMPT, apply_saved,  # noqa: F401
                                                  apply_saved_tensors, awq_block)
@@ -48,15 +49,20 @@ GPTQ_UNDER_AWQ = {"damp_percent": 0.01, "block_size": 128, "act_order": False,
 
 @dataclass(frozen=True)
 class AWQOptions(CalibrationOptions, TransformOptions):
-    n_grid: int = 20
-    exhaustive: bool = False      # every grid point (AWQ) instead of coarse + refine
-    duo_scaling: bool = True
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    clip_tokens: int = 512
-    search_samples: int = 8       # windows the scale search runs its forwards on (4096 tokens)
-    search_file: str | None = None
+    n_grid: int = option(20, flag="--awq-grid", help="Grid points for the scale exponent.")
+    exhaustive: bool = option(False, flag="--exhaustive-search", switch=True, help=(
+        "Evaluate every grid point (default: coarse grid + refinement)."))
+    duo_scaling: bool = option(True, cli=False, help="Scales from activation and weight "
+                               "magnitudes (AWQ's duo scaling), not activations alone.")
+    clip: bool = option(True, help="Search weight clipping.")
+    clip_grid: int = option(20, cli=False, help="Steps of the clipping search.")
+    max_shrink: float = option(0.5, cli=False, help="Largest fraction the clipping search "
+                               "shrinks a range by.")
+    clip_tokens: int = option(512, cli=False, help="Tokens the clipping search runs on.")
+    # 8 windows: 4096 tokens at the default --calib-len
+    search_samples: int = option(8, help="Windows the scale search runs its forwards on.")
+    search_file: str | None = option(None, help="Re-apply a saved awq_search.safetensors "
+                                     "instead of searching.")
     calib_samples: int = 32
 
     inner_methods: ClassVar[tuple[str, ...]] = ("rtn", "gptq")

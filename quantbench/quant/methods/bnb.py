@@ -12,6 +12,7 @@ import torch
 from quantbench.config import (CalibrationOptions, CodebookGridConfig, GridConfig,
                                Int8RowGridConfig, MethodOptions, QuantizeConfig)
 from quantbench.errors import ConfigError
+from quantbench.options import option
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FourBitOptions(MethodOptions):
-    double_quant: bool = False
+    double_quant: bool = option(False, switch=True, help="Quantize the absmax values too "
+                                "(bitsandbytes' double quant).")
 
 
 class _FourBit(Method):
@@ -55,7 +57,8 @@ class FP4(_FourBit):
 
 @dataclass(frozen=True)
 class LLMInt8Options(CalibrationOptions):
-    threshold: float = 6.0
+    threshold: float = option(6.0, help="Activation magnitude from which a column runs in "
+                              "16-bit at run time; 0: no decomposition.")
     calib_samples: int = 16
 
 

@@ -22,6 +22,7 @@ import torch
 
 from quantbench.config import CalibrationOptions, EXL2GridConfig, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.options import option
 from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize_many, prepare_hessian
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method
@@ -35,11 +36,17 @@ STRATEGY_FILE = "exl2_strategy.json"
 
 @dataclass(frozen=True)
 class EXL2Options(CalibrationOptions):
-    bpw: float | None = None           # target bits per weight over the decoder linears
-    measurement: str | None = None     # JSON: reused when complete, resumed when not
-    measure_samples: int = 16          # calibration windows the measurement runs on
-    damp_percent: float = 0.01
-    block_size: int = 32               # GPTQ lazy-batch width: 32 is fastest for the CPU sweeps
+    bpw: float | None = option(None, help=(
+        "Target bits per weight over the decoder linears; a measurement picks each layer's "
+        "mix of 2-8 bit widths (e.g. 4.65)."))
+    measurement: str | None = option(None, help=(
+        "The measurement JSON to reuse (complete), resume (unfinished) or write (absent); "
+        "default: one in the quantbench cache."))
+    measure_samples: int = option(16, help="Calibration windows the measurement runs on.")
+    damp_percent: float = option(0.01, flag="--damp", help="Dampening as a fraction of the "
+                                 "mean Hessian diagonal.")
+    # 32 is fastest for the CPU sweeps
+    block_size: int = option(32, help="Columns per lazy-batch update.")
 
 
 @register_method("exl2")

@@ -6,6 +6,7 @@ that type's codec.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, IntGridConfig,
                                MethodOptions, QuantizeConfig)
 from quantbench.errors import ConfigError
+from quantbench.options import cli_flag, option
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
@@ -110,13 +112,15 @@ class RTN(_GGUFMethod):
 @dataclass(frozen=True)
 class ImatrixOptions(CalibrationOptions):
     calib_samples: int = 64
-    imatrix_file: str | None = None  # a llama.cpp imatrix (.gguf or .dat) instead of calibration
+    imatrix_file: str | None = option(None, flag="--imatrix", help=(
+        "A llama.cpp imatrix file (llama-imatrix's .gguf or legacy .dat) instead of "
+        "calibration; implies --method imatrix."))
 
 
 IMATRIX_FILE = "imatrix.gguf"  # beside model.gguf: the importance a calibrated run used
-_CALIBRATION_FLAGS = {"calib_samples": "--calib-samples", "calib_len": "--calib-len",
-                      "calib_seed": "--seed", "calib_data": "--calib-data",
-                      "calib_chat_template": "--calib-chat-template"}
+# the options that choose calibration windows, which an imatrix file replaces
+_CALIBRATION_FIELDS = ("calib_samples", "calib_len", "calib_seed", "calib_data",
+                       "calib_chat_template")
 
 
 @register_method("imatrix")
@@ -157,10 +161,11 @@ class Imatrix(_GGUFMethod):
         o = config.options
         if o.imatrix_file:
             default = ImatrixOptions(imatrix_file=o.imatrix_file)
-            for name, flag in _CALIBRATION_FLAGS.items():
-                if getattr(o, name) != getattr(default, name):
+            for f in dataclasses.fields(ImatrixOptions):
+                if f.name in _CALIBRATION_FIELDS and getattr(o, f.name) != getattr(default,
+                                                                                   f.name):
                     raise ConfigError(f"--imatrix {o.imatrix_file} replaces calibration; drop "
-                                      f"{flag}")
+                                      f"{cli_flag(ImatrixOptions, f)}")
 
     def prepare(self, model, targets: list[str]) -> None:
         from quantbench.calibration.imatrix_file import importance_for_model

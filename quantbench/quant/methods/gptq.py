@@ -9,6 +9,7 @@ import torch
 from quantbench.calibration.attention import HeadHessians
 from quantbench.config import CalibrationOptions, GridConfig, QuantizeConfig, SweepSettings
 from quantbench.errors import ConfigError
+from quantbench.options import option
 from quantbench.quant.gptq import GPTQParams, GPTQStats
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan
@@ -20,14 +21,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GPTQOptions(CalibrationOptions):
-    damp_percent: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
-    static_groups: bool = True  # measured better here (see README); --dynamic-groups for GPTQ's original
-    scale_search: bool = True   # shrink group ranges where diag(H)-weighted error drops
-    # v_proj per kv head on attention-weighted Hessians; None: on GGUF types, off on integer
-    # grids (measured there, not yet made the default)
-    attention_values: bool | None = None
+    damp_percent: float = option(0.01, flag="--damp", help="Dampening as a fraction of the "
+                                 "mean Hessian diagonal.")
+    block_size: int = option(128, help="Columns per lazy-batch update.")
+    act_order: bool = option(True, help="Columns by descending Hessian diagonal.")
+    # measured better here (see README); --dynamic-groups for GPTQ's original
+    static_groups: bool = option(True, off_flag="--dynamic-groups", help=(
+        "Group scales fixed in original column order before act-order (no g_idx); "
+        "--dynamic-groups: formed in processing order with a g_idx, the original GPTQ."))
+    scale_search: bool = option(True, help="Shrink each group's range where that lowers the "
+                                "diag(H)-weighted rounding error; off: plain min/max.")
+    # None: on GGUF types, off on integer grids (measured there, not yet made the default)
+    attention_values: bool | None = option(None, off_flag="--input-values", help=(
+        "v_proj rows per kv head on the Hessian of the attention-weighted inputs they are read "
+        "with (default on GGUF types; opt-in on integer grids), or on the plain input Hessian."))
 
     def sweep(self) -> SweepSettings:
         return SweepSettings(self.act_order, self.static_groups, self.damp_percent)

@@ -19,6 +19,7 @@ import torch
 
 from quantbench.config import MethodOptions, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.options import internal, option, option_fields
 from quantbench.quant.methods.base import Method
 from quantbench.tensor import QuantizedTensor
 
@@ -29,8 +30,11 @@ class TransformOptions(MethodOptions):
     inner method's options, built from ``inner_defaults[then]`` when not given). Fields both
     share (the calibration windows, the device) are the transform's, copied into ``inner``."""
 
-    then: str = "rtn"
-    inner: MethodOptions | None = None
+    then: str = option("rtn", choices="inner_methods", help=(
+        "The method that picks the codes after the transform; every option of that method "
+        "applies (under awq, gptq defaults to --no-act-order, --static-groups, "
+        "--input-values)."))
+    inner: MethodOptions | None = internal()
 
     inner_methods: ClassVar[tuple[str, ...]] = ("rtn",)
     # the inner method's defaults under this transform, where they differ from its own
@@ -50,7 +54,7 @@ class TransformOptions(MethodOptions):
 
     @classmethod
     def own_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)} - {"inner"}
+        return {f.name for f in option_fields(cls)}
 
     @classmethod
     def from_flat(cls, **given: Any) -> "TransformOptions":
