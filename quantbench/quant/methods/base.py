@@ -8,7 +8,6 @@ delegates what it does not change.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
@@ -16,6 +15,7 @@ import torch
 
 from quantbench.config import GridConfig, IntGridConfig, MethodOptions, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.options import option_fields
 from quantbench.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class Method:
     def option_names(cls, given: Mapping[str, Any] | None = None) -> set[str]:
         """The keyword options this method takes (``given``: the options chosen so far, for a
         transform whose inner method ``then`` decides the rest)."""
-        return {f.name for f in dataclasses.fields(cls.options_cls)}
+        return {f.name for f in option_fields(cls.options_cls)}
 
     @classmethod
     def check_options(cls, given: Mapping[str, Any],
