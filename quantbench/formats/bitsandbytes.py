@@ -135,7 +135,7 @@ class BitsAndBytesFormat(Format):
         """``BitsAndBytesConfig.to_dict()`` keys (§3.3)."""
         grid, four = config.grid, config.grid.kind == "codebook"
         skipped = untargeted_modules(targets, arch)
-        threshold = float(getattr(config.options, "threshold", 6.0))
+        threshold = 6.0 if four else float(config.options.threshold)  # LLM.int8's option
         return {"quant_method": "bitsandbytes", "_load_in_4bit": four, "_load_in_8bit": not four,
                 "load_in_4bit": four, "load_in_8bit": not four,
                 "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",

@@ -179,10 +179,8 @@ class EXL2Format(Format):
         o = config.options
         return {"quant_method": "exl2", "version": EXLLAMAV2_LAYOUT,
                 "bits": config.grid.bits, "head_bits": NO_HEAD_BITS,
-                "calibration": {"rows": getattr(o, "calib_samples", 0),
-                                "length": getattr(o, "calib_len", 0),
-                                "dataset": Path(getattr(o, "calib_data", None)
-                                                or BUNDLED_C4).name},
+                "calibration": {"rows": o.calib_samples, "length": o.calib_len,
+                                "dataset": Path(o.calib_data or BUNDLED_C4).name},
                 "quantizer": f"quantbench:{__version__}"}
 
     def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:

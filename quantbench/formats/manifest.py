@@ -104,8 +104,8 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
                     "size_bytes": sum(f["bytes"] for name, f in files.items()
                                       if name in WEIGHT_FILES or name.endswith(".safetensors")),
                     "quantize_seconds": round(qmodel.seconds, 3),
-                    "quantize_device": getattr(qmodel, "device", "cpu"),
-                    "quantize_device_peak_bytes": getattr(qmodel, "device_peak_bytes", None),
+                    "quantize_device": qmodel.device,
+                    "quantize_device_peak_bytes": qmodel.device_peak_bytes,
                     "write_seconds": round(write_seconds, 3)},
         "tensors": tensor_info,
         "files": files,

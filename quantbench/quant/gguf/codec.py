@@ -43,6 +43,9 @@ class BlockCodec:
     block_size: ClassVar[int] = 1   # elements per block
     type_size: ClassVar[int] = 4    # bytes per block
     chunk_elements: ClassVar[int] = 1 << 18  # values per row chunk in ``quantize_rows``
+    # GPTQ onto this type (``gptq_grid``) needs the fit/round split: ``fit_params`` per block
+    # and ``round_to_grid`` per column; the legacy and k-quant codecs have it
+    gptq_capable: ClassVar[bool] = False
 
     @property
     def bits_per_weight(self) -> float:

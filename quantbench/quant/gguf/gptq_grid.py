@@ -82,7 +82,7 @@ def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
     if codec.name in FLOAT_TYPES:
         return codec.quantize_rows(weight), GPTQStats(0.0, False, 0.0), \
             torch.zeros(weight.shape[0])
-    if not hasattr(codec, "round_to_grid"):
+    if not codec.gptq_capable:
         raise NotImplementedError(f"{codec.name} has no fit/round split for GPTQ")
     W = weight.float().clone()
     out_f, in_f = W.shape

@@ -20,6 +20,7 @@ C dequantizer does).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -142,6 +143,8 @@ class KQuantCodec(BlockCodec):
         of ``params`` (see :meth:`round_to_grid`)."""
         scale, offset = self.element_grid(params)
         return self.round_to_grid(x, scale, offset, params.fallback)
+
+    gptq_capable: ClassVar[bool] = True
 
     def round_to_grid(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                       fallback: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ and :meth:`~_LegacyCodec.pack`. ``quantize`` is ``pack(fit(x).fallback, fit(x))`
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -213,6 +214,8 @@ class _LegacyCodec(BlockCodec):
         offset = -_fp16_value(_fp16_bytes(params.m)) if self.has_min else \
             torch.zeros_like(params.d)[:, None]
         return scale, offset.expand(-1, self.block_size)
+
+    gptq_capable: ClassVar[bool] = True
 
     def round_to_grid(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                       fallback: torch.Tensor) -> torch.Tensor:
