@@ -1,7 +1,9 @@
 """Where a finished quantization keeps its blocks: safetensors files in a temporary folder,
 one per block, so a result can be written out in several formats without calibrating or
-quantizing again while memory stays one block. The folder goes with the result object (or
-at interpreter exit).
+quantizing again while memory stays one block. The folder is on disk, not in ``/tmp`` (often
+RAM): ``$QUANTBENCH_STORE``, else ``results/`` in the quantbench cache. It goes with the result
+object (or at interpreter exit); folders of processes that no longer run (a killed run) are
+removed when the next store is made.
 
 Plain tensors are stored as they are; a :class:`QuantizedTensor` as its parts
 (``name::codes``, ``::scales``, ``::zeros``, ``::g_idx``, ``::perm``, ``::aux.<key>``) with its
@@ -10,6 +12,7 @@ grid, dtype and meta as JSON in the file's metadata: every stored bit comes back
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import weakref
@@ -21,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantbench.config import grid_from_dict
+from quantbench.models.cache import cache_root
 from quantbench.tensor import QuantizedTensor
 
 PARTS = ("codes", "scales", "zeros", "g_idx", "perm")
@@ -44,11 +48,46 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+PREFIX = "result-"
+
+
+def store_root() -> Path:
+    if os.environ.get("QUANTBENCH_STORE"):
+        return Path(os.environ["QUANTBENCH_STORE"]).expanduser()
+    return cache_root() / "results"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Remove the store folders under ``root`` whose process is gone; return them."""
+    removed = []
+    for path in root.glob(f"{PREFIX}*"):
+        pid = path.name[len(PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class BlockStore:
     """An append-only sequence of ``(label, {name: tensor or QuantizedTensor})`` on disk."""
 
     def __init__(self, directory: Path | None = None):
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="quantbench-result-"))
+        if directory is None:
+            root = store_root()
+            root.mkdir(parents=True, exist_ok=True)
+            remove_orphans(root)
+            directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
+        self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.labels: list[str] = []
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)

@@ -72,3 +72,25 @@ def test_store_round_trips_every_part(tmp_path):
     del store, back
     gc.collect()
     assert not directory.exists()
+
+
+def test_store_lives_on_disk_and_orphans_are_removed(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from quantbench.quant.store import PREFIX, store_root
+
+    monkeypatch.setenv("QUANTBENCH_STORE", str(tmp_path / "stores"))
+    assert store_root() == tmp_path / "stores"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    orphan = tmp_path / "stores" / f"{PREFIX}{dead}-abc"
+    orphan.mkdir(parents=True)
+    live = tmp_path / "stores" / f"{PREFIX}{os.getpid()}-other"
+    live.mkdir()
+    store = BlockStore()
+    assert store.directory.parent == tmp_path / "stores"
+    assert not orphan.exists() and live.exists()
+    store.close()
+    assert not store.directory.exists()
