@@ -12,7 +12,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import make_tiny_llama

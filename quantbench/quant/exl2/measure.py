@@ -224,7 +224,7 @@ def measure(model: Any, captured: Any, measurement: Measurement, planned: list[S
     ``quantize(weight, prepare(hessian), mixes)`` returns the dequantized weight for each mix
     (``prepare`` runs once per input Hessian, e.g. its factorisation, shared by every setting
     tried on that input)."""
-    from quantbench.calibration.pipeline import _skeleton, walk_blocks
+    from quantbench.calibration.blocks import _skeleton, walk_blocks
 
     done = measurement.measured_blocks()
     by_block: dict[int, list[Slot]] = {}
@@ -265,7 +265,7 @@ def _branch(model: Any, layer: torch.nn.Module, index: int, sub: Any, x: list[to
             prepare: Callable[[torch.Tensor], Any]) -> list[torch.Tensor]:
     """``x + mixer(norm(x))`` in float (a declared post-branch norm applied to the branch);
     measure ``slot``'s candidates on the way (errors relative to the hidden state after it)."""
-    from quantbench.calibration.pipeline import call_mixer, residual_add
+    from quantbench.calibration.blocks import call_mixer, residual_add
 
     norm, mixer = layer.get_submodule(sub.norm), layer.get_submodule(sub.mixer)
     kw = kwargs if sub.takes_layer_kwargs else [{} for _ in x]
@@ -296,7 +296,7 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 def _measure_branch(model, layer, index, sub, normed, kw, ref, y, slot: Slot,
                     quantize: QuantizeFn, prepare: Callable[[torch.Tensor], Any]) -> None:
     from quantbench.calibration.collectors import HessianCollector
-    from quantbench.calibration.pipeline import call_mixer, capture_linear_inputs
+    from quantbench.calibration.blocks import call_mixer, capture_linear_inputs
 
     arch = model.arch
     prefix = f"{arch.block_prefix}.{index}."

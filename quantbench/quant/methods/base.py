@@ -19,7 +19,7 @@ from quantbench.options import option_fields
 from quantbench.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
-    from quantbench.calibration.pipeline import BlockContext
+    from quantbench.calibration.blocks import BlockContext
     from quantbench.models.loader import Model
 
 
