@@ -12,10 +12,9 @@ from typing import Any, Callable, Mapping
 from quantbench.config import QuantizeConfig, TargetConfig
 from quantbench.errors import ConfigError
 from quantbench.recipes.parts import (  # noqa: F401  (Gate, Upload, ... re-exported)
-    Evaluation, GRID_KEYS, Gate, JOB_KEYS, NAME_FIELDS, PAIRS,
-                                      RecipeError, TOP_KEYS, Upload, _check_options, _evaluation,
-                                      _gate, _grid_values, _located, _mapping, _one_or_many,
-                                      _option_names, _targets, _tuple, _typed, _upload)
+    GRID_KEYS, JOB_KEYS, NAME_FIELDS, PAIRS, TOP_KEYS, Evaluation, Gate, RecipeError, Upload,
+    _check_options, _evaluation, _gate, _grid_values, _located, _mapping, _one_or_many,
+    _option_names, _targets, _tuple, _typed, _upload)
 
 
 @dataclass(frozen=True)
