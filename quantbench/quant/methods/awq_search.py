@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from quantbench.calibration.blocks import residual_add
 from quantbench.calibration.collectors import ActMagnitudeCollector
 from quantbench.config import GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
@@ -200,7 +201,7 @@ def _awq_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, torc
                     module.weight.data.copy_(apply_clip(module.weight.data, max_val, grid))
                     result[f"{prefix}{lin}.awq_clip"] = max_val
         if not last:
-            x = [h + out for h, out in zip(x, outs)]   # the float branch output (scales keep it)
+            x = residual_add(layer, sub, x, outs)  # the float branch output (scales keep it)
     return result
 
 
