@@ -84,8 +84,13 @@ class GPTQ(GGUFPlan, Method):
     def quantize_weight(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
         """Embeddings / lm_head (quantized before the blocks, no Hessian reaches them): the
         grid's own round-to-nearest fit (a GGUF type's RTN codec; min/max scales on an integer
-        grid, e.g. ``awq --then gptq --quantize-lm-head``)."""
-        return self.grid_for(name).rtn(weight)
+        grid, e.g. ``awq --then gptq --quantize-lm-head``), said in the log: on a GGUF type
+        this is llama.cpp's own treatment, on an integer grid the user asked for it."""
+        grid = self.grid_for(name)
+        if not self.planned:
+            log.warning("%s: no Hessian reaches it (quantized before the blocks); "
+                        "round-to-nearest on %s", name, grid.describe())
+        return grid.rtn(weight)
 
     def _params(self) -> GPTQParams:
         o = self.config.options
