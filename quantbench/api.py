@@ -13,17 +13,26 @@ from quantbench.config import QuantizeConfig, TargetConfig
 from quantbench.models.loader import Model, load_model
 
 
-def _as_model(model: "Model | str | os.PathLike", trust_remote_code: bool = False) -> Model:
-    return model if isinstance(model, Model) else load_model(model, trust_remote_code)
+def _as_model(model: "Model | str | os.PathLike", trust_remote_code: bool = False,
+              allow_non_finite: bool = False) -> Model:
+    if isinstance(model, Model):
+        if allow_non_finite:  # the caller's opt-in applies to the model it passed
+            model.weights.allow_non_finite = True
+        return model
+    return load_model(model, trust_remote_code, allow_non_finite=allow_non_finite)
 
 
 def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None = None,
              group_size: int | None = None, symmetric: bool | None = None,
              targets: TargetConfig | None = None, config: QuantizeConfig | None = None,
-             progress: bool = False, **options: Any):
+             progress: bool = False, allow_non_finite: bool = False, **options: Any):
     """Quantize ``model`` (a ``Model`` or a source string): calibration and quantization run
     here (a progress bar with ``progress=True``), and the ``QuantizedModel`` returned holds
     the result, so saving it in several formats does not quantize again.
+
+    NaN/Inf in a source weight is refused; ``allow_non_finite=True`` (as
+    ``load_model(..., allow_non_finite=True)``) keeps the tensors holding them unquantized,
+    with a warning naming them.
 
     >>> q = quantize("sample:smollm2", method="zeropoint", bits=4, group_size=64)  # doctest: +SKIP
     """
@@ -32,7 +41,7 @@ def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None =
 
     if config is None:
         config = make_config(method, bits, group_size, symmetric, targets, **options)
-    qmodel = run_quantize(_as_model(model), config)
+    qmodel = run_quantize(_as_model(model, allow_non_finite=allow_non_finite), config)
     label = f"{config.method} {config.grid.describe()}"
     with block_progress(qmodel.num_steps(), label, enabled=progress) as step:
         return qmodel.run(step)

@@ -121,13 +121,16 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--quantize-lm-head", is_flag=True, help="Also quantize lm_head.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code.")
+@click.option("--allow-non-finite", is_flag=True,
+              help="Accept NaN/Inf in source weights: tensors holding them are kept as they "
+                   "are, not quantized (default: refused).")
 @click.option("--json", "json_path", default=None, help="Write the manifest summary here.")
 @click.option("--plan", is_flag=True,
               help="Only estimate time and peak memory for this run; write nothing.")
 @_calibration_options
 def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output, include,
             exclude, quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code,
-            json_path, plan, **calibration):
+            allow_non_finite, json_path, plan, **calibration):
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
     from quantbench.formats.io import check_output, write_artifact
@@ -149,7 +152,8 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     config = make_config(method, bits, group_size, symmetric, targets, gguf_type=gguf_type,
                          **_method_options(method, calibration))
     writer = get_format(fmt)()
-    model = load_model(source, trust_remote_code=trust_remote_code)
+    model = load_model(source, trust_remote_code=trust_remote_code,
+                       allow_non_finite=allow_non_finite)
     qmodel = quantize(model, config)
     writer.check(config, model, qmodel.targets)
     if plan:

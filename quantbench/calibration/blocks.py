@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from quantbench.devices import CPU
+from quantbench.errors import QuantbenchError
+from quantbench.finite import count_non_finite
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
@@ -137,12 +139,30 @@ def walk_blocks(model: Model, skeleton: torch.nn.Module, captured: Captured,
     ``(index, visit's result)``. ``context`` fills the remaining ``BlockContext`` fields."""
     hidden = captured.hidden
     for index in range(model.num_blocks):
+        check_activations(model, index, hidden)
         layer = materialize_block(skeleton, model, index, device)
         ctx = BlockContext(model, layer, index, hidden, captured.layer_kwargs[index],
                            targets if targets is not None else set(), **context)
         result, hidden = visit(ctx)
         layer.to("meta")  # release the block's memory
         yield index, result
+
+
+def check_activations(model: Model, index: int, hidden: list[torch.Tensor]) -> None:
+    """Refuse calibration activations entering block ``index`` that hold NaN/Inf: every
+    statistic built on them (Hessians, activation scales) would be too, and the codes chosen
+    from them meaningless."""
+    bad = sum(count_non_finite(h) for h in hidden)
+    if not bad:
+        return
+    allowed = sorted(model.weights.non_finite)
+    source = (f"; the source's non-finite weights ({allowed[0]}"
+              f"{f' and {len(allowed) - 1} more' if len(allowed) > 1 else ''}) reach it: "
+              "use a data-free method (rtn, absmax, zeropoint) for this checkpoint"
+              if allowed else ": an overflow in the previous block (try float32 or bfloat16 "
+              "weights) or damaged weights")
+    raise QuantbenchError(f"calibration activations entering block {index} hold {bad} "
+                          f"non-finite values (NaN/Inf){source}")
 
 
 def _run(layer: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]

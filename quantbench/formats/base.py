@@ -10,6 +10,7 @@ import torch
 
 from quantbench.config import QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
+from quantbench.finite import count_non_finite, describe_non_finite
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights
 from quantbench.tensor import QuantizedTensor
@@ -51,7 +52,7 @@ class Artifact:
         for name in self.plain_names:
             yield name, self.weights.get(name)
         for name in self.quantized_names:  # exact scale·(code−zero), as a runtime computes it
-            yield name, self.quantized(name).dequantize()
+            yield name, finite(self.path, name, self.quantized(name).dequantize())
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weights.files())
@@ -63,6 +64,16 @@ class Artifact:
         for name in self.quantized_names:
             total += self.quantized(name).numel
         return total
+
+
+def finite(path: Path, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """A weight read back from an artifact, refused when its stored scales made it NaN/Inf."""
+    bad = count_non_finite(weight)
+    if bad:
+        raise FormatError(f"{path}: {name} dequantizes to {bad} non-finite values "
+                          f"({describe_non_finite(weight)}); its stored scales are damaged: "
+                          "re-create the artifact")
+    return weight
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from quantbench.config import GGUFGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError, ModelLoadError
-from quantbench.formats.base import Artifact, Format, read_manifest
+from quantbench.formats.base import Artifact, Format, finite, read_manifest
 from quantbench.formats.gguf_meta import qk_permute_heads
 from quantbench.models.gguf_import import (GENERATED, hf_config_from_gguf, hf_name, permute_qk,
                                            unpermute_qk)
@@ -249,7 +249,7 @@ class GGUFWeights:
         codec = get_codec(self.ggml_type(name))
         shape = self.shape(name)
         w = codec.dequantize_rows(self.raw(name), shape[-1])
-        return w.reshape(shape)
+        return finite(self.file, name, w.reshape(shape))
 
     def iter(self, names):
         for name in names:

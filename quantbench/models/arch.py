@@ -77,6 +77,36 @@ def config_value(config: dict, key: str):
     return None
 
 
+# every tensor a llama-family checkpoint holds, as (module, shape of its ``.weight``) with each
+# dimension a product of config keys (see ``config_value``); block modules are block-relative.
+# What ``models/validate.py`` checks a checkpoint's headers against.
+LLAMA_SHAPES = (
+    ("self_attn.q_proj", ("num_attention_heads*head_dim", "hidden_size")),
+    ("self_attn.k_proj", ("num_key_value_heads*head_dim", "hidden_size")),
+    ("self_attn.v_proj", ("num_key_value_heads*head_dim", "hidden_size")),
+    ("self_attn.o_proj", ("hidden_size", "num_attention_heads*head_dim")),
+    ("mlp.gate_proj", ("intermediate_size", "hidden_size")),
+    ("mlp.up_proj", ("intermediate_size", "hidden_size")),
+    ("mlp.down_proj", ("hidden_size", "intermediate_size")),
+    ("input_layernorm", ("hidden_size",)),
+    ("post_attention_layernorm", ("hidden_size",)),
+    ("model.embed_tokens", ("vocab_size", "hidden_size")),
+    ("model.norm", ("hidden_size",)),
+    ("lm_head", ("vocab_size", "hidden_size")),
+)
+
+# (config flag, linears that carry a ``.bias`` when it is true); flag None: always
+LLAMA_BIASES = (
+    ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                        "self_attn.o_proj")),
+    ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+)
+
+# buffers older transformers saved that the model recomputes from the config: harmless
+# leftovers, logged and skipped (regular expressions over tensor names)
+DERIVED_BUFFERS = (r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$",)
+
+
 LLAMA_SUBLAYERS = (
     Sublayer("input_layernorm", "self_attn",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
@@ -95,7 +125,11 @@ class ArchSpec:
     ``scale_folding`` pairs a norm/linear with the linears it feeds (AWQ folds scales there);
     ``sublayers`` describes the block as residual branches (None: run it only whole);
     ``gguf_names`` maps block-relative module names to llama.cpp tensor names;
-    ``heads_key`` / ``kv_heads_key`` name the config's attention head counts.
+    ``heads_key`` / ``kv_heads_key`` name the config's attention head counts;
+    ``shapes`` gives the shape of each module's ``.weight`` from config keys (a module of
+    ``linears``/``norms`` without an entry is only required to exist), ``biases`` which linears
+    carry a ``.bias`` under which config flag, ``tied_by_default`` what a config without
+    ``tie_word_embeddings`` means, ``derived_buffers`` tensor names skipped as leftovers.
     """
 
     family: str
@@ -126,6 +160,10 @@ class ArchSpec:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"  # absent from a config: as many as heads
     fused: tuple[Fused, ...] = ()  # projections stored as one linear of several logical ones
+    shapes: tuple[tuple[str, tuple[str, ...]], ...] = LLAMA_SHAPES
+    biases: tuple[tuple[str | None, tuple[str, ...]], ...] = LLAMA_BIASES
+    tied_by_default: bool = False  # transformers' default tie_word_embeddings for the family
+    derived_buffers: tuple[str, ...] = DERIVED_BUFFERS
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -208,7 +246,8 @@ class ArchSpec:
 
 
 LLAMA = ArchSpec(family="llama", model_types=("llama", "mistral"))
-QWEN2 = ArchSpec(family="qwen2", model_types=("qwen2",), gguf_arch="qwen2")
+QWEN2 = ArchSpec(family="qwen2", model_types=("qwen2",), gguf_arch="qwen2",
+                 biases=((None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),))
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2)
 

@@ -108,12 +108,38 @@ def _read_config(directory: Path) -> dict[str, Any]:
             "checkpoint directory, a Hub id, or sample:smollm2"
         )
     try:
-        return json.loads(cfg_path.read_text())
-    except ValueError as exc:
+        config = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc}); fix or re-download it") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg_path} is not a JSON object; fix or re-download it")
+    return config
 
 
-def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False) -> Model:
+def _validate(directory: Path, config: dict[str, Any], arch: ArchSpec,
+              weights: LazyWeights) -> None:
+    """Every tensor the config implies, with its shape, and nothing else (models/validate.py);
+    leftover buffers are dropped from the weights. A quantized checkpoint (its config has a
+    ``quantization_config``) stores other tensors: its format's reader checks it instead."""
+    from quantbench.models.validate import Context, check_tensors
+
+    if config.get("quantization_config"):
+        log.debug("%s is a quantized checkpoint; its format's reader validates it", directory)
+        return
+    embed, head = f"{arch.embed}.weight", f"{arch.lm_head}.weight"
+
+    def tied_copy() -> bool:  # read both only for a tied config that also has an lm_head
+        return embed in weights and torch.equal(weights.get(embed), weights.get(head))
+
+    shapes = {name: weights.shape(name) for name in weights.names()}
+    weights.drop(check_tensors(config, arch, shapes, Context(str(directory)), tied_copy))
+
+
+def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False,
+                   allow_non_finite: bool = False) -> Model:
+    """A checkpoint directory, validated against its config before any work
+    (``models/validate.py``); ``allow_non_finite`` lets NaN/Inf weights be read (kept
+    unquantized) instead of refused."""
     config = _read_config(directory)
     arch = arch_for(config.get("model_type"))
     if list(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
@@ -126,6 +152,8 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
         )
     if not weights.names():
         raise ModelLoadError(f"{directory} has no tensors in its weight files")
+    weights.allow_non_finite = allow_non_finite
+    _validate(directory, config, arch, weights)
     meta: dict[str, Any] = {}
     sample_meta = directory / "quantbench_sample.json"
     if sample_meta.is_file():
@@ -152,26 +180,29 @@ def _download_hub(repo_id: str, revision: str | None) -> Path:
 
 
 def load_model(source: str | os.PathLike, trust_remote_code: bool = False,
-               revision: str | None = None) -> Model:
-    """Open a model from a local directory, a Hub id, or ``sample:NAME``; nothing is preloaded."""
+               revision: str | None = None, allow_non_finite: bool = False) -> Model:
+    """Open a model from a local directory, a Hub id, or ``sample:NAME``; nothing is preloaded,
+    but the checkpoint is checked against its config first. ``allow_non_finite``: NaN/Inf
+    weights are read (and kept unquantized by ``quantize``) instead of refused."""
     text = str(source)
+    opts = {"trust_remote_code": trust_remote_code, "allow_non_finite": allow_non_finite}
     if text.startswith("sample:"):
         from quantbench.models.sample import resolve_sample
 
-        return open_model_dir(resolve_sample(text), text, trust_remote_code)
+        return open_model_dir(resolve_sample(text), text, **opts)
     path = Path(text).expanduser()
     if path.is_dir():
-        return open_model_dir(path, text, trust_remote_code)
+        return open_model_dir(path, text, **opts)
     if path.exists():
         if path.suffix == ".gguf":  # dequantized once to an FP16 checkpoint in the cache
             from quantbench.models.gguf_import import cached_hf_checkpoint
 
-            return open_model_dir(cached_hf_checkpoint(path), text, trust_remote_code)
+            return open_model_dir(cached_hf_checkpoint(path), text, **opts)
         raise ModelLoadError(
             f"{path} is a file, not a model directory; pass the directory that holds config.json"
         )
     if HUB_ID.match(text) and not text.startswith((".", "/")):
-        return open_model_dir(_download_hub(text, revision), text, trust_remote_code)
+        return open_model_dir(_download_hub(text, revision), text, **opts)
     raise ModelLoadError(
         f"{text} does not exist; pass a local checkpoint directory, a Hub id (org/name), "
         "or sample:smollm2"

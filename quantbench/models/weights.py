@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quantbench.errors import ModelLoadError
+from quantbench.finite import count_non_finite, describe_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +18,7 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def _open_checked(path: Path):
+    check_header(path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -27,12 +29,18 @@ def _open_checked(path: Path):
 
 
 class LazyWeights:
-    """Name → tensor, read on demand with ``safe_open`` (memory-mapped, nothing preloaded)."""
+    """Name → tensor, read on demand with ``safe_open`` (memory-mapped, nothing preloaded).
+
+    Every float tensor read is checked for NaN/Inf (:func:`count_non_finite`): refused naming
+    it, unless ``allow_non_finite`` is set (``--allow-non-finite``), when the counts are kept
+    in ``non_finite`` (name → count) and a warning names the tensor."""
 
     def __init__(self, shards: dict[str, Path]):
         self._shards = shards  # tensor name -> file
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
+        self.allow_non_finite = False
+        self.non_finite: dict[str, int] = {}
 
     @classmethod
     def from_dir(cls, directory: Path) -> "LazyWeights":
@@ -77,6 +85,31 @@ class LazyWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._shards
 
+    def drop(self, names: Iterable[str]) -> None:
+        """Forget tensors the model does not use (leftover buffers; see models/validate.py)."""
+        for name in names:
+            self._shards.pop(name, None)
+
+    def where(self, name: str) -> str:
+        """The file a tensor is read from, for messages."""
+        return str(self._shards[name]) if name in self._shards else "memory"
+
+    def checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` when it holds no NaN/Inf; else refused (or, allowed, counted and warned)."""
+        bad = count_non_finite(tensor)
+        if not bad:
+            return tensor
+        if not self.allow_non_finite:
+            raise ModelLoadError(
+                f"tensor {name} (in {self.where(name)}) holds {bad} non-finite values "
+                f"({describe_non_finite(tensor)}); the checkpoint is damaged: re-download or "
+                "re-convert it (convert --allow-non-finite keeps such tensors unquantized)")
+        if name not in self.non_finite:
+            log.warning("%s holds %d non-finite values (%s); kept as it is (--allow-non-finite)",
+                        name, bad, describe_non_finite(tensor))
+        self.non_finite[name] = bad
+        return tensor
+
     def files(self) -> list[Path]:
         return sorted(set(self._shards.values()))
 
@@ -116,12 +149,13 @@ class LazyWeights:
             raise KeyError(name)
         try:
             self._handle(self._shards[name])  # validated header
-            return self._read(self._shards[name], name)
+            tensor = self._read(self._shards[name], name)
         except (SafetensorError, KeyError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot read {name} from {self._shards[name]} ({exc}); the file may be "
                 "truncated: re-download or re-convert it"
             ) from exc
+        return self.checked(name, tensor)
 
     def iter(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
@@ -157,6 +191,10 @@ class InMemoryWeights(LazyWeights):
     def files(self) -> list[Path]:
         return []
 
+    def drop(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._tensors.pop(name, None)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
@@ -164,7 +202,69 @@ class InMemoryWeights(LazyWeights):
         return self._tensors[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        return self.checked(name, self._tensors[name])
+
+
+def check_header(path: Path) -> None:
+    """Refuse a safetensors header whose entries cannot be right, naming the tensor: an
+    unknown dtype, a byte count other than dtype × shape, data past the end of the file, two
+    tensors sharing bytes. (safetensors refuses most of these too, but without the name.)"""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            raise ModelLoadError(f"{path} is not a safetensors file (its header length runs "
+                                 "past the end): it is truncated or damaged; re-download it")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path}: the safetensors header is not valid JSON ({exc}); "
+                                 "the file is truncated or corrupted: re-download it") from exc
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: the safetensors header is not a JSON object; the file "
+                             "is corrupted: re-download it")
+    spans = []
+    for name, entry in header.items():
+        if name != "__metadata__":
+            spans.append((*_entry_span(path, name, entry, size - 8 - n), name))
+    spans.sort()
+    for (start, end, name), (_, prev_end, prev) in zip(spans[1:], spans):
+        if start < prev_end:
+            raise ModelLoadError(f"{path}: tensor {name}'s data overlaps tensor {prev}'s; the "
+                                 "file is damaged: re-download or re-convert it")
+
+
+def _entry_span(path: Path, name: str, entry, data_bytes: int) -> tuple[int, int]:
+    """``(start, end)`` of one header entry's data, after checking it fits."""
+    def bad(what: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: tensor {name} {what}; the file is truncated or "
+                              "corrupted: re-download or re-convert it")
+
+    if not isinstance(entry, dict):
+        raise bad("has no header entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ST_DTYPES:
+        raise bad(f"has dtype {dtype!r}, which quantbench does not read")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_count, offsets)) \
+            or offsets[1] < offsets[0]:
+        raise bad(f"has data offsets {offsets!r}")
+    start, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    need = numel * _ST_DTYPES[dtype].itemsize
+    if end - start != need:
+        raise bad(f"has {end - start} bytes of data but {dtype} x {shape} needs {need}")
+    if end > data_bytes:
+        raise bad(f"runs past the end of the file (byte {end} of {data_bytes} data bytes)")
+    return start, end
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def load_pickled_weights(directory: Path) -> InMemoryWeights:

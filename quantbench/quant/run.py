@@ -95,6 +95,7 @@ class QuantizedModel:
         store = BlockStore()
         try:
             for label, tensors in self._compute_blocks():
+                self._check_finite(tensors)
                 store.add(label, tensors)
                 if on_step:
                     on_step(label)
@@ -103,6 +104,33 @@ class QuantizedModel:
             raise
         self.store = store
         return self
+
+    def _check_finite(self, tensors: Tensors) -> None:
+        """No method turns a finite weight into NaN/Inf, or NaN into a finite code, silently:
+        a quantized tensor's stored scales (or a GGUF block's) must be finite, and so must every
+        tensor passed through, unless it came so from the source (``--allow-non-finite``)."""
+        from quantbench.errors import QuantbenchError
+        from quantbench.finite import count_non_finite
+
+        for name, value in tensors.items():
+            if isinstance(value, QuantizedTensor):
+                bad = [p for s in value.slices() for p in s.grid.non_finite_parts(s)]
+                if bad:
+                    raise QuantbenchError(
+                        f"quantizing {name} with {self.config.method} gave non-finite {bad[0]} "
+                        f"(NaN/Inf), likely from {self._likely_cause(name, value)}; nothing was "
+                        "written: check the source weights' magnitudes and the calibration data")
+            elif count_non_finite(value) and name not in self.source.weights.non_finite:
+                raise QuantbenchError(
+                    f"{name} became non-finite (NaN/Inf) while {self.config.method} prepared "
+                    "its block; nothing was written: check the calibration data")
+
+    def _likely_cause(self, name: str, qt: QuantizedTensor) -> str:
+        if self.method.needs_calibration and self.source.arch.block_of(name) is not None:
+            return ("a calibration statistic (Hessian, activation scales) that is not finite, "
+                    "e.g. an fp16 overflow")
+        return f"scales beyond the range of {str(qt.scales.dtype).replace('torch.', '')}" \
+            if qt.scales.numel() else "block scales beyond the range of fp16"
 
     def _convert(self, name: str, tensor: torch.Tensor) -> "torch.Tensor | QuantizedTensor":
         if name not in self._target_set:
@@ -196,11 +224,31 @@ def _gguf_grid(method_cls, gguf_type: str, bits: int | None, group_size: int | N
     return GGUFGridConfig(gguf_type)
 
 
+def _finite_targets(model: Model, names: list[str]) -> list[str]:
+    """With ``allow_non_finite`` (``--allow-non-finite``), the targets holding NaN/Inf are
+    kept as they are, not quantized: no grid may turn NaN into a finite code. Reads each
+    target once (only then); without the opt-in such a tensor is refused when read."""
+    weights = model.weights
+    if not weights.allow_non_finite:
+        return names
+    for name in names:
+        weights.get(name)  # counts its non-finite values into weights.non_finite
+    kept = [n for n in names if n in weights.non_finite]
+    for name in kept:
+        log.warning("not quantizing %s: it holds %d non-finite values (kept as it is)", name,
+                    weights.non_finite[name])
+    finite = [n for n in names if n not in weights.non_finite]
+    if not finite:
+        raise ConfigError("every tensor selected for quantization holds NaN/Inf values; "
+                          "nothing can be quantized")
+    return finite
+
+
 def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
     """Check the combination, then return a lazy ``QuantizedModel``."""
     method_cls = get_method(config.method)
     method = method_cls(config)
-    names = select_targets(model, config.targets)
+    names = _finite_targets(model, select_targets(model, config.targets))
     check_grid(model, names, config.grid)
     if isinstance(config.options, CalibrationOptions):  # refuse a missing device before work
         from quantbench.devices import resolve_device

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, TypeVar
 import torch
 
 from quantbench.errors import ConfigError
+from quantbench.finite import count_non_finite
 
 if TYPE_CHECKING:
     from quantbench.quant.gptq import GPTQStats
@@ -175,6 +176,13 @@ class Grid:
     def validate(self, qt: "QuantizedTensor") -> None:
         """Raise ValueError when the stored parts do not fit this grid."""
         check_group_scales(qt, self.n_groups(qt.codes.shape[1]), self.describe())
+
+    def non_finite_parts(self, qt: "QuantizedTensor") -> list[str]:
+        """The stored float parts of ``qt`` holding NaN/Inf (``scales``, float ``aux``
+        tensors): what a fit from non-finite statistics, or scales beyond their storage
+        dtype's range, leaves. Grids that keep their scales inside the codes override it."""
+        parts = {"scales": qt.scales, **{f"aux[{k!r}]": v for k, v in qt.aux.items()}}
+        return [name for name, t in parts.items() if count_non_finite(t)]
 
     def n_groups(self, in_features: int) -> int:
         return 1
