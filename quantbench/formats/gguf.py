@@ -193,8 +193,12 @@ def find_gguf(path: Path) -> Path | None:
 
 
 def open_reader(file: Path):
+    """gguf-py's reader, after the bounded header walk (``gguf_check``)."""
     import gguf
 
+    from quantbench.formats.gguf_check import check_gguf
+
+    check_gguf(file, FormatError)
     try:
         return gguf.GGUFReader(str(file))
     except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
@@ -261,6 +265,13 @@ def read_gguf(path: Path) -> Artifact:
     if file is None:
         raise FormatError(f"{path} holds no GGUF file")
     reader = open_reader(file)
+    for t in reader.tensors:  # a type we cannot decode is the first thing to say
+        try:
+            get_codec(t.tensor_type.name)
+        except ConfigError as exc:
+            raise FormatError(f"{file}: tensor {t.name} has ggml type {t.tensor_type.name}, "
+                              "which quantbench does not read; re-quantize with one of its "
+                              "types") from exc
     try:
         config = hf_config_from_gguf(reader)
     except ModelLoadError as exc:
@@ -269,11 +280,6 @@ def read_gguf(path: Path) -> Artifact:
     quantized, plain = [], []
     for name in weights.names():
         ggml_type = weights.ggml_type(name)
-        try:
-            get_codec(ggml_type)
-        except ConfigError as exc:
-            raise FormatError(f"{file}: tensor {name} has ggml type {ggml_type}, which quantbench "
-                              "does not read; re-quantize with one of its types") from exc
         is_quantized = ggml_type not in FLOAT_TYPES and len(weights.shape(name)) == 2
         (quantized if is_quantized else plain).append(name)
 

@@ -51,40 +51,86 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def _open(path: Path):
+    """gguf-py's reader over ``path``, after our bounded header walk (``gguf_check``): no
+    count or length in the file can send the reader past its end."""
+    import struct
+
     import gguf
 
+    from quantbench.formats.gguf_check import check_gguf
+
+    check_gguf(path, ModelLoadError)
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as exc:
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); re-download it") from exc
 
 
-def hf_config_from_gguf(reader) -> dict[str, Any]:
+# HF config key → the GGUF metadata key it comes from (``<arch>.`` prefixed), for messages
+GGUF_KEYS = {"hidden_size": "embedding_length", "num_hidden_layers": "block_count",
+             "intermediate_size": "feed_forward_length",
+             "num_attention_heads": "attention.head_count",
+             "num_key_value_heads": "attention.head_count_kv",
+             "head_dim": "attention.key_length", "vocab_size": "vocab_size"}
+
+
+def _number(reader, key: str, kind: type, default: Any = None, positive: bool = False) -> Any:
+    """Metadata ``key`` as ``kind`` (int or float); refuses a missing required key (no
+    ``default``) or a value of another type, naming the key."""
+    value = _field(reader, key)
+    if value is None:
+        if default is None:
+            raise ModelLoadError(f"the GGUF metadata has no {key!r}, which the model needs; "
+                                 "the file is incomplete: re-create it")
+        return default
+    numeric = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric) or (positive and value <= 0):
+        raise ModelLoadError(f"GGUF metadata {key!r} is {value!r}, not a "
+                             f"{'positive ' if positive else ''}{kind.__name__}; the file is "
+                             "corrupted: re-create it")
+    return kind(value)
+
+
+def hf_config_from_gguf(reader, where: str = "") -> dict[str, Any]:
     """The HF ``config.json`` a GGUF's ``<arch>.*`` metadata stands for (GGUF arch ``llama`` →
-    LlamaConfig, ``qwen2`` → Qwen2Config)."""
+    LlamaConfig, ``qwen2`` → Qwen2Config), after checking that the file's tensors are exactly
+    the ones it implies (:func:`check_gguf_tensors`); ``where`` prefixes refusals."""
+    try:
+        config = _config_from_metadata(reader)
+        check_gguf_tensors(reader, config, gguf_arch_spec(config["gguf_arch"]))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{where}: {exc}" if where else str(exc)) from exc
+    config.pop("gguf_arch")
+    return config
+
+
+def _config_from_metadata(reader) -> dict[str, Any]:
     import transformers
 
     arch = _field(reader, "general.architecture")
     spec = gguf_arch_spec(arch)
-    key = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
-    n_head = int(key("attention.head_count"))
-    hidden = int(key("embedding_length"))
+    count = lambda k, d=None: _number(reader, f"{arch}.{k}", int, d, positive=True)  # noqa: E731
+    real = lambda k, d: _number(reader, f"{arch}.{k}", float, d)  # noqa: E731
+    n_head = count("attention.head_count")
+    hidden = count("embedding_length")
     names = {t.name for t in reader.tensors}
-    vocab = key("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
-    theta = float(key("rope.freq_base", 10000.0))
-    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // n_head)
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    vocab = count("vocab_size", len(tokens) or None)
+    theta = real("rope.freq_base", 10000.0)
+    head_dim = count("attention.key_length", 0) or count("rope.dimension_count", 0) or \
+        hidden // n_head
     kwargs: dict[str, Any] = dict(
-        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
-        num_hidden_layers=int(key("block_count")), num_attention_heads=n_head,
-        num_key_value_heads=int(key("attention.head_count_kv", n_head)),
-        max_position_embeddings=int(key("context_length", 2048)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=count("feed_forward_length"),
+        num_hidden_layers=count("block_count"), num_attention_heads=n_head,
+        num_key_value_heads=count("attention.head_count_kv", n_head),
+        max_position_embeddings=count("context_length", 2048),
+        rms_norm_eps=real("attention.layer_norm_rms_epsilon", 1e-5),
         tie_word_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
         hidden_act="silu")
-    rope = _rope_parameters(key, reader, theta, head_dim)
+    rope = _rope_parameters(reader, arch, theta, head_dim)
     kwargs.update({"rope_parameters": rope} if rope else {"rope_theta": theta})
     if spec.gguf_arch == "qwen2":
         cls, archs = transformers.Qwen2Config, ["Qwen2ForCausalLM"]
@@ -95,26 +141,59 @@ def hf_config_from_gguf(reader) -> dict[str, Any]:
     config = cls(architectures=archs, **kwargs).to_dict()
     config["dtype"] = "float16"
     config.pop("transformers_version", None)
+    config["gguf_arch"] = arch
     return config
 
 
-def _rope_parameters(key, reader, theta: float, head_dim: int) -> dict[str, Any] | None:
+def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
+    """The file's tensors are exactly those its metadata implies (block_count, embedding
+    length, heads, kv heads, feed-forward length, vocabulary), with those shapes: a file
+    declaring fewer tensors or blocks is refused, never read as a smaller model. The same
+    expectation as for HF checkpoints (``models/validate.py``), named in GGUF terms."""
+    from quantbench.models.validate import Context, check_tensors
+
+    arch = spec.gguf_arch
+    ctx = Context("", show=lambda n: _gguf_name(spec, n), config_file="the GGUF metadata",
+                  keys={**{k: f"{arch}.{v}" for k, v in GGUF_KEYS.items()},
+                        "tie_word_embeddings": "the absence of output.weight"})
+    shapes = {}
+    for t in reader.tensors:
+        if t.name in GENERATED:
+            continue
+        try:
+            name = spec.hf_tensor_name(t.name)
+        except ModelLoadError as exc:
+            raise ctx.fail(str(exc)) from exc
+        shapes[name] = tuple(int(d) for d in reversed(t.shape.tolist()))
+    check_tensors(config, spec, shapes, ctx)
+
+
+def _gguf_name(spec: ArchSpec, hf: str) -> str:
+    try:
+        return spec.gguf_tensor_name(hf)
+    except ModelLoadError:
+        return hf
+
+
+def _rope_parameters(reader, arch: str, theta: float, head_dim: int) -> dict[str, Any] | None:
     """RoPE scaling as transformers' ``rope_parameters``: from ``rope.scaling.*`` (linear,
     yarn) or, for llama3 scaling, recovered from the ``rope_freqs`` tensor (which is all
     llama.cpp keeps of it). None when unscaled."""
-    kind = key("rope.scaling.type")
+    def real(k: str, default: Any = None) -> Any:
+        return _number(reader, f"{arch}.rope.scaling.{k}", float, default)
+
+    kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind == "linear":
-        return {"rope_type": "linear", "rope_theta": theta,
-                "factor": float(key("rope.scaling.factor"))}
+        return {"rope_type": "linear", "rope_theta": theta, "factor": real("factor")}
     if kind == "yarn":
-        rope = {"rope_type": "yarn", "rope_theta": theta,
-                "factor": float(key("rope.scaling.factor")),
-                "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+        rope = {"rope_type": "yarn", "rope_theta": theta, "factor": real("factor"),
+                "original_max_position_embeddings": _number(
+                    reader, f"{arch}.rope.scaling.original_context_length", int, positive=True)}
         for gg, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
                        ("yarn_attn_factor", "attention_factor"),
                        ("yarn_ext_factor", "extrapolation_factor")):
-            if key(f"rope.scaling.{gg}") is not None:
-                rope[hf] = float(key(f"rope.scaling.{gg}"))
+            if _field(reader, f"{arch}.rope.scaling.{gg}") is not None:
+                rope[hf] = real(gg)
         return rope
     if kind not in (None, "none"):
         raise ModelLoadError(f"GGUF RoPE scaling {kind!r} is not supported for import (linear, "
@@ -122,6 +201,11 @@ def _rope_parameters(key, reader, theta: float, head_dim: int) -> dict[str, Any]
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is None:
         return None
+    if int(freqs.n_elements) != head_dim // 2 or freqs.tensor_type.name != "F32":
+        raise ModelLoadError(f"tensor rope_freqs.weight is {freqs.tensor_type.name} with "
+                             f"{int(freqs.n_elements)} values; llama3 RoPE scaling stores "
+                             f"{head_dim // 2} F32 values (half the head size): the file is "
+                             "corrupted")
     return llama3_rope(np.asarray(freqs.data, dtype=np.float32).reshape(-1), theta, head_dim)
 
 
@@ -186,7 +270,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torc
     """Write config.json, model.safetensors, generation_config.json and the tokenizer."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open(gguf_path)
-    config = hf_config_from_gguf(reader)
+    config = hf_config_from_gguf(reader, str(gguf_path))
     out_dir.mkdir(parents=True, exist_ok=True)
     types: Counter[str] = Counter()
     tensors = {}

@@ -51,7 +51,7 @@ class Context:
         return (self.keys or {}).get(key, key)
 
     def fail(self, message: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.where}: {message}")
+        return ModelLoadError(f"{self.where}: {message}" if self.where else message)
 
 
 def positive_int(config: Mapping, key: str, ctx: Context, needed_for: str) -> int:
@@ -155,14 +155,15 @@ def check_tensors(config: Mapping, arch: ArchSpec, shapes: Mapping[str, Sequence
     skip = _check_tied(config, arch, shapes, ctx, tied_copy)
     for name, want in expected.items():
         if name not in shapes:
-            raise ctx.fail(f"tensor {ctx.show(name)} is missing (the config implies it"
+            raise ctx.fail(f"tensor {ctx.show(name)} is missing ({ctx.config_file} implies it"
                            f"{_why(name, arch, config, ctx)}); the checkpoint is incomplete or "
                            "its config does not belong to it")
         got = tuple(int(d) for d in shapes[name])
         if want.shape is not None and not _fits(got, want.shape):
-            raise ctx.fail(f"tensor {ctx.show(name)} has shape {list(got)}, the config implies "
-                           f"{_show_shape(want.shape)} ({_describe(config, want.dims, ctx)}); "
-                           "the config does not match the weights")
+            raise ctx.fail(f"tensor {ctx.show(name)} has shape {list(got)}, {ctx.config_file} "
+                           f"implies {_show_shape(want.shape)} "
+                           f"({_describe(config, want.dims, ctx)}); {ctx.config_file} does not "
+                           "match the weights")
     for name in shapes:
         if name in expected or name in skip:
             continue
@@ -170,8 +171,9 @@ def check_tensors(config: Mapping, arch: ArchSpec, shapes: Mapping[str, Sequence
             log.info("skipping %s: a buffer the model recomputes from its config", name)
             skip.append(name)
             continue
-        raise ctx.fail(f"tensor {ctx.show(name)} is not part of a {arch.family} model with this "
-                       f"config{_why_not(name, arch, config, ctx)}; remove it or fix the config")
+        raise ctx.fail(f"tensor {ctx.show(name)} is not part of a {arch.family} model as "
+                       f"{ctx.config_file} describes it{_why_not(name, arch, config, ctx)}; "
+                       f"remove it or fix {ctx.config_file}")
     return skip
 
 
@@ -189,8 +191,8 @@ def _check_layer_count(config: Mapping, arch: ArchSpec, shapes: Mapping, ctx: Co
     if present and max(present) >= n:
         last = ctx.show(arch.block_module(max(present), "*"))
         raise ctx.fail(f"the weights hold {max(present) + 1} layers (up to {last}) but "
-                       f"{ctx.config_file} {ctx.key(arch.num_blocks_key)} is {n}; the config "
-                       "does not match the weights")
+                       f"{ctx.config_file} {ctx.key(arch.num_blocks_key)} is {n}; "
+                       f"{ctx.config_file} does not match the weights")
     if len(present) < n:
         first = min(set(range(n)) - present)
         raise ctx.fail(f"{ctx.config_file} {ctx.key(arch.num_blocks_key)} is {n} but the weights "
@@ -206,9 +208,9 @@ def _check_tied(config: Mapping, arch: ArchSpec, shapes: Mapping, ctx: Context,
     if tied_copy is not None and tied_copy():
         log.info("skipping %s: a copy of the tied embeddings", head)
         return [head]
-    raise ctx.fail(f"{ctx.config_file} ties the embeddings (tie_word_embeddings) but the weights "
-                   f"hold a separate {ctx.show(head)} that runtimes would ignore; set "
-                   "tie_word_embeddings to false if the model uses it")
+    raise ctx.fail(f"{ctx.config_file} ties the embeddings ({ctx.key('tie_word_embeddings')}) "
+                   f"but the weights hold a separate {ctx.show(head)} that runtimes would "
+                   "ignore; set tie_word_embeddings to false if the model uses it")
 
 
 def _why(name: str, arch: ArchSpec, config: Mapping, ctx: Context) -> str:
