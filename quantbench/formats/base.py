@@ -38,6 +38,9 @@ class Artifact:
     quantized_names: list[str] = field(default_factory=list)
     plain_names: list[str] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)  # run-time settings, e.g. LLM.int8's threshold
+    # the logical shape each tensor must have (manifest, config), set by open_artifact's
+    # check (formats/artifact_check.py); a decoded quantized tensor is held to it
+    expected_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def arch(self) -> ArchSpec:
@@ -46,7 +49,13 @@ class Artifact:
     def quantized(self, name: str) -> QuantizedTensor:
         if self.decode is None or name not in self.quantized_names:
             raise KeyError(name)
-        return self.decode(self, name)
+        qt = self.decode(self, name)
+        want = self.expected_shapes.get(name)
+        if want is not None and tuple(qt.shape) != tuple(want):
+            raise FormatError(f"{self.path}: quantized tensor {name} decodes to shape "
+                              f"{list(qt.shape)}, its manifest and config say {list(want)}; "
+                              "the artifact is damaged: re-create it")
+        return qt
 
     def dequantized(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.plain_names:

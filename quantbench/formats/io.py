@@ -233,12 +233,14 @@ def _write_config(tmp: Path, model, qconfig: dict[str, Any] | None) -> None:
 
 
 def open_artifact(path: str | os.PathLike) -> Artifact:
-    """Read an artifact back through its format's reader (detected from the files)."""
+    """Read an artifact back through its format's reader (detected from the files), checked
+    against its manifest and config before use (``formats/artifact_check.py``)."""
+    from quantbench.formats.artifact_check import check_artifact
     from quantbench.formats.gguf import find_gguf, read_gguf
 
     path = Path(path)
-    if find_gguf(path) is not None:
-        return read_gguf(path)
+    if find_gguf(path) is not None:  # the reader checked its tensors against the metadata
+        return check_artifact(read_gguf(path), config_checked=True)
     if not path.is_dir():
         raise FormatError(f"{path} is not a directory or a .gguf file; pass a quantbench output "
                           "directory")
@@ -252,7 +254,7 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
     manifest = read_manifest(path)
     weights = LazyWeights.from_dir(path)
     name = (manifest or {}).get("format") or _detect(config, weights)
-    return get_format(name)().read(path, config, weights, manifest)
+    return check_artifact(get_format(name)().read(path, config, weights, manifest))
 
 
 def _detect(config: dict[str, Any], weights: LazyWeights) -> str:

@@ -145,11 +145,12 @@ def _check_heads(config: Mapping, arch: ArchSpec, ctx: Context) -> None:
                        f"of {ctx.key(arch.kv_heads_key)}={kv}; fix the config")
 
 
-def check_tensors(config: Mapping, arch: ArchSpec, shapes: Mapping[str, Sequence[int]],
-                  ctx: Context, tied_copy: Callable[[], bool] | None = None) -> list[str]:
+def check_tensors(config: Mapping, arch: ArchSpec,
+                  shapes: Mapping[str, Sequence[int] | None], ctx: Context,
+                  tied_copy: Callable[[], bool] | None = None) -> list[str]:
     """Refuse the first disagreement between ``shapes`` (the checkpoint's tensor names and
-    shapes) and what ``config`` implies; return the names to skip (derived buffers, an
-    lm_head that ``tied_copy()`` says equals the tied embeddings)."""
+    shapes; None: a shape not known yet) and what ``config`` implies; return the names to
+    skip (derived buffers, an lm_head that ``tied_copy()`` says equals the tied embeddings)."""
     expected = expected_tensors(config, arch, ctx)
     _check_layer_count(config, arch, shapes, ctx)
     skip = _check_tied(config, arch, shapes, ctx, tied_copy)
@@ -158,6 +159,8 @@ def check_tensors(config: Mapping, arch: ArchSpec, shapes: Mapping[str, Sequence
             raise ctx.fail(f"tensor {ctx.show(name)} is missing ({ctx.config_file} implies it"
                            f"{_why(name, arch, config, ctx)}); the checkpoint is incomplete or "
                            "its config does not belong to it")
+        if shapes[name] is None:
+            continue
         got = tuple(int(d) for d in shapes[name])
         if want.shape is not None and not _fits(got, want.shape):
             raise ctx.fail(f"tensor {ctx.show(name)} has shape {list(got)}, {ctx.config_file} "
