@@ -220,9 +220,9 @@ def _why(name: str, arch: ArchSpec, config: Mapping, ctx: Context) -> str:
     if name == f"{arch.lm_head}.weight":
         return ": tie_word_embeddings is false"
     for flag, linears in arch.biases:
-        if flag and name.endswith(".bias") and any(name.endswith(f".{lin}.bias")
-                                                    for lin in linears):
-            return f": {ctx.key(flag)} is {config.get(flag)!r}"
+        if any(name.endswith(f".{lin}.bias") for lin in linears):
+            return f": {ctx.key(flag)} is {config.get(flag)!r}" if flag else \
+                f": every {arch.family} model has it"
     return ""
 
 

@@ -66,13 +66,19 @@ class LazyWeights:
         return weights
 
     def validate(self) -> None:
-        """Open every shard once so a truncated file fails now, not half-way through."""
+        """Open every shard once so a truncated file fails now, not half-way through; every
+        tensor a shard is listed for (a sharded checkpoint's index) must be in it."""
         for path in sorted(set(self._shards.values())):
             handle = self._handle(path)
-            size = path.stat().st_size
-            for name in handle.keys():
+            held = set(handle.keys())
+            for name in held:
                 handle.get_slice(name)  # header entry is parseable
-            log.debug("checked %s (%d bytes)", path, size)
+            listed = [n for n, p in self._shards.items() if p == path and n not in held]
+            if listed:
+                raise ModelLoadError(f"{INDEX_NAME} lists tensor {listed[0]} in {path}, which "
+                                     "does not hold it; the checkpoint is incomplete: "
+                                     "re-download it")
+            log.debug("checked %s (%d bytes)", path, path.stat().st_size)
 
     def _handle(self, path: Path):
         if path not in self._handles:

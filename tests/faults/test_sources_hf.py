@@ -1,0 +1,318 @@
+"""Class 1, Hugging Face checkpoints: a source is checked against its config before any work.
+
+Every variant below damages a fresh tiny llama on one side (config or weights) and must be
+refused in one line naming the first disagreement (tensor, shapes, config key), with nothing
+written. Harmless leftovers (rotary ``inv_freq`` buffers, an lm_head copy of tied embeddings)
+are accepted.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.faults.conftest import assert_no_leftovers, assert_refused
+
+ST = "model.safetensors"
+L0, L1 = "model.layers.0.", "model.layers.1."
+
+
+def edit_config(src: Path, drop: tuple[str, ...] = (), **changes) -> None:
+    config = json.loads((src / "config.json").read_text())
+    for key in drop:
+        config.pop(key)
+    config.update(changes)
+    (src / "config.json").write_text(json.dumps(config))
+
+
+def edit_weights(src: Path, fn) -> None:
+    tensors = load_file(str(src / ST))
+    fn(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(src / ST), {"format": "pt"})
+
+
+def _drop_layer(t: dict) -> None:
+    for name in [n for n in t if n.startswith(L1)]:
+        del t[name]
+
+
+def _add_layer(t: dict) -> None:
+    for name in [n for n in t if n.startswith(L1)]:
+        t[name.replace(L1, "model.layers.2.")] = t[name].clone()
+
+
+def _reshape(name: str, shape: tuple[int, ...]):
+    def fn(t: dict) -> None:
+        t[name] = t[name].reshape(shape).clone()
+    return fn
+
+
+def _rename(old: str, new: str):
+    def fn(t: dict) -> None:
+        t[new] = t.pop(old)
+    return fn
+
+
+def _add(name: str, shape: tuple[int, ...]):
+    def fn(t: dict) -> None:
+        t[name] = torch.zeros(shape, dtype=torch.float16)
+    return fn
+
+
+def _remove(name: str):
+    def fn(t: dict) -> None:
+        del t[name]
+    return fn
+
+
+# (config changes, config keys to drop, weights edit, needles of the refusal)
+MISMATCHES = {
+    "config-more-layers": ({"num_hidden_layers": 3}, (), None,
+                           ["num_hidden_layers is 3", "hold 2 layers"]),
+    "config-fewer-layers": ({"num_hidden_layers": 1}, (), None,
+                            ["hold 2 layers", "num_hidden_layers is 1"]),
+    "weights-fewer-layers": ({}, (), _drop_layer, ["num_hidden_layers is 2", "hold 1 layers"]),
+    "weights-more-layers": ({}, (), _add_layer, ["hold 3 layers", "num_hidden_layers is 2"]),
+    "hidden": ({"hidden_size": 48}, (), None,
+               ["model.embed_tokens.weight", "[320, 64]", "[320, 48]", "hidden_size"]),
+    "heads": ({"num_attention_heads": 8}, (), None,
+              [L0 + "self_attn.q_proj.weight", "[128, 64]", "num_attention_heads"]),
+    "kv-heads": ({"num_key_value_heads": 4}, (), None,
+                 [L0 + "self_attn.k_proj.weight", "[32, 64]", "[64, 64]", "num_key_value_heads"]),
+    "kv-heads-not-dividing": ({"num_key_value_heads": 3}, (), None,
+                              ["num_attention_heads=4", "num_key_value_heads=3", "multiple"]),
+    "head-dim": ({"head_dim": 8}, (), None,
+                 [L0 + "self_attn.q_proj.weight", "[32, 64]", "num_attention_heads*head_dim=4*8"]),
+    "intermediate": ({"intermediate_size": 96}, (), None,
+                     [L0 + "mlp.gate_proj.weight", "[128, 64]", "[96, 64]",
+                      "intermediate_size"]),
+    "vocab": ({"vocab_size": 321}, (), None, ["model.embed_tokens.weight", "vocab_size=321"]),
+    "same-bytes-reshape": ({}, (), _reshape(L1 + "self_attn.k_proj.weight", (64, 32)),
+                           [L1 + "self_attn.k_proj.weight", "[64, 32]", "[32, 64]"]),
+    "same-bytes-transpose": ({}, (), _reshape(L0 + "mlp.down_proj.weight", (128, 64)),
+                             [L0 + "mlp.down_proj.weight", "[128, 64]", "[64, 128]"]),
+    "norm-reshaped": ({}, (), _reshape("model.norm.weight", (8, 8)),
+                      ["model.norm.weight", "[8, 8]", "[64]"]),
+    "tensor-removed": ({}, (), _remove(L1 + "self_attn.v_proj.weight"),
+                       [L1 + "self_attn.v_proj.weight", "missing"]),
+    "tensor-renamed": ({}, (), _rename(L0 + "mlp.up_proj.weight", L0 + "mlp.upper.weight"),
+                       [L0 + "mlp.up_proj.weight", "missing"]),
+    "tensor-added": ({}, (), _add(L0 + "self_attn.extra.weight", (4, 4)),
+                     [L0 + "self_attn.extra.weight", "not part of a llama model"]),
+    "bias-without-flag": ({}, (), _add(L0 + "self_attn.q_proj.bias", (64,)),
+                          [L0 + "self_attn.q_proj.bias", "attention_bias is False"]),
+    "flag-without-bias": ({"attention_bias": True}, (), None,
+                          [L0 + "self_attn.q_proj.bias", "missing", "attention_bias"]),
+    "other-family": ({"model_type": "qwen2"}, (), None,
+                     [L0 + "self_attn.q_proj.bias", "missing"]),
+    "tied-config-untied-weights": ({"tie_word_embeddings": True}, (), None,
+                                   ["lm_head.weight", "tie_word_embeddings"]),
+    "untied-config-no-lm-head": ({}, (), _remove("lm_head.weight"),
+                                 ["lm_head.weight", "missing", "tie_word_embeddings is false"]),
+    "no-lm-head-default-untied": ({}, ("tie_word_embeddings",), _remove("lm_head.weight"),
+                                  ["lm_head.weight", "missing"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_config_and_weights_disagreeing_are_refused(case, qb, fresh_llama, tmp_path):
+    changes, drop, weights_edit, needles = MISMATCHES[case]
+    src = fresh_llama()
+    edit_config(src, drop, **changes)
+    if weights_edit:
+        edit_weights(src, weights_edit)
+    out = tmp_path / "outputs"
+    assert_refused(qb("convert", src, "-o", out / "q"), *needles)
+    assert_no_leftovers(out)
+
+
+@pytest.mark.parametrize("key", ["num_hidden_layers", "hidden_size", "intermediate_size",
+                                 "vocab_size", "num_attention_heads"])
+def test_missing_config_key_is_named(key, qb, fresh_llama, tmp_path):
+    src = fresh_llama()
+    edit_config(src, drop=(key,))
+    assert_refused(qb("convert", src, "-o", tmp_path / "q"), f"no '{key}'")
+    assert_no_leftovers(tmp_path, keep=(src.name,))
+
+
+@pytest.mark.parametrize("value", ["2", 0, -1, 2.5, True, None, [2]])
+def test_config_key_that_is_not_a_positive_int(value, qb, fresh_llama, tmp_path):
+    src = fresh_llama()
+    edit_config(src, num_hidden_layers=value)
+    line = assert_refused(qb("convert", src, "-o", tmp_path / "q"), "num_hidden_layers")
+    assert "positive integer" in line or "no 'num_hidden_layers'" in line
+
+
+def test_eval_of_a_mismatched_source_is_refused(qb, fresh_llama):
+    src = fresh_llama()
+    edit_config(src, intermediate_size=256)
+    assert_refused(qb("eval", src, "--ctx", 64, "--max-tokens", 256, "--no-cache"),
+                   "mlp.gate_proj.weight", "intermediate_size")
+
+
+def test_api_load_model_refuses_too(fresh_llama):
+    from quantbench import load_model
+    from quantbench.errors import ModelLoadError
+
+    src = fresh_llama()
+    edit_weights(src, _drop_layer)
+    with pytest.raises(ModelLoadError, match="hold 1 layers"):
+        load_model(src)
+
+
+def test_harmless_leftovers_are_accepted(qb, fresh_llama, tmp_path):
+    """Rotary inv_freq buffers (older transformers saved them) and an lm_head equal to the
+    tied embeddings are skipped, and the conversion succeeds without them."""
+    from quantbench import load_model
+
+    src = fresh_llama()
+    edit_config(src, tie_word_embeddings=True)
+
+    def leftovers(t: dict) -> None:
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+        t["model.rotary_emb.inv_freq"] = torch.ones(8)
+        t[L0 + "self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    edit_weights(src, leftovers)
+    model = load_model(src)
+    assert model.tied_embeddings and "lm_head.weight" not in model.weights
+    assert not any("inv_freq" in n for n in model.weights.names())
+    result = qb("convert", src, "-o", tmp_path / "q", "--group-size", 32)
+    assert result.code == 0, result.stderr
+    written = load_file(str(tmp_path / "q" / ST))
+    assert "lm_head.weight" not in written and not any("inv_freq" in n for n in written)
+
+
+def test_a_family_without_declared_shapes_still_loads(fresh_llama, monkeypatch):
+    """An architecture whose shapes are not declared needs its tensors present, nothing more."""
+    import dataclasses
+
+    from quantbench.errors import ModelLoadError
+    from quantbench.models import arch as arch_module
+    from quantbench.models.loader import load_model
+
+    bare = dataclasses.replace(arch_module.LLAMA, family="bare", model_types=("bare-test",),
+                               shapes=())
+    monkeypatch.setattr(arch_module, "ARCHITECTURES", (*arch_module.ARCHITECTURES, bare))
+    src = fresh_llama()
+    edit_config(src, model_type="bare-test")
+    edit_weights(src, _reshape(L1 + "self_attn.k_proj.weight", (64, 32)))
+    assert load_model(src).weights.shape(L1 + "self_attn.k_proj.weight") == (64, 32)
+    edit_weights(src, _remove(L1 + "self_attn.k_proj.weight"))
+    with pytest.raises(ModelLoadError, match="k_proj.weight is missing"):
+        load_model(src)
+
+
+# -- safetensors headers -------------------------------------------------------------------
+
+
+def _split(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _join(header: dict, data: bytes) -> bytes:
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+def _forge(fn):
+    def apply(path: Path) -> None:
+        header, data = _split(path)
+        path.write_bytes(fn(header, data))
+    return apply
+
+
+def _entry(header: dict, index: int) -> tuple[str, dict]:
+    """The header entry with the ``index``-th smallest data offset."""
+    names = sorted((n for n in header if n != "__metadata__"),
+                   key=lambda n: header[n]["data_offsets"][0])
+    return names[index], header[names[index]]
+
+
+def _overlap(header, data):
+    (_, first), (name, second) = _entry(header, 0), _entry(header, 1)
+    second["data_offsets"] = [first["data_offsets"][0],
+                              first["data_offsets"][0] + second["data_offsets"][1]
+                              - second["data_offsets"][0]]
+    return _join(header, data)
+
+
+def _past_end(header, data):
+    name, entry = _entry(header, -1)
+    size = entry["data_offsets"][1] - entry["data_offsets"][0]
+    entry["data_offsets"] = [len(data), len(data) + size]
+    return _join(header, data)
+
+
+def _byte_count(header, data):
+    name, entry = _entry(header, 2)
+    entry["shape"] = [entry["shape"][0] + 1, *entry["shape"][1:]]
+    return _join(header, data)
+
+
+def _dtype(header, data):
+    _entry(header, 3)[1]["dtype"] = "Q4"
+    return _join(header, data)
+
+
+def _not_json(header, data):
+    raw = _join(header, data)
+    return raw[:9] + b"\xff" + raw[10:]
+
+
+def _huge_header(header, data):
+    raw = _join(header, data)
+    return struct.pack("<Q", 1 << 40) + raw[8:]
+
+
+HEADERS = {  # (forge, needles)
+    "overlap": (_overlap, ["overlaps"]),
+    "past-end": (_past_end, ["runs past the end"]),
+    "byte-count": (_byte_count, ["bytes of data but"]),
+    "dtype": (_dtype, ["dtype 'Q4'"]),
+    "not-json": (_not_json, ["not valid JSON"]),
+    "header-length": (_huge_header, ["header length"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADERS))
+def test_forged_safetensors_headers_are_refused_naming_the_tensor(case, qb, fresh_llama,
+                                                                  tmp_path):
+    forge, needles = HEADERS[case]
+    src = fresh_llama()
+    header, _ = _split(src / ST)
+    _forge(forge)(src / ST)
+    line = assert_refused(qb("convert", src, "-o", tmp_path / "q"), ST, *needles)
+    if case not in ("not-json", "header-length"):  # the forged entry is named
+        assert any(f"tensor {name}" in line for name in header), line
+    assert_no_leftovers(tmp_path, keep=(src.name,))
+
+
+@pytest.mark.parametrize("keep", [0, 7, 8, 100, 0.5, -1])
+def test_truncated_safetensors_at_several_offsets(keep, qb, fresh_llama, tmp_path):
+    src = fresh_llama()
+    raw = (src / ST).read_bytes()
+    cut = int(len(raw) * keep) if isinstance(keep, float) else (
+        len(raw) + keep if keep < 0 else keep)
+    (src / ST).write_bytes(raw[:cut])
+    assert_refused(qb("convert", src, "-o", tmp_path / "q"), ST)
+    assert_no_leftovers(tmp_path, keep=(src.name,))
+
+
+def test_sharded_checkpoint_missing_a_tensor_of_its_index(qb, tmp_path):
+    """A sharded checkpoint whose index lists a tensor no shard holds."""
+    from tests.conftest import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "sharded", shard_bytes=30_000, tokenizer=False)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][L1 + "mlp.up_proj.weight"]
+    tensors = load_file(str(shard))
+    del tensors[L1 + "mlp.up_proj.weight"]
+    save_file(tensors, str(shard), {"format": "pt"})
+    assert_refused(qb("convert", src, "-o", tmp_path / "q"), "mlp.up_proj.weight")
