@@ -159,8 +159,8 @@ def check_activations(model: Model, index: int, hidden: list[torch.Tensor]) -> N
     source = (f"; the source's non-finite weights ({allowed[0]}"
               f"{f' and {len(allowed) - 1} more' if len(allowed) > 1 else ''}) reach it: "
               "use a data-free method (rtn, absmax, zeropoint) for this checkpoint"
-              if allowed else ": an overflow in the previous block (try float32 or bfloat16 "
-              "weights) or damaged weights")
+              if allowed else f": block {index - 1} overflows float32; its weights are likely "
+              "damaged (check their magnitudes)" if index else ": the embeddings hold them")
     raise QuantbenchError(f"calibration activations entering block {index} hold {bad} "
                           f"non-finite values (NaN/Inf){source}")
 

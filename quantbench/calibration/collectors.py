@@ -24,7 +24,8 @@ class HessianCollector:
             xn = x.numpy()
             if self._gram is None:
                 self._gram = torch.empty_like(self.H)
-            np.matmul(xn.T, xn, out=self._gram.numpy())
+            with np.errstate(over="ignore", invalid="ignore"):  # Inf/NaN: refused by the
+                np.matmul(xn.T, xn, out=self._gram.numpy())    # pipeline, not warned here
             self.H.mul_(beta).add_(self._gram, alpha=alpha)
         else:  # H ← H·(n_old/n) + (2/n)·XᵀX in one GEMM, without a scaled copy of X
             self.H.addmm_(x.T, x, beta=beta, alpha=alpha)

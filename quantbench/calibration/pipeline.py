@@ -24,6 +24,8 @@ from quantbench.calibration.blocks import (BlockContext, Captured, QuantizeManyF
 from quantbench.calibration.collectors import COLLECTORS
 from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
 from quantbench.devices import CPU
+from quantbench.errors import QuantbenchError
+from quantbench.finite import count_non_finite
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 
@@ -52,17 +54,19 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
         results = _quantize_group(ctx, shared, feats, statistic, quantize_fn) if shared else {}
         for lin in (lin for lin in active if lin in own):
             name = ctx.weight_name(lin)
+            check_statistic(ctx, name, own[lin], None)
             qt = quantize_fn(name, ctx.source_weight(lin), own[lin])
             results[name] = _put_back(ctx, lin, qt)
         return results
     stat = None
+    names = [ctx.weight_name(lin) for lin in active]
     if statistic is not None:
         collector = COLLECTORS[statistic](ctx.layer.get_submodule(active[0]).in_features,
                                           device=ctx.device)
         for f in feats or []:
             collector.add(f)
         stat = collector.result()
-    names = [ctx.weight_name(lin) for lin in active]
+        check_statistic(ctx, names[0], stat, feats)
     qts = None
     if ctx.quantize_many is not None and len(active) > 1 and stat is not None and \
             sum(math.prod(ctx.model.weights.shape(n)) for n in names) <= stack_limit(ctx.device):
@@ -72,6 +76,34 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
     for lin, name, qt in zip(active, names, qts):
         results[name] = _put_back(ctx, lin, qt)
     return results
+
+
+def _statistic_tensors(stat: Any) -> list[torch.Tensor]:
+    """The tensors a collector's result holds (a tensor, ``(tensor, count)``, HeadHessians)."""
+    if isinstance(stat, HeadHessians):
+        return [stat.per_head]
+    if isinstance(stat, tuple):
+        return [s for s in stat if isinstance(s, torch.Tensor)]
+    return [stat] if isinstance(stat, torch.Tensor) else []
+
+
+def check_statistic(ctx: BlockContext, name: str, stat: Any,
+                    feats: list[torch.Tensor] | None) -> None:
+    """Refuse a calibration statistic holding NaN/Inf (the Hessian of activations beyond
+    float32's range, say) before a method turns it into codes, naming the tensor and block."""
+    bad = sum(count_non_finite(t) for t in _statistic_tensors(stat))
+    if not bad:
+        return
+    in_feats = sum(count_non_finite(f) for f in feats or [])
+    if in_feats:
+        cause = f"the activations reaching it hold {in_feats} NaN/Inf values"
+    else:
+        largest = max((float(f.abs().max()) for f in feats or [] if f.numel()), default=0.0)
+        cause = f"it overflows float32 (largest |activation| {largest:.3g})"
+    raise QuantbenchError(
+        f"the calibration statistic of {name} in block {ctx.index} holds {bad} non-finite "
+        f"values: {cause}; the source weights are likely damaged (check their magnitudes), "
+        "or use a data-free method")
 
 
 def _put_back(ctx: BlockContext, linear: str, qt: Any) -> Any:
