@@ -144,7 +144,7 @@ def _walk(w: _Walk) -> GGUFHeader:
     alignment = _alignment(w, header)
     infos = [_tensor_info(w, i, alignment) for i in range(n_tensors)]
     header.data_offset = -(-w.pos // alignment) * alignment
-    _place(w, header, infos)
+    _place(w, header, infos, alignment)
     return header
 
 
@@ -184,7 +184,7 @@ def _tensor_info(w: _Walk, index: int, alignment: int
     return name, ggml_type.name, ne, numel // block * type_size, offset
 
 
-def _place(w: _Walk, header: GGUFHeader, infos) -> None:
+def _place(w: _Walk, header: GGUFHeader, infos, alignment: int) -> None:
     """Every tensor's bytes inside the file, no two sharing bytes, no name twice."""
     data_bytes = w.size - header.data_offset
     for name, type_name, ne, nbytes, offset in infos:
@@ -200,3 +200,18 @@ def _place(w: _Walk, header: GGUFHeader, infos) -> None:
     for (start, _, name), (_, prev_end, prev) in zip(spans[1:], spans):
         if start < prev_end:
             raise w.fail(f"tensor {name}'s data overlaps tensor {prev}'s")
+    _contiguous(w, spans, data_bytes, alignment)
+
+
+def _contiguous(w: _Walk, spans, data_bytes: int, alignment: int) -> None:
+    """Writers (gguf-py, llama.cpp) lay the tensors out back to back, each padded to the
+    alignment: bytes that belong to no tensor mean a type or shape was changed to a smaller
+    one (which would read the wrong bytes as the right size)."""
+    ends = [0] + [-(-end // alignment) * alignment for _, end, _ in spans]
+    starts = [start for start, _, _ in spans] + [data_bytes]
+    names = [name for _, _, name in spans]
+    for i, (end, start) in enumerate(zip(ends, starts)):
+        if start - end >= alignment:
+            where = f"after tensor {names[i - 1]}" if i else "before the first tensor"
+            raise w.fail(f"{start - end} data bytes {where} belong to no tensor (a tensor's "
+                         "type or shape was changed)")
