@@ -143,7 +143,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     if not plan:
         check_output(output, overwrite)
     if str(source).endswith(".gguf") and not (method or gguf_type) and fmt in (None, "dense"):
-        _gguf_to_hf(Path(source), output, overwrite)
+        _gguf_to_hf(Path(source), output, overwrite, allow_non_finite)
         return
     method = method or ("imatrix" if calibration.get("imatrix_file") else
                         "rtn" if gguf_type else "zeropoint")
@@ -172,18 +172,23 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     _write_json(json_path, manifest)
 
 
-def _gguf_to_hf(source: Path, output: Path, overwrite: bool) -> None:
+def _gguf_to_hf(source: Path, output: Path, overwrite: bool, allow_non_finite: bool) -> None:
     """``convert model.gguf --format dense`` without a method: the GGUF's weights dequantized
-    into an FP16 Hugging Face checkpoint (config, safetensors, tokenizer)."""
+    into an FP16 Hugging Face checkpoint (config, safetensors, tokenizer); every tensor is
+    read once first, so NaN/Inf is refused as for any source (``--allow-non-finite``)."""
     import shutil
 
     from quantbench.errors import QuantbenchError
     from quantbench.formats.io import atomic_output_dir
     from quantbench.models.gguf_import import cached_hf_checkpoint
+    from quantbench.models.loader import open_model_dir
 
     if not source.is_file():
         raise QuantbenchError(f"{source} does not exist; pass a .gguf file")
     checkpoint = cached_hf_checkpoint(source)
+    weights = open_model_dir(checkpoint, str(source), allow_non_finite=allow_non_finite).weights
+    for name in weights.names():
+        weights.get(name)
     with atomic_output_dir(output, overwrite) as tmp:
         for f in checkpoint.iterdir():
             shutil.copy2(f, tmp / f.name)

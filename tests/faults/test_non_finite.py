@@ -10,6 +10,7 @@ tensor or the block, never codes.
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,39 @@ def test_finite_runs_are_untouched(pristine):
     big = torch.full((4,), 3e38, dtype=torch.float32)  # a sum that overflows, no NaN/Inf
     assert count_non_finite(big) == 0
     assert count_non_finite(torch.tensor([1.0, math.nan, math.inf, -math.inf])) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(pristine, tmp_path_factory) -> Path:
+    from quantbench.cli import main
+
+    out = tmp_path_factory.mktemp("nf-gguf") / "q"
+    try:
+        main(["convert", str(pristine["fp16"]), "--type", "Q8_0", "-o", str(out)])
+    except SystemExit as exc:
+        assert not exc.code
+    return out / "model.gguf"
+
+
+@pytest.mark.parametrize("tensor,hf_name", [
+    ("output_norm.weight", "model.norm.weight"),                         # F32 values
+    ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),   # a Q8_0 block scale
+])
+def test_non_finite_gguf_source_is_refused(tensor, hf_name, qb, tiny_gguf, tmp_path,
+                                           monkeypatch):
+    import gguf
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    info = next(t for t in gguf.GGUFReader(str(tiny_gguf)).tensors if t.name == tensor)
+    data = bytearray(tiny_gguf.read_bytes())
+    nan = struct.pack("<f", math.nan) if info.tensor_type.name == "F32" else \
+        struct.pack("<e", math.nan)  # the fp16 scale d opening the first Q8_0 block
+    data[info.data_offset:info.data_offset + len(nan)] = nan
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "outputs"
+    assert_refused(qb("convert", bad, "-o", out / "hf"), hf_name, "NaN")
+    assert_refused(qb("convert", bad, "-o", out / "q", "-g", 32), hf_name, "NaN")
+    assert_no_leftovers(out)
+    result = qb("convert", bad, "-o", out / "hf", "--allow-non-finite")
+    assert result.code == 0, result.stderr

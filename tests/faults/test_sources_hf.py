@@ -316,3 +316,109 @@ def test_sharded_checkpoint_missing_a_tensor_of_its_index(qb, tmp_path):
     del tensors[L1 + "mlp.up_proj.weight"]
     save_file(tensors, str(shard), {"format": "pt"})
     assert_refused(qb("convert", src, "-o", tmp_path / "q"), "mlp.up_proj.weight")
+
+
+# -- quantized artifacts used as input: files against the manifest and the config ------------
+
+
+@pytest.fixture(scope="module")
+def gptq_artifact(tmp_path_factory) -> Path:
+    from quantbench.cli import main
+    from tests.conftest import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("artifact")
+    src = make_tiny_llama(root / "src")
+    try:
+        main(["convert", str(src), "--format", "gptq", "--method", "absmax", "-g", 32,
+              "-o", str(root / "q")])
+    except SystemExit as exc:
+        assert not exc.code
+    return root / "q"
+
+
+def _artifact_copy(artifact: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "art"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def _edit_manifest(art: Path, fn) -> None:
+    manifest = json.loads((art / "quantbench.json").read_text())
+    fn(manifest)
+    (art / "quantbench.json").write_text(json.dumps(manifest))
+
+
+def _rerecord(art: Path) -> None:
+    """Checksums that agree with the damaged bytes, so the check under test is what fires."""
+    from quantbench.formats.manifest import file_table
+
+    _edit_manifest(art, lambda m: m.__setitem__("files", file_table(art)))
+
+
+Q1 = L1 + "self_attn.q_proj"
+
+
+def _drop_module(t: dict) -> None:
+    for name in [n for n in t if n.startswith(Q1 + ".")]:
+        del t[name]
+
+
+def _add_module(t: dict) -> None:
+    for name in [n for n in t if n.startswith(Q1 + ".")]:
+        t[name.replace("q_proj", "q2_proj")] = t[name].clone()
+
+
+ARTIFACT_DAMAGE = {  # (edit the weights, edit the manifest, edit the config, needles)
+    "manifest-tensor-missing-from-files": (_drop_module, None, None,
+                                           [Q1 + ".weight", "manifest lists"]),
+    "unlisted-quantized-tensor": (_add_module, None, None,
+                                  ["quantized tensor", "q2_proj.weight", "does not list"]),
+    "unlisted-plain-tensor": (_add("model.extra.weight", (4,)), None, None,
+                              ["model.extra.weight", "does not list"]),
+    "plain-shape-differs": (None, lambda m: m["tensors"]["model.norm.weight"].__setitem__(
+        "shape", [32]), None, ["model.norm.weight", "[64]", "[32]"]),
+    "quantized-shape-differs": (None, lambda m: m["tensors"][Q1 + ".weight"].__setitem__(
+        "shape", [32, 64]), None, [Q1 + ".weight", "[32, 64]"]),
+    "config-more-layers": (None, None, {"num_hidden_layers": 3}, ["num_hidden_layers is 3"]),
+    "config-other-kv-heads": (None, None, {"num_key_value_heads": 4},
+                              ["k_proj.weight", "num_key_value_heads"]),
+    "no-tensor-table": (None, lambda m: m.__setitem__("tensors", ["x"]), None,
+                        ["'tensors' table"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARTIFACT_DAMAGE))
+def test_artifact_disagreeing_with_its_manifest_or_config(case, qb, gptq_artifact, tmp_path):
+    weights_edit, manifest_edit, config_changes, needles = ARTIFACT_DAMAGE[case]
+    art = _artifact_copy(gptq_artifact, tmp_path)
+    if weights_edit:
+        tensors = load_file(str(art / ST))
+        weights_edit(tensors)
+        save_file(tensors, str(art / ST), {"format": "pt"})
+    if config_changes:
+        edit_config(art, **config_changes)
+    _rerecord(art)
+    if manifest_edit:
+        _edit_manifest(art, manifest_edit)
+    assert_refused(qb("inspect", art), *needles)
+
+
+def test_quantized_shape_mismatch_is_refused_before_scoring(qb, gptq_artifact, fresh_llama,
+                                                            tmp_path):
+    """A manifest shape the config contradicts: eval refuses before scoring, records nothing;
+    and a quantized tensor that decodes to another shape than expected is refused on use."""
+    from quantbench.errors import FormatError
+    from quantbench.formats.io import open_artifact
+
+    loaded = open_artifact(gptq_artifact)
+    loaded.expected_shapes[Q1 + ".weight"] = (64, 32)
+    with pytest.raises(FormatError, match=r"decodes to shape \[64, 64\]"):
+        loaded.quantized(Q1 + ".weight")
+    art = _artifact_copy(gptq_artifact, tmp_path)
+    _edit_manifest(art, lambda m: m["tensors"][L0 + "mlp.up_proj.weight"].__setitem__(
+        "shape", [128, 32]))
+    assert_refused(qb("eval", art, "--baseline", fresh_llama(), "--ctx", 64, "--max-tokens",
+                      256, "--no-cache"), L0 + "mlp.up_proj.weight", "[128, 32]")
+    assert json.loads((art / "quantbench.json").read_text())["eval"] is None
