@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from quantbench.errors import FormatError, ModelLoadError
 from quantbench.formats.base import MANIFEST, Artifact
 from quantbench.models.arch import arch_for
-from quantbench.models.validate import Context, check_tensors
+from quantbench.models.validate import Context, check_tensors, expected_tensors
 
 
 def check_artifact(art: Artifact, config_checked: bool = False) -> Artifact:
@@ -31,11 +31,16 @@ def check_artifact(art: Artifact, config_checked: bool = False) -> Artifact:
             shapes[name] = tuple(table[name]["shape"])
     if not config_checked:
         try:
-            skip = check_tensors(art.config, arch_for(art.config.get("model_type")), shapes,
-                                 Context(str(art.path)))
+            arch, ctx = arch_for(art.config.get("model_type")), Context(str(art.path))
+            skip = check_tensors(art.config, arch, shapes, ctx)
+            implied = expected_tensors(art.config, arch, ctx)
         except ModelLoadError as exc:  # an artifact is a format's concern
             raise FormatError(str(exc)) from exc
         art.plain_names = [n for n in art.plain_names if n not in skip]
+        for name in art.quantized_names:  # no manifest: the config says what it decodes to
+            want = implied[name].shape if name in implied else None
+            if shapes[name] is None and want is not None and None not in want:
+                shapes[name] = want
     art.expected_shapes = {n: s for n, s in shapes.items() if s is not None}
     return art
 
