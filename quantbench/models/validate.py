@@ -76,12 +76,14 @@ def _dim(config: Mapping, expr: str, ctx: Context, tensor: str) -> int:
 
 def _describe(config: Mapping, dims: Sequence[str], ctx: Context) -> str:
     """``num_key_value_heads*head_dim=2*16, hidden_size=64``."""
-    parts = []
-    for expr in dims:
-        keys = expr.split("*")
-        values = "*".join(str(config_value(dict(config), k)) for k in keys)
-        parts.append(f"{'*'.join(ctx.key(k) for k in keys)}={values}")
-    return ", ".join(parts)
+    def show(expr: str, render) -> str:  # a sum of products of keys (fused projections)
+        return "+".join("*".join(render(k) for k in term.split("*"))
+                        for term in expr.split("+"))
+
+    def value(key: str) -> str:
+        return str(config_value(dict(config), key))
+
+    return ", ".join(f"{show(expr, ctx.key)}={show(expr, value)}" for expr in dims)
 
 
 def tied(config: Mapping, arch: ArchSpec) -> bool:
@@ -117,13 +119,13 @@ def expected_tensors(config: Mapping, arch: ArchSpec, ctx: Context) -> dict[str,
         return out[name]
 
     add(arch.embed, arch.embed)
-    bias_flags = [lin for flag, lins in arch.biases
-                  if flag is None or config.get(flag) for lin in lins]
+    with_bias = [lin for flag, lins in arch.biases
+                 if flag is None or config.get(flag) for lin in lins]
     for index in range(n_blocks):
         for relative in dict.fromkeys(arch.linears + arch.norms):
             module = arch.block_module(index, relative)
             weight = add(module, relative)
-            if relative in bias_flags:
+            if relative in with_bias:
                 rows = weight.shape[0] if weight.shape else None
                 out[f"{module}.bias"] = Expected(None if rows is None else (rows,),
                                                  weight.dims[:1])

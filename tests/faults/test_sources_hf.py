@@ -422,3 +422,32 @@ def test_quantized_shape_mismatch_is_refused_before_scoring(qb, gptq_artifact, f
     assert_refused(qb("eval", art, "--baseline", fresh_llama(), "--ctx", 64, "--max-tokens",
                       256, "--no-cache"), L0 + "mlp.up_proj.weight", "[128, 32]")
     assert json.loads((art / "quantbench.json").read_text())["eval"] is None
+
+
+def test_fused_projection_rows_are_checked_from_their_parts():
+    """A Phi-3-like fused qkv_proj: its rows are the sum of its declared parts; its input
+    width, not declared, is not checked."""
+    import dataclasses
+
+    from quantbench.errors import ModelLoadError
+    from quantbench.models.arch import LLAMA, Fused
+    from quantbench.models.validate import Context, check_tensors
+
+    qkv = Fused("self_attn.qkv_proj", (("q", "num_attention_heads*head_dim"),
+                                       ("k", "num_key_value_heads*head_dim"),
+                                       ("v", "num_key_value_heads*head_dim")))
+    spec = dataclasses.replace(LLAMA, linears=("self_attn.qkv_proj", "self_attn.o_proj",
+                                               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+                               fused=(qkv,))
+    config = {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 10,
+              "tie_word_embeddings": True}
+    block = {"self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64),
+             "mlp.up_proj": (128, 64), "mlp.down_proj": (64, 128), "input_layernorm": (64,),
+             "post_attention_layernorm": (64,), "self_attn.qkv_proj": (128, 7)}
+    shapes = {"model.embed_tokens.weight": (10, 64), "model.norm.weight": (64,),
+              **{f"{L0}{m}.weight": s for m, s in block.items()}}
+    assert check_tensors(config, spec, shapes, Context("x")) == []
+    shapes[f"{L0}self_attn.qkv_proj.weight"] = (96, 64)
+    with pytest.raises(ModelLoadError, match=r"\[96, 64\].*\[128, \?\].*4\*16\+2\*16\+2\*16"):
+        check_tensors(config, spec, shapes, Context("x"))
