@@ -19,7 +19,7 @@ from quantbench.eval.data import load_eval_text, make_windows, tokenize_for_eval
 from quantbench.eval.metrics import (WindowStats, non_finite_window, perplexity, score_window,
                                      summarize)
 from quantbench.eval.protocol import EvalProtocol
-from quantbench.jsonfile import dumps
+from quantbench.jsonfile import dumps, non_finite
 from quantbench.progress import block_progress
 
 log = logging.getLogger(__name__)
@@ -170,20 +170,7 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
             torch.inference_mode():
         for index, batch in enumerate(batches):
             first_window = index * protocol.batch_size
-            start = time.perf_counter()
-            base_logits = base_fn(batch)
-            seconds["baseline"] += time.perf_counter() - start
-            scored: dict[str, WindowStats] = {}
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                cand_logits = fn(batch)
-                seconds[name] += time.perf_counter() - start
-                scored[name] = score_window(base_logits, cand_logits, batch,
-                                            protocol.first_scored)
-                del cand_logits
-            nll_base = next(iter(scored.values())).nll_base if scored else score_window(
-                base_logits, None, batch, protocol.first_scored).nll_base
-            del base_logits
+            nll_base, scored = _score_batch(base_fn, fns, batch, protocol.first_scored, seconds)
             problem = non_finite_window(WindowStats(nll_base), len(batch), candidate=False)
             if problem is not None:
                 raise EvalError(span.baseline_message(baseline_name, first_window, *problem))
@@ -204,12 +191,43 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
         _store_cache(cache_dir, key, nlls, cached, protocol)
     report.baseline = cached
     for name in fns:
-        s = summarize(stats[name])
-        report.results[name] = EvalResult(
-            name=name, ppl=s["ppl"], delta_ppl_pct=100.0 * (s["ppl"] / cached.ppl - 1.0),
-            kld_mean=s["kld_mean"], kld_p99=s["kld_p99"], top1=s["top1"],
-            n_tokens=s["n_tokens"], seconds=round(seconds[name], 3))
+        _add_result(report, name, summarize(stats[name]), round(seconds[name], 3))
     return report
+
+
+def _score_batch(base_fn: LogitsFn, fns: dict[str, LogitsFn], batch: torch.Tensor, first: int,
+                 seconds: dict[str, float]) -> tuple[torch.Tensor, dict[str, WindowStats]]:
+    """One batch of windows: the baseline's logits once, every candidate's compared with them
+    (their logits never outlive this call); returns the baseline's NLL and each candidate's
+    stats, and adds the forward passes' time to ``seconds``."""
+    start = time.perf_counter()
+    base_logits = base_fn(batch)
+    seconds["baseline"] += time.perf_counter() - start
+    scored: dict[str, WindowStats] = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        cand_logits = fn(batch)
+        seconds[name] += time.perf_counter() - start
+        scored[name] = score_window(base_logits, cand_logits, batch, first)
+        del cand_logits
+    if scored:
+        return next(iter(scored.values())).nll_base, scored
+    return score_window(base_logits, None, batch, first).nll_base, scored
+
+
+def _add_result(report: EvalReport, name: str, s: dict[str, Any], seconds: float) -> None:
+    """The candidate's result, or — when a total overflows although every window was finite
+    (a perplexity near the largest double, Δppl % beyond it) — its error."""
+    result = EvalResult(
+        name=name, ppl=s["ppl"], delta_ppl_pct=100.0 * (s["ppl"] / report.baseline.ppl - 1.0),
+        kld_mean=s["kld_mean"], kld_p99=s["kld_p99"], top1=s["top1"], n_tokens=s["n_tokens"],
+        seconds=seconds)
+    overflow = next(non_finite(result.to_dict()), None)
+    if overflow is None:
+        report.results[name] = result
+    else:
+        report.errors[name] = (f"{name}: its {overflow[0]} overflows ({overflow[1]}) over finite "
+                               "windows, so it has no valid result: re-convert it")
 
 
 @dataclass(frozen=True)

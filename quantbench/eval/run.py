@@ -105,6 +105,7 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
                         baseline_name=str(model.source))
     if artifact is None:
         path = target.path if isinstance(target, Model) else load_model(str(target)).path
+        verify_artifact(path, verify)
         artifact = open_artifact(path)
     base = resolve_baseline(artifact, baseline, verify)
     name = Path(artifact.path).name

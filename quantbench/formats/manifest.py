@@ -124,12 +124,17 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
     return manifest
 
 
-# What a loader of an artifact directory never reads: hidden files (quantbench's own temporaries,
-# .gitattributes), documentation and pictures. Every other file may be read by some reader —
-# weights in any container, configs, tokenizer files, chat templates, remote code — so one the
-# manifest does not list is a difference, like a listed file that changed.
-_INERT_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".pdf")
-_INERT_PREFIXES = ("license", "licence", "notice", "copying")
+# What a loader of an artifact directory reads (quantbench's readers, transformers, vLLM,
+# llama.cpp, exllamav2): weights in any container, remote code, tokenizer and chat-template files
+# (by a part of their name: ``tokenizer.model.v3``), and JSON / text configs and vocabularies (by
+# a word of their name: ``tekken.json``, ``merges.txt``). An unlisted one is a difference like a
+# changed file; any other file (notes, an eval report saved beside it, a licence, a picture,
+# hidden files) is read by none, so it is not.
+_LOADED_PARTS = frozenset({"safetensors", "gguf", "bin", "pt", "pth", "ckpt", "pkl", "pickle",
+                           "h5", "msgpack", "npz", "npy", "onnx", "py", "model", "tiktoken",
+                           "jinja"})
+_LOADED_WORDS = ("config", "token", "vocab", "merges", "index", "template", "params", "tekken",
+                 "measurement")
 _NO_VERIFY = "pass --no-verify (verify=False in Python) to use it as it is"
 
 
@@ -150,9 +155,12 @@ class FileProblem:
 
 def loadable(name: str) -> bool:
     """Whether a reader of an artifact directory may read a file of this name."""
-    lower = name.lower()
-    return not (name.startswith(".") or lower.endswith(_INERT_SUFFIXES)
-                or lower.startswith(_INERT_PREFIXES))
+    if name.startswith("."):
+        return False
+    parts = name.lower().split(".")
+    if _LOADED_PARTS.intersection(parts[1:]):
+        return True
+    return parts[-1] in ("json", "txt") and any(word in parts[0] for word in _LOADED_WORDS)
 
 
 def manifest_dir(target: str | os.PathLike) -> Path | None:
@@ -182,6 +190,11 @@ def load_checked_manifest(directory: Path, todo: str | None = None) -> dict[str,
         raise _unvouched(file, f"is not valid JSON ({exc})", todo) from exc
     if not isinstance(manifest, dict):
         raise _unvouched(file, f"holds a JSON {_json_kind(manifest)}, not an object", todo)
+    for key, kind in _FIELDS.items():  # what the readers, the card and eval take from it
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise _unvouched(file, f"has a {_json_kind(manifest[key])} for {key!r}", todo)
+    if not isinstance((manifest.get("source") or {}).get("id") or "", str):
+        raise _unvouched(file, "has a source id that is not a string", todo)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise _unvouched(file, "has no 'files' table (each file's bytes and sha256)", todo)
@@ -194,14 +207,18 @@ def load_checked_manifest(directory: Path, todo: str | None = None) -> dict[str,
     return manifest
 
 
+_FIELDS = {"format": str, "created": str, "tool": dict, "source": dict, "quantize": dict,
+           "summary": dict, "tensors": dict, "eval": dict, "command": list}  # or null
+
+
 def _unvouched(file: Path, problem: str, todo: str) -> FormatError:
     return FormatError(f"{file} {problem}, so {file.parent} is not a quantbench artifact whose "
                        f"files can be vouched for; {todo}")
 
 
 def _json_kind(value: Any) -> str:
-    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
+    return {list: "array", str: "string", bool: "boolean", type(None): "null",
+            dict: "object"}.get(type(value), "number")
 
 
 def _plain_name(name: str) -> bool:
@@ -253,7 +270,7 @@ def mismatch_message(directory: Path, problems: list[FileProblem]) -> str:
     first, rest = problems[0], problems[1:]
     also = "; also " + ", ".join(map(str, rest[:4])) if rest else ""
     also += f" and {len(rest) - 4} more" if len(rest) > 4 else ""
-    todo = (f"remove what quantbench did not write, or {_NO_VERIFY}"
+    todo = (f"move the files it does not list out of the directory, or {_NO_VERIFY}"
             if all(p.unlisted for p in problems) else f"re-convert it, or {_NO_VERIFY}")
     return f"{directory}: {first.name} not as {MANIFEST} records ({first.why}{also}); {todo}"
 

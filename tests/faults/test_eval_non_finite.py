@@ -165,6 +165,29 @@ def test_a_non_finite_candidate_is_its_error_and_the_others_still_get_results(ti
     assert set(data["errors"]) == {"nan", "huge"}
 
 
+def _scripted(target_logit: float):
+    """Logits 0 everywhere but ``target_logit`` on each next token: NLL ≈ log V − that logit."""
+    def build():
+        def logits(ids):
+            out = torch.zeros(*ids.shape, 320)
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+            out.scatter_(2, nxt.unsqueeze(-1), target_logit)
+            return out
+        return logits
+    return build
+
+
+def test_results_that_overflow_over_finite_windows_are_an_error(tiny):
+    from quantbench.eval.evaluator import evaluate
+    from quantbench.eval.protocol import EvalProtocol
+
+    _, tok = tiny  # a sure baseline (ppl ≈ 1) and a candidate at ppl ≈ 1e307: Δppl % is inf
+    report = evaluate(_scripted(100.0), {"far": _scripted(-(707.5 - math.log(319)))}, tok,
+                      EvalProtocol(**PROTOCOL), "k", progress=False)
+    assert report.results == {} and math.isfinite(report.baseline.ppl)
+    assert report.errors["far"].startswith("far: its delta_ppl_pct overflows (inf)")
+
+
 def test_top1_over_non_finite_logits_is_not_agreement():
     from quantbench.eval.metrics import score_window
 

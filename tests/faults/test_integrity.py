@@ -108,18 +108,24 @@ def test_a_replaced_config_is_refused(qb, copy, fmt):
     ("dense", "model-00002-of-00002.safetensors"), ("gptq", "extra.safetensors"),
     ("dense", "model.safetensors.index.json"), ("dense", "pytorch_model.bin"),
     ("gptq", "modeling_llama.py"), ("gguf", "config.json"), ("gguf", "other.gguf"),
-    ("dense", "chat_template.jinja"), ("gguf", "tokenizer.model")])
+    ("dense", "chat_template.jinja"), ("gguf", "tokenizer.model"), ("dense", "merges.txt"),
+    ("gptq", "tokenizer.model.v3"), ("dense", "tekken.json"), ("gguf", "params.json"),
+    ("dense", "special_tokens_map.json"), ("gptq", "weights.pt"), ("dense", "model.onnx")])
 def test_an_unlisted_file_a_loader_reads_is_refused(qb, copy, fmt, extra):
     art = copy(fmt)
     source = art / ("model.gguf" if fmt == "gguf" else "model.safetensors")
     shutil.copy(source if extra.endswith((".safetensors", ".gguf", ".bin")) else
                 art / "quantbench.json", art / extra)
-    assert_all_refuse(qb, art, extra, "not listed", "remove")
+    assert_all_refuse(qb, art, extra, "not listed", "move the files it does not list")
 
 
-def test_documentation_beside_an_artifact_is_no_difference(qb, copy):
+INERT = ("README.md", "LICENSE", "plot.png", ".DS_Store", "notes.txt", "eval.json",
+         "compare.json", "results.csv")
+
+
+def test_files_no_loader_reads_are_no_difference(qb, copy, _pristine_llama):
     art = copy("dense")
-    for name in ("README.md", "LICENSE", "plot.png", ".DS_Store"):
+    for name in INERT:
         (art / name).write_text("notes")
     (art / "subfolder").mkdir()
     result = qb("inspect", art)
@@ -127,6 +133,12 @@ def test_documentation_beside_an_artifact_is_no_difference(qb, copy):
     from quantbench import inspect
 
     assert inspect(art)["files_ok"] is True
+    result = qb("upload", art, "--repo", "me/x", "--dry-run")
+    assert result.code == 0, result.stderr  # as before: named, not uploaded
+    assert "not in the manifest, not uploaded: " in result.stderr
+    result = qb("eval", art, *EVAL)
+    assert result.code == 0, result.stderr
+    assert manifest_eval(art)["ppl"] > 1
 
 
 # -- a manifest that cannot vouch for anything ------------------------------------------------
@@ -162,6 +174,10 @@ MANIFESTS = {
         {"sub/x.json": {"bytes": 1, "sha256": "0" * 64}})),
     "lists itself": lambda art: _rewrite(art, lambda m: m["files"].update(
         {"quantbench.json": {"bytes": 1, "sha256": "0" * 64}})),
+    "source a number": lambda art: _rewrite(art, lambda m: m.update(source=5)),
+    "source id a list": lambda art: _rewrite(art, lambda m: m["source"].update(id=[1])),
+    "format an object": lambda art: _rewrite(art, lambda m: m.update(format={})),
+    "eval a string": lambda art: _rewrite(art, lambda m: m.update(eval="good")),
     "bare NaN": lambda art: (art / "quantbench.json").write_text(
         (art / "quantbench.json").read_text().replace('"eval": null', '"eval": NaN')),
     "a folder": lambda art: ((art / "quantbench.json").unlink(),
