@@ -57,11 +57,12 @@ def save(qmodel, out: "str | os.PathLike", format: str = "dense", overwrite: boo
         return write_artifact(qmodel, Path(out), format, overwrite=overwrite, on_step=step)
 
 
-def evaluate(target, baseline=None, **kwargs: Any):
-    """Perplexity, KLD and top-1 of an artifact (or source) against its FP baseline."""
+def evaluate(target, baseline=None, verify: bool = True, **kwargs: Any):
+    """Perplexity, KLD and top-1 of an artifact (or source) against its FP baseline; a
+    quantbench output is first checked against its manifest (``verify=False`` skips it)."""
     from quantbench.eval.run import evaluate_one
 
-    return evaluate_one(target, baseline=baseline, **kwargs)
+    return evaluate_one(target, baseline=baseline, verify=verify, **kwargs)
 
 
 def compare(source, methods=("absmax", "zeropoint"), bits=(8, 4), **kwargs: Any):
@@ -71,19 +72,22 @@ def compare(source, methods=("absmax", "zeropoint"), bits=(8, 4), **kwargs: Any)
     return run_compare(source, methods=methods, bits=bits, **kwargs)
 
 
-def inspect(path: "str | os.PathLike") -> dict[str, Any]:
-    """Format, config, tensors with dtypes/shapes/bits, total size and bits per weight."""
+def inspect(path: "str | os.PathLike", verify: bool = True) -> dict[str, Any]:
+    """Format, config, tensors with dtypes/shapes/bits, total size and bits per weight, and
+    ``files_ok``: whether the files match the manifest (``files_failed`` names those that do
+    not; ``verify=False``: not checked, None)."""
     from quantbench.formats.inspect import inspect_artifact
 
-    return inspect_artifact(Path(path))
+    return inspect_artifact(Path(path), verify=verify)
 
 
 def upload(path: "str | os.PathLike", repo_id: str, *, private: bool = False,
            revision: str | None = None, commit_message: str | None = None,
            token: str | None = None, dry_run: bool = False, card: bool = True,
-           command: str | None = None, endpoint: str | None = None):
+           command: str | None = None, endpoint: str | None = None, verify: bool = True):
     """Upload an artifact directory to the Hugging Face Hub with a model card; returns an
-    ``UploadResult`` (``dry_run``: the files and card, nothing sent).
+    ``UploadResult`` (``dry_run``: the files and card, nothing sent). Its files are checked
+    against its manifest first (``verify=False`` skips it).
 
     >>> qb.upload("out/w4g64", "me/model-w4g64", dry_run=True).files  # doctest: +SKIP
     """
@@ -91,4 +95,4 @@ def upload(path: "str | os.PathLike", repo_id: str, *, private: bool = False,
 
     return upload_artifact(path, repo_id, private=private, revision=revision,
                            commit_message=commit_message, token=token, dry_run=dry_run,
-                           card=card, command=command, endpoint=endpoint)
+                           card=card, command=command, endpoint=endpoint, verify=verify)

@@ -49,6 +49,13 @@ def _protocol_options(f):
     return f
 
 
+def _no_verify_option(what: str):
+    return click.option("--no-verify", is_flag=True,
+                        help=f"Use {what} without checking its files against the sizes and "
+                             "sha256 its quantbench.json records (checked by default; a "
+                             "mismatch is refused).")
+
+
 def _protocol_fields(ctx, max_tokens, n_windows, scoring, data) -> dict[str, Any]:
     fields = {"ctx": ctx, "n_windows": n_windows, "scoring": scoring, "data": data}
     if max_tokens is not None:
@@ -249,13 +256,14 @@ def _print_plan(model, config, json_path: str | None, method=None) -> None:
 @click.option("--json", "json_path", default=None, help="Write the report as JSON.")
 @click.option("--device", default="auto", show_default=True,
               help="Where the models run: auto (a CUDA GPU when torch sees one), cpu, cuda:N.")
+@_no_verify_option("TARGET (and a quantbench output given as --baseline)")
 def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cache, json_path,
-             device):
+             device, no_verify):
     """Perplexity, KLD and top-1 of TARGET against its FP baseline (or of a source alone)."""
     from quantbench.eval.run import evaluate_one
 
     report = evaluate_one(target, baseline=baseline, progress=True, use_cache=not no_cache,
-                          device=device,
+                          device=device, verify=not no_verify,
                           **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     table = Table(title=f"{target} — {report.describe()}")
     for col in ("model", "ppl", "Δppl %", "KLD mean", "KLD p99", "top-1 %", "tokens"):
@@ -282,10 +290,14 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
 @_protocol_options
 @click.option("--json", "json_path", default="compare.json", show_default=True)
 @click.option("--plot", "plot_path", default="compare.png", show_default=True)
+@_no_verify_option("SOURCE (when it is a quantbench output) and the artifacts written")
 @_calibration_options
 def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_windows,
-            scoring, data, no_cache, json_path, plot_path, **calibration):
-    """Quantize SOURCE with each method × bits, evaluate all, print a table, save JSON + plot."""
+            scoring, data, no_cache, json_path, plot_path, no_verify, **calibration):
+    """Quantize SOURCE with each method × bits, evaluate all, print a table, save JSON + plot.
+
+    Exits 1 when a row has no result (its artifact failed verification, or its results were
+    NaN/Inf); the other rows are still evaluated, tabulated and saved."""
     from quantbench.eval.compare import run_compare
     from quantbench.eval.report import plot_size_vs_quality, render_table
 
@@ -294,29 +306,42 @@ def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_
         _method_options(methods[0], given)  # names the option no method takes
     result = run_compare(source, methods=methods, bits=bits, group_size=group_size, fmt=fmt,
                          out_dir=out_dir, progress=True, use_cache=not no_cache,
-                         method_options=given,
+                         method_options=given, verify=not no_verify,
                          **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     title = f"quantbench compare — {source} ({fmt})"
-    out.print(render_table(result.rows, title, result.report.describe()))
+    out.print(render_table(result.rows, title, result.report.describe(), result.errors))
     _write_json(json_path, {"source": source, "format": fmt, **result.to_dict()})
     if plot_path:
         plot_size_vs_quality(result.rows, Path(plot_path), title)
         err.print(f"wrote {plot_path}")
+    if result.errors:
+        why = next(iter(result.errors.values()))
+        more = f" (and {len(result.errors) - 1} more rows)" if len(result.errors) > 1 else ""
+        err.print(f"error: {len(result.errors)} of {len(result.rows) - 1} rows have no result"
+                  f"{more}: {why}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--tensors/--no-tensors", default=False, help="List every tensor.")
 @click.option("--json", "json_path", default=None)
-def inspect(artifact, tensors, json_path):
-    """Format, config, tensors, size and bits per weight of ARTIFACT."""
-    from quantbench.formats.inspect import inspect_artifact
+@_no_verify_option("ARTIFACT")
+def inspect(artifact, tensors, json_path, no_verify):
+    """Format, config, tensors, size and bits per weight of ARTIFACT, and whether its files
+    match its quantbench.json (exits 2 naming the files that do not, after the table)."""
+    from quantbench.formats.inspect import failed_files, inspect_artifact
+    from quantbench.formats.manifest import manifest_dir, mismatch_message
 
-    info = inspect_artifact(artifact)
+    info = inspect_artifact(artifact, verify=not no_verify)
     head = Table(title=str(artifact), show_header=False)
     for key in ("format", "architecture", "size_bytes", "weights", "quantized_weights",
                 "bits_per_weight_quantized", "bits_per_weight", "files_ok"):
         head.add_row(key, str(info[key]))
+    for problem in failed_files(info):
+        head.add_row("file differs", escape(str(problem)))
+    if info.get("unreadable"):
+        head.add_row("unreadable", escape(info["unreadable"]))
     if info.get("quantize"):
         q = info["quantize"]
         from quantbench.config import grid_from_dict
@@ -335,7 +360,12 @@ def inspect(artifact, tensors, json_path):
             table.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"],
                           t["grid"] or "", str(t["bits_per_weight"]))
         out.print(table)
-    _write_json(json_path, info)
+    if json_path:  # what another tool wrote (config.json, a manifest not checked) may hold
+        from quantbench.jsonfile import with_nulls  # a bare NaN: null in valid JSON
+
+        _write_json(json_path, with_nulls(info, f"inspect {artifact}"))
+    if failed_files(info):
+        raise QuantbenchError(mismatch_message(manifest_dir(artifact), failed_files(info)))
 
 
 @cli.command(name="list")
@@ -365,7 +395,8 @@ def list_cmd():
 @click.option("--dry-run", is_flag=True,
               help="Check the artifact, list the files and print the model card; send nothing.")
 @click.option("--no-card", is_flag=True, help="Do not generate README.md (the model card).")
-def upload_cmd(artifact, repo_id, private, revision, message, dry_run, no_card):
+@_no_verify_option("ARTIFACT")
+def upload_cmd(artifact, repo_id, private, revision, message, dry_run, no_card, no_verify):
     """Upload ARTIFACT (a quantbench output directory) to the Hugging Face Hub, with a model
     card written from its manifest. The token comes from HF_TOKEN or `hf auth login`."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
@@ -373,7 +404,8 @@ def upload_cmd(artifact, repo_id, private, revision, message, dry_run, no_card):
 
     from quantbench.hub.upload import plan_upload, push, quiet_hub_progress, resolve_token
 
-    plan = plan_upload(artifact, repo_id, private=private, revision=revision, card=not no_card)
+    plan = plan_upload(artifact, repo_id, private=private, revision=revision, card=not no_card,
+                       verify=not no_verify)
     token = None if dry_run else resolve_token()  # no token: one line, before any output
     table = Table(title=escape(f"{artifact} → {repo_id}" + (f" ({plan.revision})"
                                                               if plan.revision else "")))

@@ -26,3 +26,8 @@ class FormatError(QuantbenchError):
 class HubError(QuantbenchError):
     """A Hugging Face Hub call that failed (no token, refused, unreachable); never shows the
     token."""
+
+
+class EvalError(QuantbenchError):
+    """An evaluation that has no valid result: a model whose log-probabilities, perplexity or
+    KL divergence are NaN or infinite on some window (never reported as a number)."""

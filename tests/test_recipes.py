@@ -146,7 +146,7 @@ def uploads(monkeypatch):
     calls = []
 
     def upload_artifact(artifact_dir, repo_id, *, private=False, revision=None,
-                        commit_message=None, token=None, dry_run=False):
+                        commit_message=None, token=None, dry_run=False, verify=True):
         calls.append({"artifact": Path(artifact_dir), "repo": repo_id, "private": private,
                       "revision": revision, "dry_run": dry_run})
         return {"url": f"https://huggingface.co/{repo_id}", "dry_run": dry_run}

@@ -17,7 +17,8 @@ from quantbench.eval.report import ReportRow
 from quantbench.devices import resolve_device
 from quantbench.eval.run import artifact_factory, eval_cache_dir, make_protocol, source_factory
 from quantbench.formats.io import open_artifact, write_artifact
-from quantbench.formats.manifest import record_eval
+from quantbench.errors import QuantbenchError
+from quantbench.formats.manifest import record_eval, verify_artifact
 from quantbench.models.loader import Model, load_model
 from quantbench.progress import block_progress
 from quantbench.quant.run import make_config, quantize, select_targets
@@ -52,9 +53,15 @@ class CompareResult:
     report: EvalReport
     out_dir: Path | None
     artifacts: dict[str, Path] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # row → why it has no result
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.report.to_dict(), "rows": [asdict(row) for row in self.rows]}
+        data = self.report.to_dict()
+        data.pop("errors", None)  # the evaluator's, part of ours
+        data["rows"] = [asdict(row) for row in self.rows]
+        if self.errors:
+            data["errors"] = dict(self.errors)
+        return data
 
 
 def plan_jobs(methods: Sequence[str], bits: Sequence[int], group_size: int,
@@ -126,6 +133,29 @@ def _row(job: Job, path: Path, seconds: float, report: EvalReport) -> ReportRow:
                      kld_p99=res.kld_p99, top1=res.top1, seconds=round(seconds, 2))
 
 
+def _error_row(job: Job, seconds: float) -> ReportRow:
+    """A row without a result (its artifact failed verification, or its results were not
+    finite): its settings, and None for everything measured."""
+    return ReportRow(name=job.name, method=job.method, bits=job.bits, group_size=job.group_size,
+                     bits_per_weight=None, size_bytes=None, ppl=None, delta_ppl_pct=None,
+                     kld_mean=None, kld_p99=None, top1=None, seconds=round(seconds, 2))
+
+
+def _verified_factories(written: dict[str, tuple[Path, float]], device, verify: bool
+                        ) -> tuple[dict[str, Any], dict[str, str]]:
+    """A model factory per artifact whose files match its manifest (checked before it is
+    read, unless ``verify`` is off), and the refusal of each that does not."""
+    factories, errors = {}, {}
+    for name, (path, _) in written.items():
+        try:
+            if verify:
+                verify_artifact(path)
+            factories[name] = artifact_factory(open_artifact(path), device)
+        except QuantbenchError as exc:
+            errors[name] = str(exc)
+    return factories, errors
+
+
 def _baseline_row(model: Model, report: EvalReport) -> ReportRow:
     size = sum(p.stat().st_size for p in model.weights.files())
     bits = {"float16": 16, "bfloat16": 16, "float32": 32}.get(str(model.dtype).split(".")[-1], 16)
@@ -140,9 +170,16 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
                 fmt: str = "compressed-tensors", out_dir: "str | Path | None" = None,
                 targets: TargetConfig | None = None, protocol: EvalProtocol | None = None,
                 progress: bool = False, use_cache: bool = True,
-                method_options: dict[str, Any] | None = None,
+                method_options: dict[str, Any] | None = None, verify: bool = True,
                 **protocol_fields: Any) -> CompareResult:
-    """Quantize with each method × bits, write with ``fmt``, read back, evaluate in lock-step."""
+    """Quantize with each method × bits, write with ``fmt``, read back, evaluate in lock-step.
+
+    ``source``, when it is a quantbench output, and every artifact written are checked against
+    their manifests before they are read (``verify=False`` skips it). A row whose artifact
+    fails the check, or whose results are NaN/Inf, gets its error in ``errors`` instead of a
+    result; the other rows still run."""
+    if not isinstance(source, Model):
+        verify_artifact(source, verify)
     model = source if isinstance(source, Model) else load_model(source)
     protocol = make_protocol(protocol, **protocol_fields)
     targets = targets or TargetConfig()
@@ -157,19 +194,26 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
         written = {job.name: _write_job(model, job, job.fmt, root / job.name, targets, progress)
                    for job in jobs}
         device = resolve_device((method_options or {}).get("device", "auto"))
-        factories = {name: artifact_factory(open_artifact(path), device)
-                     for name, (path, _) in written.items()}
+        factories, failed = _verified_factories(written, device, verify)
         report = evaluate(source_factory(model, device), factories, model.tokenizer(), protocol,
                           baseline_key=model.fingerprint(),
-                          cache_dir=eval_cache_dir() if use_cache else None, progress=progress)
+                          cache_dir=eval_cache_dir() if use_cache else None, progress=progress,
+                          baseline_name=str(model.source))
+        failed.update(report.errors)
+        errors = {job.name: failed[job.name] for job in jobs if job.name in failed}
+        for why in errors.values():
+            log.error("%s", why)
         rows = [_baseline_row(model, report)]
         for job in jobs:
             path, seconds = written[job.name]
+            if job.name in errors:
+                rows.append(_error_row(job, seconds))
+                continue
             rows.append(_row(job, path, seconds, report))
             record_eval(path, {"protocol": protocol.to_dict(), "baseline_ppl": report.baseline.ppl,
                                **report.results[job.name].to_dict()})
         return CompareResult(rows, report, root if keep else None,
-                             {n: p for n, (p, _) in written.items()} if keep else {})
+                             {n: p for n, (p, _) in written.items()} if keep else {}, errors)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,9 +14,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from quantbench.errors import EvalError
 from quantbench.eval.data import load_eval_text, make_windows, tokenize_for_eval
-from quantbench.eval.metrics import WindowStats, perplexity, score_window, summarize
+from quantbench.eval.metrics import (WindowStats, non_finite_window, perplexity, score_window,
+                                     summarize)
 from quantbench.eval.protocol import EvalProtocol
+from quantbench.jsonfile import dumps, non_finite
 from quantbench.progress import block_progress
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ class EvalReport:
     data_id: str
     n_windows: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # candidate → why it has no result
 
     def describe(self) -> str:
         return self.protocol.describe(self.n_windows, self.data_name)
@@ -64,29 +69,47 @@ class EvalReport:
         return {"protocol": self.protocol.to_dict(), "protocol_text": self.describe(),
                 "data": {"name": self.data_name, "sha256": self.data_id},
                 "baseline": asdict(self.baseline),
-                "results": {k: v.to_dict() for k, v in self.results.items()}}
+                "results": {k: v.to_dict() for k, v in self.results.items()},
+                **({"errors": dict(self.errors)} if self.errors else {})}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(
+    text = backend.to_str() if backend is not None else dumps(
         sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _cache_key(baseline_key: str, data_id: str, tok_fp: str, protocol: EvalProtocol) -> str:
-    payload = json.dumps([baseline_key, data_id, tok_fp, protocol.to_dict()], sort_keys=True)
+    payload = dumps([baseline_key, data_id, tok_fp, protocol.to_dict()], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def _load_cache(cache_dir: Path | None, key: str) -> BaselineResult | None:
+    """The cached baseline, if there is one that can be trusted: a summary that does not parse,
+    or values that are not finite (written before NaN was refused), is discarded (removed, so
+    the baseline is computed again), never used."""
     if cache_dir is None:
         return None
-    summary = cache_dir / f"{key}.json"
-    if not summary.is_file() or not (cache_dir / f"{key}.npy").is_file():
+    summary, values = cache_dir / f"{key}.json", cache_dir / f"{key}.npy"
+    if not summary.is_file() or not values.is_file():
         return None
-    data = json.loads(summary.read_text())
-    return BaselineResult(data["ppl"], data["n_tokens"], data["seconds"], cached=True)
+    try:
+        data = json.loads(summary.read_text())
+        result = BaselineResult(float(data["ppl"]), int(data["n_tokens"]),
+                                float(data["seconds"]), cached=True)
+        finite = math.isfinite(result.ppl) and result.ppl > 0 and \
+            bool(np.isfinite(np.load(values)).all())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        finite, why = False, f"unreadable ({type(exc).__name__}: {exc})"
+    else:
+        why = "holds non-finite values"
+    if finite:
+        return result
+    log.warning("cached baseline %s %s; discarded, computing it again", summary, why)
+    summary.unlink(missing_ok=True)
+    values.unlink(missing_ok=True)
+    return None
 
 
 def _store_cache(cache_dir: Path | None, key: str, nlls: torch.Tensor, result: BaselineResult,
@@ -121,14 +144,21 @@ def _adds_bos(tokenizer) -> bool:
 
 def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokenizer,
              protocol: EvalProtocol, baseline_key: str, cache_dir: Path | None = None,
-             progress: bool = True) -> EvalReport:
-    """Evaluate every candidate against the baseline on the same windows, in one pass."""
+             progress: bool = True, baseline_name: str = "the baseline") -> EvalReport:
+    """Evaluate every candidate against the baseline on the same windows, in one pass.
+
+    No NaN or infinity is ever a result: a baseline with non-finite log-probabilities (or
+    perplexity) on some window raises ``EvalError`` naming it and the first such window; a
+    candidate with non-finite log-probabilities, perplexity or KLD gets that error in
+    ``report.errors`` instead of a result (and is not run on the remaining windows), so the
+    others still get theirs."""
     windows, data = prepare_windows(tokenizer, protocol)
     key = _cache_key(baseline_key, data.data_id, tokenizer_fingerprint(tokenizer), protocol)
     cached = _load_cache(cache_dir, key)
     report = EvalReport(cached, {}, protocol, data.name, data.data_id, len(windows))
     if cached is not None and not candidates:
         return report
+    span = _WindowSpan(windows.shape[1] - (1 if _adds_bos(tokenizer) else 0), data.name)
     base_fn = baseline()
     fns = {name: factory() for name, factory in candidates.items()}
     stats: dict[str, list[WindowStats]] = {name: [] for name in fns}
@@ -138,33 +168,85 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
     what = f"eval {len(fns)} model(s) + baseline" if fns else "eval baseline"
     with block_progress(len(batches), f"{what}, {len(windows)} windows", progress) as advance, \
             torch.inference_mode():
-        for batch in batches:
-            start = time.perf_counter()
-            base_logits = base_fn(batch)
-            seconds["baseline"] += time.perf_counter() - start
-            if not fns:
-                base_nll.append(score_window(base_logits, None, batch,
-                                             protocol.first_scored).nll_base)
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                cand_logits = fn(batch)
-                seconds[name] += time.perf_counter() - start
-                s = score_window(base_logits, cand_logits, batch, protocol.first_scored)
-                stats[name].append(s)
-                if len(base_nll) < len(stats[name]):
-                    base_nll.append(s.nll_base)
-                del cand_logits
-            del base_logits
+        for index, batch in enumerate(batches):
+            first_window = index * protocol.batch_size
+            nll_base, scored = _score_batch(base_fn, fns, batch, protocol.first_scored, seconds)
+            problem = non_finite_window(WindowStats(nll_base), len(batch), candidate=False)
+            if problem is not None:
+                raise EvalError(span.baseline_message(baseline_name, first_window, *problem))
+            base_nll.append(nll_base)
+            for name, s in scored.items():
+                problem = non_finite_window(s, len(batch), candidate=True)
+                if problem is None:
+                    stats[name].append(s)
+                    continue
+                report.errors[name] = span.candidate_message(name, first_window, *problem)
+                del fns[name]  # the caller reports it (one line), the others go on
             advance("")
-    nlls = torch.cat(base_nll)
+            if candidates and not fns and cached is not None:
+                break  # every candidate failed and the baseline's result is cached
     if cached is None:
+        nlls = torch.cat(base_nll)
         cached = BaselineResult(perplexity(nlls), int(nlls.numel()), seconds["baseline"])
         _store_cache(cache_dir, key, nlls, cached, protocol)
     report.baseline = cached
     for name in fns:
-        s = summarize(stats[name])
-        report.results[name] = EvalResult(
-            name=name, ppl=s["ppl"], delta_ppl_pct=100.0 * (s["ppl"] / cached.ppl - 1.0),
-            kld_mean=s["kld_mean"], kld_p99=s["kld_p99"], top1=s["top1"],
-            n_tokens=s["n_tokens"], seconds=round(seconds[name], 3))
+        _add_result(report, name, summarize(stats[name]), round(seconds[name], 3))
     return report
+
+
+def _score_batch(base_fn: LogitsFn, fns: dict[str, LogitsFn], batch: torch.Tensor, first: int,
+                 seconds: dict[str, float]) -> tuple[torch.Tensor, dict[str, WindowStats]]:
+    """One batch of windows: the baseline's logits once, every candidate's compared with them
+    (their logits never outlive this call); returns the baseline's NLL and each candidate's
+    stats, and adds the forward passes' time to ``seconds``."""
+    start = time.perf_counter()
+    base_logits = base_fn(batch)
+    seconds["baseline"] += time.perf_counter() - start
+    scored: dict[str, WindowStats] = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        cand_logits = fn(batch)
+        seconds[name] += time.perf_counter() - start
+        scored[name] = score_window(base_logits, cand_logits, batch, first)
+        del cand_logits
+    if scored:
+        return next(iter(scored.values())).nll_base, scored
+    return score_window(base_logits, None, batch, first).nll_base, scored
+
+
+def _add_result(report: EvalReport, name: str, s: dict[str, Any], seconds: float) -> None:
+    """The candidate's result, or — when a total overflows although every window was finite
+    (a perplexity near the largest double, Δppl % beyond it) — its error."""
+    result = EvalResult(
+        name=name, ppl=s["ppl"], delta_ppl_pct=100.0 * (s["ppl"] / report.baseline.ppl - 1.0),
+        kld_mean=s["kld_mean"], kld_p99=s["kld_p99"], top1=s["top1"], n_tokens=s["n_tokens"],
+        seconds=seconds)
+    overflow = next(non_finite(result.to_dict()), None)
+    if overflow is None:
+        report.results[name] = result
+    else:
+        report.errors[name] = (f"{name}: its {overflow[0]} overflows ({overflow[1]}) over finite "
+                               "windows, so it has no valid result: re-convert it")
+
+
+@dataclass(frozen=True)
+class _WindowSpan:
+    """Where a window lies in the evaluation text, for messages that name it."""
+
+    step: int  # text tokens per window (a window's BOS is not one of them)
+    data_name: str
+
+    def describe(self, window: int) -> str:
+        first = window * self.step
+        return f"window {window} (tokens {first}–{first + self.step - 1} of {self.data_name})"
+
+    def baseline_message(self, name: str, first_window: int, row: int, what: str) -> str:
+        return (f"baseline {name}: {what} in {self.describe(first_window + row)}; its weights "
+                "hold NaN/Inf values or overflow float32, so there is nothing to compare "
+                "against: check the source model")
+
+    def candidate_message(self, name: str, first_window: int, row: int, what: str) -> str:
+        return (f"{name}: {what} in {self.describe(first_window + row)}; its weights or "
+                "scales hold NaN/Inf values or overflow float32, so it has no valid result: "
+                "re-convert it")

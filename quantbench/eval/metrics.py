@@ -37,8 +37,47 @@ def score_window(base_logits: torch.Tensor, cand_logits: torch.Tensor | None,
     cand = _scored(cand_logits, first)
     stats.nll_cand = nll(cand, targets)
     stats.kld = (base.exp() * (base - cand)).sum(dim=1).clamp_min(0.0)
-    stats.top1 = base.argmax(dim=1) == cand.argmax(dim=1)
+    stats.top1 = (base.argmax(dim=1) == cand.argmax(dim=1)) & finite_rows(base) & \
+        finite_rows(cand)  # argmax over NaN is NaN's position: no agreement there
     return stats
+
+
+def finite_rows(logp: torch.Tensor) -> torch.Tensor:
+    """Per position: all of its log-probabilities are finite (a NaN or Inf logit makes its whole
+    log-softmax row non-finite; finite logits never do)."""
+    return torch.isfinite(logp).all(dim=-1)
+
+
+def _first_bad_row(values: torch.Tensor) -> tuple[int, str] | None:
+    """``[windows, n]`` → the first row holding a NaN or an infinity, and which."""
+    finite = torch.isfinite(values).all(dim=1)
+    if bool(finite.all()):
+        return None
+    row = int((~finite).nonzero()[0])
+    return row, "NaN" if bool(torch.isnan(values[row]).any()) else "infinite"
+
+
+def non_finite_window(stats: WindowStats, windows: int,
+                      candidate: bool) -> tuple[int, str] | None:
+    """The first of the ``windows`` windows scored in ``stats`` (a batch, rows in order) whose
+    values are not all finite, and what is wrong there: NaN/infinite log-probabilities, a window
+    perplexity that overflows, a NaN/infinite KL divergence — the candidate's (``candidate``)
+    or the baseline's. None when all are finite: then so are the totals (a mean of windows is
+    at most the largest window's)."""
+    nll_values = stats.nll_cand if candidate else stats.nll_base
+    nll = nll_values.reshape(windows, -1)
+    found = []
+    bad = _first_bad_row(nll)
+    if bad is not None:
+        found.append((bad[0], f"{bad[1]} log-probabilities"))
+    overflow = ~torch.isfinite(torch.exp(nll.double().mean(dim=1)))
+    if bool(overflow.any()):
+        found.append((int(overflow.nonzero()[0]), "a perplexity that overflows"))
+    if candidate:
+        bad = _first_bad_row(stats.kld.reshape(windows, -1))
+        if bad is not None:
+            found.append((bad[0], f"{bad[1]} KL divergence"))
+    return min(found, key=lambda item: item[0]) if found else None
 
 
 def perplexity(nlls: torch.Tensor) -> float:

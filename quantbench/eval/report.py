@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from rich.table import Table
 
@@ -34,7 +34,9 @@ def _group(g: int | None) -> str:
     return {None: "—", -1: "channel", 0: "tensor"}.get(g, str(g))
 
 
-def render_table(rows: Sequence[ReportRow], title: str, protocol_text: str) -> Table:
+def render_table(rows: Sequence[ReportRow], title: str, protocol_text: str,
+                 errors: Mapping[str, str] | None = None) -> Table:
+    """One row per model; a row named in ``errors`` shows ERROR where its perplexity would be."""
     table = Table(title=title, caption=protocol_text)
     for col in ("method", "bits", "group", "bits/weight", "size", "ppl", "Δppl %", "KLD",
                 "KLD p99", "top-1 %", "time (s)"):
@@ -43,7 +45,8 @@ def render_table(rows: Sequence[ReportRow], title: str, protocol_text: str) -> T
         table.add_row(r.method, _fmt(r.bits, "d"), _group(r.group_size),
                       _fmt(r.bits_per_weight, ".3f"),
                       "—" if r.size_bytes is None else f"{r.size_bytes / 1e6:.1f} MB",
-                      _fmt(r.ppl, ".3f"), _fmt(r.delta_ppl_pct, "+.2f"), _fmt(r.kld_mean, ".4f"),
+                      "[red]ERROR[/]" if r.name in (errors or {}) else _fmt(r.ppl, ".3f"),
+                      _fmt(r.delta_ppl_pct, "+.2f"), _fmt(r.kld_mean, ".4f"),
                       _fmt(r.kld_p99, ".3f"),
                       "—" if r.top1 is None else f"{100 * r.top1:.2f}", _fmt(r.seconds, ".1f"))
     return table

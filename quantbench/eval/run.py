@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from quantbench.devices import resolve_device
-from quantbench.errors import QuantbenchError
+from quantbench.errors import EvalError, QuantbenchError
 from quantbench.eval.evaluator import EvalReport, evaluate
 from quantbench.eval.protocol import EvalProtocol
 from quantbench.formats.base import Artifact
 from quantbench.formats.io import open_artifact
-from quantbench.formats.manifest import record_eval
+from quantbench.formats.manifest import record_eval, verify_artifact
 from quantbench.models.loader import Model, load_model
 from quantbench.models.runtime import apply_runtime
 from quantbench.models.torch_model import build_causal_lm, logits_fn
@@ -55,7 +55,10 @@ def _is_artifact_dir(text: str) -> bool:
     return path.is_dir() and (path / "config.json").is_file() or find_gguf(path) is not None
 
 
-def resolve_baseline(artifact: Artifact, baseline: "Model | str | None") -> Model:
+def resolve_baseline(artifact: Artifact, baseline: "Model | str | None",
+                     verify: bool = True) -> Model:
+    """The baseline model: ``baseline``, else the source the manifest names; a quantbench
+    output used as the baseline is checked against its manifest first (``verify``)."""
     if isinstance(baseline, Model):
         return baseline
     if baseline is None:
@@ -64,6 +67,7 @@ def resolve_baseline(artifact: Artifact, baseline: "Model | str | None") -> Mode
             raise QuantbenchError(
                 f"{artifact.path} does not name its source model; pass --baseline SOURCE")
         baseline = source
+    verify_artifact(baseline, verify)
     return load_model(baseline)
 
 
@@ -77,29 +81,40 @@ def make_protocol(protocol: EvalProtocol | None, **kwargs: Any) -> EvalProtocol:
 def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | None" = None,
                  protocol: EvalProtocol | None = None, progress: bool = False,
                  cache_dir: Path | None = None, use_cache: bool = True,
-                 device: "str | torch.device | None" = "auto",
+                 device: "str | torch.device | None" = "auto", verify: bool = True,
                  **protocol_fields: Any) -> EvalReport:
     """Evaluate an artifact against its baseline, or a source model on its own; the models
-    run on ``device`` (auto: a CUDA GPU when torch sees one)."""
+    run on ``device`` (auto: a CUDA GPU when torch sees one).
+
+    A quantbench output (``target``, or a baseline given as a path) is checked against its
+    manifest's sizes and sha256 before anything reads it (``verify=False``: skipped, with a
+    warning); the result is recorded in the manifest only if its files verify. A model with
+    NaN/Inf results raises ``EvalError`` naming it and the first such window."""
     dev = resolve_device(device)
     protocol = make_protocol(protocol, **protocol_fields)
     cache = (cache_dir or eval_cache_dir()) if use_cache else None
+    if not isinstance(target, Model):
+        verify_artifact(target, verify)
     artifact = None
     if not isinstance(target, Model) and _is_artifact_dir(str(target)):
         artifact = open_artifact(target)
     if baseline is None and (artifact is None or artifact.manifest is None):
         model = target if isinstance(target, Model) else load_model(str(target))
         return evaluate(source_factory(model, dev), {}, model.tokenizer(), protocol,
-                        baseline_key=model.fingerprint(), cache_dir=cache, progress=progress)
+                        baseline_key=model.fingerprint(), cache_dir=cache, progress=progress,
+                        baseline_name=str(model.source))
     if artifact is None:
         path = target.path if isinstance(target, Model) else load_model(str(target)).path
+        verify_artifact(path, verify)
         artifact = open_artifact(path)
-    base = resolve_baseline(artifact, baseline)
+    base = resolve_baseline(artifact, baseline, verify)
     name = Path(artifact.path).name
     report = evaluate(source_factory(base, dev), {name: artifact_factory(artifact, dev)},
                       base.tokenizer(),
                       protocol, baseline_key=base.fingerprint(), cache_dir=cache,
-                      progress=progress)
+                      progress=progress, baseline_name=str(base.source))
+    if name in report.errors:
+        raise EvalError(report.errors[name])
     if artifact.manifest is not None:
         record_eval(artifact.path, summary_for(report, name))
     return report

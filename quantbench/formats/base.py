@@ -149,6 +149,10 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
+        manifest = json.loads(file.read_text())
     except ValueError as exc:
         raise FormatError(f"{file} is not valid JSON ({exc}); the artifact is damaged") from exc
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{file} holds JSON {type(manifest).__name__}, not an object; the "
+                          "artifact is damaged")
+    return manifest

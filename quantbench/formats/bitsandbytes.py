@@ -15,6 +15,7 @@ from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, Format
 from quantbench.formats.gptq import module_of, quant_method, refuse_embeddings, untargeted_modules
 from quantbench.formats.packing import pack_nibbles_hi_first, unpack_nibbles_hi_first
+from quantbench.jsonfile import NonFiniteJSON, dumps
 from quantbench.models.arch import ArchSpec
 from quantbench.models.loader import DTYPES
 from quantbench.models.weights import LazyWeights
@@ -45,7 +46,7 @@ def encode_4bit(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         parts["weight.nested_quant_map"] = bnb.dynamic_map_signed().clone()
         state.update({"nested_blocksize": grid.nested_block_size, "nested_dtype": "float32",
                       "nested_offset": float(qt.aux["nested_offset"])})
-    blob = json.dumps(state).encode("utf-8")
+    blob = dumps(state, what="a bitsandbytes quant_state").encode("utf-8")
     parts[STATE + grid.codebook] = torch.tensor(list(blob), dtype=torch.uint8)
     return parts
 
@@ -147,7 +148,12 @@ class BitsAndBytesFormat(Format):
 
     def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         module = module_of(name)
-        parts = encode_4bit(qt) if qt.grid.kind == "codebook" else encode_8bit(qt)
+        try:
+            parts = encode_4bit(qt) if qt.grid.kind == "codebook" else encode_8bit(qt)
+        except NonFiniteJSON as exc:  # the double-quant offset of absmax scales with NaN/Inf
+            raise FormatError(f"{name}: its quant_state holds {exc.value} at {exc.where} (the "
+                              "weight holds NaN/Inf values); bitsandbytes cannot store it, "
+                              "and no runtime could use it") from None
         return {f"{module}.{k}": v for k, v in parts.items()}
 
     @classmethod

@@ -15,6 +15,7 @@ from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, Format, require_int_grid
 from quantbench.formats.packing import pack_bits_lsb_rows, unpack_bits_lsb_rows
+from quantbench.jsonfile import dumps
 from quantbench.models.arch import ArchSpec
 from quantbench.models.loader import DTYPES
 from quantbench.models.weights import LazyWeights
@@ -223,7 +224,7 @@ class GPTQFormat(ModuleTensorsFormat):
                     arch: ArchSpec) -> dict[str, str]:
         """AutoGPTQ, GPTQModel and vLLM also read ``quantize_config.json`` (§1.6)."""
         q = self.quantization_config(config, targets, arch)
-        return {"quantize_config.json": json.dumps(q, indent=2, sort_keys=True)}
+        return {"quantize_config.json": dumps(q, what="quantize_config.json", indent=2, sort_keys=True)}
 
     def read(self, path: Path, config: dict[str, Any], weights: LazyWeights,
              manifest: dict[str, Any] | None) -> Artifact:

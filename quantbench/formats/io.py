@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from quantbench.errors import FormatError, QuantbenchError
+from quantbench.errors import FormatError, ModelLoadError, QuantbenchError
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
 from quantbench.formats.manifest import build_manifest, write_json_atomic
+from quantbench.jsonfile import NonFiniteJSON, dumps, with_nulls
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import format_names, get_format
 from quantbench.tensor import QuantizedTensor
@@ -121,8 +122,8 @@ class ShardedWriter:
         if self._data is None:
             self._data = open(self._data_path(index), "wb")
         self._data.close()
-        header = json.dumps({"__metadata__": self.metadata, **self._pending},
-                            separators=(",", ":")).encode("utf-8")
+        header = dumps({"__metadata__": self.metadata, **self._pending}, what="a safetensors "
+                       "header", separators=(",", ":")).encode("utf-8")
         header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
         with open(self.directory / f"shard-{index:05d}.tmp", "wb") as out, \
                 open(self._data_path(index), "rb") as data:
@@ -148,7 +149,8 @@ class ShardedWriter:
         if n > 1:
             total = sum((self.directory / f).stat().st_size for f in names)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (self.directory / "model.safetensors.index.json").write_text(
+                dumps(index, what="model.safetensors.index.json", indent=2))
         return names
 
 
@@ -214,9 +216,10 @@ def _write_shards(qmodel, writer_fmt: Format, tmp: Path,
 def _qt_info(qt: QuantizedTensor) -> dict[str, Any]:
     info = {"shape": list(qt.shape), "quantized": True, "bits": qt.grid.bits,
             "grid": qt.grid.describe(), "bits_per_weight": round(qt.bits_per_weight(), 4)}
-    stats = {k: v for k, v in qt.meta.items() if isinstance(v, (int, float))}
-    if stats:  # what the method measured (GPTQ damping, LLM.int8 outlier columns, ...)
-        info["stats"] = stats
+    stats = {k: v for k, v in qt.meta.items() if isinstance(v, (int, float)) or v is None}
+    if stats:  # what the method measured (GPTQ damping, LLM.int8 outlier columns, ...); a
+        # measurement that came out NaN/Inf (an fp16 activation overflow) has no value: null
+        info["stats"] = with_nulls(stats, f"{MANIFEST}: stats of a quantized tensor")
     return info
 
 
@@ -229,7 +232,12 @@ def _write_config(tmp: Path, model, qconfig: dict[str, Any] | None) -> None:
     config = {k: v for k, v in model.config.items() if k != "quantization_config"}
     if qconfig is not None:
         config["quantization_config"] = qconfig
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    try:
+        text = dumps(config, what="config.json", indent=2, sort_keys=True)
+    except NonFiniteJSON as exc:  # Python's json reads a bare NaN in the source's config.json
+        raise ModelLoadError(f"the source's config.json has {exc.value} at {exc.where}, which "
+                             "is not a value (nor valid JSON); fix it in the source") from None
+    (tmp / "config.json").write_text(text)
 
 
 def open_artifact(path: str | os.PathLike) -> Artifact:

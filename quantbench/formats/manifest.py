@@ -4,13 +4,18 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
-import json
+import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from quantbench.errors import FormatError
 from quantbench.formats.base import MANIFEST
+from quantbench.jsonfile import dumps, loads_strict
+
+log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 WEIGHT_FILES = ("model.gguf",)  # weight files besides *.safetensors (side files do not count)
@@ -44,9 +49,12 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
+    """``payload`` as indented JSON, atomically; a non-finite float is refused before the file
+    is touched (see ``quantbench/jsonfile.py``: pass ``with_nulls(payload, ...)`` where a value
+    may legitimately be missing)."""
+    text = dumps(payload, what=str(path), indent=2, sort_keys=False, default=str)
     with atomic_write(path, "w") as fh:  # e.g. `--json out/report.json` creates out/
-        json.dump(payload, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
+        fh.write(text + "\n")
 
 
 def file_table(directory: Path) -> dict[str, dict[str, Any]]:
@@ -116,22 +124,193 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
     return manifest
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Names of files whose size or sha256 differs from the manifest (missing included)."""
-    bad = []
-    for name, entry in manifest.get("files", {}).items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or \
-                sha256_file(path) != entry["sha256"]:
-            bad.append(name)
-    return bad
+# What a loader of an artifact directory reads (quantbench's readers, transformers, vLLM,
+# llama.cpp, exllamav2): weights in any container, remote code, tokenizer and chat-template files
+# (by a part of their name: ``tokenizer.model.v3``), and JSON / text configs and vocabularies (by
+# a word of their name: ``tekken.json``, ``merges.txt``). An unlisted one is a difference like a
+# changed file; any other file (notes, an eval report saved beside it, a licence, a picture,
+# hidden files) is read by none, so it is not.
+_LOADED_PARTS = frozenset({"safetensors", "gguf", "bin", "pt", "pth", "ckpt", "pkl", "pickle",
+                           "h5", "msgpack", "npz", "npy", "onnx", "py", "model", "tiktoken",
+                           "jinja"})
+_LOADED_WORDS = ("config", "token", "vocab", "merges", "index", "template", "params", "tekken",
+                 "measurement")
+_NO_VERIFY = "pass --no-verify (verify=False in Python) to use it as it is"
 
 
-def record_eval(directory: Path, summary: dict[str, Any]) -> None:
-    """Store the evaluation summary in an existing manifest (other fields untouched)."""
-    path = Path(directory) / MANIFEST
+@dataclass(frozen=True)
+class FileProblem:
+    """One file of an artifact that is not as its manifest records."""
+
+    name: str
+    why: str  # "missing", "1234 bytes, 1235 recorded", "sha256 differs", "not listed, ..."
+
+    @property
+    def unlisted(self) -> bool:
+        return self.why.startswith("not listed")
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.why}"
+
+
+def loadable(name: str) -> bool:
+    """Whether a reader of an artifact directory may read a file of this name."""
+    if name.startswith("."):
+        return False
+    parts = name.lower().split(".")
+    if _LOADED_PARTS.intersection(parts[1:]):
+        return True
+    return parts[-1] in ("json", "txt") and any(word in parts[0] for word in _LOADED_WORDS)
+
+
+def manifest_dir(target: str | os.PathLike) -> Path | None:
+    """The directory whose manifest vouches for ``target``: the directory itself when it holds
+    a quantbench.json, or the directory of a file passed directly (``out/model.gguf``) that
+    holds one; None when nothing vouches for it (another tool's checkpoint, a bare .gguf)."""
+    path = Path(target)
+    if path.is_dir():
+        return path if (path / MANIFEST).exists() else None
+    if path.is_file() and (path.parent / MANIFEST).exists():
+        return path.parent
+    return None
+
+
+def load_checked_manifest(directory: Path, todo: str | None = None) -> dict[str, Any]:
+    """The manifest of ``directory`` as verification needs it: strict JSON (no bare NaN), an
+    object, with a ``files`` table of plain file names, each with its size and sha256. Anything
+    else is refused in one line: the directory is then not an artifact quantbench can vouch for
+    (``todo``: what the message advises instead of re-converting or --no-verify)."""
+    file = Path(directory) / MANIFEST
+    todo = todo or f"re-convert it, or {_NO_VERIFY}"
+    try:
+        manifest = loads_strict(file.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise _unvouched(file, f"cannot be read ({exc.strerror or exc})", todo) from exc
+    except ValueError as exc:  # not UTF-8, not JSON, or a bare NaN/Infinity
+        raise _unvouched(file, f"is not valid JSON ({exc})", todo) from exc
+    if not isinstance(manifest, dict):
+        raise _unvouched(file, f"holds a JSON {_json_kind(manifest)}, not an object", todo)
+    for key, kind in _FIELDS.items():  # what the readers, the card and eval take from it
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise _unvouched(file, f"has a {_json_kind(manifest[key])} for {key!r}", todo)
+    if not isinstance((manifest.get("source") or {}).get("id") or "", str):
+        raise _unvouched(file, "has a source id that is not a string", todo)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _unvouched(file, "has no 'files' table (each file's bytes and sha256)", todo)
+    for name, entry in files.items():
+        if not _plain_name(name):
+            raise _unvouched(file, f"lists {name!r}, which is not a file name inside "
+                                   f"{Path(directory).name}", todo)
+        if not _valid_entry(entry):
+            raise _unvouched(file, f"files[{name!r}] is not a size in bytes and a sha256", todo)
+    return manifest
+
+
+_FIELDS = {"format": str, "created": str, "tool": dict, "source": dict, "quantize": dict,
+           "summary": dict, "tensors": dict, "eval": dict, "command": list}  # or null
+
+
+def _unvouched(file: Path, problem: str, todo: str) -> FormatError:
+    return FormatError(f"{file} {problem}, so {file.parent} is not a quantbench artifact whose "
+                       f"files can be vouched for; {todo}")
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null",
+            dict: "object"}.get(type(value), "number")
+
+
+def _plain_name(name: str) -> bool:
+    """A file directly inside the directory (never ``../x``, ``a/b`` or the manifest itself)."""
+    return name not in ("", ".", "..", MANIFEST) and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    size, digest = entry.get("bytes"), entry.get("sha256")
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 0 and \
+        isinstance(digest, str) and len(digest) == 64 and \
+        all(c in "0123456789abcdef" for c in digest.lower())
+
+
+def verify_files(directory: Path, manifest: dict[str, Any]) -> list[FileProblem]:
+    """Every file the manifest lists, with the recorded size and sha256 (streamed), and no file
+    it does not list that a reader would load (an extra shard, a config.json beside a GGUF).
+    ``manifest`` is one :func:`load_checked_manifest` accepted."""
+    directory = Path(directory)
+    listed = manifest.get("files") or {}
+    problems = [FileProblem(name, why) for name, entry in listed.items()
+                if (why := _file_problem(directory / name, entry)) is not None]
+    for path in sorted(directory.iterdir()):
+        if path.name not in listed and path.name != MANIFEST and loadable(path.name) \
+                and path.is_file():
+            problems.append(FileProblem(path.name, "not listed, yet a loader of the directory "
+                                                   "would read it"))
+    return problems
+
+
+def _file_problem(path: Path, entry: dict[str, Any]) -> str | None:
     if not path.is_file():
-        return
-    manifest = json.loads(path.read_text())
+        return "missing" if not path.exists() else "not a regular file"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes, {entry['bytes']} recorded"
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return "sha256 differs" if digest != entry["sha256"].lower() else None
+
+
+def mismatch_message(directory: Path, problems: list[FileProblem]) -> str:
+    """One line: the first file that differs and why, the others, and what to do."""
+    first, rest = problems[0], problems[1:]
+    also = "; also " + ", ".join(map(str, rest[:4])) if rest else ""
+    also += f" and {len(rest) - 4} more" if len(rest) > 4 else ""
+    todo = (f"move the files it does not list out of the directory, or {_NO_VERIFY}"
+            if all(p.unlisted for p in problems) else f"re-convert it, or {_NO_VERIFY}")
+    return f"{directory}: {first.name} not as {MANIFEST} records ({first.why}{also}); {todo}"
+
+
+def verify_artifact(target: str | os.PathLike, verify: bool = True) -> Path | None:
+    """Check ``target`` against the manifest that vouches for it, before anything reads it:
+    a one-line ``FormatError`` naming the file that differs. Returns the directory verified, or
+    None when no manifest vouches for ``target`` (nothing to verify) or ``verify`` is False (a
+    warning says it was skipped)."""
+    directory = manifest_dir(target)
+    if directory is None:
+        return None
+    if not verify:
+        log.warning("%s: files not checked against its %s (--no-verify); used as they are",
+                    directory, MANIFEST)
+        return None
+    problems = verify_files(directory, load_checked_manifest(directory))
+    if problems:
+        raise FormatError(mismatch_message(directory, problems))
+    return directory
+
+
+def record_eval(target: str | os.PathLike, summary: dict[str, Any]) -> bool:
+    """Store the evaluation summary in the manifest that vouches for ``target`` (other fields
+    untouched) — only when its files verify now: an evaluation of other bytes than the manifest
+    records is never written into it (a warning says so, --no-verify or not). Returns whether
+    it was recorded."""
+    directory = manifest_dir(target)
+    if directory is None:
+        return False
+    try:
+        manifest = load_checked_manifest(directory)
+    except FormatError as exc:
+        log.warning("evaluation not recorded: %s", exc)
+        return False
+    problems = verify_files(directory, manifest)
+    if problems:
+        log.warning("%s: evaluation not recorded in its %s: its files do not match it (%s)",
+                    directory, MANIFEST, "; ".join(map(str, problems)))
+        return False
     manifest["eval"] = summary
-    write_json_atomic(path, manifest)
+    write_json_atomic(directory / MANIFEST, manifest)
+    return True

@@ -3,7 +3,6 @@ metadata the Hub indexes, what was done, the evaluation against the baseline, si
 runtime loads it, and the command that reproduces it."""
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
@@ -15,6 +14,7 @@ from quantbench.errors import FormatError
 from quantbench.formats.base import MANIFEST, read_manifest
 from quantbench.hub.command import convert_argv, eval_argv
 from quantbench.hub.snippets import quantbench_snippet, runtime_snippets
+from quantbench.jsonfile import dumps
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FORMAT_TAGS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq", "exl2": "exl2",
@@ -113,7 +113,7 @@ def _describe_grid(grid: dict[str, Any]) -> str:
     try:
         return grid_from_dict(grid).describe()
     except Exception:  # a grid a newer quantbench wrote: show it as data
-        return json.dumps(grid, sort_keys=True)
+        return dumps(grid, what="the model card", sort_keys=True)
 
 
 def _registered(kind: str, name: str) -> str:
@@ -190,7 +190,7 @@ def _evaluation(manifest: dict[str, Any]) -> str:
     try:
         protocol = EvalProtocol.from_dict(e.get("protocol") or {}).describe()
     except Exception:
-        protocol = json.dumps(e.get("protocol"), sort_keys=True)
+        protocol = dumps(e.get("protocol"), what="the model card", sort_keys=True)
     dtype = (manifest.get("source") or {}).get("dtype") or "FP16"
     return "\n".join([
         "## Evaluation",

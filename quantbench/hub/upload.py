@@ -8,11 +8,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from quantbench.errors import FormatError, HubError, QuantbenchError
 from quantbench.formats.base import MANIFEST
-from quantbench.formats.manifest import verify_files
+from quantbench.formats.manifest import load_checked_manifest, verify_artifact
 from quantbench.hub.card import HUB_ID, base_model, load_manifest, render_model_card
 
 log = logging.getLogger(__name__)
@@ -49,19 +49,24 @@ def _check_repo_id(repo_id: str) -> None:
                        "e.g. your-name/smollm2-w4g64")
 
 
-def _artifact_files(artifact_dir: Path, card: str | None) -> tuple[list[tuple[str, Path | bytes]],
-                                                                   list[str]]:
+def _listed_files(artifact_dir: Path, verify: bool) -> dict[str, Any]:
+    """The manifest's file table, after checking every file against it (``verify``; skipped
+    with a warning otherwise, but a file it lists must still exist to be sent)."""
+    load_manifest(artifact_dir)  # a directory holding a manifest, or a one-line refusal
+    verify_artifact(artifact_dir, verify)
+    listed = load_checked_manifest(
+        artifact_dir, todo="re-convert it (an upload sends the files it lists)")["files"]
+    missing = sorted(n for n in listed if not (artifact_dir / n).is_file())
+    if missing:
+        raise FormatError(f"{artifact_dir}: {missing[0]} is missing ({MANIFEST} lists it), so "
+                          "it cannot be uploaded; re-convert the artifact")
+    return listed
+
+
+def _artifact_files(artifact_dir: Path, listed: dict[str, Any], card: str | None
+                    ) -> tuple[list[tuple[str, Path | bytes]], list[str]]:
     """(path in repo, file or bytes) for the manifest's files, the manifest and the card; the
-    files it does not list are left out (and named). Refuses a damaged artifact."""
-    manifest = load_manifest(artifact_dir)
-    listed = manifest.get("files") or {}
-    if not listed:
-        raise FormatError(f"{artifact_dir}/{MANIFEST} lists no files; re-run quantbench convert")
-    bad = verify_files(artifact_dir, manifest)
-    if bad:
-        raise FormatError(f"{artifact_dir}: {', '.join(sorted(bad))} not as {MANIFEST} records "
-                          "(size or sha256 changed, or missing); re-run quantbench convert "
-                          "instead of uploading it")
+    files it does not list are left out (and named)."""
     names = sorted(n for n in listed if not (card is not None and n == CARD)) + [MANIFEST]
     items: list[tuple[str, Path | bytes]] = [(n, artifact_dir / n) for n in names]
     if card is not None:
@@ -152,14 +157,16 @@ def _default_message(artifact_dir: Path) -> str:
 
 def plan_upload(artifact_dir: "str | os.PathLike", repo_id: str, *, private: bool = False,
                 revision: str | None = None, card: bool = True,
-                command: str | None = None) -> UploadResult:
-    """Check the artifact (manifest present, every file matching its checksum) and list what
-    an upload would send, card included; no token, no network."""
+                command: str | None = None, verify: bool = True) -> UploadResult:
+    """Check the artifact (manifest present, every file matching its size and sha256, no
+    unlisted file a loader would read; ``verify=False`` skips the checksums with a warning)
+    and list what an upload would send, card included; no token, no network."""
     artifact_dir = Path(artifact_dir)
     _check_repo_id(repo_id)
     revision = None if revision in (None, "", "main") else revision
+    listed = _listed_files(artifact_dir, verify)
     text = render_model_card(artifact_dir, repo_id=repo_id, command=command) if card else None
-    items, skipped = _artifact_files(artifact_dir, text)
+    items, skipped = _artifact_files(artifact_dir, listed, text)
     files = [(name, len(src) if isinstance(src, bytes) else src.stat().st_size)
              for name, src in items]
     return UploadResult(repo_id, revision, files, text, None, private, True, skipped,
@@ -181,14 +188,16 @@ def upload_artifact(artifact_dir: "str | os.PathLike", repo_id: str, *, private:
                     revision: str | None = None, commit_message: str | None = None,
                     token: str | None = None, dry_run: bool = False, card: bool = True,
                     command: str | None = None, endpoint: str | None = None,
-                    on_file: Callable[[str, int], None] | None = None) -> UploadResult:
+                    on_file: Callable[[str, int], None] | None = None,
+                    verify: bool = True) -> UploadResult:
     """Upload ``artifact_dir`` to the model repository ``repo_id`` (created if missing; on the
     branch ``revision``, created from main if missing) as one commit: the files its manifest
     lists (checksums verified first), ``quantbench.json`` and, with ``card``, the model card
     as ``README.md``. ``dry_run`` only plans it: no token, no network. ``endpoint`` defaults to
-    ``HF_ENDPOINT``; ``on_file(path, bytes)`` is called as each file is uploaded."""
+    ``HF_ENDPOINT``; ``on_file(path, bytes)`` is called as each file is uploaded; ``verify=False``
+    uploads the files without checking them against the manifest (a warning says so)."""
     plan = plan_upload(artifact_dir, repo_id, private=private, revision=revision, card=card,
-                       command=command)
+                       command=command, verify=verify)
     if dry_run:
         return plan
     return push(plan, commit_message=commit_message, token=token, endpoint=endpoint,

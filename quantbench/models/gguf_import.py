@@ -4,7 +4,6 @@ made by llama.cpp (RoPE scaling keys and llama3's ``rope_freqs`` tensor read bac
 config)."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 
 from quantbench.errors import ModelLoadError
 from quantbench.formats.gguf_meta import permute_qk, unpermute_qk  # noqa: F401  (re-exported)
+from quantbench.jsonfile import NonFiniteJSON, dumps
 from quantbench.models.arch import ARCHITECTURES, LLAMA, ArchSpec
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,16 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torc
         tensors[name] = w.to(dtype).contiguous()
         types[ggml_type] += 1
     save_file(tensors, str(out_dir / "model.safetensors"), {"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    try:
+        text = dumps(config, what="config.json", indent=2, sort_keys=True)
+    except NonFiniteJSON as exc:  # a float of the GGUF's metadata (rms eps, rope base...)
+        raise ModelLoadError(f"{gguf_path}: its metadata gives {exc.value} for {exc.where}, "
+                             "which is not a value; the file is damaged") from None
+    (out_dir / "config.json").write_text(text)
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if config.get(k) is not None}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    (out_dir / "generation_config.json").write_text(
+        dumps(gen, what="generation_config.json", indent=2))
     if tokenizer:
         _write_tokenizer(gguf_path, out_dir)
     return {"gguf_types": dict(types), "general_name": _field(reader, "general.name"),

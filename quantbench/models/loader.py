@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from quantbench.errors import ModelLoadError
+from quantbench.jsonfile import loads_strict
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights, load_pickled_weights
 
@@ -107,8 +108,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{directory} is not a model directory (no config.json); point to a Hugging Face "
             "checkpoint directory, a Hub id, or sample:smollm2"
         )
-    try:
-        config = json.loads(cfg_path.read_text())
+    try:  # strict: a bare NaN/Infinity is no config value (and could not be written back)
+        config = loads_strict(cfg_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc}); fix or re-download it") from exc
     if not isinstance(config, dict):

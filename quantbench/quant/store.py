@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantbench.config import grid_from_dict
+from quantbench.jsonfile import dumps, with_nulls
 from quantbench.models.cache import cache_root
 from quantbench.tensor import QuantizedTensor
 
@@ -108,12 +109,13 @@ class BlockStore:
                 parts.update({f"aux.{k}": v for k, v in value.aux.items()})
                 flat.update({f"{name}::{p}": _own(t, seen) for p, t in parts.items()})
                 entries[name] = {"grid": value.grid.to_dict(), "dtype": _dtype_name(value.dtype),
-                                 "meta": value.meta, "parts": list(parts)}
+                                 "meta": with_nulls(value.meta, f"{label}: {name} statistics"),
+                                 "parts": list(parts)}
             else:
                 flat[name] = _own(value, seen)
                 entries[name] = None
         save_file(flat, str(self._path(len(self.labels))),
-                  {_META_KEY: json.dumps({"label": label, "entries": entries})})
+                  {_META_KEY: dumps({"label": label, "entries": entries}, what="a block store entry")})
         self.labels.append(label)
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, "torch.Tensor | QuantizedTensor"]]]:

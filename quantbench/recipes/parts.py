@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -17,8 +18,8 @@ class RecipeError(ConfigError):
     """A recipe that cannot run: unknown key, wrong type, impossible combination."""
 
 
-TOP_KEYS = ("name", "source", "output_dir", "overwrite", "report", "defaults", "eval", "gate",
-            "upload", "jobs")
+TOP_KEYS = ("name", "source", "output_dir", "overwrite", "verify", "report", "defaults", "eval",
+            "gate", "upload", "jobs")
 JOB_KEYS = ("name", "source", "method", "methods", "bits", "group_size", "symmetric", "format",
             "formats", "type", "types", "targets", "eval", "gate", "upload")
 EVAL_KEYS = ("ctx", "max_tokens", "n_windows", "scoring", "data", "batch_size", "device", "cache")
@@ -126,8 +127,9 @@ def _gate(data: Any, where: str, base: Gate | None = None) -> Gate:
     for key, value in data.items():
         if value is not None:
             value = _typed(value, f"{where}.{key}", "number")
-            if value < 0:
-                raise RecipeError(f"{where}.{key}: expected a number >= 0, got {value:g}")
+            if not 0 <= value < math.inf:  # .nan/.inf in YAML: no bound a result can meet
+                raise RecipeError(f"{where}.{key}: expected a number >= 0, got {value:g} "
+                                  "(a finite one; leave the key out for no bound)")
         values[key] = value
     return dataclasses.replace(base or Gate(), **values)
 

@@ -14,11 +14,11 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from quantbench.errors import QuantbenchError
+from quantbench.errors import EvalError, QuantbenchError
 from quantbench.eval.evaluator import EvalReport, evaluate
 from quantbench.eval.run import artifact_factory, eval_cache_dir, source_factory
 from quantbench.formats.io import check_output, open_artifact, write_artifact
-from quantbench.formats.manifest import record_eval, write_json_atomic
+from quantbench.formats.manifest import record_eval, verify_artifact, write_json_atomic
 from quantbench.models.loader import Model, load_model
 from quantbench.progress import block_progress
 from quantbench.quant.run import quantize
@@ -123,25 +123,33 @@ def run_recipe(recipe: "Recipe | str | Path", *, progress: bool = True,
                           started=datetime.datetime.now(datetime.timezone.utc).isoformat(
                               timespec="seconds"))
     by_name = {j.name: j for j in report.jobs}
+    if not recipe.verify:
+        log.warning("%s: verify: false — artifacts are evaluated and uploaded without checking "
+                    "their files against their manifests", recipe.origin)
     for jobs in _groups(planned).values():
         model = models[jobs[0].source]
         written = [job for job in jobs
                    if _write(job, model, recipe, by_name[job.name], progress)]
-        _evaluate_group(model, written, by_name, report, progress)
+        verified = [job for job in written
+                    if not recipe.verify or _verified(by_name[job.name])]
+        _evaluate_group(model, verified, by_name, report, progress)
         for job in jobs:
-            _gate_and_upload(job, by_name[job.name], dry_run_upload)
+            _gate_and_upload(job, by_name[job.name], dry_run_upload, recipe.verify)
         _save(report, start)
     _save(report, start)
     return report
 
 
 def _check(recipe: Recipe, planned: list[PlannedJob]) -> dict[str, Model]:
-    """Load each source once; check every job's method, grid, targets, format and output."""
+    """Load each source once (a quantbench output checked against its manifest first, unless
+    ``verify: false``); check every job's method, grid, targets, format and output."""
     models: dict[str, Model] = {}
     for job in planned:
         where = f"{recipe.origin}: job {job.name}"
         try:
             if job.source not in models:
+                if recipe.verify:
+                    verify_artifact(job.source)
                 models[job.source] = load_model(job.source)
             qmodel = quantize(models[job.source], job.config)
             get_format(job.format)().check(job.config, models[job.source], qmodel.targets)
@@ -182,6 +190,17 @@ def _write(job: PlannedJob, model: Model, recipe: Recipe, rep: JobReport,
     return True
 
 
+def _verified(rep: JobReport) -> bool:
+    """The job's artifact checked against its manifest before it is evaluated; a mismatch is
+    the job's error (the others go on)."""
+    try:
+        verify_artifact(rep.artifact)
+    except QuantbenchError as exc:
+        rep.fail("verify", exc)
+        return False
+    return True
+
+
 def _evaluate_group(model: Model, jobs: list[PlannedJob], reports: dict[str, JobReport],
                     report: RecipeReport, progress: bool) -> None:
     """One lock-step pass: the baseline runs once and every artifact is scored on its tokens
@@ -191,6 +210,9 @@ def _evaluate_group(model: Model, jobs: list[PlannedJob], reports: dict[str, Job
         return
     try:
         _score(model, jobs, reports, report, progress)
+    except EvalError as exc:  # the shared baseline is not finite: no job can be scored
+        for job in jobs:
+            reports[job.name].fail("evaluate", exc)
     except Exception as exc:  # find the culprit
         if len(jobs) == 1:
             reports[jobs[0].name].fail("evaluate", exc)
@@ -214,13 +236,17 @@ def _score(model: Model, jobs: list[PlannedJob], reports: dict[str, JobReport],
                  for job in jobs}
     result = evaluate(source_factory(model, device), factories, model.tokenizer(), ev.protocol,
                       baseline_key=model.fingerprint(),
-                      cache_dir=eval_cache_dir() if ev.cache else None, progress=progress)
+                      cache_dir=eval_cache_dir() if ev.cache else None, progress=progress,
+                      baseline_name=jobs[0].source)
     seconds = time.perf_counter() - start
     report.baselines.append(BaselineReport(
         jobs[0].source, ev.protocol.to_dict(), result.describe(), result.baseline.ppl,
         result.baseline.n_tokens, result.baseline.cached, round(seconds, 3),
         [job.name for job in jobs]))
     for job in jobs:
+        if job.name in result.errors:  # NaN/Inf results: this job's error, not a number
+            reports[job.name].fail("evaluate", EvalError(result.errors[job.name]))
+            continue
         _record(job, reports[job.name], result, seconds)
 
 
@@ -238,7 +264,7 @@ def _record(job: PlannedJob, rep: JobReport, result: EvalReport, seconds: float)
     rep.status = "failed" if reasons else "passed"
 
 
-def _gate_and_upload(job: PlannedJob, rep: JobReport, dry_run: bool) -> None:
+def _gate_and_upload(job: PlannedJob, rep: JobReport, dry_run: bool, verify: bool) -> None:
     if rep.status == "pending":  # written but never scored (should not happen)
         rep.status, rep.error = "error", "not evaluated"
     if job.upload is None:
@@ -254,7 +280,8 @@ def _gate_and_upload(job: PlannedJob, rep: JobReport, dry_run: bool) -> None:
 
         result = upload_artifact(Path(rep.artifact), job.upload.repo,
                                  private=job.upload.private, revision=job.upload.revision,
-                                 commit_message=job.upload.commit_message, dry_run=dry_run)
+                                 commit_message=job.upload.commit_message, dry_run=dry_run,
+                                 verify=verify)
         rep.upload = {"status": "dry-run" if dry_run else "uploaded", "repo": job.upload.repo,
                       "revision": job.upload.revision, "result": _jsonable(result)}
     except Exception as exc:

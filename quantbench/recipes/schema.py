@@ -78,6 +78,7 @@ class Recipe:
     gate: Gate = field(default_factory=Gate)
     upload: Upload | None = None
     overwrite: bool = False
+    verify: bool = True  # false: artifacts are evaluated and uploaded without the checksum check
     report: Path | None = None
     origin: str = "recipe"  # the file it was read from, for error messages
 
@@ -331,8 +332,9 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     for key in ("name", "source", "output_dir", "report"):
         if data.get(key) is not None:
             _typed(data[key], f"{origin}: {key}", "str")
-    overwrite = _typed(data["overwrite"], f"{origin}: overwrite", "bool") \
-        if "overwrite" in data else False
+    overwrite, verify = (_typed(data[key], f"{origin}: {key}", "bool") if key in data
+                         else default for key, default in (("overwrite", False), ("verify", True)))
     return Recipe(jobs=jobs, output_dir=Path(data.get("output_dir") or "recipe-out"),
                   name=data.get("name") or Path(origin).stem, source=data.get("source"),
-                  overwrite=overwrite, report=data.get("report"), origin=origin, **recipe)
+                  overwrite=overwrite, verify=verify, report=data.get("report"), origin=origin,
+                  **recipe)

@@ -9,7 +9,8 @@ KLD 0.40 against 0.21 for uniform GPTQ; see benchmarks/results/exl2_smollm2.json
 
 The result is data (:class:`Measurement`, JSON): saved after every block, so an interrupted
 pass resumes where it stopped, and reusable for any bpw target without measuring again
-(:meth:`Measurement.allocate`). It names the model it was made on by a digest of the target
+(:meth:`Measurement.allocate`). An error that has no value (NaN: not measured, or not
+measurable) is written as ``null`` — JSON has no NaN — and read back as NaN. It names the model it was made on by a digest of the target
 shapes and two weights, and refuses to be applied to another.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 
 from quantbench.config import EXL2GridConfig
 from quantbench.errors import ConfigError, QuantbenchError
+from quantbench.jsonfile import dumps
 from quantbench.quant.exl2.grid import total_bits
 from quantbench.quant.exl2.optimize import Allocation, bounds, solve
 from quantbench.quant.exl2.presets import LADDER, branch_candidates
@@ -75,7 +78,8 @@ class Measurement:
                                   "new --measurement file")
         try:
             slots = [Slot(s["block"], s["branch"], s["numel"],
-                          [Candidate(dict(c["settings"]), int(c["bits"]), float(c["error"]))
+                          [Candidate(dict(c["settings"]), int(c["bits"]),
+                                     float("nan") if c["error"] is None else float(c["error"]))
                            for c in s["candidates"]]) for s in data["slots"]]
             return cls(dict(data["model"]), dict(data["calibration"]), list(data["ladder"]),
                        slots, bool(data["complete"]))
@@ -95,7 +99,7 @@ class Measurement:
         from quantbench.formats.manifest import write_json_atomic
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(path), self.to_dict())
+        write_json_atomic(Path(path), _nulls(self.to_dict()))
 
     def measured_blocks(self) -> set[int]:
         return {s.block for s in self.slots}
@@ -135,6 +139,16 @@ class Measurement:
         return settings, report(alloc, target_bpw, numel, len(self.slots))
 
 
+def _nulls(data: dict[str, Any]) -> dict[str, Any]:
+    """Errors without a value (NaN: a candidate not measured yet, as an unfinished measurement
+    holds by design, or a measurement that gave none) as JSON ``null``; read back as NaN."""
+    for slot in data["slots"]:
+        for cand in slot["candidates"]:
+            if not math.isfinite(cand["error"]):
+                cand["error"] = None
+    return data
+
+
 def report(alloc: Allocation, target_bpw: float, numel: int, slots: int) -> dict[str, Any]:
     return {"target_bpw": target_bpw, "achieved_bpw": round(alloc.bits / numel, 6),
             "bits": alloc.bits, "weights": numel, "predicted_error": alloc.error,
@@ -169,7 +183,7 @@ def model_identity(model: Any, targets: list[str]) -> dict[str, Any]:
     """What a measurement must match: a digest of the target names and shapes and of the
     first and last target weights."""
     shapes = [[n, list(model.weights.shape(n))] for n in targets]
-    digest = hashlib.sha256(json.dumps(shapes).encode())
+    digest = hashlib.sha256(dumps(shapes).encode())
     for name in dict.fromkeys([targets[0], targets[-1]]):
         digest.update(model.weights.get(name).contiguous().view(torch.uint8).numpy().tobytes())
     return {"source": str(model.source), "architecture": model.config.get("model_type"),

@@ -12,7 +12,6 @@ resumes. Without ``bpw`` every linear gets one width (``--bits``, ``--group-size
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from quantbench.config import CalibrationOptions, EXL2GridConfig, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.jsonfile import dumps, with_nulls
 from quantbench.options import option
 from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize_many, prepare_hessian
 from quantbench.quant.methods.base import Method
@@ -147,8 +147,8 @@ class EXL2(Method):
 
         if self.config.options.measurement:
             return Path(self.config.options.measurement).expanduser()
-        key = hashlib.sha256(json.dumps([self.identity["digest"], self._calibration()],
-                                        sort_keys=True).encode()).hexdigest()[:20]
+        key = hashlib.sha256(dumps([self.identity["digest"], self._calibration()],
+                                   sort_keys=True).encode()).hexdigest()[:20]
         return cache_root() / "exl2" / f"measurement-{key}.json"
 
     def plan_costs(self, model, shapes: dict[str, tuple[int, int]], hidden: int, tokens: int,
@@ -220,6 +220,7 @@ class EXL2(Method):
         self.measurement.save(Path(directory) / MEASUREMENT_FILE)
         strategy = {**self.report, "measurement": str(self.path),
                     "settings": {n: g.desc for n, g in self.settings.items()}}
-        write_json_atomic(Path(directory) / STRATEGY_FILE, strategy)
+        # a predicted error from NaN measurements has no value: null, and the log says so
+        write_json_atomic(Path(directory) / STRATEGY_FILE, with_nulls(strategy, STRATEGY_FILE))
         return [MEASUREMENT_FILE, STRATEGY_FILE]
 
