@@ -91,16 +91,23 @@ def _load_cache(cache_dir: Path | None, key: str) -> BaselineResult | None:
 
 def _store_cache(cache_dir: Path | None, key: str, nlls: torch.Tensor, result: BaselineResult,
                  protocol: EvalProtocol) -> None:
+    """Keep the baseline's per-token losses for the next evaluation. Each file gets a
+    temporary name of its own (two evaluations of one source may finish at once) that the next
+    write removes when a kill left it; a cache that cannot be written (disk full, no
+    permission) costs the next run a baseline pass, not this run its result."""
     if cache_dir is None:
         return
+    from quantbench.errors import QuantbenchError
     from quantbench.formats.manifest import atomic_write, write_json_atomic
 
-    # a temporary name of its own: two evaluations of one source may finish at once
-    with atomic_write(cache_dir / f"{key}.npy") as fh:
-        np.save(fh, nlls.numpy().astype(np.float32))
-    write_json_atomic(cache_dir / f"{key}.json", {**asdict(result), "cached": False,
-                                                  "protocol": protocol.to_dict(),
-                                                  "created": time.time()})
+    try:
+        with atomic_write(cache_dir / f"{key}.npy") as fh:
+            np.save(fh, nlls.numpy().astype(np.float32))
+        write_json_atomic(cache_dir / f"{key}.json", {**asdict(result), "cached": False,
+                                                      "protocol": protocol.to_dict(),
+                                                      "created": time.time()})
+    except QuantbenchError as exc:
+        log.warning("baseline not cached: %s", exc)
 
 
 def prepare_windows(tokenizer, protocol: EvalProtocol) -> tuple[torch.Tensor, Any]:

@@ -6,10 +6,12 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from quantbench import tempfiles
+from quantbench.diskspace import reported
+from quantbench.errors import QuantbenchError
 from quantbench.formats.base import MANIFEST
 
 MANIFEST_VERSION = 1
@@ -28,18 +30,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Open a fresh temporary file beside ``path``; on success it replaces ``path``, else vanishes.
 
-    The temporary name is unique (``mkstemp``), so two writers of one path never share it; the
-    parent folder is created; a reader sees the old file or the whole new one, never a part.
+    The temporary name is unique and names its process (``.NAME.tmp-<owner>-<random>``, see
+    :mod:`quantbench.tempfiles`), so two writers of one path never share it and the next write
+    of ``path`` removes what a killed one left; the parent folder is created; a reader sees the
+    old file or the whole new one, never a part. A full disk or a refused write is one line.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_dir():
+        raise QuantbenchError(f"{path} is a directory; name a file to write")
+    prefix = f".{path.name}.tmp-"
+    with reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfiles.sweep(path.parent, prefix)
+        fd, tmp = tempfiles.make_file(path.parent, prefix)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-        os.replace(tmp, path)
+        with reported(path):
+            with os.fdopen(fd, mode) as fh:
+                yield fh
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -114,6 +124,33 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
     if command:
         manifest["command"] = [str(arg) for arg in command]
     return manifest
+
+
+def checkpoint_manifest(directory: Path, source: str, source_path: Path,
+                        config: dict[str, Any], tensor_info: dict[str, dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """The manifest of a plain checkpoint quantbench wrote without quantizing (a GGUF's FP16
+    import): what it came from and the checksum of every file, so it is known as ours."""
+    from quantbench import __version__
+
+    files = file_table(directory)
+    dtypes = {info["dtype"] for info in tensor_info.values()}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "tool": {"name": "quantbench", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "format": "dense",
+        "source": {"id": source, "path": str(source_path),
+                   "architecture": config.get("model_type"),
+                   "dtype": dtypes.pop() if len(dtypes) == 1 else None, "sample": None},
+        "quantize": None,
+        "summary": {**summarize_tensors(tensor_info),
+                    "size_bytes": sum(f["bytes"] for name, f in files.items()
+                                      if name.endswith(".safetensors"))},
+        "tensors": tensor_info,
+        "files": files,
+        "eval": None,
+    }
 
 
 def verify_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
