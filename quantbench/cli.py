@@ -133,7 +133,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
     from quantbench.formats.io import check_output, write_artifact
-    from quantbench.formats.outputs import check_report_path, source_paths
+    from quantbench.formats.outputs import check_output_space, check_report_path, source_paths
     from quantbench.hub.command import argv_from_context
     from quantbench.models.loader import load_model
     from quantbench.progress import block_progress
@@ -159,6 +159,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     if plan:
         _print_plan(model, config, json_path, qmodel.method)
         return
+    check_output_space(output, qmodel, writer)  # before the progress bar and any work
     with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
                        command=argv_from_context(click.get_current_context()))

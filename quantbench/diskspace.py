@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,9 +13,15 @@ from typing import Callable, Iterator
 
 from quantbench.errors import QuantbenchError
 
+class DiskError(QuantbenchError):
+    """A write the disk refused (full, quota, permission, read-only); ``__cause__`` holds the
+    OS error, so an enclosing :func:`reported` can name its own, user-facing path instead."""
+
+
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
 TOO_BIG = {errno.EFBIG}
+BAD_PATH = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENOENT}
 
 
 def human(n: float) -> str:
@@ -65,7 +72,7 @@ def errno_of(exc: BaseException) -> int | None:
 
 def write_error(exc: BaseException, where: Path,
                 needed: "int | Callable[[], int | None] | None" = None,
-                hint: str = "free some space or choose another path") -> QuantbenchError | None:
+                hint: str = "free some space or choose another path") -> DiskError | None:
     """The one-line error for a write into ``where`` that failed with ``exc``; None when
     ``exc`` is not a disk-full, permission or file-size error (a bug: let it surface).
     ``needed`` (bytes, or a function computing them only when the disk is full) is quoted."""
@@ -77,25 +84,37 @@ def write_error(exc: BaseException, where: Path,
         free = free_bytes(where)
         size = f"needs about {human(needed)}, " if needed else ""
         have = f"{human(free)} free" if free is not None else "free space unknown"
-        return QuantbenchError(f"{why} writing {where} ({size}{have}); {hint}")
+        return DiskError(f"{why} writing {where} ({size}{have}); {hint}")
     if code == errno.EROFS:
-        return QuantbenchError(f"cannot write {where}: the file system is read-only; choose "
-                               "another path")
+        return DiskError(f"cannot write {where}: the file system is read-only; choose another "
+                         "path")
     if code in REFUSED:
-        return QuantbenchError(f"permission denied writing {where}; choose a writable path or "
-                               f"fix the permissions of {existing(Path(where)).parent}")
+        return DiskError(f"permission denied writing {where}; choose a writable path or fix "
+                         f"the permissions of {existing(Path(where).parent)}")
     if code in TOO_BIG:
-        return QuantbenchError(f"the file system at {where} cannot hold a file this large; "
-                               "choose another path")
+        return DiskError(f"the file system at {where} cannot hold a file this large; choose "
+                         "another path")
+    if code in BAD_PATH:  # a folder that vanished or is a file, a name too long
+        what = getattr(exc, "filename", None)
+        return DiskError(f"cannot write {where} ({os.strerror(code)}"
+                         + (f": {what})" if what else ")") + "; choose another path")
     return None
 
 
 @contextlib.contextmanager
 def reported(where: Path, needed: "int | Callable[[], int | None] | None" = None,
              hint: str = "free some space or choose another path") -> Iterator[None]:
-    """Run a write into ``where``; a full disk or a refused write leaves as one line."""
+    """Run a write into ``where``; a full disk or a refused write leaves as one line. Nested,
+    the outermost names the path (a file inside an output's hidden temporary folder is told
+    as the output)."""
     try:
         yield
+    except DiskError as exc:
+        cause = exc.__cause__
+        error = write_error(cause, where, needed, hint) if cause is not None else None
+        if error is None:
+            raise
+        raise error from cause
     except QuantbenchError:
         raise
     except Exception as exc:  # OSError, and safetensors' own error type around one

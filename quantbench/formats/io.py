@@ -125,14 +125,14 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
     writer_fmt.check(qmodel.config, model, qmodel.targets)
     protect = model_paths(model)
     check_output(out, overwrite, protect)  # before quantizing: nothing to lose but a check
-    check_output_space(Path(out), qmodel)
+    check_output_space(Path(out), qmodel, writer_fmt)
     if not qmodel.done:  # quantize now (the steps of the progress bar), then write
         qmodel.run(on_step)
         on_step = None
     on_step = _with_failpoint(on_step)
     start = time.perf_counter()
     with atomic_output_dir(Path(out), overwrite, protect,
-                           needed=estimate_output_bytes(qmodel)) as tmp:
+                           needed=estimate_output_bytes(qmodel, writer_fmt)) as tmp:
         if writer_fmt.container is not None:  # a format with its own file (GGUF)
             tensor_info = writer_fmt.write_container(qmodel, tmp, on_step)
         else:

@@ -72,13 +72,16 @@ def model_paths(model: Any) -> list[tuple[Path, str]]:
     return [*source_paths(model.source), (Path(model.path), "the source")]
 
 
-def _always_protected() -> list[tuple[Path, str]]:
+def _working_directory() -> list[tuple[Path, str]]:
+    with contextlib.suppress(OSError):  # a working directory that was deleted
+        return [(Path.cwd(), "the working directory")]
+    return []
+
+
+def _cache() -> list[tuple[Path, str]]:
     from quantbench.models.cache import cache_root
 
-    found = []
-    with contextlib.suppress(OSError):  # a working directory that was deleted
-        found.append((Path.cwd(), "the working directory"))
-    return [*found, (cache_root(), "quantbench's cache")]
+    return [(cache_root(), "quantbench's cache")]
 
 
 def _resolve(path: Path, flag: str) -> Path:
@@ -91,7 +94,7 @@ def _resolve(path: Path, flag: str) -> Path:
 
 def _check_not_protected(out: Path, target: Path, protect: Iterable[tuple[Path, str]],
                          flag: str) -> None:
-    for path, what in [*_always_protected(), *protect]:
+    for path, what in [*_working_directory(), *protect, *_cache()]:
         real = Path(path).expanduser().resolve()
         if target == real or target in real.parents:
             relation = "is" if target == real else "contains"
@@ -219,12 +222,13 @@ def atomic_output_dir(out: "str | os.PathLike", overwrite: bool = False,
 
 # -- how big an output will be ----------------------------------------------------------------
 
-def estimate_output_bytes(qmodel) -> int:
-    """About how many bytes writing ``qmodel`` takes: each quantized weight at its grid's
-    nominal width plus half a bit (scales and zero-points), other tensors as stored, the
-    tokenizer files as they are."""
+def estimate_output_bytes(qmodel, fmt) -> int:
+    """About how many bytes writing ``qmodel`` in format ``fmt`` takes: each quantized weight
+    at its grid's nominal width plus half a bit (scales and zero-points) — at its source dtype
+    in a format that writes weights dequantized —, other tensors as stored, the tokenizer
+    files as they are."""
     model = qmodel.source
-    targets = set(qmodel.targets)
+    targets = set(qmodel.targets) if fmt.stores_codes else set()
     code_bits = float(qmodel.config.grid.bits) + 0.5
     total = sum(path.stat().st_size for path in model.aux_files())
     for name in model.weights.names():
@@ -234,9 +238,10 @@ def estimate_output_bytes(qmodel) -> int:
     return int(total)
 
 
-def check_output_space(out: Path, qmodel) -> None:
+def check_output_space(out: Path, qmodel, fmt) -> None:
     """Refuse before quantizing when the output cannot fit where it goes."""
-    check_free(Path(out).absolute().parent, estimate_output_bytes(qmodel), f"the output {out}")
+    check_free(Path(out).absolute().parent, estimate_output_bytes(qmodel, fmt),
+               f"the output {out}")
 
 
 # -- report files -----------------------------------------------------------------------------

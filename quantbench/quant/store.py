@@ -106,7 +106,7 @@ class BlockStore:
             save_file(flat, str(self._path(len(self.labels))),
                       {_META_KEY: json.dumps({"label": label, "entries": entries})})
         self.labels.append(label)
-        failpoint("store-block")
+        failpoint(f"store-block-{len(self.labels)}")
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, "torch.Tensor | QuantizedTensor"]]]:
         for i in range(len(self.labels)):
