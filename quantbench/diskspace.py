@@ -95,7 +95,7 @@ def write_error(exc: BaseException, where: Path,
         return DiskError(f"the file system at {where} cannot hold a file this large; choose "
                          "another path")
     if code in BAD_PATH:  # a folder that vanished or is a file, a name too long
-        what = getattr(exc, "filename", None)
+        what = exc.filename if isinstance(exc, OSError) else None
         return DiskError(f"cannot write {where} ({os.strerror(code)}"
                          + (f": {what})" if what else ")") + "; choose another path")
     return None

@@ -256,31 +256,24 @@ def _model_file(path: Path) -> bool:
         path.name in MODEL_FILES or path.name in (_manifest_files(folder) or ())))
 
 
-def _report_sources(sources: Sequence[str]) -> list[tuple[Path, str]]:
-    """What a report may not land in: a source folder (anywhere inside), a source file."""
-    found = []
-    for source in sources:
-        for path, what in source_paths(source):
-            if what != "the source's folder":  # a report beside a .gguf file is fine
-                found.append((path, what))
-    return found
-
-
 def check_report_path(path: "str | os.PathLike | None", flag: str = "--json",
                       sources: Sequence[str] = (), outputs: Sequence[Path] = ()) -> None:
-    """Refuse a report path that would replace something it must not: a folder, a file of a
-    model, a source (or anything inside a source folder), the output being written."""
+    """Refuse a report path that would replace something it must not: a folder, a source
+    file or any existing file in a source folder, a file of a model, the output being written.
+    A new file may go anywhere writable (beside or inside a source too)."""
     if not path:
         return
     path = Path(path)
     if path.is_dir():
         raise QuantbenchError(f"{flag} {path} is a directory; name a file to write")
     target = path.expanduser().resolve()
-    for root, what in _report_sources(sources):
-        real = Path(root).expanduser().resolve()
-        if target == real or (real.is_dir() and real in target.parents):
-            raise QuantbenchError(f"{flag} {path} is inside {what} ({real}); write reports "
-                                  "elsewhere")
+    for source in sources:
+        for root, what in source_paths(source):
+            real = Path(root).expanduser().resolve()
+            inside = real.is_dir() and real in target.parents and what != "the source's folder"
+            if target == real or (inside and target.exists()):
+                raise QuantbenchError(f"{flag} {path} would replace a file of {what} ({real}); "
+                                      "write reports elsewhere")
     for out in outputs:
         if target == Path(out).expanduser().resolve():
             raise QuantbenchError(f"{flag} {path} is the output directory; name a file")

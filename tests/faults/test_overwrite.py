@@ -285,7 +285,9 @@ def test_compare_out_dir_never_replaces_a_foreign_folder(qb, fresh_llama, tmp_pa
 REPORTS = {
     "--json a directory": lambda t, s: (("--json", t), "is a directory"),
     "--json the source's config": lambda t, s: (("--json", s / "config.json"), "the source"),
-    "--json inside the source": lambda t, s: (("--json", s / "report.json"), "the source"),
+    "--json a file in the source": lambda t, s: (("--json", s / "tokenizer_config.json"),
+                                                "the source"),
+    "--json a user file in the source": lambda t, s: (("--json", s / "README.md"), "the source"),
     "--json the output": lambda t, s: (("--json", t / "out"), "the output"),
     "--json another model's weights": lambda t, s: (("--json", t / "other" / "model.safetensors"),
                                                    "file of the model"),
@@ -297,11 +299,19 @@ REPORTS = {
 @pytest.mark.parametrize("case", REPORTS)
 def test_convert_report_paths_are_checked_up_front(qb, fresh_llama, tmp_path, no_work, case):
     src = fresh_llama("src")
+    (src / "README.md").write_text("my model card")
     other = fresh_llama("other")
     flags, needle = REPORTS[case](tmp_path, src)
     before = tree(tmp_path)
     assert_refused(qb("convert", src, "-o", tmp_path / "out", *CONVERT, *flags), needle)
     assert tree(tmp_path) == before and other.is_dir()
+
+
+def test_a_new_report_beside_or_inside_the_source_is_fine(qb, fresh_llama, tmp_path):
+    src = fresh_llama("src")
+    result = qb("convert", src, "-o", tmp_path / "out", *CONVERT, "--json", src / "q.json")
+    assert result.code == 0, result.stderr
+    assert json.loads((src / "q.json").read_text())["format"] == "dense"
 
 
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
