@@ -86,7 +86,9 @@ def _accepts(method: str, given: dict[str, Any]) -> bool:
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
         from quantbench.formats.manifest import write_json_atomic
+        from quantbench.formats.outputs import check_report_path
 
+        check_report_path(path, "--json")  # never a folder or a file of a model
         write_json_atomic(Path(path), payload)
         err.print(f"wrote {path}")
 
@@ -141,14 +143,16 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
     from quantbench.formats.io import check_output, write_artifact
+    from quantbench.formats.outputs import check_output_space, check_report_path, source_paths
     from quantbench.hub.command import argv_from_context
     from quantbench.models.loader import load_model
     from quantbench.progress import block_progress
     from quantbench.quant.run import make_config, quantize
     from quantbench.registry import get_format
 
-    if not plan:
-        check_output(output, overwrite)
+    if not plan:  # where it writes, checked before loading or quantizing anything
+        check_output(output, overwrite, source_paths(source))
+    check_report_path(json_path, "--json", [source], [] if plan else [output])
     if str(source).endswith(".gguf") and not (method or gguf_type) and fmt in (None, "dense"):
         _gguf_to_hf(Path(source), output, overwrite, allow_non_finite)
         return
@@ -166,6 +170,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     if plan:
         _print_plan(model, config, json_path, qmodel.method)
         return
+    check_output_space(output, qmodel, writer)  # before the progress bar and any work
     with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
                        command=argv_from_context(click.get_current_context()))
@@ -183,10 +188,8 @@ def _gguf_to_hf(source: Path, output: Path, overwrite: bool, allow_non_finite: b
     """``convert model.gguf --format dense`` without a method: the GGUF's weights dequantized
     into an FP16 Hugging Face checkpoint (config, safetensors, tokenizer); every tensor is
     read once first, so NaN/Inf is refused as for any source (``--allow-non-finite``)."""
-    import shutil
-
     from quantbench.errors import QuantbenchError
-    from quantbench.formats.io import atomic_output_dir
+    from quantbench.formats.io import copy_checkpoint
     from quantbench.models.gguf_import import cached_hf_checkpoint
     from quantbench.models.loader import open_model_dir
 
@@ -196,9 +199,7 @@ def _gguf_to_hf(source: Path, output: Path, overwrite: bool, allow_non_finite: b
     weights = open_model_dir(checkpoint, str(source), allow_non_finite=allow_non_finite).weights
     for name in weights.names():
         weights.get(name)
-    with atomic_output_dir(output, overwrite) as tmp:
-        for f in checkpoint.iterdir():
-            shutil.copy2(f, tmp / f.name)
+    copy_checkpoint(checkpoint, output, str(source), overwrite)
     out.print(f"[green]wrote[/] {output}  (FP16 Hugging Face checkpoint of {source.name})")
 
 
@@ -300,7 +301,10 @@ def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_
     NaN/Inf); the other rows are still evaluated, tabulated and saved."""
     from quantbench.eval.compare import run_compare
     from quantbench.eval.report import plot_size_vs_quality, render_table
+    from quantbench.formats.outputs import check_report_path
 
+    check_report_path(json_path, "--json", [source])
+    check_report_path(plot_path, "--plot", [source])
     given = {k: v for k, v in calibration.items() if v is not None}
     if given and not any(_accepts(m, given) for m in methods):
         _method_options(methods[0], given)  # names the option no method takes

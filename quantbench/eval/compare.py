@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from quantbench import tempfiles
 from quantbench.config import TargetConfig
 from quantbench.eval.evaluator import EvalReport, evaluate
 from quantbench.eval.protocol import EvalProtocol
@@ -19,6 +19,7 @@ from quantbench.eval.run import artifact_factory, eval_cache_dir, make_protocol,
 from quantbench.formats.io import open_artifact, write_artifact
 from quantbench.errors import QuantbenchError
 from quantbench.formats.manifest import record_eval, verify_artifact
+from quantbench.formats.outputs import check_output, model_paths
 from quantbench.models.loader import Model, load_model
 from quantbench.progress import block_progress
 from quantbench.quant.run import make_config, quantize, select_targets
@@ -184,12 +185,14 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
     protocol = make_protocol(protocol, **protocol_fields)
     targets = targets or TargetConfig()
     jobs = plan_jobs(methods, bits, group_size, method_options)
+    keep = out_dir is not None
     for job in jobs:  # refuse impossible combinations before any work
         config = job.config(targets)
         quantize(model, config)  # checks method, targets and grid against the shapes
         job.fmt = _format_for(job, config, fmt, model, select_targets(model, targets))
-    keep = out_dir is not None
-    root = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="quantbench-compare-"))
+        if keep:  # each artifact replaces only an earlier quantbench output
+            check_output(Path(out_dir) / job.name, True, model_paths(model))
+    root = Path(out_dir) if keep else _temporary_root()
     try:
         written = {job.name: _write_job(model, job, job.fmt, root / job.name, targets, progress)
                    for job in jobs}
@@ -216,4 +219,15 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
                              {n: p for n, (p, _) in written.items()} if keep else {}, errors)
     finally:
         if not keep:
-            shutil.rmtree(root, ignore_errors=True)
+            tempfiles.remove(root)
+
+
+TEMP_PREFIX = "quantbench-compare-"
+
+
+def _temporary_root() -> Path:
+    """Where a compare without ``--out-dir`` writes its artifacts: a folder in the system's
+    temporary directory named for this process; those of killed compares go first."""
+    folder = Path(tempfile.gettempdir())
+    tempfiles.sweep(folder, TEMP_PREFIX)
+    return tempfiles.make_dir(folder, TEMP_PREFIX)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from quantbench.errors import EvalError
+from quantbench.errors import EvalError, QuantbenchError
 from quantbench.eval.data import load_eval_text, make_windows, tokenize_for_eval
 from quantbench.eval.metrics import (WindowStats, non_finite_window, perplexity, score_window,
                                      summarize)
@@ -114,16 +114,23 @@ def _load_cache(cache_dir: Path | None, key: str) -> BaselineResult | None:
 
 def _store_cache(cache_dir: Path | None, key: str, nlls: torch.Tensor, result: BaselineResult,
                  protocol: EvalProtocol) -> None:
+    """Keep the baseline's per-token losses for the next evaluation. Each file gets a
+    temporary name of its own (two evaluations of one source may finish at once) that the next
+    write removes when a kill left it; a cache that cannot be written (disk full, no
+    permission) costs the next run a baseline pass, not this run its result."""
     if cache_dir is None:
         return
+    from quantbench.errors import QuantbenchError
     from quantbench.formats.manifest import atomic_write, write_json_atomic
 
-    # a temporary name of its own: two evaluations of one source may finish at once
-    with atomic_write(cache_dir / f"{key}.npy") as fh:
-        np.save(fh, nlls.numpy().astype(np.float32))
-    write_json_atomic(cache_dir / f"{key}.json", {**asdict(result), "cached": False,
-                                                  "protocol": protocol.to_dict(),
-                                                  "created": time.time()})
+    try:
+        with atomic_write(cache_dir / f"{key}.npy") as fh:
+            np.save(fh, nlls.numpy().astype(np.float32))
+        write_json_atomic(cache_dir / f"{key}.json", {**asdict(result), "cached": False,
+                                                      "protocol": protocol.to_dict(),
+                                                      "created": time.time()})
+    except QuantbenchError as exc:
+        log.warning("baseline not cached: %s", exc)
 
 
 def prepare_windows(tokenizer, protocol: EvalProtocol) -> tuple[torch.Tensor, Any]:
@@ -160,7 +167,14 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
         return report
     span = _WindowSpan(windows.shape[1] - (1 if _adds_bos(tokenizer) else 0), data.name)
     base_fn = baseline()
-    fns = {name: factory() for name, factory in candidates.items()}
+    fns: dict[str, LogitsFn] = {}
+    for name, factory in candidates.items():
+        try:  # a candidate that cannot be built (a damaged or non-finite tensor) is its error
+            fns[name] = factory()
+        except QuantbenchError as exc:
+            report.errors[name] = f"{name}: {exc}"
+    if candidates and not fns:  # nothing left to compare with the baseline: say so now
+        raise EvalError(next(iter(report.errors.values())))
     stats: dict[str, list[WindowStats]] = {name: [] for name in fns}
     base_nll: list[torch.Tensor] = []
     seconds = {name: 0.0 for name in ["baseline", *fns]}

@@ -98,6 +98,7 @@ class Format:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     container: ClassVar[str | None] = None  # a format with its own file (gguf): write_container
+    stores_codes: ClassVar[bool] = True  # False: quantized weights are written dequantized
 
     def write_container(self, qmodel, directory: Path,
                         on_step: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from quantbench.tensor import QuantizedTensor
 @register_format("dense")
 class DenseFormat(Format):
     description = "dequantized weights in the original dtype; loads in plain transformers"
+    stores_codes = False
 
     def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         return {name: qt.dequantize(qt.dtype)}

@@ -1,21 +1,22 @@
 """Streaming, atomic artifact writing and format-detecting reading."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from quantbench.errors import FormatError, ModelLoadError, QuantbenchError
+from quantbench.errors import FormatError, ModelLoadError
+from quantbench.faults import failpoint
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
 from quantbench.formats.manifest import build_manifest, write_json_atomic
+from quantbench.formats.outputs import (atomic_output_dir, check_output,  # noqa: F401
+                                        check_output_space, estimate_output_bytes, model_paths)
 from quantbench.jsonfile import NonFiniteJSON, dumps, with_nulls
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import format_names, get_format
@@ -24,47 +25,6 @@ from quantbench.tensor import QuantizedTensor
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-
-def check_output(out: Path, overwrite: bool = False) -> None:
-    """Refuse an output path that cannot work, before any expensive work starts."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise QuantbenchError(f"output {out} exists and is not a directory; choose another path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise QuantbenchError(f"output {out} already exists and is not empty; pass --overwrite")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise QuantbenchError(f"cannot write to {parent}; choose a writable output path")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is
-    removed, so no partial output is ever left behind."""
-    out = Path(out)
-    check_output(out, overwrite)
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise QuantbenchError(f"cannot write to {parent} ({exc.strerror}); choose a writable "
-                              "output path") from exc
-    try:
-        yield tmp
-        if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -130,6 +90,7 @@ class ShardedWriter:
             out.write(struct.pack("<Q", len(header)))
             out.write(header)
             shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        failpoint("write-shard")
         self._data_path(index).unlink()
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes, self._data = {}, 0, None
@@ -164,11 +125,16 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
     writer_fmt = get_format(fmt)() if isinstance(fmt, str) else fmt
     model = qmodel.source
     writer_fmt.check(qmodel.config, model, qmodel.targets)
+    protect = model_paths(model)
+    check_output(out, overwrite, protect)  # before quantizing: nothing to lose but a check
+    check_output_space(Path(out), qmodel, writer_fmt)
     if not qmodel.done:  # quantize now (the steps of the progress bar), then write
         qmodel.run(on_step)
         on_step = None
+    on_step = _with_failpoint(on_step)
     start = time.perf_counter()
-    with atomic_output_dir(Path(out), overwrite) as tmp:
+    with atomic_output_dir(Path(out), overwrite, protect,
+                           needed=estimate_output_bytes(qmodel, writer_fmt)) as tmp:
         if writer_fmt.container is not None:  # a format with its own file (GGUF)
             tensor_info = writer_fmt.write_container(qmodel, tmp, on_step)
         else:
@@ -181,6 +147,41 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
         write_json_atomic(tmp / MANIFEST, manifest)
     log.info("wrote %s (%s)", out, writer_fmt.name)
     return Path(out)
+
+
+def copy_checkpoint(checkpoint: Path, out: Path, source: str, overwrite: bool = False) -> Path:
+    """Copy a checkpoint folder quantbench made (a GGUF's FP16 import) to ``out``, with a
+    manifest that lists its files, so a later ``--overwrite`` knows the folder as ours."""
+    from quantbench.diskspace import check_free
+    from quantbench.formats.manifest import checkpoint_manifest
+    from quantbench.formats.outputs import source_paths
+
+    files = sorted(p for p in Path(checkpoint).iterdir() if p.is_file())
+    needed = sum(p.stat().st_size for p in files)
+    protect = [*source_paths(source), (Path(checkpoint), "the imported checkpoint")]
+    check_output(out, overwrite, protect)
+    check_free(Path(out).absolute().parent, needed, f"the output {out}")
+    with atomic_output_dir(out, overwrite, protect, needed) as tmp:
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        weights = LazyWeights.from_dir(tmp)
+        info = {name: {"shape": list(weights.shape(name)), "quantized": False,
+                       "dtype": str(weights.dtype(name)).replace("torch.", ""),
+                       "bits_per_weight": weights.dtype(name).itemsize * 8}
+                for name in weights.names()}
+        config = json.loads((tmp / "config.json").read_text())
+        write_json_atomic(tmp / MANIFEST, checkpoint_manifest(
+            tmp, source, Path(source).resolve(), config, info))
+    return Path(out)
+
+
+def _with_failpoint(on_step: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``on_step`` with the ``write-block`` failpoint after each block written."""
+    def step(label: str) -> None:
+        if on_step:
+            on_step(label)
+        failpoint("write-block")
+    return step
 
 
 def _write_shards(qmodel, writer_fmt: Format, tmp: Path,

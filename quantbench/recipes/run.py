@@ -19,6 +19,7 @@ from quantbench.eval.evaluator import EvalReport, evaluate
 from quantbench.eval.run import artifact_factory, eval_cache_dir, source_factory
 from quantbench.formats.io import check_output, open_artifact, write_artifact
 from quantbench.formats.manifest import record_eval, verify_artifact, write_json_atomic
+from quantbench.formats.outputs import check_report_path, model_paths
 from quantbench.models.loader import Model, load_model
 from quantbench.progress import block_progress
 from quantbench.quant.run import quantize
@@ -115,8 +116,9 @@ def run_recipe(recipe: "Recipe | str | Path", *, progress: bool = True,
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     start = time.perf_counter()
     planned = recipe.plan()
-    models = _check(recipe, planned)  # impossible combinations refused before any work
     path = Path(report_path or recipe.report or recipe.output_dir / REPORT_NAME)
+    check_report_path(path, "report", [p.source for p in planned])
+    models = _check(recipe, planned)  # impossible combinations refused before any work
     report = RecipeReport(recipe.name, [JobReport(p.name, p.source, p.settings())
                                         for p in planned], path=path,
                           dry_run_upload=dry_run_upload, origin=recipe.origin,
@@ -153,7 +155,8 @@ def _check(recipe: Recipe, planned: list[PlannedJob]) -> dict[str, Model]:
                 models[job.source] = load_model(job.source)
             qmodel = quantize(models[job.source], job.config)
             get_format(job.format)().check(job.config, models[job.source], qmodel.targets)
-            check_output(recipe.output_dir / job.name, recipe.overwrite)
+            check_output(recipe.output_dir / job.name, recipe.overwrite,
+                         model_paths(models[job.source]))
         except QuantbenchError as exc:
             raise RecipeError(f"{where}: {exc}") from exc
     return models

@@ -10,6 +10,7 @@ holds the binaries to use another build.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -22,7 +23,9 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from quantbench import tempfiles
 from quantbench.errors import QuantbenchError
 from quantbench.models.sample import cache_root
 
@@ -179,8 +182,7 @@ def build(root: Path, version: str = VERSION, jobs: int | None = None) -> None:
     if missing:
         raise LlamaCppUnavailable(f"building llama.cpp needs {', '.join(missing)}; install them "
                                   f"(apt install cmake g++) or set {ENV}")
-    with tempfile.TemporaryDirectory(prefix="quantbench-llamacpp-") as tmp:
-        work = Path(tmp)
+    with _work_dir("quantbench-llamacpp-") as work:
         log.info("downloading the %s==%s sdist", SDIST, version)
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
                                "--no-binary", ":all:", f"{SDIST}=={version}", "-d", str(work)],
@@ -199,15 +201,33 @@ def build(root: Path, version: str = VERSION, jobs: int | None = None) -> None:
                "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN"])
         _call(["cmake", "--build", str(build_dir), "--config", "Release", "-j",
                str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
-        staged = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root.parent))
-        (staged / "bin").mkdir()
-        for f in (build_dir / "bin").iterdir():
-            if f.is_file() and (f.name in TOOLS or ".so" in f.name or f.suffix == ".dylib"):
-                shutil.copy2(f, staged / "bin" / f.name)
-        if root.exists():
-            shutil.rmtree(root)
-        staged.rename(root)
+        with _staged(root.parent, f".{version}.build-") as staged:
+            (staged / "bin").mkdir()
+            for f in (build_dir / "bin").iterdir():
+                if f.is_file() and (f.name in TOOLS or ".so" in f.name or f.suffix == ".dylib"):
+                    shutil.copy2(f, staged / "bin" / f.name)
+            if root.exists():
+                shutil.rmtree(root)
+            staged.rename(root)
     log.info("llama.cpp %s built into %s", version, root)
+
+
+def _work_dir(prefix: str) -> "contextlib.AbstractContextManager[Path]":
+    """A scratch folder in the system's temporary directory, named for this process (see
+    :mod:`quantbench.tempfiles`); those of killed builds are removed first."""
+    return _staged(Path(tempfile.gettempdir()), prefix)
+
+
+@contextlib.contextmanager
+def _staged(folder: Path, prefix: str) -> Iterator[Path]:
+    """A new folder ``folder/PREFIX<owner>-<random>``: gone afterwards unless renamed into
+    place, and removed by the next build when a kill cut this one short."""
+    tempfiles.sweep(folder, prefix)
+    path = tempfiles.make_dir(folder, prefix)
+    try:
+        yield path
+    finally:
+        tempfiles.remove(path)
 
 
 def _extract_vendored(sdist: Path, dest: Path) -> Path:
@@ -242,9 +262,9 @@ def converter_dir(version: str = VERSION) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / CONVERTER_PARTS[0]).is_file():
             return root
-        with tempfile.TemporaryDirectory(prefix="quantbench-converter-") as tmp:
-            sdist = _download_sdist(Path(tmp), version)
-            staged = Path(tempfile.mkdtemp(prefix=f".{version}-converter-", dir=root.parent))
+        with _work_dir("quantbench-converter-") as work, \
+                _staged(root.parent, f".{version}-converter.build-") as staged:
+            sdist = _download_sdist(work, version)
             _extract_converter(sdist, staged)
             if root.exists():
                 shutil.rmtree(root)
