@@ -17,8 +17,9 @@ from quantbench.quant.grids import (BNB_BLOCK_SIZES, CODEBOOKS, CONFIG_VERSION, 
                                     GRANULARITIES, GRIDS, CodebookGridConfig, EXL2GridConfig,
                                     GGUFGridConfig, Grid, GridConfig, Int8RowGridConfig,
                                     IntGridConfig, grid_from_dict)
-from quantbench.options import option
+from quantbench.options import check_values, option
 from quantbench.quant.grids import check_version as _check_version
+from quantbench.ranges import Range
 
 __all__ = ["BNB_BLOCK_SIZES", "CODEBOOKS", "CONFIG_VERSION", "EXL2_WIDTHS", "GGUF_MIXTURES",
            "GGUF_TENSOR_TYPES", "GRANULARITIES", "GRIDS", "CalibrationOptions",
@@ -63,6 +64,9 @@ class TargetConfig:
 class MethodOptions:
     """Base of per-method option dataclasses; data-free RTN methods need none."""
 
+    def __post_init__(self) -> None:
+        check_values(self)  # every number within its declared Range, whoever built it
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -81,19 +85,26 @@ class SweepSettings:
     damp_percent: float
 
 
+# What the calibration layer can sample (``calibration/data.py`` checks its spec with these too)
+CALIB_SAMPLES = Range(1, integer=True)
+CALIB_LEN = Range(8, integer=True)
+
+
 @dataclass(frozen=True)
 class CalibrationOptions(MethodOptions):
     """Options every calibrated method shares: which windows the calibration layer feeds it.
     Subclasses redeclare ``calib_samples`` for their own default."""
 
-    calib_samples: int = option(128, help="Calibration windows.")
-    calib_len: int = option(512, help="Tokens per window.")
-    calib_seed: int = option(0, flag="--seed", help="Sampling seed.")
+    calib_samples: int = option(128, allowed=CALIB_SAMPLES, help="Calibration windows.")
+    calib_len: int = option(512, allowed=CALIB_LEN, help="Tokens per window.")
+    calib_seed: int = option(0, flag="--seed", allowed=Range(integer=True),
+                             help="Sampling seed.")
     calib_data: str | None = option(None, help="Calibration text: .txt, .jsonl, or "
                                     "hf:NAME[:CONFIG[:SPLIT]] (default: the bundled C4 sample).")
     calib_chat_template: bool = option(False, switch=True, help="Wrap each calibration "
                                        "document in the tokenizer's chat template.")
-    batch_size: int = option(8, cli=False, help="Calibration windows per forward batch.")
+    batch_size: int = option(8, cli=False, allowed=Range(1, integer=True),
+                             help="Calibration windows per forward batch.")
     device: str = option("auto", help="Where blocks, statistics and solves run: auto (a CUDA "
                          "GPU when torch sees one, else cpu), cpu, cuda, cuda:N.")
 

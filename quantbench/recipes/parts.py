@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 from quantbench.config import TargetConfig
 from quantbench.errors import ConfigError
 from quantbench.eval.protocol import EvalProtocol
+from quantbench.ranges import Range
 
 
 class RecipeError(ConfigError):
@@ -30,6 +31,10 @@ KINDS = {"int": "an integer", "number": "a number", "bool": "true or false",
 NAME_FIELDS = ("name", "method", "bits", "group_size", "format", "type", "source")
 
 
+# What each gate bound can be: top-1 agreement is a fraction (0.9 for 90 %)
+GATE_RANGES = {"max_delta_ppl_pct": Range(0), "max_kld": Range(0), "min_top1": Range(0, 1)}
+
+
 @dataclass(frozen=True)
 class Gate:
     """Quality a job must reach to pass (and be uploaded); ``None`` leaves a bound out."""
@@ -37,6 +42,11 @@ class Gate:
     max_delta_ppl_pct: float | None = None
     max_kld: float | None = None
     min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for key, allowed in GATE_RANGES.items():
+            if getattr(self, key) is not None:
+                allowed.check(getattr(self, key), key)
 
     def check(self, result) -> list[str]:
         """Reasons ``result`` (an ``EvalResult``) fails the gate; empty when it passes."""
@@ -122,14 +132,9 @@ def _one_or_many(data: Mapping[str, Any], one: str, many: str, where: str, kind:
 
 def _gate(data: Any, where: str, base: Gate | None = None) -> Gate:
     data = _mapping(data or {}, where, GATE_KEYS)
-    values = {}
-    for key, value in data.items():
-        if value is not None:
-            value = _typed(value, f"{where}.{key}", "number")
-            if value < 0:
-                raise RecipeError(f"{where}.{key}: expected a number >= 0, got {value:g}")
-        values[key] = value
-    return dataclasses.replace(base or Gate(), **values)
+    values = {key: None if value is None else _typed(value, f"{where}.{key}", "number")
+              for key, value in data.items()}
+    return _located(where, lambda: dataclasses.replace(base or Gate(), **values))
 
 
 def _evaluation(data: Any, where: str, base: Evaluation | None = None) -> Evaluation:

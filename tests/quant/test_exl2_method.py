@@ -115,7 +115,7 @@ def test_impossible_targets_are_refused_before_any_work(model, monkeypatch, bpw,
     ({"bpw": 4.0, "bits": 4}, "drop --bits"),
     ({"bits": 4, "symmetric": False}, "symmetric"),
     ({"bits": 4, "measurement": "m.json"}, "add --bpw"),
-    ({"bits": 7}, "bit widths"),
+    ({"bits": 7}, "EXL2 width"),
     ({"bits": 4, "group_size": 16}, "multiples of 32"),
 ])
 def test_bad_options(model, kwargs, needle):
