@@ -76,6 +76,15 @@ def _accepts(method: str, given: dict[str, Any]) -> bool:
     return bool(get_method(method).option_names(given) & set(given))
 
 
+def _check_files_to_write(**flags: str | None) -> None:
+    """``--json``/``--plot`` that name a directory are refused before any work."""
+    from quantbench.formats.manifest import check_file_target
+
+    for flag, path in flags.items():
+        if path:
+            check_file_target(path, f"--{flag}")
+
+
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
         from quantbench.formats.manifest import write_json_atomic
@@ -137,6 +146,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     from quantbench.quant.run import make_config, quantize
     from quantbench.registry import get_format
 
+    _check_files_to_write(json=json_path)
     if not plan:
         check_output(output, overwrite)
     if str(source).endswith(".gguf") and not (method or gguf_type) and fmt in (None, "dense"):
@@ -245,6 +255,7 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
     """Perplexity, KLD and top-1 of TARGET against its FP baseline (or of a source alone)."""
     from quantbench.eval.run import evaluate_one
 
+    _check_files_to_write(json=json_path)
     report = evaluate_one(target, baseline=baseline, progress=True, use_cache=not no_cache,
                           device=device,
                           **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
@@ -280,6 +291,7 @@ def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_
     from quantbench.eval.compare import run_compare
     from quantbench.eval.report import plot_size_vs_quality, render_table
 
+    _check_files_to_write(json=json_path, plot=plot_path)
     given = {k: v for k, v in calibration.items() if v is not None}
     if given and not any(_accepts(m, given) for m in methods):
         _method_options(methods[0], given)  # names the option no method takes
@@ -440,9 +452,26 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # last resort: one line, traceback only with --debug
         if debug:
             raise
+        user = _user_os_error(exc)
+        if user is not None:  # a path the user can fix, met where no reader expected it
+            err.print(f"error: {user}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
         err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                   "traceback and report it)", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _user_os_error(exc: Exception) -> str | None:
+    """A file-system refusal the user can fix (a path unreadable, missing or a directory),
+    as one line naming the path; None for anything else (a full disk says its own)."""
+    import errno
+
+    from quantbench.inputs import os_error_message
+
+    user = (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT)
+    if not isinstance(exc, OSError) or exc.errno not in user or not exc.filename:
+        return None
+    return os_error_message(exc.filename, exc, "use")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ manifest written today can be read (or refused with a clear message) by a later 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ from quantbench.quant.grids import (BNB_BLOCK_SIZES, CODEBOOKS, CONFIG_VERSION, 
                                     GRANULARITIES, GRIDS, CodebookGridConfig, EXL2GridConfig,
                                     GGUFGridConfig, Grid, GridConfig, Int8RowGridConfig,
                                     IntGridConfig, grid_from_dict)
+from quantbench.errors import ConfigError
 from quantbench.options import check_values, option
 from quantbench.quant.grids import check_version as _check_version
 from quantbench.ranges import Range
@@ -42,6 +44,16 @@ class TargetConfig:
     embeddings: bool = False
     lm_head: bool = False
 
+    def __post_init__(self) -> None:
+        """Patterns checked when the selection is made (CLI, recipe, API, manifest), before
+        any work; one pattern given as a string is a tuple of one (not of its characters)."""
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+            object.__setattr__(self, name, patterns)
+            for pattern in patterns:
+                _check_pattern(name, pattern)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "include": list(self.include),
@@ -58,6 +70,19 @@ class TargetConfig:
             embeddings=bool(data.get("embeddings", False)),
             lm_head=bool(data.get("lm_head", False)),
         )
+
+
+def _check_pattern(name: str, pattern: object) -> None:
+    """A module-name pattern that ``re.search`` can use, or one line saying why not."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"--{name} patterns are regular expressions (strings), got "
+                          f"{pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--{name} pattern {pattern!r} is not a valid regular expression "
+                          f"({exc}); escape special characters with a backslash (e.g. "
+                          r"'mlp\.down_proj') or fix the pattern") from exc
 
 
 @dataclass(frozen=True)

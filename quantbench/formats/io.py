@@ -16,6 +16,7 @@ import torch
 from quantbench.errors import FormatError, QuantbenchError
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
 from quantbench.formats.manifest import build_manifest, write_json_atomic
+from quantbench.inputs import read_json_object
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import format_names, get_format
 from quantbench.tensor import QuantizedTensor
@@ -243,12 +244,10 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
         raise FormatError(f"{path} is not a directory or a .gguf file; pass a quantbench output "
                           "directory")
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
+    if not cfg_file.exists():
         raise FormatError(f"{path} has no config.json; it is not a checkpoint directory")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except ValueError as exc:
-        raise FormatError(f"{cfg_file} is not valid JSON ({exc})") from exc
+    config = read_json_object(cfg_file, FormatError, "the artifact is damaged: restore it or "
+                              "re-run quantbench convert")
     manifest = read_manifest(path)
     weights = LazyWeights.from_dir(path)
     name = (manifest or {}).get("format") or _detect(config, weights)

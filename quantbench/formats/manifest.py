@@ -10,9 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from quantbench.formats.base import MANIFEST
-
-MANIFEST_VERSION = 1
+from quantbench.errors import QuantbenchError
+from quantbench.formats.base import MANIFEST, MANIFEST_VERSION
 WEIGHT_FILES = ("model.gguf",)  # weight files besides *.safetensors (side files do not count)
 
 
@@ -24,6 +23,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_file_target(path: "Path | str", what: str = "") -> None:
+    """Refuse a file to write that names an existing directory (``--json out/``), before any
+    work where the caller checks it up front, else before writing."""
+    path = Path(path)
+    if path.is_dir():
+        raise QuantbenchError(f"{what + ' ' if what else ''}{path} is a directory; name a file "
+                              f"to write (inside it or elsewhere)")
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Open a fresh temporary file beside ``path``; on success it replaces ``path``, else vanishes.
@@ -32,6 +40,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     parent folder is created; a reader sees the old file or the whole new one, never a part.
     """
     path = Path(path)
+    check_file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -43,11 +43,6 @@ def select_targets(model: Model, targets: TargetConfig) -> list[str]:
         names.append(embed)
     if targets.lm_head and not model.tied_embeddings and head in model.weights:
         names.append(head)
-    for pattern in targets.include + targets.exclude:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"invalid module pattern {pattern!r}: {exc}") from exc
     if not names:
         raise ConfigError("no tensors match the target selection; check --include/--exclude")
     return names

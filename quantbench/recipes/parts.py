@@ -176,9 +176,9 @@ def _targets(data: Any, where: str) -> TargetConfig:
     for key in ("embeddings", "lm_head"):
         if key in data:
             _typed(data[key], f"{where}.{key}", "bool")
-    return TargetConfig(tuple(_tuple(data.get("include", ()))),
-                        tuple(_tuple(data.get("exclude", ()))),
-                        data.get("embeddings", False), data.get("lm_head", False))
+    return _located(where, lambda: TargetConfig(
+        tuple(_tuple(data.get("include", ()))), tuple(_tuple(data.get("exclude", ()))),
+        data.get("embeddings", False), data.get("lm_head", False)))
 
 
 def _option_names() -> tuple[str, ...]:

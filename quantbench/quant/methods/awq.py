@@ -148,6 +148,9 @@ class AWQ(Transform):
 def _load_search(path: str | None) -> dict[str, torch.Tensor] | None:
     if path is None:
         return None
+    if Path(path).is_dir():
+        raise ConfigError(f"--search-file {path} is a directory; pass the {SEARCH_FILE} an "
+                          "earlier awq run wrote")
     try:
         with safe_open(path, framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}

@@ -116,6 +116,9 @@ class EXL2(Method):
         self.targets = list(targets)
         self.identity = model_identity(model, targets)
         self.path = self._measurement_path()
+        if self.path.is_dir():
+            raise ConfigError(f"--measurement {self.path} is a directory; name a JSON file "
+                              f"in it, e.g. {self.path / 'measurement.json'}")
         if self.path.is_file():
             self.measurement = Measurement.load(self.path)
             self.measurement.check_model(self.identity, str(self.path))
