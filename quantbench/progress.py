@@ -32,4 +32,8 @@ def block_progress(total: int, description: str, enabled: bool = True
         return
     with make_progress() as progress:
         task = progress.add_task(description, total=total, step="")
-        yield lambda label: progress.update(task, advance=1, step=label)
+        try:
+            yield lambda label: progress.update(task, advance=1, step=label)
+        except BaseException:
+            progress.live.transient = True  # a failed run ends on its error line alone
+            raise

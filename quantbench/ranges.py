@@ -25,7 +25,8 @@ class Range:
     ``low``/``high`` bound it (``None``: unbounded; ``low_open``/``high_open`` exclude the bound
     itself), or ``values`` lists every allowed value; ``also`` adds special values outside the
     bounds with what they mean (``((-1, "per output channel"), (0, "per tensor"))``).
-    ``integer`` refuses non-integers; floats must be finite.
+    ``integer`` refuses non-integers, ``multiple_of`` integers that are not multiples of it;
+    floats must be finite.
     """
 
     low: float | None = None
@@ -35,6 +36,7 @@ class Range:
     integer: bool = False
     values: tuple[float, ...] = ()
     also: tuple[tuple[float, str], ...] = ()
+    multiple_of: int | None = None
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is allowed (its type included)."""
@@ -48,6 +50,8 @@ class Range:
             return True
         if self.values:
             return value in self.values
+        if self.multiple_of and value % self.multiple_of:
+            return False
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below
@@ -70,6 +74,8 @@ class Range:
             main = f"{kind} {'<' if self.high_open else '<='} {_num(self.high)}"
         else:
             main = kind
+        if self.multiple_of:
+            main += f" and a multiple of {self.multiple_of}"
         specials = [f"{_num(v)} ({meaning})" for v, meaning in self.also]
         return ", ".join([main, *specials[:-1]]) + (f" or {specials[-1]}" if specials else "")
 

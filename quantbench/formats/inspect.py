@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quantbench.errors import FormatError
 from quantbench.formats.io import open_artifact
 from quantbench.formats.manifest import verify_files
 
@@ -18,6 +19,9 @@ def _numel(shape) -> int:
 def inspect_artifact(path: Path) -> dict[str, Any]:
     """Format, config, tensors (dtype, shape, bits), size and bits per weight."""
     art = open_artifact(path)
+    if not art.quantized_names and not art.plain_names:
+        raise FormatError(f"{path} has no weights inspect can read (safetensors or GGUF); a "
+                          "pytorch_model.bin checkpoint: run quantbench convert on it first")
     tensors: list[dict[str, Any]] = []
     q_weights = q_bits = 0
     for name in art.quantized_names:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -213,11 +214,14 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as exc:  # noqa: BLE001  (torch raises many types for hostile or broken files)
-        if "weights only load failed" in str(exc).lower():
+        hostile = re.search(r"GLOBAL ([\w.]+)", str(exc))  # a callable the pickle would call
+        if hostile:
             raise ModelLoadError(
-                f"refusing {path}: it does not load with weights_only=True (its pickle would "
-                f"run code or build objects other than tensors); {_CONVERT}") from exc
-        first = (str(exc).splitlines() or [""])[0][:160]
+                f"refusing {path}: it does not load with weights_only=True (its pickle calls "
+                f"{hostile.group(1)}: it would run code or build objects other than tensors); "
+                f"{_CONVERT}") from exc
+        detail = [line for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+        first = (detail or str(exc).splitlines() or [""])[0][:160]
         raise ModelLoadError(
             f"{path} is not a readable torch checkpoint ({type(exc).__name__}"
             f"{': ' + first if first else ''}); it may be truncated or corrupted: re-download "

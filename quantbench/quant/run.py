@@ -191,6 +191,16 @@ def _gguf_grid(method_cls, gguf_type: str, bits: int | None, group_size: int | N
     return GGUFGridConfig(gguf_type)
 
 
+def _check_calibration_inputs(model: Model, options: CalibrationOptions) -> None:
+    """The tokenizer and the calibration text load now: a missing or damaged one is refused
+    before any work, not after the first block (a Hub dataset is fetched when it is used)."""
+    from quantbench.calibration.data import load_calibration_docs
+
+    model.tokenizer()
+    if options.calib_data is None or not options.calib_data.startswith("hf:"):
+        load_calibration_docs(options.calib_data)
+
+
 def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
     """Check the combination, then return a lazy ``QuantizedModel``."""
     method_cls = get_method(config.method)
@@ -201,6 +211,8 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
         from quantbench.devices import resolve_device
         resolve_device(config.options.device)
     method.prepare(model, names)  # e.g. a GGUF mixture resolved to one type per tensor
+    if method.needs_calibration:
+        _check_calibration_inputs(model, config.options)
     log.info("quantizing %d tensors of %s with %s %s", len(names), model.source,
              config.method, config.grid.describe())
     return QuantizedModel(source=model, config=config, targets=names, method=method)

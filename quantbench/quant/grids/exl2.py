@@ -21,6 +21,8 @@ WIDTH = Range(values=tuple(sorted(EXL2_WIDTHS)), integer=True)
 # a run's bits-per-weight target (the model's cheapest and dearest mixes bound it further:
 # ``quant/exl2/measure.py`` ``check_target``)
 BPW = Range(1, 16, low_open=True)
+# rows per group: exllamav2's kernels take multiples of 32
+GROUP_ROWS = Range(32, integer=True, multiple_of=32)
 
 
 @register_grid
@@ -64,9 +66,8 @@ class EXL2GridConfig(Grid):
         if any(not p > 0 for p in self.proportions) or abs(sum(self.proportions) - 1) > 1e-6:
             raise ConfigError(f"EXL2 proportions must be positive and sum to 1, got "
                               f"{list(self.proportions)}")
-        if any(not isinstance(g, int) or g < 32 or g % 32 for g in self.group_sizes):
-            raise ConfigError(f"EXL2 group sizes must be multiples of 32 (exllamav2's kernels "
-                              f"need it), got {list(self.group_sizes)}")
+        for group in self.group_sizes:
+            GROUP_ROWS.check(group, "--group-size (rows per EXL2 group)")
 
     @property
     def is_target(self) -> bool:

@@ -24,7 +24,7 @@ from quantbench.config import CalibrationOptions, EXL2GridConfig, GridConfig, Qu
 from quantbench.errors import ConfigError
 from quantbench.options import option
 from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize_many, prepare_hessian
-from quantbench.quant.grids.exl2 import BPW
+from quantbench.quant.grids.exl2 import BPW, GROUP_ROWS
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gptq import DAMP
 from quantbench.ranges import Range
@@ -77,9 +77,7 @@ class EXL2(Method):
             return EXL2GridConfig(bpw=options.bpw)
         bits = 4 if bits is None else bits
         group_size = 128 if group_size is None else group_size
-        if group_size < 32:
-            raise ConfigError(f"EXL2 groups are multiples of 32 rows, got --group-size "
-                              f"{group_size}; use 32, 64, 128 ...")
+        GROUP_ROWS.check(group_size, "--group-size (rows per EXL2 group)")
         return EXL2GridConfig((bits,), (1.0,), (group_size,))
 
     @classmethod
