@@ -128,14 +128,29 @@ def option_label(cls: type, f: dataclasses.Field) -> str:
     return flag if flag == "--" + f.name.replace("_", "-") else f"{flag} ({f.name})"
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _of_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def check_values(options: Any) -> None:
-    """Refuse a number outside its option's declared ``Range`` (or of the wrong type), in one
-    line naming the option and the range that is accepted; None stays allowed where the field
-    is optional."""
+    """Refuse a value of another type than its option's annotation (``act_order="no"`` from
+    Python would be true) or a number outside its declared ``Range``, in one line naming the
+    option and what is accepted; None stays allowed where the field is optional."""
     cls = type(options)
     for f in option_fields(cls):
-        allowed = option_spec(cls, f).allowed
+        kind, optional = field_type(f)
         value = getattr(options, f.name)
-        if allowed is None or (value is None and field_type(f)[1]):
+        if value is None and optional:
             continue
-        allowed.check(value, option_label(cls, f))
+        allowed = option_spec(cls, f).allowed
+        if allowed is not None:
+            allowed.check(value, option_label(cls, f))
+        elif not _of_kind(value, kind):
+            raise ConfigError(f"{option_label(cls, f)} must be {_KINDS[kind]}, got {value!r}")

@@ -167,7 +167,13 @@ def make_config(method: str = "zeropoint", bits: int | None = None,
     every 2-D tensor, embeddings and lm_head included, is a target."""
     method_cls = get_method(method)
     opts = method_cls.build_options(**options)
-    targets = targets or TargetConfig()
+    targets = TargetConfig() if targets is None else targets
+    if not isinstance(targets, TargetConfig):
+        raise ConfigError(f"targets must be a TargetConfig (e.g. TargetConfig(include="
+                          f"('mlp',))), got {targets!r}")
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise ConfigError(f"symmetric must be true, false or None (the method's own), got "
+                          f"{symmetric!r}")
     if gguf_type is not None:
         return QuantizeConfig(method=method, grid=_gguf_grid(method_cls, gguf_type, bits,
                                                              group_size, symmetric),

@@ -569,3 +569,84 @@ def test_json_of_eval_is_refused_before_any_work(qb, fresh_llama, tmp_path, monk
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     (tmp_path / "r.json").mkdir()
     assert_refused(qb("eval", src, *EVAL, "--json", tmp_path / "r.json"), "is a directory")
+
+
+# -- the Python API: options of the wrong type ------------------------------------------------
+
+def _every_option():
+    from quantbench.options import field_type, option_fields
+    from quantbench.registry import get_method, method_names
+
+    return [(m, f.name, field_type(f)[0]) for m in method_names()
+            for f in option_fields(get_method(m).options_cls)]
+
+
+WRONG_TYPE = {bool: ["no", 1, None], int: ["4", 2.5, True], float: ["0.1", [1]],
+              str: [5, ["cpu"], True]}
+
+
+@pytest.mark.parametrize("method,name,kind", _every_option(),
+                         ids=[f"{m}-{n}" for m, n, _ in _every_option()])
+def test_api_option_of_the_wrong_type(method, name, kind):
+    """``qb.quantize(..., act_order="no")`` would be true: every option's type is checked,
+    before the model is even looked for."""
+    import quantbench as qb
+    from quantbench.errors import ConfigError
+    from quantbench.options import field_type, option_fields
+    from quantbench.registry import get_method
+
+    optional = {f.name: field_type(f)[1] for f in
+                option_fields(get_method(method).options_cls)}[name]
+    for wrong in WRONG_TYPE[kind]:
+        if wrong is None and optional:
+            continue
+        with pytest.raises(ConfigError) as info:
+            qb.quantize("not/loaded", method=method, **{name: wrong})
+        assert "must be" in str(info.value) and repr(wrong) in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("q_proj", "targets must be a TargetConfig"),
+    ({"include": ["mlp"]}, "targets must be a TargetConfig"),
+])
+def test_api_targets_and_grid_kind_of_the_wrong_type(value, needle):
+    import quantbench as qb
+    from quantbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        qb.quantize("not/loaded", group_size=32, targets=value)
+    with pytest.raises(ConfigError, match="symmetric must be true, false or None"):
+        qb.quantize("not/loaded", method="absmax", group_size=32, symmetric="yes")
+
+
+# -- AWQ search files that are not this model's search -----------------------------------------
+
+def test_search_file_that_is_not_an_awq_search(qb, fresh_llama, tmp_path):
+    src = fresh_llama("src")
+    assert_refused(qb("convert", src, "-o", tmp_path / "out", "-m", "awq", "-g", 32,
+                      "--search-file", src / "model.safetensors"), "is not an AWQ search",
+                   "lm_head.weight")
+    empty = tmp_path / "empty.safetensors"
+    from safetensors.torch import save_file
+    save_file({}, str(empty))
+    assert_refused(qb("convert", src, "-o", tmp_path / "out", "-m", "awq", "-g", 32,
+                      "--search-file", empty), "it is empty")
+    assert_no_leftovers(tmp_path, keep=("src", "empty.safetensors"))
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda t: {k: v[:-1] for k, v in t.items()}, "rows"),
+    (lambda t: {k.replace("layers.0.", "layers.9."): v for k, v in t.items()}, "has no"),
+])
+def test_search_file_of_another_model(qb, fresh_llama, tmp_path, change, needle):
+    import torch
+    from safetensors.torch import save_file
+
+    src = fresh_llama("src")
+    search = {"model.layers.0.input_layernorm.awq_scales": torch.ones(64),
+              "model.layers.0.self_attn.q_proj.awq_clip": torch.ones(64, 2, 1)}
+    path = tmp_path / "search.safetensors"
+    save_file(change(search), str(path))
+    assert_refused(qb("convert", src, "-o", tmp_path / "out", "-m", "awq", "-g", 32,
+                      "--search-file", path), "search of another model", needle)
+    assert_no_leftovers(tmp_path, keep=("src", "search.safetensors"))

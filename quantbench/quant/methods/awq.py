@@ -119,6 +119,11 @@ class AWQ(Transform):
                       ) -> dict[str, torch.Tensor]:
         return apply_saved_tensors(model.arch, index, tensors, self.saved, self.search_grid)
 
+    def prepare(self, model, targets: list[str]) -> None:
+        super().prepare(model, targets)
+        if self.saved is not None:
+            _check_search_fits(self.saved, model, self.config.options.search_file)
+
     def own_side_files(self, directory: Path) -> list[str]:
         """The search result beside the weights (``--search-file`` re-applies it to this or
         another grid or GGUF type without calibration)."""
@@ -153,7 +158,31 @@ def _load_search(path: str | None) -> dict[str, torch.Tensor] | None:
                           "earlier awq run wrote")
     try:
         with safe_open(path, framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
+            saved = {k: fh.get_tensor(k) for k in fh.keys()}
     except (OSError, Exception) as exc:  # safetensors raises its own error type
         raise ConfigError(f"cannot read AWQ search file {path} ({exc}); pass the "
                           f"{SEARCH_FILE} an earlier awq run wrote") from exc
+    foreign = [k for k in saved if not k.endswith(_SEARCH_KINDS)]
+    if foreign or not saved:
+        what = f"tensor {foreign[0]!r} is no AWQ scale or clip" if foreign else "it is empty"
+        raise ConfigError(f"{path} is not an AWQ search ({what}); pass the {SEARCH_FILE} an "
+                          "earlier awq run wrote")
+    return saved
+
+
+_SEARCH_KINDS = (".awq_scales", ".awq_clip")
+
+
+def _check_search_fits(saved: dict[str, torch.Tensor], model, path: str) -> None:
+    """Every saved scale and clip belongs to a weight of this model, one value (row) per
+    output row of it; a search of another model is refused, not folded in wrongly."""
+    for key, tensor in saved.items():
+        weight = key.rsplit(".", 1)[0] + ".weight"
+        if weight not in model.weights:
+            raise ConfigError(f"{path} holds {key}, but this model has no {weight}: it is the "
+                              "search of another model; search again (drop --search-file)")
+        rows = model.weights.shape(weight)[0]
+        if tensor.shape[0] != rows:
+            raise ConfigError(f"{path}: {key} has {tensor.shape[0]} rows, {weight} has {rows}: "
+                              "it is the search of another model; search again (drop "
+                              "--search-file)")
