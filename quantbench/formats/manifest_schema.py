@@ -128,7 +128,8 @@ def _check(value: Any, spec: Any, key: str, where: str) -> None:
         _object(value, key, where)
         for name, inner in value.items():
             if spec.names is not None and not spec.names.match(name):
-                raise _damaged(where, key, "an object of plain file names", name)
+                raise FormatError(f"{where}: '{key}' lists {name!r}, which is not a plain file "
+                                  f"name inside the artifact; {_RESTORE}")
             _check(inner, spec.value, _join(key, name), where)
     elif isinstance(spec, ListOf):
         if not isinstance(value, list):

@@ -205,9 +205,11 @@ def test_manifest_key_of_the_wrong_type(qb, fresh_artifact, key, path, wrong):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"files": {"../outside.txt": {"bytes": 1, "sha256": "0" * 64}}}, "plain file names"),
-    ({"files": {"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}}}, "plain file names"),
-    ({"files": {"sub/model.safetensors": {"bytes": 1, "sha256": "0" * 64}}}, "plain file"),
+    ({"files": {"../outside.txt": {"bytes": 1, "sha256": "0" * 64}}}, "not a plain file name"),
+    ({"files": {"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}}}, "not a plain file name"),
+    ({"files": {"sub/model.safetensors": {"bytes": 1, "sha256": "0" * 64}}},
+     "not a plain file name"),
+    ({"files": {"": {"bytes": 1, "sha256": "0" * 64}}}, "not a plain file name"),
     ({"files": {"model.safetensors": {"bytes": 1}}}, "has no 'files.model.safetensors.sha256'"),
     ({"manifest_version": 99}, "newer than this quantbench reads"),
     ({"format": "nope"}, "'format' is 'nope'"),
@@ -430,6 +432,7 @@ RECIPES = {
     "integer key": ("source: s\n5: x\njobs: [{method: zeropoint}]", "unknown key 5"),
     "tab indent": ("source: s\njobs:\n\t- method: zeropoint", "not valid YAML"),
     "directory": (None, "is a directory"),
+    "python tag": ("jobs: !!python/object/apply:os.system ['true']", "not valid YAML"),
 }
 
 
@@ -440,6 +443,20 @@ def test_damaged_recipe(qb, tmp_path, variant):
     _damage(path, content)
     assert_refused(qb("run", path), needle)
     assert_no_leftovers(tmp_path, keep=("recipe.yaml",))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\xff" * 100, "not UTF-8 text"), (b"", "is empty"), (None, "is a directory")])
+def test_recipe_eval_text_checked_before_any_work(qb, fresh_llama, tmp_path, content, needle):
+    src = fresh_llama("src")
+    data = tmp_path / "eval.txt"
+    _damage(data, content)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"source: {src}\noutput_dir: {tmp_path / 'out'}\n"
+                      f"eval: {{data: {data}, ctx: 64, max_tokens: 128}}\n"
+                      "jobs: [{method: zeropoint, group_size: 32}]\n")
+    assert_refused(qb("run", recipe), "r.yaml: job zeropoint-w4-g32", needle)
+    assert_no_leftovers(tmp_path, keep=("src", "eval.txt", "r.yaml"))
 
 
 def test_merge_keys_still_work_beside_the_duplicate_check():
