@@ -83,6 +83,15 @@ def _accepts(method: str, given: dict[str, Any]) -> bool:
     return bool(get_method(method).option_names(given) & set(given))
 
 
+def _check_files_to_write(**flags: str | None) -> None:
+    """``--json``/``--plot`` that name a directory are refused before any work."""
+    from quantbench.formats.manifest import check_file_target
+
+    for flag, path in flags.items():
+        if path:
+            check_file_target(path, f"--{flag}")
+
+
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
         from quantbench.formats.manifest import write_json_atomic
@@ -263,6 +272,7 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
     """Perplexity, KLD and top-1 of TARGET against its FP baseline (or of a source alone)."""
     from quantbench.eval.run import evaluate_one
 
+    _check_files_to_write(json=json_path)
     report = evaluate_one(target, baseline=baseline, progress=True, use_cache=not no_cache,
                           device=device, verify=not no_verify,
                           **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
@@ -485,9 +495,26 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # last resort: one line, traceback only with --debug
         if debug:
             raise
+        user = _user_os_error(exc)
+        if user is not None:  # a path the user can fix, met where no reader expected it
+            err.print(f"error: {user}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
         err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                   "traceback and report it)", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _user_os_error(exc: Exception) -> str | None:
+    """A file-system refusal the user can fix (a path unreadable, missing or a directory),
+    as one line naming the path; None for anything else (a full disk says its own)."""
+    import errno
+
+    from quantbench.inputs import os_error_message
+
+    user = (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT)
+    if not isinstance(exc, OSError) or exc.errno not in user or not exc.filename:
+        return None
+    return os_error_message(exc.filename, exc, "use")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ manifest written today can be read (or refused with a clear message) by a later 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -17,8 +18,10 @@ from quantbench.quant.grids import (BNB_BLOCK_SIZES, CODEBOOKS, CONFIG_VERSION, 
                                     GRANULARITIES, GRIDS, CodebookGridConfig, EXL2GridConfig,
                                     GGUFGridConfig, Grid, GridConfig, Int8RowGridConfig,
                                     IntGridConfig, grid_from_dict)
-from quantbench.options import option
+from quantbench.errors import ConfigError
+from quantbench.options import check_values, option
 from quantbench.quant.grids import check_version as _check_version
+from quantbench.ranges import Range
 
 __all__ = ["BNB_BLOCK_SIZES", "CODEBOOKS", "CONFIG_VERSION", "EXL2_WIDTHS", "GGUF_MIXTURES",
            "GGUF_TENSOR_TYPES", "GRANULARITIES", "GRIDS", "CalibrationOptions",
@@ -41,6 +44,16 @@ class TargetConfig:
     embeddings: bool = False
     lm_head: bool = False
 
+    def __post_init__(self) -> None:
+        """Patterns checked when the selection is made (CLI, recipe, API, manifest), before
+        any work; one pattern given as a string is a tuple of one (not of its characters)."""
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+            object.__setattr__(self, name, patterns)
+            for pattern in patterns:
+                _check_pattern(name, pattern)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "include": list(self.include),
@@ -59,9 +72,25 @@ class TargetConfig:
         )
 
 
+def _check_pattern(name: str, pattern: object) -> None:
+    """A module-name pattern that ``re.search`` can use, or one line saying why not."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"--{name} patterns are regular expressions (strings), got "
+                          f"{pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--{name} pattern {pattern!r} is not a valid regular expression "
+                          f"({exc}); escape special characters with a backslash (e.g. "
+                          r"'mlp\.down_proj') or fix the pattern") from exc
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Base of per-method option dataclasses; data-free RTN methods need none."""
+
+    def __post_init__(self) -> None:
+        check_values(self)  # every number within its declared Range, whoever built it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,19 +110,26 @@ class SweepSettings:
     damp_percent: float
 
 
+# What the calibration layer can sample (``calibration/data.py`` checks its spec with these too)
+CALIB_SAMPLES = Range(1, integer=True)
+CALIB_LEN = Range(8, integer=True)
+
+
 @dataclass(frozen=True)
 class CalibrationOptions(MethodOptions):
     """Options every calibrated method shares: which windows the calibration layer feeds it.
     Subclasses redeclare ``calib_samples`` for their own default."""
 
-    calib_samples: int = option(128, help="Calibration windows.")
-    calib_len: int = option(512, help="Tokens per window.")
-    calib_seed: int = option(0, flag="--seed", help="Sampling seed.")
+    calib_samples: int = option(128, allowed=CALIB_SAMPLES, help="Calibration windows.")
+    calib_len: int = option(512, allowed=CALIB_LEN, help="Tokens per window.")
+    calib_seed: int = option(0, flag="--seed", allowed=Range(integer=True),
+                             help="Sampling seed.")
     calib_data: str | None = option(None, help="Calibration text: .txt, .jsonl, or "
                                     "hf:NAME[:CONFIG[:SPLIT]] (default: the bundled C4 sample).")
     calib_chat_template: bool = option(False, switch=True, help="Wrap each calibration "
                                        "document in the tokenizer's chat template.")
-    batch_size: int = option(8, cli=False, help="Calibration windows per forward batch.")
+    batch_size: int = option(8, cli=False, allowed=Range(1, integer=True),
+                             help="Calibration windows per forward batch.")
     device: str = option("auto", help="Where blocks, statistics and solves run: auto (a CUDA "
                          "GPU when torch sees one, else cpu), cpu, cuda, cuda:N.")
 

@@ -9,10 +9,13 @@ The field name is the recipe key and the Python keyword (``qb.quantize(model, da
                                  help="Dampening as a fraction of the mean Hessian diagonal.")
 
 The flag's type comes from the annotation: ``int``, ``float``, ``str`` (``choices`` for a fixed
-set), each optionally ``| None``; a ``bool`` is a ``--x/--no-x`` pair (``off_flag`` names
-another off spelling), or with ``switch=True`` a plain flag that only turns it on. ``cli=False``
-keeps an option to the Python API and recipes; ``internal`` marks a field that is no option at
-all (a transform's built inner options).
+set), each optionally ``| None``; a number declares the values it takes as a ``Range``
+(``allowed=Range(0, 1, low_open=True, high_open=True)``), which :func:`check_values` enforces
+whenever the options are built (CLI, recipes, the API, a manifest) and states when it refuses;
+a ``bool`` is a ``--x/--no-x`` pair (``off_flag`` names another off spelling), or with
+``switch=True`` a plain flag that only turns it on. ``cli=False`` keeps an option to the Python
+API and recipes; ``internal`` marks a field that is no option at all (a transform's built inner
+options).
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantbench.errors import ConfigError
+from quantbench.ranges import Range
 
-__all__ = ["OptionSpec", "cli_flag", "declaring_classes", "field_type", "internal", "off_flag",
-           "option", "option_fields", "option_spec"]
+__all__ = ["OptionSpec", "check_values", "cli_flag", "declaring_classes", "field_type",
+           "internal", "off_flag", "option", "option_fields", "option_label", "option_spec"]
 
 _KEY = "quantbench.option"
 _NO_FIELD = dataclasses.field()
@@ -41,14 +45,17 @@ class OptionSpec:
     choices: tuple[str, ...] | str | None = None  # the values, or a class attribute naming them
     cli: bool = True               # False: Python API and recipes only
     internal: bool = False         # not a user option (recipes and the CLI never see it)
+    allowed: Range | None = None   # a number's allowed values (None: any of its type)
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
            off_flag: str | None = None, switch: bool = False,
-           choices: tuple[str, ...] | str | None = None, cli: bool = True) -> Any:
+           choices: tuple[str, ...] | str | None = None, cli: bool = True,
+           allowed: Range | None = None) -> Any:
     """A method option field: ``default``, one line of ``help`` (without the default: the CLI
-    adds it) and its command-line spelling."""
-    spec = OptionSpec(" ".join(help.split()), flag, off_flag, switch, choices, cli)
+    adds it), its command-line spelling and, for a number, the values it takes."""
+    spec = OptionSpec(" ".join(help.split()), flag, off_flag, switch, choices, cli,
+                      allowed=allowed)
     return dataclasses.field(default=default, metadata={_KEY: spec})
 
 
@@ -109,3 +116,41 @@ def off_flag(cls: type, f: dataclasses.Field) -> str | None:
     if not spec.cli or spec.switch or field_type(f)[0] is not bool:
         return None
     return spec.off_flag or "--no-" + cli_flag(cls, f)[2:]
+
+
+def option_label(cls: type, f: dataclasses.Field) -> str:
+    """How a message names option ``f`` so CLI, recipe and API users all recognise it: the
+    flag, with the field name where the flag is not simply its dashed spelling
+    (``--damp (damp_percent)``, ``--calib-samples``, ``clip_grid``)."""
+    flag = cli_flag(cls, f)
+    if flag is None:
+        return f.name
+    return flag if flag == "--" + f.name.replace("_", "-") else f"{flag} ({f.name})"
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _of_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_values(options: Any) -> None:
+    """Refuse a value of another type than its option's annotation (``act_order="no"`` from
+    Python would be true) or a number outside its declared ``Range``, in one line naming the
+    option and what is accepted; None stays allowed where the field is optional."""
+    cls = type(options)
+    for f in option_fields(cls):
+        kind, optional = field_type(f)
+        value = getattr(options, f.name)
+        if value is None and optional:
+            continue
+        allowed = option_spec(cls, f).allowed
+        if allowed is not None:
+            allowed.check(value, option_label(cls, f))
+        elif not _of_kind(value, kind):
+            raise ConfigError(f"{option_label(cls, f)} must be {_KINDS[kind]}, got {value!r}")

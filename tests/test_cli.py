@@ -70,7 +70,7 @@ def test_group_size_that_cannot_work(tiny_llama, tmp_path):
     proc = run("convert", tiny_llama, "--group-size", "100000", "-o", tmp_path / "o")
     assert_one_line_error(proc, "group size 100000")
     proc = run("convert", tiny_llama, "--group-size", "-7", "-o", tmp_path / "o")
-    assert_one_line_error(proc, "-1 (per-channel)")
+    assert_one_line_error(proc, "-1 (per output channel)")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -27,8 +27,10 @@ class CalibrationSpec:
     chat_template: bool = False  # wrap each document as a chat turn with the tokenizer's template
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1 or self.seq_len < 8:
-            raise QuantbenchError("calibration needs --calib-samples >= 1 and --calib-len >= 8")
+        from quantbench.config import CALIB_LEN, CALIB_SAMPLES
+
+        CALIB_SAMPLES.check(self.n_samples, "--calib-samples")
+        CALIB_LEN.check(self.seq_len, "--calib-len")
 
 
 def load_hf_dataset_docs(spec: str, limit: int = 20000) -> list[str]:

@@ -108,10 +108,12 @@ def read_imatrix(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_imatrix(path: str | os.PathLike) -> Imatrix:
+    from quantbench.inputs import read_bytes
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FormatError(f"imatrix file {path} does not exist")
-    data = path.read_bytes()
+    data = read_bytes(path, FormatError, "pass the .gguf or .dat file llama-imatrix wrote")
     imatrix = _read_gguf(path, data) if data[:4] == GGUF_MAGIC else _read_legacy(path, data)
     for name, entry in imatrix.entries.items():
         if not torch.isfinite(entry.sums).all():

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from quantbench.errors import QuantbenchError
+from quantbench.inputs import read_text
 
 BUNDLED = "wikitext-2-raw-test.txt.gz"
 
@@ -49,17 +50,13 @@ def load_eval_text(path: "str | Path | None" = None) -> EvalText:
         text, name = _bundled(), "WikiText-2 test"
     else:
         path = Path(path)
-        if not path.is_file():
-            raise QuantbenchError(f"eval data {path} does not exist; pass a .txt or .jsonl file")
-        try:
-            raw = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise QuantbenchError(f"{path} is not UTF-8 text (byte {exc.start}); "
-                                  "convert it to UTF-8") from exc
+        raw = read_text(path, QuantbenchError, "pass a UTF-8 .txt file, or .jsonl with a "
+                        "'text' field per line")
         text = _jsonl(path, raw) if path.suffix == ".jsonl" else raw
         name = path.name
     if not text.strip():
-        raise QuantbenchError(f"eval data {path or BUNDLED} is empty")
+        raise QuantbenchError(f"text file {path or BUNDLED} is empty (or only whitespace); "
+                              "pass a file with text")
     return EvalText(text, hashlib.sha256(text.encode("utf-8")).hexdigest(), name)
 
 

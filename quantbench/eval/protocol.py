@@ -6,8 +6,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from quantbench.errors import ConfigError
+from quantbench.ranges import Range
 
 SCORING = ("full", "half")
+CTX = Range(8, integer=True)
+WINDOWS = Range(1, integer=True)
+BATCH_SIZE = Range(1, integer=True)
+
+
+def max_tokens_range(ctx: int) -> Range:
+    """``--max-tokens``: at least one window of ``ctx`` tokens, or 0 for the whole text."""
+    return Range(ctx, integer=True, also=((0, "the whole text"),))
 
 
 @dataclass(frozen=True)
@@ -23,17 +32,16 @@ class EvalProtocol:
     batch_size: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ctx, int) or self.ctx < 8:
-            raise ConfigError(f"--ctx must be an integer >= 8, got {self.ctx!r}")
-        if self.max_tokens is not None and self.max_tokens < self.ctx:
-            raise ConfigError(
-                f"--max-tokens {self.max_tokens} is less than one window of --ctx {self.ctx}")
-        if self.n_windows is not None and self.n_windows < 1:
-            raise ConfigError(f"--windows must be >= 1, got {self.n_windows}")
+        CTX.check(self.ctx, "--ctx")
+        if self.max_tokens is not None:
+            max_tokens_range(self.ctx).check(self.max_tokens, "--max-tokens")
+            if self.max_tokens == 0:  # as on the command line: the whole text
+                object.__setattr__(self, "max_tokens", None)
+        if self.n_windows is not None:
+            WINDOWS.check(self.n_windows, "--windows")
         if self.scoring not in SCORING:
             raise ConfigError(f"scoring must be 'full' or 'half', got {self.scoring!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        BATCH_SIZE.check(self.batch_size, "batch size")
 
     @property
     def first_scored(self) -> int:

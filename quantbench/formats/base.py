@@ -1,7 +1,6 @@
 """What every checkpoint format implements, and the artifact its reader returns."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -16,6 +15,7 @@ from quantbench.models.weights import LazyWeights
 from quantbench.tensor import QuantizedTensor
 
 MANIFEST = "quantbench.json"
+MANIFEST_VERSION = 1  # what build_manifest writes (formats/manifest.py) and the newest read
 Progress = Callable[[str], None]
 
 
@@ -146,14 +146,14 @@ def require_int_grid(label: str, config: QuantizeConfig) -> None:
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The artifact's ``quantbench.json`` (None when it has none), checked: unreadable, not
+    JSON, not an object or a key of the wrong type is one FormatError naming it."""
+    from quantbench.formats.manifest_schema import check_manifest
+    from quantbench.inputs import read_json_object
+
     file = path / MANIFEST
-    if not file.is_file():
+    if not file.exists():
         return None
-    try:
-        manifest = json.loads(file.read_text())
-    except ValueError as exc:
-        raise FormatError(f"{file} is not valid JSON ({exc}); the artifact is damaged") from exc
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{file} holds JSON {type(manifest).__name__}, not an object; the "
-                          "artifact is damaged")
-    return manifest
+    data = read_json_object(file, FormatError, "the artifact is damaged: restore its "
+                            f"{MANIFEST} or re-run quantbench convert")
+    return check_manifest(data, str(file), MANIFEST_VERSION)

@@ -18,6 +18,7 @@ from quantbench.formats.manifest import build_manifest, write_json_atomic
 from quantbench.formats.outputs import (atomic_output_dir, check_output,  # noqa: F401
                                         check_output_space, estimate_output_bytes, model_paths)
 from quantbench.jsonfile import NonFiniteJSON, dumps, with_nulls
+from quantbench.inputs import read_json_object
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import format_names, get_format
 from quantbench.tensor import QuantizedTensor
@@ -254,12 +255,10 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
         raise FormatError(f"{path} is not a directory or a .gguf file; pass a quantbench output "
                           "directory")
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
+    if not cfg_file.exists():
         raise FormatError(f"{path} has no config.json; it is not a checkpoint directory")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except ValueError as exc:
-        raise FormatError(f"{cfg_file} is not valid JSON ({exc})") from exc
+    config = read_json_object(cfg_file, FormatError, "the artifact is damaged: restore it or "
+                              "re-run quantbench convert")
     manifest = read_manifest(path)
     weights = LazyWeights.from_dir(path)
     name = (manifest or {}).get("format") or _detect(config, weights)

@@ -13,12 +13,11 @@ from typing import IO, Any, Iterator
 from quantbench import tempfiles
 from quantbench.diskspace import reported
 from quantbench.errors import FormatError, QuantbenchError
-from quantbench.formats.base import MANIFEST
+from quantbench.formats.base import MANIFEST, MANIFEST_VERSION
 from quantbench.jsonfile import dumps, loads_strict
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 WEIGHT_FILES = ("model.gguf",)  # weight files besides *.safetensors (side files do not count)
 
 
@@ -28,6 +27,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_file_target(path: "Path | str", what: str = "") -> None:
+    """Refuse a file to write that names an existing directory (``--json out/``), before any
+    work where the caller checks it up front, else before writing."""
+    path = Path(path)
+    if path.is_dir():
+        raise QuantbenchError(f"{what + ' ' if what else ''}{path} is a directory; name a file "
+                              f"to write (inside it or elsewhere)")
 
 
 @contextlib.contextmanager
@@ -40,8 +48,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     old file or the whole new one, never a part. A full disk or a refused write is one line.
     """
     path = Path(path)
-    if path.is_dir():
-        raise QuantbenchError(f"{path} is a directory; name a file to write")
+    check_file_target(path)
     prefix = f".{path.name}.tmp-"
     with reported(path):
         path.parent.mkdir(parents=True, exist_ok=True)

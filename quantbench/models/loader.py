@@ -1,7 +1,7 @@
 """Resolve a source (local dir, Hub id, ``sample:NAME``) into a lazy ``Model`` handle."""
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import re
@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from quantbench.errors import ModelLoadError
-from quantbench.jsonfile import loads_strict
+from quantbench.inputs import os_error_message, read_json_object
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights, load_pickled_weights
 
@@ -80,16 +80,22 @@ class Model:
         return [self.path / name for name in AUX_FILES if (self.path / name).is_file()]
 
     def tokenizer(self):
+        """The source's tokenizer; one that is missing, unreadable or damaged is one line
+        (transformers raises many types for a damaged file: every one is the files' fault)."""
         from transformers import AutoTokenizer
 
         try:
             return AutoTokenizer.from_pretrained(
                 str(self.path), trust_remote_code=self.trust_remote_code
             )
-        except (OSError, ValueError) as exc:
+        except PermissionError as exc:
+            raise ModelLoadError(f"no usable tokenizer in {self.path}: "
+                                 f"{os_error_message(exc.filename or self.path, exc)}") from exc
+        except Exception as exc:  # noqa: BLE001  (JSON, key, type errors of damaged files)
+            why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
             raise ModelLoadError(
-                f"no usable tokenizer in {self.path} ({str(exc).splitlines()[0]}); "
-                "copy the tokenizer files of the source model there"
+                f"no usable tokenizer in {self.path} ({type(exc).__name__}: {why}); check its "
+                "tokenizer files and config.json, or copy those of the source model there"
             ) from exc
 
     def fingerprint(self) -> str:
@@ -103,18 +109,12 @@ class Model:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise ModelLoadError(
             f"{directory} is not a model directory (no config.json); point to a Hugging Face "
             "checkpoint directory, a Hub id, or sample:smollm2"
         )
-    try:  # strict: a bare NaN/Infinity is no config value (and could not be written back)
-        config = loads_strict(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc}); fix or re-download it") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{cfg_path} is not a JSON object; fix or re-download it")
-    return config
+    return read_json_object(cfg_path, ModelLoadError, "fix or re-download it")
 
 
 def _validate(directory: Path, config: dict[str, Any], arch: ArchSpec,
@@ -157,8 +157,9 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
     _validate(directory, config, arch, weights)
     meta: dict[str, Any] = {}
     sample_meta = directory / "quantbench_sample.json"
-    if sample_meta.is_file():
-        meta["sample"] = json.loads(sample_meta.read_text())
+    if sample_meta.exists():
+        meta["sample"] = read_json_object(sample_meta, ModelLoadError,
+                                          "delete the folder to convert the sample again")
     return Model(source, directory, config, arch, weights, trust_remote_code, meta)
 
 
@@ -193,6 +194,8 @@ def load_model(source: str | os.PathLike, trust_remote_code: bool = False,
         return open_model_dir(resolve_sample(text), text, **opts)
     path = Path(text).expanduser()
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelLoadError(os_error_message(path, PermissionError(errno.EACCES, "denied")))
         return open_model_dir(path, text, **opts)
     if path.exists():
         if path.suffix == ".gguf":  # dequantized once to an FP16 checkpoint in the cache

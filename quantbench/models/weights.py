@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -11,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from quantbench.errors import ModelLoadError
 from quantbench.finite import count_non_finite, describe_non_finite
+from quantbench.inputs import os_error_message
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +20,10 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def _open_checked(path: Path):
+    try:  # safetensors reports an unreadable file as a missing one: say what it is
+        open(path, "rb").close()
+    except OSError as exc:
+        raise ModelLoadError(os_error_message(path, exc)) from exc
     check_header(path)
     try:
         return safe_open(str(path), framework="pt")
@@ -274,21 +280,77 @@ def _count(value) -> bool:
 
 
 def load_pickled_weights(directory: Path) -> InMemoryWeights:
-    """``pytorch_model*.bin`` with ``weights_only=True`` (never full unpickling)."""
+    """``pytorch_model*.bin`` with ``weights_only=True`` (never full unpickling).
+
+    Zip checkpoints (torch >= 1.6) are memory-mapped; pre-zip ("legacy") ones cannot be, so
+    they are read whole. Each file must hold a flat dict of tensor name → tensor, as
+    ``save_pretrained`` writes: a pickle that would run code or build other objects, a training
+    checkpoint that nests the weights (``{"state_dict": ...}``, ``{"model": ...}``), a list, or
+    a dict with non-tensor values is refused in one line saying how to convert it (unwrapping a
+    nested dict would guess which of its parts are the model), as is a tensor in two files."""
     files = sorted(directory.glob("pytorch_model*.bin"))
-    log.warning(
-        "%s has no safetensors; reading %d .bin file(s) with torch.load(weights_only=True) "
-        "(no arbitrary unpickling; whole file in memory, not lazy)",
-        directory,
-        len(files),
-    )
     tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
     for path in files:
-        try:
-            tensors.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as exc:  # torch raises many types for hostile or broken pickles
-            raise ModelLoadError(
-                f"refusing {path}: it does not load with weights_only=True ({type(exc).__name__}); "
-                "convert it to safetensors with a tool you trust"
-            ) from exc
+        for name, tensor in _flat_state_dict(path, _torch_load(path)).items():
+            if name in tensors:
+                raise ModelLoadError(f"tensor {name} is in both {origin[name].name} and "
+                                     f"{path.name}; remove the stale shard from {directory}")
+            tensors[name], origin[name] = tensor, path
+    log.warning("%s has no safetensors; read %d .bin file(s) with torch.load(weights_only=True) "
+                "(no arbitrary unpickling; whole file in memory, not lazy)", directory,
+                len(files))
     return InMemoryWeights(tensors)
+
+
+_CONVERT = ("convert it to safetensors where you trust it (transformers' save_pretrained, or "
+            "safetensors.torch.save_file)")
+
+
+def _torch_load(path: Path):
+    """``torch.load`` with ``weights_only=True``; memory-mapped only for a zip checkpoint."""
+    import zipfile
+
+    try:
+        with open(path, "rb"):
+            pass
+        zipped = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise ModelLoadError(os_error_message(path, exc)) from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as exc:  # noqa: BLE001  (torch raises many types for hostile or broken files)
+        hostile = re.search(r"GLOBAL ([\w.]+)", str(exc))  # a callable the pickle would call
+        if hostile:
+            raise ModelLoadError(
+                f"refusing {path}: it does not load with weights_only=True (its pickle calls "
+                f"{hostile.group(1)}: it would run code or build objects other than tensors); "
+                f"{_CONVERT}") from exc
+        detail = [line for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+        first = (detail or str(exc).splitlines() or [""])[0][:160]
+        raise ModelLoadError(
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}"
+            f"{': ' + first if first else ''}); it may be truncated or corrupted: re-download "
+            "it") from exc
+
+
+def _flat_state_dict(path: Path, data) -> dict[str, torch.Tensor]:
+    """``data`` if it is a flat dict of name → tensor, else one line saying what it is."""
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a Python {type(data).__name__}, not a state dict "
+                             f"(tensor name → tensor); save the model's state dict, or {_CONVERT}")
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ModelLoadError(
+            f"{path} nests its weights (under {', '.join(map(repr, nested[:3]))}): a training "
+            f"checkpoint, not a state dict; save the model's state dict alone (e.g. "
+            f"torch.save(ckpt[{nested[0]!r}], ...)) or {_CONVERT}")
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ModelLoadError(f"{path}: key {key!r} is not a tensor name (a string); save "
+                                 f"the model's state dict, or {_CONVERT}")
+        if not isinstance(value, torch.Tensor):
+            raise ModelLoadError(
+                f"{path}: entry {key!r} holds a Python {type(value).__name__}, not a tensor (a "
+                f"training checkpoint?); save the model's state dict alone, or {_CONVERT}")
+    return data

@@ -43,11 +43,6 @@ def select_targets(model: Model, targets: TargetConfig) -> list[str]:
         names.append(embed)
     if targets.lm_head and not model.tied_embeddings and head in model.weights:
         names.append(head)
-    for pattern in targets.include + targets.exclude:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"invalid module pattern {pattern!r}: {exc}") from exc
     if not names:
         raise ConfigError("no tensors match the target selection; check --include/--exclude")
     return names
@@ -200,7 +195,13 @@ def make_config(method: str = "zeropoint", bits: int | None = None,
     every 2-D tensor, embeddings and lm_head included, is a target."""
     method_cls = get_method(method)
     opts = method_cls.build_options(**options)
-    targets = targets or TargetConfig()
+    targets = TargetConfig() if targets is None else targets
+    if not isinstance(targets, TargetConfig):
+        raise ConfigError(f"targets must be a TargetConfig (e.g. TargetConfig(include="
+                          f"('mlp',))), got {targets!r}")
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise ConfigError(f"symmetric must be true, false or None (the method's own), got "
+                          f"{symmetric!r}")
     if gguf_type is not None:
         return QuantizeConfig(method=method, grid=_gguf_grid(method_cls, gguf_type, bits,
                                                              group_size, symmetric),
@@ -244,6 +245,16 @@ def _finite_targets(model: Model, names: list[str]) -> list[str]:
     return finite
 
 
+def _check_calibration_inputs(model: Model, options: CalibrationOptions) -> None:
+    """The tokenizer and the calibration text load now: a missing or damaged one is refused
+    before any work, not after the first block (a Hub dataset is fetched when it is used)."""
+    from quantbench.calibration.data import load_calibration_docs
+
+    model.tokenizer()
+    if options.calib_data is None or not options.calib_data.startswith("hf:"):
+        load_calibration_docs(options.calib_data)
+
+
 def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
     """Check the combination, then return a lazy ``QuantizedModel``."""
     method_cls = get_method(config.method)
@@ -254,6 +265,8 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
         from quantbench.devices import resolve_device
         resolve_device(config.options.device)
     method.prepare(model, names)  # e.g. a GGUF mixture resolved to one type per tensor
+    if method.needs_calibration:
+        _check_calibration_inputs(model, config.options)
     log.info("quantizing %d tensors of %s with %s %s", len(names), model.source,
              config.method, config.grid.describe())
     return QuantizedModel(source=model, config=config, targets=names, method=method)

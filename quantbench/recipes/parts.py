@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 from quantbench.config import TargetConfig
 from quantbench.errors import ConfigError
 from quantbench.eval.protocol import EvalProtocol
+from quantbench.ranges import Range
 
 
 class RecipeError(ConfigError):
@@ -31,6 +32,10 @@ KINDS = {"int": "an integer", "number": "a number", "bool": "true or false",
 NAME_FIELDS = ("name", "method", "bits", "group_size", "format", "type", "source")
 
 
+# What each gate bound can be: top-1 agreement is a fraction (0.9 for 90 %)
+GATE_RANGES = {"max_delta_ppl_pct": Range(0), "max_kld": Range(0), "min_top1": Range(0, 1)}
+
+
 @dataclass(frozen=True)
 class Gate:
     """Quality a job must reach to pass (and be uploaded); ``None`` leaves a bound out."""
@@ -38,6 +43,11 @@ class Gate:
     max_delta_ppl_pct: float | None = None
     max_kld: float | None = None
     min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for key, allowed in GATE_RANGES.items():
+            if getattr(self, key) is not None:
+                allowed.check(getattr(self, key), key)
 
     def check(self, result) -> list[str]:
         """Reasons ``result`` (an ``EvalResult``) fails the gate; empty when it passes."""
@@ -131,7 +141,7 @@ def _gate(data: Any, where: str, base: Gate | None = None) -> Gate:
                 raise RecipeError(f"{where}.{key}: expected a number >= 0, got {value:g} "
                                   "(a finite one; leave the key out for no bound)")
         values[key] = value
-    return dataclasses.replace(base or Gate(), **values)
+    return _located(where, lambda: dataclasses.replace(base or Gate(), **values))
 
 
 def _evaluation(data: Any, where: str, base: Evaluation | None = None) -> Evaluation:
@@ -173,9 +183,9 @@ def _targets(data: Any, where: str) -> TargetConfig:
     for key in ("embeddings", "lm_head"):
         if key in data:
             _typed(data[key], f"{where}.{key}", "bool")
-    return TargetConfig(tuple(_tuple(data.get("include", ()))),
-                        tuple(_tuple(data.get("exclude", ()))),
-                        data.get("embeddings", False), data.get("lm_head", False))
+    return _located(where, lambda: TargetConfig(
+        tuple(_tuple(data.get("include", ()))), tuple(_tuple(data.get("exclude", ()))),
+        data.get("embeddings", False), data.get("lm_head", False)))
 
 
 def _option_names() -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from quantbench.errors import EvalError, QuantbenchError
+from quantbench.eval.data import load_eval_text
 from quantbench.eval.evaluator import EvalReport, evaluate
 from quantbench.eval.run import artifact_factory, eval_cache_dir, source_factory
 from quantbench.formats.io import check_output, open_artifact, write_artifact
@@ -157,6 +158,8 @@ def _check(recipe: Recipe, planned: list[PlannedJob]) -> dict[str, Model]:
             get_format(job.format)().check(job.config, models[job.source], qmodel.targets)
             check_output(recipe.output_dir / job.name, recipe.overwrite,
                          model_paths(models[job.source]))
+            if job.evaluation.protocol.data is not None:  # the eval text, before any work
+                load_eval_text(job.evaluation.protocol.data)
         except QuantbenchError as exc:
             raise RecipeError(f"{where}: {exc}") from exc
     return models

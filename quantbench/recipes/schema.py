@@ -94,17 +94,20 @@ class Recipe:
     @classmethod
     def load(cls, path: "str | Path") -> "Recipe":
         """Read a YAML recipe file."""
+        from quantbench.inputs import read_text
+
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise RecipeError(f"recipe {path} does not exist")
-        return cls.from_yaml(path.read_text(encoding="utf-8"), origin=path.name)
+        text = read_text(path, RecipeError, "pass a YAML recipe (see examples/recipe.yaml)")
+        return cls.from_yaml(text, origin=path.name)
 
     @classmethod
     def from_yaml(cls, text: str, origin: str = "recipe") -> "Recipe":
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506  (a SafeLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -130,6 +133,36 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "origin": self.origin, "output_dir": str(self.output_dir),
                 "jobs": [p.name for p in self.plan()]}
+
+
+def _unique_keys(loader, node, deep: bool = False):
+    """A YAML mapping whose keys are all different: YAML itself keeps the last of a key given
+    twice, so the first setting would be dropped without a word."""
+    import yaml
+
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *defaults``: the keys given beside it override those it merges
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)):
+            continue  # an unhashable key: construct_mapping refuses it
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+def _unique_key_loader():
+    """PyYAML's SafeLoader, refusing a key given twice."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+    return Loader
 
 
 def _unique(items: list, key: Callable, what: str, hint: str) -> None:

@@ -169,7 +169,7 @@ def test_threshold_in_config_must_be_a_number(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--method", "nf4", "--group-size", "48"], "block size 48 is not allowed"),
+    (["--method", "nf4", "--group-size", "48"], "block size) must be one of 32, 64"),
     (["--method", "nf4", "--bits", "3"], "nf4 stores 4-bit codes"),
     (["--method", "llm_int8", "--threshold", "-1"], "threshold must be a number >= 0"),
     (["--method", "llm_int8", "--threshold", "abc"], "abc"),

@@ -19,12 +19,12 @@ MIX = "0.05:8b_32g/0.2:6b_64g/0.25:3b_64g/0.5:2b_32g"
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"widths": (4, 7), "proportions": (0.5, 0.5), "group_sizes": (32, 32)}, "bit widths"),
+    ({"widths": (4, 7), "proportions": (0.5, 0.5), "group_sizes": (32, 32)}, "EXL2 width"),
     ({"widths": (3, 4), "proportions": (0.5, 0.5), "group_sizes": (32, 32)}, "descending"),
     ({"widths": (4,), "proportions": (0.9,), "group_sizes": (32,)}, "sum to 1"),
-    ({"widths": (4,), "proportions": (1.0,), "group_sizes": (48,)}, "multiples of 32"),
+    ({"widths": (4,), "proportions": (1.0,), "group_sizes": (48,)}, "a multiple of 32"),
     ({"widths": (5, 4), "proportions": (1.0,), "group_sizes": (32, 32)}, "one proportion"),
-    ({"bpw": 0.5}, "above 1"),
+    ({"bpw": 0.5}, "> 1 and <= 16"),
 ])
 def test_config_refuses_bad_mixes(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -115,8 +115,8 @@ def test_impossible_targets_are_refused_before_any_work(model, monkeypatch, bpw,
     ({"bpw": 4.0, "bits": 4}, "drop --bits"),
     ({"bits": 4, "symmetric": False}, "symmetric"),
     ({"bits": 4, "measurement": "m.json"}, "add --bpw"),
-    ({"bits": 7}, "bit widths"),
-    ({"bits": 4, "group_size": 16}, "multiples of 32"),
+    ({"bits": 7}, "EXL2 width"),
+    ({"bits": 4, "group_size": 16}, "a multiple of 32"),
 ])
 def test_bad_options(model, kwargs, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -92,7 +92,7 @@ def test_bits_out_of_range_refused(bad):
 
 
 def test_group_size_that_cannot_work():
-    with pytest.raises(ConfigError, match="group size"):
+    with pytest.raises(ConfigError, match="group-size must be"):
         IntGridConfig.from_group_size(4, -5, True)
     with pytest.raises(ConfigError, match="larger than the row"):
         _grid(4, True, 1024).check_shape("x", 8, 576)

@@ -16,7 +16,6 @@ shapes and two weights, and refuses to be applied to another.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from collections import Counter
@@ -69,6 +68,10 @@ class Measurement:
     def from_dict(cls, data: dict[str, Any], source: str = "measurement") -> "Measurement":
         if not isinstance(data, dict) or data.get("kind") != KIND:
             raise QuantbenchError(f"{source} is not a quantbench EXL2 measurement")
+        if isinstance(data.get("version", 0), bool) or not isinstance(data.get("version", 0),
+                                                                        int):
+            raise QuantbenchError(f"{source} is damaged (version {data['version']!r}); "
+                                  "measure again with a new --measurement file")
         if data.get("version", 0) > VERSION:
             raise QuantbenchError(f"{source} was written by a newer quantbench (measurement "
                                   f"version {data['version']}); upgrade quantbench")
@@ -89,10 +92,10 @@ class Measurement:
 
     @classmethod
     def load(cls, path: Path) -> "Measurement":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise QuantbenchError(f"cannot read EXL2 measurement {path} ({exc})") from exc
+        from quantbench.inputs import read_json_object
+
+        data = read_json_object(Path(path), QuantbenchError, "measure again with a new "
+                                "--measurement file")
         return cls.from_dict(data, str(path))
 
     def save(self, path: Path) -> None:

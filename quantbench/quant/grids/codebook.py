@@ -10,9 +10,11 @@ import torch
 from quantbench.errors import ConfigError
 from quantbench.quant import bnb
 from quantbench.quant.grids.base import Grid, packed_bits, register_grid
+from quantbench.ranges import Range
 from quantbench.tensor import QuantizedTensor
 
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCK_SIZE = Range(values=BNB_BLOCK_SIZES, integer=True)
 CODEBOOKS = ("nf4", "fp4")
 
 
@@ -40,10 +42,8 @@ class CodebookGridConfig(Grid):
         if self.codebook not in CODEBOOKS:
             raise ConfigError(f"codebook must be one of {', '.join(CODEBOOKS)}, "
                               f"got {self.codebook!r}")
-        if self.block_size not in BNB_BLOCK_SIZES or isinstance(self.block_size, bool):
-            raise ConfigError(
-                f"{self.codebook} block size {self.block_size!r} is not allowed; bitsandbytes "
-                f"takes {', '.join(map(str, BNB_BLOCK_SIZES))} (--group-size 64 is the default)")
+        BLOCK_SIZE.check(self.block_size, f"--group-size (the {self.codebook} block size)",
+                         "bitsandbytes' block sizes; 64 is the default")
 
     @property
     def cli_group_size(self) -> int:

@@ -13,9 +13,16 @@ from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize
 from quantbench.quant.exl2.grid import dequantize_exl2, group_layout, total_bits
 from quantbench.quant.gptq import GPTQStats
 from quantbench.quant.grids.base import CONFIG_VERSION, Grid, register_grid
+from quantbench.ranges import Range
 from quantbench.tensor import QuantizedTensor
 
 EXL2_WIDTHS = (8, 6, 5, 4, 3, 2)
+WIDTH = Range(values=tuple(sorted(EXL2_WIDTHS)), integer=True)
+# a run's bits-per-weight target (the model's cheapest and dearest mixes bound it further:
+# ``quant/exl2/measure.py`` ``check_target``)
+BPW = Range(1, 16, low_open=True)
+# rows per group: exllamav2's kernels take multiples of 32
+GROUP_ROWS = Range(32, integer=True, multiple_of=32)
 
 
 @register_grid
@@ -46,25 +53,21 @@ class EXL2GridConfig(Grid):
         for name in ("widths", "proportions", "group_sizes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.bpw is not None:
-            if not isinstance(self.bpw, (int, float)) or not 1.0 < float(self.bpw) <= 16.0:
-                raise ConfigError(f"EXL2 target bits per weight must be a number above 1, "
-                                  f"got {self.bpw!r} (e.g. --bpw 4.65)")
+            BPW.check(self.bpw, "--bpw", "e.g. --bpw 4.65")
             object.__setattr__(self, "bpw", float(self.bpw))
         if not self.widths or not len(self.widths) == len(self.proportions) == \
                 len(self.group_sizes):
             raise ConfigError("an EXL2 mix needs one proportion and one group size per width")
-        if any(b not in EXL2_WIDTHS for b in self.widths):
-            raise ConfigError(f"EXL2 bit widths are {', '.join(map(str, EXL2_WIDTHS))}, got "
-                              f"{list(self.widths)}")
+        for width in self.widths:
+            WIDTH.check(width, "--bits (an EXL2 width)")
         if list(self.widths) != sorted(set(self.widths), reverse=True):
             raise ConfigError(f"EXL2 widths must be distinct and descending (exllamav2's "
                               f"loader requires it), got {list(self.widths)}")
         if any(not p > 0 for p in self.proportions) or abs(sum(self.proportions) - 1) > 1e-6:
             raise ConfigError(f"EXL2 proportions must be positive and sum to 1, got "
                               f"{list(self.proportions)}")
-        if any(not isinstance(g, int) or g < 32 or g % 32 for g in self.group_sizes):
-            raise ConfigError(f"EXL2 group sizes must be multiples of 32 (exllamav2's kernels "
-                              f"need it), got {list(self.group_sizes)}")
+        for group in self.group_sizes:
+            GROUP_ROWS.check(group, "--group-size (rows per EXL2 group)")
 
     @property
     def is_target(self) -> bool:

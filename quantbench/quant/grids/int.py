@@ -12,9 +12,15 @@ from quantbench.quant.grid import dequantize_codes, fit_scales, group_index, qua
 from quantbench.quant.gptq import (GPTQParams, GPTQStats, act_order, gptq_quantize,
                                    gptq_quantize_many, stack_rows)
 from quantbench.quant.grids.base import Grid, register_grid, scale_dtype_for
+from quantbench.ranges import Range
 from quantbench.tensor import QuantizedTensor
 
 GRANULARITIES = ("tensor", "channel", "group")
+INT_BITS = Range(2, 8, integer=True)
+# ``--group-size``: columns per group (at most each weight's row length: ``check_shape``), or
+# the CLI's codes for the other granularities
+GROUP_SIZE = Range(1, integer=True, also=((-1, "per output channel"), (0, "per tensor")))
+GROUP_COLUMNS = Range(1, integer=True)
 
 
 @register_grid
@@ -42,33 +48,25 @@ class IntGridConfig(Grid):
     kind: ClassVar[str] = "int"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        INT_BITS.check(self.bits, "--bits")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(
                 f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
             )
         if self.granularity != "group":  # canonical CLI value: -1 channel, 0 tensor
             object.__setattr__(self, "group_size", -1 if self.granularity == "channel" else 0)
-        elif self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ConfigError(
-                    f"group size must be a positive integer, got {self.group_size!r}; "
-                    "use -1 for per-channel or 0 for per-tensor"
-                )
+        else:
+            GROUP_COLUMNS.check(self.group_size, "the group size of a 'group' grid",
+                                "use granularity 'channel' or 'tensor' for the others")
 
     @classmethod
     def from_group_size(cls, bits: int, group_size: int, symmetric: bool) -> "IntGridConfig":
         """CLI convention: ``-1`` per output channel, ``0`` per tensor, ``>0`` groups."""
+        GROUP_SIZE.check(group_size, "--group-size")
         if group_size == -1:
             return cls(bits=bits, symmetric=symmetric, granularity="channel", group_size=-1)
         if group_size == 0:
             return cls(bits=bits, symmetric=symmetric, granularity="tensor", group_size=0)
-        if group_size < -1:
-            raise ConfigError(
-                f"group size {group_size} is not valid; use a positive size, -1 (per-channel) "
-                "or 0 (per-tensor)"
-            )
         return cls(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
 
     @property

@@ -34,6 +34,7 @@ from quantbench.quant.grids.gguf import PROXY_GRIDS, proxy_grid  # noqa: F401  (
 from quantbench.quant.methods.awq_search import (CLIP_EXEMPT, apply_saved,  # noqa: F401
                                                  apply_saved_tensors, awq_block)
 from quantbench.quant.methods.transform import Transform, TransformOptions
+from quantbench.ranges import Range
 from quantbench.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,22 @@ GPTQ_UNDER_AWQ = {"damp_percent": 0.01, "block_size": 128, "act_order": False,
 
 @dataclass(frozen=True)
 class AWQOptions(CalibrationOptions, TransformOptions):
-    n_grid: int = option(20, flag="--awq-grid", help="Grid points for the scale exponent.")
+    n_grid: int = option(20, flag="--awq-grid", allowed=Range(1, integer=True),
+                         help="Grid points for the scale exponent.")
     exhaustive: bool = option(False, flag="--exhaustive-search", switch=True, help=(
         "Evaluate every grid point (default: coarse grid + refinement)."))
     duo_scaling: bool = option(True, cli=False, help="Scales from activation and weight "
                                "magnitudes (AWQ's duo scaling), not activations alone.")
     clip: bool = option(True, help="Search weight clipping.")
-    clip_grid: int = option(20, cli=False, help="Steps of the clipping search.")
-    max_shrink: float = option(0.5, cli=False, help="Largest fraction the clipping search "
-                               "shrinks a range by.")
-    clip_tokens: int = option(512, cli=False, help="Tokens the clipping search runs on.")
+    clip_grid: int = option(20, cli=False, allowed=Range(1, integer=True),
+                            help="Steps of the clipping search.")
+    max_shrink: float = option(0.5, cli=False, allowed=Range(0, 1, high_open=True),
+                               help="Largest fraction the clipping search shrinks a range by.")
+    clip_tokens: int = option(512, cli=False, allowed=Range(1, integer=True),
+                              help="Tokens the clipping search runs on.")
     # 8 windows: 4096 tokens at the default --calib-len
-    search_samples: int = option(8, help="Windows the scale search runs its forwards on.")
+    search_samples: int = option(8, allowed=Range(1, integer=True),
+                                 help="Windows the scale search runs its forwards on.")
     search_file: str | None = option(None, help="Re-apply a saved awq_search.safetensors "
                                      "instead of searching.")
     calib_samples: int = 32
@@ -93,14 +98,11 @@ class AWQ(Transform):
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
-        o = config.options
         if config.grid.search_proxy() is None:
             raise ConfigError(f"awq searches per-group or per-channel scales, which "
                               f"{config.grid.describe()} has none of; pass --group-size 128 "
                               "(or -1 for per channel), or a quantized GGUF type such as "
                               "--type Q4_K_M")
-        if o.n_grid < 1 or o.clip_grid < 1 or not 0 <= o.max_shrink < 1:
-            raise ConfigError("awq needs --awq-grid >= 1 and a max shrink in [0, 1)")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -116,6 +118,11 @@ class AWQ(Transform):
     def apply_tensors(self, model, index: int, tensors: dict[str, torch.Tensor]
                       ) -> dict[str, torch.Tensor]:
         return apply_saved_tensors(model.arch, index, tensors, self.saved, self.search_grid)
+
+    def prepare(self, model, targets: list[str]) -> None:
+        super().prepare(model, targets)
+        if self.saved is not None:
+            _check_search_fits(self.saved, model, self.config.options.search_file)
 
     def own_side_files(self, directory: Path) -> list[str]:
         """The search result beside the weights (``--search-file`` re-applies it to this or
@@ -146,9 +153,36 @@ class AWQ(Transform):
 def _load_search(path: str | None) -> dict[str, torch.Tensor] | None:
     if path is None:
         return None
+    if Path(path).is_dir():
+        raise ConfigError(f"--search-file {path} is a directory; pass the {SEARCH_FILE} an "
+                          "earlier awq run wrote")
     try:
         with safe_open(path, framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
+            saved = {k: fh.get_tensor(k) for k in fh.keys()}
     except (OSError, Exception) as exc:  # safetensors raises its own error type
         raise ConfigError(f"cannot read AWQ search file {path} ({exc}); pass the "
                           f"{SEARCH_FILE} an earlier awq run wrote") from exc
+    foreign = [k for k in saved if not k.endswith(_SEARCH_KINDS)]
+    if foreign or not saved:
+        what = f"tensor {foreign[0]!r} is no AWQ scale or clip" if foreign else "it is empty"
+        raise ConfigError(f"{path} is not an AWQ search ({what}); pass the {SEARCH_FILE} an "
+                          "earlier awq run wrote")
+    return saved
+
+
+_SEARCH_KINDS = (".awq_scales", ".awq_clip")
+
+
+def _check_search_fits(saved: dict[str, torch.Tensor], model, path: str) -> None:
+    """Every saved scale and clip belongs to a weight of this model, one value (row) per
+    output row of it; a search of another model is refused, not folded in wrongly."""
+    for key, tensor in saved.items():
+        weight = key.rsplit(".", 1)[0] + ".weight"
+        if weight not in model.weights:
+            raise ConfigError(f"{path} holds {key}, but this model has no {weight}: it is the "
+                              "search of another model; search again (drop --search-file)")
+        rows = model.weights.shape(weight)[0]
+        if tensor.shape[0] != rows:
+            raise ConfigError(f"{path}: {key} has {tensor.shape[0]} rows, {weight} has {rows}: "
+                              "it is the search of another model; search again (drop "
+                              "--search-file)")

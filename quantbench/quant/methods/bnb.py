@@ -4,16 +4,16 @@ its run-time decomposition will handle in 16-bit)."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
 from quantbench.config import (CalibrationOptions, CodebookGridConfig, GridConfig,
-                               Int8RowGridConfig, MethodOptions, QuantizeConfig)
+                               Int8RowGridConfig, MethodOptions)
 from quantbench.errors import ConfigError
 from quantbench.options import option
 from quantbench.quant.methods.base import Method
+from quantbench.ranges import Range
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
@@ -57,8 +57,8 @@ class FP4(_FourBit):
 
 @dataclass(frozen=True)
 class LLMInt8Options(CalibrationOptions):
-    threshold: float = option(6.0, help="Activation magnitude from which a column runs in "
-                              "16-bit at run time; 0: no decomposition.")
+    threshold: float = option(6.0, allowed=Range(0), help="Activation magnitude from which a "
+                              "column runs in 16-bit at run time; 0: no decomposition.")
     calib_samples: int = 16
 
 
@@ -82,17 +82,6 @@ class LLMInt8(Method):
             raise ConfigError("llm_int8 scales each output row; drop --group-size "
                               "(or pass --group-size -1)")
         return Int8RowGridConfig()
-
-    @classmethod
-    def check(cls, config: QuantizeConfig) -> None:
-        t = config.options.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
-                or t < 0:
-            raise ConfigError(f"llm_int8 threshold must be a number >= 0 (6.0 is "
-                              f"bitsandbytes' default; 0 turns the decomposition off), got {t!r}")
-        if config.options.calib_samples < 1:
-            raise ConfigError("llm_int8 measures outlier columns on calibration data; "
-                              "--calib-samples must be >= 1")
 
     def quantize_with_stats(self, name: str, weight: torch.Tensor,
                             act_absmax: torch.Tensor) -> QuantizedTensor:

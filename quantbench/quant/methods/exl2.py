@@ -24,7 +24,10 @@ from quantbench.errors import ConfigError
 from quantbench.jsonfile import dumps, with_nulls
 from quantbench.options import option
 from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize_many, prepare_hessian
+from quantbench.quant.grids.exl2 import BPW, GROUP_ROWS
 from quantbench.quant.methods.base import Method
+from quantbench.quant.methods.gptq import DAMP
+from quantbench.ranges import Range
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
@@ -36,17 +39,19 @@ STRATEGY_FILE = "exl2_strategy.json"
 
 @dataclass(frozen=True)
 class EXL2Options(CalibrationOptions):
-    bpw: float | None = option(None, help=(
+    bpw: float | None = option(None, allowed=BPW, help=(
         "Target bits per weight over the decoder linears; a measurement picks each layer's "
         "mix of 2-8 bit widths (e.g. 4.65)."))
     measurement: str | None = option(None, help=(
         "The measurement JSON to reuse (complete), resume (unfinished) or write (absent); "
         "default: one in the quantbench cache."))
-    measure_samples: int = option(16, help="Calibration windows the measurement runs on.")
-    damp_percent: float = option(0.01, flag="--damp", help="Dampening as a fraction of the "
-                                 "mean Hessian diagonal.")
+    measure_samples: int = option(16, allowed=Range(1, integer=True),
+                                  help="Calibration windows the measurement runs on.")
+    damp_percent: float = option(0.01, flag="--damp", allowed=DAMP, help="Dampening as a "
+                                 "fraction of the mean Hessian diagonal.")
     # 32 is fastest for the CPU sweeps
-    block_size: int = option(32, help="Columns per lazy-batch update.")
+    block_size: int = option(32, allowed=Range(1, integer=True),
+                             help="Columns per lazy-batch update.")
 
 
 @register_method("exl2")
@@ -72,9 +77,7 @@ class EXL2(Method):
             return EXL2GridConfig(bpw=options.bpw)
         bits = 4 if bits is None else bits
         group_size = 128 if group_size is None else group_size
-        if group_size < 32:
-            raise ConfigError(f"EXL2 groups are multiples of 32 rows, got --group-size "
-                              f"{group_size}; use 32, 64, 128 ...")
+        GROUP_ROWS.check(group_size, "--group-size (rows per EXL2 group)")
         return EXL2GridConfig((bits,), (1.0,), (group_size,))
 
     @classmethod
@@ -85,10 +88,6 @@ class EXL2(Method):
         if config.targets.embeddings or config.targets.lm_head:
             raise ConfigError("exl2 quantizes decoder-block linears only; drop "
                               "--quantize-embeddings/--quantize-lm-head")
-        if not 0 < o.damp_percent < 1:
-            raise ConfigError(f"damp_percent must be in (0, 1), got {o.damp_percent}")
-        if o.measure_samples < 1:
-            raise ConfigError("--measure-samples must be at least 1")
         if o.measurement is not None and o.bpw is None:
             raise ConfigError("--measurement is for a --bpw target; add --bpw")
 
@@ -115,6 +114,9 @@ class EXL2(Method):
         self.targets = list(targets)
         self.identity = model_identity(model, targets)
         self.path = self._measurement_path()
+        if self.path.is_dir():
+            raise ConfigError(f"--measurement {self.path} is a directory; name a JSON file "
+                              f"in it, e.g. {self.path / 'measurement.json'}")
         if self.path.is_file():
             self.measurement = Measurement.load(self.path)
             self.measurement.check_model(self.identity, str(self.path))

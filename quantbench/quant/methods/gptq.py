@@ -13,17 +13,22 @@ from quantbench.options import option
 from quantbench.quant.gptq import GPTQParams, GPTQStats
 from quantbench.quant.methods.base import Method
 from quantbench.quant.methods.gguf import GGUFPlan
+from quantbench.ranges import Range
 from quantbench.registry import register_method
 from quantbench.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
+# GPTQ's dampening, as a fraction of the mean Hessian diagonal (EXL2's sweep takes the same)
+DAMP = Range(0, 1, low_open=True, high_open=True)
+
 
 @dataclass(frozen=True)
 class GPTQOptions(CalibrationOptions):
-    damp_percent: float = option(0.01, flag="--damp", help="Dampening as a fraction of the "
-                                 "mean Hessian diagonal.")
-    block_size: int = option(128, help="Columns per lazy-batch update.")
+    damp_percent: float = option(0.01, flag="--damp", allowed=DAMP, help="Dampening as a "
+                                 "fraction of the mean Hessian diagonal.")
+    block_size: int = option(128, allowed=Range(1, integer=True),
+                             help="Columns per lazy-batch update.")
     act_order: bool = option(True, help="Columns by descending Hessian diagonal.")
     # measured better here (see README); --dynamic-groups for GPTQ's original
     static_groups: bool = option(True, off_flag="--dynamic-groups", help=(
@@ -73,10 +78,6 @@ class GPTQ(GGUFPlan, Method):
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:
         o = config.options
-        if not 0 < o.damp_percent < 1:
-            raise ConfigError(f"damp_percent must be in (0, 1), got {o.damp_percent}")
-        if o.block_size < 1:
-            raise ConfigError(f"GPTQ block size must be >= 1, got {o.block_size}")
         if o.attention_values and not config.grid.splits_rows:
             raise ConfigError("--attention-values sweeps v_proj per kv head, which needs a scale "
                               "per row; use a channel or group grid, or drop the flag")

@@ -41,6 +41,7 @@ class TransformOptions(MethodOptions):
     inner_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.then not in self.inner_methods:
             raise ConfigError(f"--then must be {' or '.join(self.inner_methods)}, got "
                               f"{self.then!r}")
