@@ -51,8 +51,10 @@ def artifact_factory(artifact: Artifact, device: "torch.device | None" = None):
 def _is_artifact_dir(text: str) -> bool:
     from quantbench.formats.gguf import find_gguf
 
-    path = Path(text)
-    return path.is_dir() and (path / "config.json").is_file() or find_gguf(path) is not None
+    path = Path(text)  # a directory of safetensors weights (a .bin checkpoint is a source)
+    return path.is_dir() and (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()) \
+        or find_gguf(path) is not None
 
 
 def resolve_baseline(artifact: Artifact, baseline: "Model | str | None",

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from quantbench.formats.base import MANIFEST
-from quantbench.errors import FormatError
 from quantbench.formats.io import open_artifact
 from quantbench.formats.manifest import (FileProblem, load_checked_manifest, manifest_dir,
                                          verify_files)
@@ -72,9 +71,6 @@ _KEYS = ("path", "format", "architecture", "quantization_config", "quantize", "s
 
 def _describe(path: Path, art) -> dict[str, Any]:
     """The description of an artifact opened back."""
-    if not art.quantized_names and not art.plain_names:
-        raise FormatError(f"{path} has no weights inspect can read (safetensors or GGUF); a "
-                          "pytorch_model.bin checkpoint: run quantbench convert on it first")
     tensors: list[dict[str, Any]] = []
     q_weights = q_bits = 0
     for name in art.quantized_names:

@@ -261,6 +261,9 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
                               "re-run quantbench convert")
     manifest = read_manifest(path)
     weights = LazyWeights.from_dir(path)
+    if not weights.names():
+        raise FormatError(f"{path} holds no safetensors or GGUF weights to read back; a "
+                          "pytorch_model.bin checkpoint: run quantbench convert on it first")
     name = (manifest or {}).get("format") or _detect(config, weights)
     return check_artifact(get_format(name)().read(path, config, weights, manifest))
 

@@ -14,7 +14,7 @@ from quantbench import tempfiles
 from quantbench.diskspace import reported
 from quantbench.errors import FormatError, QuantbenchError
 from quantbench.formats.base import MANIFEST, MANIFEST_VERSION
-from quantbench.jsonfile import dumps, loads_strict
+from quantbench.jsonfile import dumps
 
 log = logging.getLogger(__name__)
 
@@ -224,21 +224,15 @@ def load_checked_manifest(directory: Path, todo: str | None = None) -> dict[str,
     object, with a ``files`` table of plain file names, each with its size and sha256. Anything
     else is refused in one line: the directory is then not an artifact quantbench can vouch for
     (``todo``: what the message advises instead of re-converting or --no-verify)."""
+    from quantbench.formats.base import read_manifest
+
     file = Path(directory) / MANIFEST
     todo = todo or f"re-convert it, or {_NO_VERIFY}"
-    try:
-        manifest = loads_strict(file.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise _unvouched(file, f"cannot be read ({exc.strerror or exc})", todo) from exc
-    except ValueError as exc:  # not UTF-8, not JSON, or a bare NaN/Infinity
-        raise _unvouched(file, f"is not valid JSON ({exc})", todo) from exc
-    if not isinstance(manifest, dict):
-        raise _unvouched(file, f"holds {_json_kind(manifest)}, not a JSON object", todo)
-    for key, kind in _FIELDS.items():  # what the readers, the card and eval take from it
-        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
-            raise _unvouched(file, f"has {_json_kind(manifest[key])} for {key!r}", todo)
-    if not isinstance((manifest.get("source") or {}).get("id") or "", str):
-        raise _unvouched(file, "has a source id that is not a string", todo)
+    if file.is_dir():
+        raise _unvouched(file, "is a directory, not a file", todo)
+    manifest = read_manifest(Path(directory))  # strict JSON, an object, keys of their types
+    if manifest is None:
+        raise _unvouched(file, "is missing", todo)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise _unvouched(file, "has no 'files' table (each file's bytes and sha256)", todo)
@@ -304,8 +298,10 @@ def _file_problem(path: Path, entry: dict[str, Any]) -> str | None:
         return f"{size} bytes, {entry['bytes']} recorded"
     try:
         digest = sha256_file(path)
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+    except OSError as exc:  # not damage: the user's file system refuses (permissions)
+        from quantbench.inputs import os_error_message
+
+        raise FormatError(os_error_message(path, exc)) from exc
     return "sha256 differs" if digest != entry["sha256"].lower() else None
 
 

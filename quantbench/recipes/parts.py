@@ -137,9 +137,9 @@ def _gate(data: Any, where: str, base: Gate | None = None) -> Gate:
     for key, value in data.items():
         if value is not None:
             value = _typed(value, f"{where}.{key}", "number")
-            if not 0 <= value < math.inf:  # .nan/.inf in YAML: no bound a result can meet
-                raise RecipeError(f"{where}.{key}: expected a number >= 0, got {value:g} "
-                                  "(a finite one; leave the key out for no bound)")
+            if not math.isfinite(value):  # .nan/.inf in YAML: no bound a result can meet
+                raise RecipeError(f"{where}.{key}: expected a finite number, got {value:g} "
+                                  "(leave the key out for no bound)")
         values[key] = value
     return _located(where, lambda: dataclasses.replace(base or Gate(), **values))
 

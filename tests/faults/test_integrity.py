@@ -195,7 +195,7 @@ def test_a_damaged_manifest_is_refused_in_one_line(qb, copy, fmt, damage):
         line = assert_refused(qb(*args), "quantbench.json")
         if args[0] != "upload" or damage != "a folder":
             assert "not a quantbench artifact" in line or "not valid JSON" in line or \
-                "not an object" in line, line
+                "not a JSON object" in line or "is damaged" in line, line
 
 
 # -- where the artifact is named through a file, and where nothing vouches for it --------------

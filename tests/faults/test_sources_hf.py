@@ -385,7 +385,7 @@ ARTIFACT_DAMAGE = {  # (edit the weights, edit the manifest, edit the config, ne
     "config-other-kv-heads": (None, None, {"num_key_value_heads": 4},
                               ["k_proj.weight", "num_key_value_heads"]),
     "no-tensor-table": (None, lambda m: m.__setitem__("tensors", ["x"]), None,
-                        ["an array for 'tensors'"]),
+                        ["'tensors' must be an object"]),
 }
 
 
