@@ -143,6 +143,10 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
     unquantized) instead of refused."""
     config = _read_config(directory)
     arch = arch_for(config.get("model_type"))
+    for key in ("dtype", "torch_dtype"):  # copied into every output's config: must be a dtype
+        if config.get(key) is not None and config[key] not in (*DTYPES, "float64", "auto"):
+            raise ModelLoadError(f"{directory / 'config.json'} '{key}' is {config[key]!r}, not a "
+                                 f"dtype ({', '.join(DTYPES)}); fix it")
     if list(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
         weights = LazyWeights.from_dir(directory)
     elif list(directory.glob("pytorch_model*.bin")):

@@ -51,12 +51,8 @@ class LazyWeights:
     @classmethod
     def from_dir(cls, directory: Path) -> "LazyWeights":
         index = directory / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from exc
-            shards = {name: directory / fname for name, fname in weight_map.items()}
+        if index.exists():
+            shards = {name: directory / fname for name, fname in _weight_map(index).items()}
             missing = sorted({str(p) for p in shards.values() if not p.is_file()})
             if missing:
                 raise ModelLoadError(f"shard {missing[0]} listed in {index.name} is missing")
@@ -172,6 +168,24 @@ class LazyWeights:
     def iter(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
             yield name, self.get(name)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name → shard file name, each a plain file name beside it; anything
+    else (not an object, no ``weight_map``, a shard outside the folder) is one line."""
+    from quantbench.inputs import read_json_object
+
+    hint = "re-download the checkpoint or re-save it with save_pretrained"
+    weight_map = read_json_object(index, ModelLoadError, hint).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index} has no 'weight_map' object (tensor name → shard file); "
+                             f"{hint}")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname \
+                or fname in (".", ".."):
+            raise ModelLoadError(f"{index} maps {name} to {fname!r}, which is not a shard file "
+                                 f"name beside it; {hint}")
+    return weight_map
 
 
 # safetensors files a checkpoint directory may carry that are not model weights

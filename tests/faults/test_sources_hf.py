@@ -451,3 +451,29 @@ def test_fused_projection_rows_are_checked_from_their_parts():
     shapes[f"{L0}self_attn.qkv_proj.weight"] = (96, 64)
     with pytest.raises(ModelLoadError, match=r"\[96, 64\].*\[128, \?\].*4\*16\+2\*16\+2\*16"):
         check_tensors(config, spec, shapes, Context("x"))
+
+
+@pytest.mark.parametrize("index, needle", [
+    ("[1, 2]", "holds a list, not a JSON object"),
+    ('{"weight_map": ["a"]}', "no 'weight_map' object"),
+    ('{"weight_map": {}}', "no 'weight_map' object"),
+    ('{"metadata": {}}', "no 'weight_map' object"),
+    ('{"weight_map": {"model.norm.weight": "../model.safetensors"}}', "not a shard file name"),
+    ('{"weight_map": {"model.norm.weight": 5}}', "not a shard file name"),
+    ("{", "not valid JSON"),
+])
+def test_a_damaged_shard_index_is_one_line(qb, fresh_llama, index, needle):
+    src = fresh_llama()
+    (src / "model.safetensors.index.json").write_text(index)
+    assert_refused(qb("inspect", src), "model.safetensors.index.json", needle)
+
+
+@pytest.mark.parametrize("value", [7, "float17", ["float16"]])
+def test_a_config_dtype_that_is_no_dtype_is_refused(qb, fresh_llama, tmp_path, value):
+    src = fresh_llama()
+    config = json.loads((src / "config.json").read_text())
+    config["torch_dtype"] = value
+    (src / "config.json").write_text(json.dumps(config))
+    assert_refused(qb("convert", src, "-o", tmp_path / "out", "-g", 32), "torch_dtype",
+                   "not a dtype")
+    assert not (tmp_path / "out").exists()
