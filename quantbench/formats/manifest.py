@@ -245,18 +245,9 @@ def load_checked_manifest(directory: Path, todo: str | None = None) -> dict[str,
     return manifest
 
 
-_FIELDS = {"format": str, "created": str, "tool": dict, "source": dict, "quantize": dict,
-           "summary": dict, "tensors": dict, "eval": dict, "command": list}  # or null
-
-
 def _unvouched(file: Path, problem: str, todo: str) -> FormatError:
     return FormatError(f"{file} {problem}, so {file.parent} is not a quantbench artifact whose "
                        f"files can be vouched for; {todo}")
-
-
-def _json_kind(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            dict: "an object"}.get(type(value), "a number")
 
 
 def _plain_name(name: str) -> bool:
