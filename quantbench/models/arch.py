@@ -106,6 +106,21 @@ LLAMA_BIASES = (
 # leftovers, logged and skipped (regular expressions over tensor names)
 DERIVED_BUFFERS = (r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$",)
 
+# scalar hyperparameters the forward and the format writers read, as (config key, kind): a
+# present value must be of its kind (``positive``: a finite number > 0, ``count``: an integer
+# > 0, ``flag``: true/false); a dotted key is looked up in a nested object
+LLAMA_HYPERPARAMETERS = (
+    ("rms_norm_eps", "positive"),
+    ("rope_theta", "positive"),
+    ("rope_parameters.rope_theta", "positive"),
+    ("rope_scaling.factor", "positive"),
+    ("rope_parameters.factor", "positive"),
+    ("max_position_embeddings", "count"),
+    ("tie_word_embeddings", "flag"),
+    ("attention_bias", "flag"),
+    ("mlp_bias", "flag"),
+)
+
 
 LLAMA_SUBLAYERS = (
     Sublayer("input_layernorm", "self_attn",
@@ -129,7 +144,8 @@ class ArchSpec:
     ``shapes`` gives the shape of each module's ``.weight`` from config keys (a module of
     ``linears``/``norms`` without an entry is only required to exist), ``biases`` which linears
     carry a ``.bias`` under which config flag, ``tied_by_default`` what a config without
-    ``tie_word_embeddings`` means, ``derived_buffers`` tensor names skipped as leftovers.
+    ``tie_word_embeddings`` means, ``derived_buffers`` tensor names skipped as leftovers,
+    ``hyperparameters`` the scalar config values checked for their kind.
     """
 
     family: str
@@ -164,6 +180,7 @@ class ArchSpec:
     biases: tuple[tuple[str | None, tuple[str, ...]], ...] = LLAMA_BIASES
     tied_by_default: bool = False  # transformers' default tie_word_embeddings for the family
     derived_buffers: tuple[str, ...] = DERIVED_BUFFERS
+    hyperparameters: tuple[tuple[str, str], ...] = LLAMA_HYPERPARAMETERS
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),

@@ -16,6 +16,7 @@ tied model (read and compared only in that case).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -67,6 +68,38 @@ def positive_int(config: Mapping, key: str, ctx: Context, needed_for: str) -> in
     return value
 
 
+_KINDS = {
+    "positive": ("a positive number", lambda v: isinstance(v, (int, float))
+                 and not isinstance(v, bool) and math.isfinite(v) and v > 0),
+    "count": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+              and v > 0),
+    "flag": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _nested(config: Mapping, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def check_hyperparameters(config: Mapping, arch: ArchSpec, ctx: Context) -> None:
+    """The scalar values the forward and the format writers read (norm epsilon, RoPE base,
+    context length, flags) are of their kind where present: a string or a negative epsilon
+    would otherwise be copied into an artifact no runtime loads, or fail mid-write."""
+    for key, kind in arch.hyperparameters:
+        value = _nested(config, key)
+        if value is None:
+            continue
+        what, ok = _KINDS[kind]
+        if not ok(value):
+            raise ctx.fail(f"{ctx.config_file} {ctx.key(key)!r} is {value!r}, not {what}; "
+                           "fix it (see the model's original config)")
+
+
 def _dim(config: Mapping, expr: str, ctx: Context, tensor: str) -> int:
     n = 1
     for key in expr.split("*"):
@@ -89,7 +122,7 @@ def _describe(config: Mapping, dims: Sequence[str], ctx: Context) -> str:
 def tied(config: Mapping, arch: ArchSpec) -> bool:
     """Whether the config ties lm_head to the embeddings (absent: the family's default)."""
     value = config.get("tie_word_embeddings")
-    return arch.tied_by_default if value is None else bool(value)
+    return arch.tied_by_default if value is None else value is True
 
 
 def _module_shape(config: Mapping, arch: ArchSpec, module: str, tensor: str,
@@ -153,6 +186,7 @@ def check_tensors(config: Mapping, arch: ArchSpec,
     """Refuse the first disagreement between ``shapes`` (the checkpoint's tensor names and
     shapes; None: a shape not known yet) and what ``config`` implies; return the names to
     skip (derived buffers, an lm_head that ``tied_copy()`` says equals the tied embeddings)."""
+    check_hyperparameters(config, arch, ctx)
     expected = expected_tensors(config, arch, ctx)
     _check_layer_count(config, arch, shapes, ctx)
     skip = _check_tied(config, arch, shapes, ctx, tied_copy)

@@ -147,6 +147,30 @@ def test_config_key_that_is_not_a_positive_int(value, qb, fresh_llama, tmp_path)
     assert "positive integer" in line or "no 'num_hidden_layers'" in line
 
 
+# scalar hyperparameters the forward and the writers read: a wrong kind is refused up front
+# (a string epsilon used to be copied into the artifact, or fail mid-GGUF-write as "internal")
+HYPERPARAMETERS = {
+    "eps-string": ({"rms_norm_eps": "x"}, "--type", "rms_norm_eps"),
+    "eps-negative": ({"rms_norm_eps": -1.0}, "-f", "rms_norm_eps"),
+    "eps-zero": ({"rms_norm_eps": 0}, "--type", "rms_norm_eps"),
+    "rope-string": ({"rope_parameters": {"rope_theta": "abc", "rope_type": "default"}}, "--type",
+                    "rope_theta"),
+    "context-string": ({"max_position_embeddings": "big"}, "--type", "max_position_embeddings"),
+    "tie-string": ({"tie_word_embeddings": "false"}, "-f", "tie_word_embeddings"),
+    "bias-number": ({"attention_bias": 1}, "-f", "attention_bias"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HYPERPARAMETERS))
+def test_scalar_hyperparameter_of_the_wrong_kind_is_refused(case, qb, fresh_llama, tmp_path):
+    changes, flag, needle = HYPERPARAMETERS[case]
+    src = fresh_llama()
+    edit_config(src, **changes)
+    how = ["--type", "Q8_0"] if flag == "--type" else ["-m", "absmax", "-g", 64]
+    assert_refused(qb("convert", src, *how, "-o", tmp_path / "q"), needle, "config.json")
+    assert_no_leftovers(tmp_path, keep=(src.name,))
+
+
 def test_eval_of_a_mismatched_source_is_refused(qb, fresh_llama):
     src = fresh_llama()
     edit_config(src, intermediate_size=256)
