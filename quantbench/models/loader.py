@@ -134,6 +134,21 @@ def _validate(directory: Path, config: dict[str, Any], arch: ArchSpec,
 
     shapes = {name: weights.shape(name) for name in weights.names()}
     weights.drop(check_tensors(config, arch, shapes, Context(str(directory)), tied_copy))
+    _check_float(directory, weights)
+
+
+def _check_float(directory: Path, weights: LazyWeights) -> None:
+    """An unquantized checkpoint holds 16-bit or wider floats: an integer, bool or 8-bit
+    float tensor there is a quantized or damaged checkpoint without its
+    ``quantization_config``, and would be read as plain numbers (codes as weights)."""
+    for name in weights.names():
+        dtype = weights.dtype(name)
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            raise ModelLoadError(
+                f"{directory}: tensor {name} is stored as {str(dtype).removeprefix('torch.')}, "
+                "not a floating-point type (float16, bfloat16, float32); a quantized checkpoint "
+                "needs its quantization_config in config.json, else re-convert it from the "
+                "original weights")
 
 
 def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False,

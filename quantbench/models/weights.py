@@ -62,6 +62,8 @@ class LazyWeights:
             shards = {}
             for path in files:
                 for name in _open_checked(path).keys():
+                    if name in shards:
+                        raise _in_two_files(name, shards[name], path, directory)
                     shards[name] = path
         weights = cls(shards)
         weights.validate()
@@ -69,18 +71,24 @@ class LazyWeights:
 
     def validate(self) -> None:
         """Open every shard once so a truncated file fails now, not half-way through; every
-        tensor a shard is listed for (a sharded checkpoint's index) must be in it."""
+        tensor a shard is listed for (a sharded checkpoint's index) must be in it, and no
+        other shard may hold a second copy of it."""
+        held: dict[Path, set[str]] = {}
         for path in sorted(set(self._shards.values())):
             handle = self._handle(path)
-            held = set(handle.keys())
-            for name in held:
+            held[path] = set(handle.keys())
+            for name in held[path]:
                 handle.get_slice(name)  # header entry is parseable
-            listed = [n for n, p in self._shards.items() if p == path and n not in held]
+            listed = [n for n, p in self._shards.items() if p == path and n not in held[path]]
             if listed:
                 raise ModelLoadError(f"{INDEX_NAME} lists tensor {listed[0]} in {path}, which "
                                      "does not hold it; the checkpoint is incomplete: "
                                      "re-download it")
             log.debug("checked %s (%d bytes)", path, path.stat().st_size)
+        for path, names in held.items():
+            for name in sorted(names):
+                if self._shards.get(name, path) != path:  # the index names another shard
+                    raise _in_two_files(name, self._shards[name], path, path.parent)
 
     def _handle(self, path: Path):
         if path not in self._handles:
@@ -188,6 +196,12 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _in_two_files(name: str, first: Path, second: Path, directory: Path) -> ModelLoadError:
+    """Two copies of one tensor: which is the model's cannot be told, so neither is guessed."""
+    return ModelLoadError(f"tensor {name} is in both {first.name} and {second.name}; remove "
+                          f"the stale shard from {directory} (or re-download the checkpoint)")
+
+
 # safetensors files a checkpoint directory may carry that are not model weights
 AUXILIARY_TENSOR_FILES = frozenset({"awq_search.safetensors"})
 
@@ -243,7 +257,10 @@ def check_header(path: Path) -> None:
             raise ModelLoadError(f"{path} is not a safetensors file (its header length runs "
                                  "past the end): it is truncated or damaged; re-download it")
         try:
-            header = json.loads(fh.read(n))
+            header = json.loads(fh.read(n), object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as exc:
+            raise ModelLoadError(f"{path}: the safetensors header lists {exc} twice; the file "
+                                 "is corrupted: re-download or re-convert it") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelLoadError(f"{path}: the safetensors header is not valid JSON ({exc}); "
                                  "the file is truncated or corrupted: re-download it") from exc
@@ -259,6 +276,21 @@ def check_header(path: Path) -> None:
         if start < prev_end:
             raise ModelLoadError(f"{path}: tensor {name}'s data overlaps tensor {prev}'s; the "
                                  "file is damaged: re-download or re-convert it")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique (``json`` keeps the last of a repeated key: two
+    entries for one tensor would be read as one, silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _entry_span(path: Path, name: str, entry, data_bytes: int) -> tuple[int, int]:

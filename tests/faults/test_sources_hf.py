@@ -342,6 +342,65 @@ def test_sharded_checkpoint_missing_a_tensor_of_its_index(qb, tmp_path):
     assert_refused(qb("convert", src, "-o", tmp_path / "q"), "mlp.up_proj.weight")
 
 
+def _two_shards(src: Path) -> tuple[list[str], list[str], dict]:
+    """Split ``src``'s weights over two shards with an index; returns the names of each."""
+    tensors = load_file(str(src / ST))
+    (src / ST).unlink()
+    names = sorted(tensors)
+    first, second = names[:len(names) // 2], names[len(names) // 2:]
+    files = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    for part, fname in zip((first, second), files):
+        save_file({k: tensors[k] for k in part}, str(src / fname), {"format": "pt"})
+    index = {"metadata": {}, "weight_map": {**{k: files[0] for k in first},
+                                            **{k: files[1] for k in second}}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return first, second, index
+
+
+def _copy_into_second(src: Path, first: list[str], second: list[str], scale: float) -> None:
+    tensors = load_file(str(src / "model-00001-of-00002.safetensors"))
+    extra = {first[0]: (tensors[first[0]] * scale).contiguous()}
+    held = load_file(str(src / "model-00002-of-00002.safetensors"))
+    save_file({**held, **extra}, str(src / "model-00002-of-00002.safetensors"), {"format": "pt"})
+
+
+@pytest.mark.parametrize("case", ["same-values", "other-values", "no-index"])
+def test_a_tensor_in_two_shards_is_refused(case, qb, fresh_llama, tmp_path):
+    """Which copy is the model's cannot be told: never pick one silently."""
+    src = fresh_llama()
+    first, second, _ = _two_shards(src)
+    _copy_into_second(src, first, second, 1.0 if case == "same-values" else 2.0)
+    if case == "no-index":
+        (src / "model.safetensors.index.json").unlink()
+    assert_refused(qb("convert", src, "-m", "absmax", "-g", 64, "-o", tmp_path / "q"),
+                   first[0], "in both", "model-00002-of-00002")
+    assert_no_leftovers(tmp_path, keep=(src.name,))
+
+
+def test_duplicated_key_in_a_safetensors_header(qb, fresh_llama, tmp_path):
+    """``json`` keeps the last of two entries for one name: the file is refused instead."""
+    src = fresh_llama()
+    header, data = _split(src / ST)
+    name = "model.norm.weight"
+    blob = json.dumps(header).encode()
+    blob = blob[:-1] + b', "' + name.encode() + b'": ' + json.dumps(header[name]).encode() + b"}"
+    blob += b" " * (-len(blob) % 8)
+    (src / ST).write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    assert_refused(qb("convert", src, "-o", tmp_path / "q"), name, "twice")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8,
+                                   torch.float8_e4m3fn])
+def test_source_tensor_that_is_not_a_float(dtype, qb, fresh_llama, tmp_path):
+    """Integer codes without a quantization_config would be read as weights."""
+    name = L0 + "mlp.up_proj.weight"
+    src = fresh_llama()
+    edit_weights(src, lambda t: t.__setitem__(name, (t[name] * 50).to(dtype)))
+    assert_refused(qb("convert", src, "--type", "Q8_0", "-o", tmp_path / "q"), name,
+                   str(dtype).removeprefix("torch."), "floating-point")
+    assert_no_leftovers(tmp_path, keep=(src.name,))
+
+
 # -- quantized artifacts used as input: files against the manifest and the config ------------
 
 
