@@ -71,7 +71,10 @@ GGUF_KEYS = {"hidden_size": "embedding_length", "num_hidden_layers": "block_coun
              "intermediate_size": "feed_forward_length",
              "num_attention_heads": "attention.head_count",
              "num_key_value_heads": "attention.head_count_kv",
-             "head_dim": "attention.key_length", "vocab_size": "vocab_size"}
+             "head_dim": "attention.key_length", "vocab_size": "vocab_size",
+             "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+             "rope_theta": "rope.freq_base", "rope_parameters.rope_theta": "rope.freq_base",
+             "max_position_embeddings": "context_length"}
 
 
 def _number(reader, key: str, kind: type, default: Any = None, positive: bool = False) -> Any:
@@ -89,6 +92,19 @@ def _number(reader, key: str, kind: type, default: Any = None, positive: bool = 
                              f"{'positive ' if positive else ''}{kind.__name__}; the file is "
                              "corrupted: re-create it")
     return kind(value)
+
+
+def _token_id(reader, which: str, vocab: int) -> int | None:
+    """A special token id (``tokenizer.ggml.<which>_token_id``) inside the vocabulary."""
+    key = f"tokenizer.ggml.{which}_token_id"
+    value = _field(reader, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+        raise ModelLoadError(f"GGUF metadata {key!r} is {value!r}, not a token id of the "
+                             f"vocabulary (0 to {vocab - 1}); the file is corrupted: re-create "
+                             "it")
+    return value
 
 
 def hf_config_from_gguf(reader, where: str = "") -> dict[str, Any]:
@@ -126,9 +142,9 @@ def _config_from_metadata(reader) -> dict[str, Any]:
         max_position_embeddings=count("context_length", 2048),
         rms_norm_eps=real("attention.layer_norm_rms_epsilon", 1e-5),
         tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        bos_token_id=_token_id(reader, "bos", vocab),
+        eos_token_id=_token_id(reader, "eos", vocab),
+        pad_token_id=_token_id(reader, "padding", vocab),
         hidden_act="silu")
     rope = _rope_parameters(reader, arch, theta, head_dim)
     kwargs.update({"rope_parameters": rope} if rope else {"rope_theta": theta})
@@ -138,7 +154,15 @@ def _config_from_metadata(reader) -> dict[str, Any]:
         cls, archs = transformers.LlamaConfig, ["LlamaForCausalLM"]
         kwargs.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in names,
                       mlp_bias="blk.0.ffn_up.bias" in names)
-    config = cls(architectures=archs, **kwargs).to_dict()
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:  # transformers checks the values against each other (heads dividing hidden, ...)
+        config = cls(architectures=archs, **kwargs).to_dict()
+    except (ValueError, TypeError, StrictDataclassError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelLoadError(f"the GGUF metadata describes no valid {arch} model "
+                             f"({lines[-1] if lines else type(exc).__name__}); the file is "
+                             "corrupted: re-create it") from exc
     config["dtype"] = "float16"
     config.pop("transformers_version", None)
     config["gguf_arch"] = arch

@@ -83,7 +83,12 @@ def _patch(fn):
     return forge
 
 
+def f32(data: bytearray, at: int, value: float) -> None:
+    data[at:at + 4] = struct.pack("<f", value)
+
+
 TOKENS = "tokenizer.ggml.tokens"
+EPS, BOS = "llama.attention.layer_norm_rms_epsilon", "tokenizer.ggml.bos_token_id"
 K0, Q0 = "blk.0.attn_k.weight", "blk.0.attn_q.weight"
 LAST = "blk.1.attn_v.weight"
 
@@ -169,6 +174,16 @@ FORGES = {
         slice(lay.keys["llama.feed_forward_length"] + 8,
               lay.keys["llama.feed_forward_length"] + 8 + 25), b"llama.feed_forward_lengtX")),
         ["no 'llama.feed_forward_length'"]),
+    "eps-nan": (_patch(lambda d, lay: f32(d, lay.value(EPS), float("nan"))),
+                [EPS, "not a positive number"]),
+    "eps-negative": (_patch(lambda d, lay: f32(d, lay.value(EPS), -1.0)), [EPS, "-1.0"]),
+    "rope-base-inf": (_patch(lambda d, lay: f32(d, lay.value("llama.rope.freq_base"),
+                                                float("inf"))), ["llama.rope.freq_base", "inf"]),
+    "bos-outside-vocab": (_patch(lambda d, lay: u32(d, lay.value(BOS), 9999)),
+                          [BOS, "9999", "0 to 319"]),
+    "heads-not-dividing-hidden": (
+        _patch(lambda d, lay: u32(d, lay.value("llama.attention.head_count"), 3)),
+        ["not a multiple of the number of attention heads"]),
     "key-duplicated": (_patch(lambda d, lay: d.__setitem__(
         slice(lay.keys["general.file_type"] + 8, lay.keys["general.file_type"] + 8 + 17),
         b"llama.block_count")), ["'llama.block_count' appears twice"]),
