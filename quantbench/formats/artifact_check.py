@@ -60,10 +60,19 @@ def _manifest_table(art: Artifact) -> Mapping[str, Any] | None:
 
 
 def _check_table(art: Artifact, table: Mapping[str, Any], shapes: Mapping[str, Any]) -> None:
+    from quantbench.registry import get_format
+
+    codes = get_format(art.format).stores_codes  # dense writes quantized tensors dequantized
     for name, row in table.items():
         if name not in shapes:
             raise FormatError(f"{art.path}: the manifest lists tensor {name}, which the files do "
                               "not hold; the artifact is incomplete: re-create it")
+        stored = name in art.quantized_names
+        if codes and isinstance(row.get("quantized"), bool) and row["quantized"] != stored:
+            raise FormatError(f"{art.path}: tensor {name} is stored "
+                              f"{'quantized' if stored else 'unquantized'}, the manifest lists it "
+                              f"as {'unquantized' if stored else 'quantized'}; the artifact was "
+                              "altered: re-create it")
         if shapes[name] is not None and list(shapes[name]) != row["shape"]:
             raise FormatError(f"{art.path}: tensor {name} has shape {list(shapes[name])}, the "
                               f"manifest lists {row['shape']}; the artifact is damaged: "

@@ -49,13 +49,36 @@ class Artifact:
     def quantized(self, name: str) -> QuantizedTensor:
         if self.decode is None or name not in self.quantized_names:
             raise KeyError(name)
-        qt = self.decode(self, name)
+        try:
+            qt = self.decode(self, name)
+        except (ValueError, IndexError, KeyError) as exc:  # stored tensors and settings disagree
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise FormatError(f"{self.path}: quantized tensor {name} cannot be decoded with the "
+                              f"settings its config states ({type(exc).__name__}: {detail}); "
+                              "the config or the weights were edited: re-create the "
+                              "artifact") from exc
+        self._check_grid(name, qt)
         want = self.expected_shapes.get(name)
         if want is not None and tuple(qt.shape) != tuple(want):
             raise FormatError(f"{self.path}: quantized tensor {name} decodes to shape "
                               f"{list(qt.shape)}, its manifest and config say {list(want)}; "
                               "the artifact is damaged: re-create it")
         return qt
+
+    def _check_grid(self, name: str, qt: QuantizedTensor) -> None:
+        """A decoded tensor is on the grid the manifest records, where the manifest records
+        one grid for every tensor (integer, codebook): an edited quantization_config (bits,
+        group size, zero points, nf4/fp4) that still decodes must not be scored silently."""
+        quantize = (self.manifest or {}).get("quantize")
+        want = quantize.get("grid") if isinstance(quantize, dict) else None
+        if not isinstance(want, dict) or want.get("kind") not in UNIFORM_GRIDS:
+            return
+        got = qt.grid.to_dict()
+        if all(got.get(key) == value for key, value in want.items() if key != "version"):
+            return
+        raise FormatError(f"{self.path}: quantized tensor {name} is stored on grid "
+                          f"{_describe(got)}, the manifest records {_describe(want)}; its config "
+                          "or manifest was edited: re-create the artifact")
 
     def dequantized(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.plain_names:
@@ -73,6 +96,15 @@ class Artifact:
         for name in self.quantized_names:
             total += self.quantized(name).numel
         return total
+
+
+# grid kinds a manifest records once for all quantized tensors (GGUF mixtures and EXL2 vary
+# per tensor, so their manifests' grid is no per-tensor promise)
+UNIFORM_GRIDS = ("int", "codebook")
+
+
+def _describe(grid: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in grid.items() if k != "version") + "}"
 
 
 def finite(path: Path, name: str, weight: torch.Tensor) -> torch.Tensor:

@@ -488,6 +488,46 @@ def test_artifact_disagreeing_with_its_manifest_or_config(case, qb, gptq_artifac
     assert_refused(qb("inspect", art), *needles)
 
 
+def _settings(**changes):
+    """Edit GPTQ's settings in both places a reader may take them from, consistently."""
+    def edit(art: Path) -> None:
+        q = json.loads((art / "quantize_config.json").read_text())
+        q.update(changes)
+        (art / "quantize_config.json").write_text(json.dumps(q))
+        config = json.loads((art / "config.json").read_text())
+        config["quantization_config"].update(changes)
+        (art / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _manifest_only(fn):
+    return lambda art: _edit_manifest(art, fn)
+
+
+EDITED_SETTINGS = {  # edited files re-hashed: only the artifact's own consistency can tell
+    "bits-fewer": (_settings(bits=3), True, ["bits=3", "manifest records", "bits=4"]),
+    "bits-more": (_settings(bits=8), True, ["cannot be decoded", "IndexError"]),
+    "group-larger": (_settings(group_size=64), True, ["group_size=64", "group_size=32"]),
+    "per-channel": (_settings(group_size=-1), True, ["granularity=channel"]),
+    "manifest-bits": (_manifest_only(lambda m: m["quantize"]["grid"].__setitem__("bits", 3)),
+                      False, ["manifest records", "bits=3"]),
+    "manifest-quantized-flag": (_manifest_only(lambda m: m["tensors"][Q1 + ".weight"].__setitem__(
+        "quantized", False)), False, [Q1 + ".weight", "stored quantized"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDITED_SETTINGS))
+def test_artifact_settings_edited_and_rehashed(case, qb, gptq_artifact, tmp_path):
+    """A quantization config that still decodes, but to another grid than the one written,
+    is never scored silently; one that does not decode is one line, not an internal error."""
+    edit, rehash, needles = EDITED_SETTINGS[case]
+    art = _artifact_copy(gptq_artifact, tmp_path)
+    edit(art)
+    if rehash:
+        _rerecord(art)
+    assert_refused(qb("inspect", art), str(art), *needles)
+
+
 def test_quantized_shape_mismatch_is_refused_before_scoring(qb, gptq_artifact, fresh_llama,
                                                             tmp_path):
     """A manifest shape the config contradicts: eval refuses before scoring, records nothing;
