@@ -26,9 +26,13 @@ def _csv(kind):
         if value is None:
             return None
         try:
-            return [kind(v.strip()) for v in value.split(",") if v.strip()]
+            values = [kind(v.strip()) for v in value.split(",") if v.strip()]
         except ValueError as exc:
             raise click.BadParameter(f"expected a comma-separated list ({exc})") from exc
+        if not values:  # an empty list compared nothing and still exited 0
+            raise click.BadParameter("expected a comma-separated list of at least one value, "
+                                     f"got {value!r}")
+        return values
     return convert
 
 

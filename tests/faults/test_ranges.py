@@ -330,3 +330,13 @@ def test_range_text_and_check_agree():
     assert r.contains(0.5) and Range(integer=True).contains(-7)
     assert not Range(1, integer=True).contains(1.0)
     assert dataclasses.is_dataclass(r)
+
+
+@pytest.mark.parametrize("flag,value", [("-b", ""), ("-b", ","), ("-m", " , ")])
+def test_compare_lists_that_are_empty_are_refused(qb, fresh_llama, tmp_path, flag, value):
+    """An empty --bits/--method list compared nothing and still exited 0 with a report."""
+    src = fresh_llama()
+    assert_refused(qb("compare", src, flag, value, "--no-cache",
+                      "--json", tmp_path / "c.json", "--plot", tmp_path / "c.png"),
+                   "at least one value")
+    assert not (tmp_path / "c.json").exists()
