@@ -505,12 +505,20 @@ def _manifest_only(fn):
 
 
 EDITED_SETTINGS = {  # edited files re-hashed: only the artifact's own consistency can tell
-    "bits-fewer": (_settings(bits=3), True, ["bits=3", "manifest records", "bits=4"]),
-    "bits-more": (_settings(bits=8), True, ["cannot be decoded", "IndexError"]),
-    "group-larger": (_settings(group_size=64), True, ["group_size=64", "group_size=32"]),
-    "per-channel": (_settings(group_size=-1), True, ["granularity=channel"]),
+    "bits-fewer": (_settings(bits=3), True, ["'bits' = 3, not 4", "quantbench.json records"]),
+    "bits-more": (_settings(bits=8), True, ["'bits' = 8, not 4"]),
+    "group-larger": (_settings(group_size=64), True, ["'group_size' = 64, not 32"]),
+    "per-channel": (_settings(group_size=-1), True, ["'group_size' = -1, not 32"]),
     "manifest-bits": (_manifest_only(lambda m: m["quantize"]["grid"].__setitem__("bits", 3)),
-                      False, ["manifest records", "bits=3"]),
+                      False, ["'bits' = 4, not 3", "quantbench.json records"]),
+    "sym-flipped": (_settings(sym=False), True, ["'sym' = False", "quantbench.json records"]),
+    "desc-act-flipped": (_settings(desc_act=True), True, ["'desc_act' = True"]),
+    "checkpoint-format-v2": (_settings(checkpoint_format="gptq_v2", format="gptq_v2"), True,
+                             ["'checkpoint_format' = 'gptq_v2'"]),
+    "settings-only-in-one-file": (lambda art: _settings(damp_percent=0.5)(art) or
+                                  (art / "quantize_config.json").write_text(
+                                      (art / "quantize_config.json").read_text()), True,
+                                  ["'damp_percent' = 0.5"]),
     "manifest-quantized-flag": (_manifest_only(lambda m: m["tensors"][Q1 + ".weight"].__setitem__(
         "quantized", False)), False, [Q1 + ".weight", "stored quantized"]),
 }
