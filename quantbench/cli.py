@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         err.print("aborted")
         sys.exit(130)
     except click.ClickException as exc:
-        err.print(f"error: {exc.format_message()}", markup=False, highlight=False)
+        err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except QuantbenchError as exc:
         if debug:
