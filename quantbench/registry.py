@@ -35,8 +35,12 @@ def register_format(name: str) -> Callable[[type[T]], type[T]]:
 
 def _get(table: dict[str, type], kind: str, name: str) -> type:
     if name not in table:
+        import difflib
+
         known = ", ".join(sorted(table)) or "none"
-        raise ConfigError(f"unknown {kind} {name!r}; choose one of: {known}")
+        close = difflib.get_close_matches(str(name).lower(), list(table), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown {kind} {name!r}; {hint}choose one of: {known}")
     return table[name]
 
 

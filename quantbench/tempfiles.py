@@ -68,6 +68,27 @@ def make_file(folder: Path, prefix: str) -> tuple[int, Path]:
             continue
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where /proc tells it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (no threads of ours are writing now)
+    os.umask(mask)
+    return mask
+
+
+def publish(path: Path) -> None:
+    """Give a finished temporary (private while built) the mode a plain ``mkdir``/``open``
+    would have given it under the user's umask, before it is renamed into place: a released
+    model on a shared machine is as readable as any file the user writes."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~umask())
+
+
 def _alive(pid: int, start: str | None) -> bool:
     stat = _proc_stat(pid)
     if stat is not None:

@@ -58,6 +58,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
         with reported(path):
             with os.fdopen(fd, mode) as fh:
                 yield fh
+            tempfiles.publish(tmp)
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

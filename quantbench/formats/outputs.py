@@ -214,6 +214,7 @@ def atomic_output_dir(out: "str | os.PathLike", overwrite: bool = False,
     try:
         with reported(out, needed, "free some space or choose another output path"):
             yield tmp
+            tempfiles.publish(tmp)
             _install(tmp, target)
     except BaseException:
         tempfiles.remove(tmp)

@@ -670,3 +670,28 @@ def test_search_file_of_another_model(qb, fresh_llama, tmp_path, change, needle)
     assert_refused(qb("convert", src, "-o", tmp_path / "out", "-m", "awq", "-g", 32,
                       "--search-file", path), "search of another model", needle)
     assert_no_leftovers(tmp_path, keep=("src", "search.safetensors"))
+
+
+@pytest.mark.parametrize("flag,typo,suggestion", [("-m", "gtpq", "gptq"), ("-m", "AWQ", "awq"),
+                                                  ("-f", "compresed-tensors",
+                                                   "compressed-tensors")])
+def test_a_misspelled_name_gets_a_did_you_mean(qb, fresh_llama, tmp_path, flag, typo,
+                                               suggestion):
+    result = qb("convert", fresh_llama(), "-o", tmp_path / "out", flag, typo)
+    assert_refused(result, f"did you mean {suggestion!r}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_follow_the_umask(qb, fresh_llama, tmp_path):
+    """Built private, published with the mode the user's umask gives any new file."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        assert qb("convert", fresh_llama(), "-o", out, "-g", 32).code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name
