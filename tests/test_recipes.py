@@ -89,7 +89,7 @@ BAD = [
      "jobs[0]: unknown key 'bitz' (did you mean 'bits'?); allowed: name, source, method"),
     ("source: x\njobs: [{method: absmax, calib_samples: 4}]",
      "jobs[0]: unknown key 'calib_samples'; no method of this job (absmax) takes it"),
-    ("source: x\njobs: [{method: gtpq}]", "jobs[0].method: unknown method 'gtpq'; choose one"),
+    ("source: x\njobs: [{method: gtpq}]", "jobs[0].method: unknown method 'gtpq'; did you mean 'gptq'? choose one"),
     ("source: x\njobs: [{method: absmax, format: gguff}]", "jobs[0].format: unknown format"),
     ("source: x\njobs: [{method: absmax, bits: four}]", "jobs[0].bits: expected an integer"),
     ("source: x\njobs: [{method: absmax, bits: 9}]",
