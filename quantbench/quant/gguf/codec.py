@@ -46,6 +46,10 @@ class BlockCodec:
     # GPTQ onto this type (``gptq_grid``) needs the fit/round split: ``fit_params`` per block
     # and ``round_to_grid`` per column; the legacy and k-quant codecs have it
     gptq_capable: ClassVar[bool] = False
+    # byte offsets of the block's float16 scale fields (d, dmin, m): every value a block decodes
+    # to is an integer code times (and plus) these, so they alone decide whether it is finite;
+    # None (the float types): decode the block to tell
+    scale_offsets: ClassVar[tuple[int, ...] | None] = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -91,6 +95,19 @@ class BlockCodec:
         self.check_row(cols)
         rows = data.numel() // (cols // self.block_size * self.type_size)
         return self.dequantize(data.reshape(-1, self.type_size)).reshape(rows, cols)
+
+    def non_finite_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``[n_blocks, type_size]`` uint8 → bool ``[n_blocks]``: which blocks decode to some
+        NaN/Inf. Reads only the scale fields (a full decode of every tensor cost more than the
+        quantization itself); the same answer as decoding, by the argument above."""
+        blocks = blocks.reshape(-1, self.type_size)
+        if self.scale_offsets is None:
+            return ~torch.isfinite(self.dequantize(blocks)).all(dim=1)
+        bad = torch.zeros(blocks.shape[0], dtype=torch.bool)
+        for offset in self.scale_offsets:
+            scale = blocks[:, offset:offset + 2].contiguous().view(torch.float16).reshape(-1)
+            bad |= ~torch.isfinite(scale)
+        return bad
 
     def check_row(self, cols: int) -> None:
         if cols % self.block_size:

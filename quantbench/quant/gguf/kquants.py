@@ -253,6 +253,7 @@ class Q4K(_K45):
     name = "Q4_K"
     type_id = 12
     type_size = 144
+    scale_offsets = (0, 2)         # d, dmin
     qmax = 15
     ref_search = (-1.0, 0.1, 20)
 
@@ -269,6 +270,7 @@ class Q5K(_K45):
     name = "Q5_K"
     type_id = 13
     type_size = 176
+    scale_offsets = (0, 2)         # d, dmin
     qmax = 31
     ref_search = (-0.5, 0.1, 15)
 
@@ -297,6 +299,7 @@ class Q6K(KQuantCodec):
     name = "Q6_K"
     type_id = 14
     type_size = 210
+    scale_offsets = (208,)         # d
     sub_size = 16
     qmax = 63
     zero_point = 32

@@ -38,6 +38,7 @@ class Q2K(KQuantCodec):
     ``x = d·sc·q − dmin·m``. Bytes: ``scales[16], qs[64], d, dmin``."""
 
     name = "Q2_K"
+    scale_offsets = (80, 82)       # d, dmin
     type_id = 10
     type_size = 84
     sub_size = 16
@@ -96,6 +97,7 @@ class Q3K(KQuantCodec):
     bit ``b`` of ``hmask[m]``."""
 
     name = "Q3_K"
+    scale_offsets = (108,)         # d
     type_id = 11
     type_size = 110
     sub_size = 16

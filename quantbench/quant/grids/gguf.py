@@ -9,7 +9,6 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from quantbench.errors import ConfigError
-from quantbench.finite import count_non_finite
 from quantbench.quant.gguf.codec import BlockCodec, get_codec
 from quantbench.quant.gguf.gptq_grid import gptq_gguf, gptq_gguf_rows
 from quantbench.quant.gguf.plan import plan_tensor_types
@@ -156,8 +155,8 @@ class GGUFGridConfig(Grid):
         return self.codec.dequantize_rows(qt.codes, self.shape(qt)[1])
 
     def non_finite_parts(self, qt: QuantizedTensor) -> list[str]:
-        """The block scales live inside the bytes: decoded, any NaN/Inf shows."""
-        return ["block scales"] if count_non_finite(self.dequantize(qt)) else []
+        """The block scales live inside the bytes (read without decoding the codes)."""
+        return ["block scales"] if bool(self.codec.non_finite_blocks(qt.codes).any()) else []
 
     def storage_bits(self, qt: QuantizedTensor) -> int:
         return qt.codes.numel() * 8
