@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.quantbench-installed
-DEMO_OUT ?= demo-results
 
-.PHONY: demo test test-fast venv llamacpp clean
+.PHONY: demo demo-full test test-fast venv llamacpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,11 +16,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# a short tour (RTN vs GPTQ at 4 and 3 bits, NF4, GGUF Q4_K_M; about 2 minutes alone here)
 demo: $(STAMP)
-	mkdir -p $(DEMO_OUT)
+	$(BIN)/quantbench run examples/demo.yaml
+
+# the full comparison: four methods at 4 and 3 bits, 16k evaluation tokens (see README "Demo")
+demo-full: $(STAMP)
+	mkdir -p demo-results
 	$(BIN)/quantbench compare sample:smollm2 --method absmax,zeropoint,gptq,awq --bits 4,3 \
 		--group-size 64 --calib-samples 16 --calib-len 256 --static-groups \
-		--json $(DEMO_OUT)/compare.json --plot $(DEMO_OUT)/compare.png
+		--json demo-results/compare.json --plot demo-results/compare.png
 
 llamacpp: $(STAMP)
 	$(BIN)/python -m quantbench.runtimes.llamacpp || echo "llama.cpp could not be built here; the tests that need it skip"
@@ -36,4 +40,4 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) demo-results .pytest_cache

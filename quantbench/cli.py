@@ -462,16 +462,19 @@ cli.add_command(upload_cmd)
                    "OUTPUT_DIR/recipe-report.json).")
 @click.option("--dry-run-upload", is_flag=True,
               help="Go through the upload step without sending anything to the Hub.")
-def run_cmd(recipe, json_path, dry_run_upload):
+@click.option("--plot", "plot_path", default=None,
+              help="Also draw file size against Δppl, one point per job, as this PNG "
+                   "(default: the recipe's plot, else none).")
+def run_cmd(recipe, json_path, dry_run_upload, plot_path):
     """Run a RECIPE (YAML): quantize, evaluate against one shared baseline, gate, upload.
 
     Exits 1 when a job failed its quality gate or errored (the others still run)."""
     from quantbench.recipes import Recipe, render_recipe_table, run_recipe
 
     report = run_recipe(Recipe.load(recipe), progress=True, dry_run_upload=dry_run_upload,
-                        report_path=json_path)
+                        report_path=json_path, plot_path=plot_path)
     out.print(render_recipe_table(report))
-    err.print(f"wrote {report.path}")
+    err.print(f"wrote {report.path}" + (f" and {report.plot}" if report.plot else ""))
     if not report.ok:
         names = ", ".join(f"{j.name} ({'gate' if j.status == 'failed' else 'error'})"
                           for j in report.failed)

@@ -59,9 +59,22 @@ def test_yaml_expands_and_merges():
     assert recipe.output_dir == Path("out/recipe") and recipe.name == "smollm2-4bit"
 
 
-def test_example_recipe_is_valid():
-    recipe = Recipe.load(ROOT / "examples" / "recipe.yaml")
+@pytest.mark.parametrize("name", ["recipe.yaml", "demo.yaml"])
+def test_example_recipe_is_valid(name):
+    recipe = Recipe.load(ROOT / "examples" / name)
     assert recipe.plan() and all(p.source == "sample:smollm2" for p in recipe.plan())
+
+
+def test_demo_is_the_tour_the_readme_describes():
+    """`make demo` runs examples/demo.yaml: RTN and GPTQ at 4 and 3 bits, NF4, GGUF Q4_K_M,
+    scored on 2,048 tokens, with a plot (it is run in full by tests/test_readme.py)."""
+    recipe = Recipe.load(ROOT / "examples" / "demo.yaml")
+    assert [(p.config.method, p.format, p.gguf_type) for p in recipe.plan()] == [
+        ("zeropoint", "compressed-tensors", None), ("zeropoint", "compressed-tensors", None),
+        ("gptq", "compressed-tensors", None), ("gptq", "compressed-tensors", None),
+        ("nf4", "bitsandbytes", None), ("rtn", "gguf", "Q4_K_M")]
+    assert recipe.plot is not None and recipe.plan()[0].evaluation.protocol.max_tokens == 2048
+    assert "quantbench run examples/demo.yaml" in (ROOT / "Makefile").read_text()
 
 
 def test_readme_shows_the_example_recipe():
@@ -252,9 +265,12 @@ def test_one_baseline_per_source_and_protocol_and_cache(tiny_llama, tmp_path, mo
     with pytest.raises(RecipeError, match="already exists and is not empty"):
         run_recipe(recipe, progress=False)  # outputs are refused before any work
     path = tmp_path / "recipe.yaml"
-    path.write_text(path.read_text() + "overwrite: true\n")
+    path.write_text(path.read_text() + "overwrite: true\nplot: " + str(tmp_path / "r.png") + "\n")
     again = run_recipe(Recipe.load(path), progress=False, dry_run_upload=True)
     assert all(b.cached for b in again.baselines)  # the evaluator's cache was reused
+    png = (tmp_path / "r.png").read_bytes()  # the recipe's plot: a real PNG, named in the report
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert json.loads(again.path.read_text())["plot"] == str(tmp_path / "r.png")
     assert len(baseline_builds) == 4  # KLD needs the baseline's logits: one pass per group
 
 

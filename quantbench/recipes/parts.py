@@ -19,7 +19,7 @@ class RecipeError(ConfigError):
     """A recipe that cannot run: unknown key, wrong type, impossible combination."""
 
 
-TOP_KEYS = ("name", "source", "output_dir", "overwrite", "verify", "report", "defaults", "eval",
+TOP_KEYS = ("name", "source", "output_dir", "overwrite", "verify", "report", "plot", "defaults", "eval",
             "gate", "upload", "jobs")
 JOB_KEYS = ("name", "source", "method", "methods", "bits", "group_size", "symmetric", "format",
             "formats", "type", "types", "targets", "eval", "gate", "upload")

@@ -86,6 +86,7 @@ class RecipeReport:
     jobs: list[JobReport]
     baselines: list[BaselineReport] = field(default_factory=list)
     path: Path | None = None
+    plot: Path | None = None
     seconds: float = 0.0
     dry_run_upload: bool = False
     origin: str = ""
@@ -104,21 +105,25 @@ class RecipeReport:
                 "ok": self.ok,
                 "passed": sum(j.ok for j in self.jobs), "failed": len(self.failed),
                 "seconds": round(self.seconds, 2), "dry_run_upload": self.dry_run_upload,
+                "plot": None if self.plot is None else str(self.plot),
                 "baselines": [asdict(b) for b in self.baselines],
                 "jobs": [asdict(j) for j in self.jobs]}
 
 
 def run_recipe(recipe: "Recipe | str | Path", *, progress: bool = True,
-               dry_run_upload: bool = False, report_path: "str | Path | None" = None
-               ) -> RecipeReport:
+               dry_run_upload: bool = False, report_path: "str | Path | None" = None,
+               plot_path: "str | Path | None" = None) -> RecipeReport:
     """Run every job of ``recipe`` in order; a job's error or failed gate is recorded and the
     run goes on. The report is written (atomically) to ``report_path``, the recipe's ``report``
-    or ``OUTPUT_DIR/recipe-report.json``."""
+    or ``OUTPUT_DIR/recipe-report.json``; with ``plot_path`` (or the recipe's ``plot``) a PNG of
+    file size against Δppl, one point per evaluated job."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     start = time.perf_counter()
     planned = recipe.plan()
     path = Path(report_path or recipe.report or recipe.output_dir / REPORT_NAME)
     check_report_path(path, "report", [p.source for p in planned])
+    plot = plot_path or recipe.plot
+    check_report_path(plot, "plot", [p.source for p in planned])
     models = _check(recipe, planned)  # impossible combinations refused before any work
     report = RecipeReport(recipe.name, [JobReport(p.name, p.source, p.settings())
                                         for p in planned], path=path,
@@ -139,8 +144,22 @@ def run_recipe(recipe: "Recipe | str | Path", *, progress: bool = True,
         for job in jobs:
             _gate_and_upload(job, by_name[job.name], dry_run_upload, recipe.verify)
         _save(report, start)
+    if plot:
+        _plot(report, Path(plot))
     _save(report, start)
     return report
+
+
+def _plot(report: RecipeReport, path: Path) -> None:
+    from quantbench.eval.report import ReportRow, plot_size_vs_quality
+
+    rows = [ReportRow(j.name, j.settings.get("method") or "", j.settings.get("bits"),
+                      j.settings.get("group_size"), j.bits_per_weight, j.size_bytes, j.ppl,
+                      j.delta_ppl_pct, j.kld_mean, j.kld_p99, j.top1, None)
+            for j in report.jobs]
+    plot_size_vs_quality(rows, path, f"quantbench run — {report.name}")
+    report.plot = path
+    log.info("wrote %s", path)
 
 
 def _check(recipe: Recipe, planned: list[PlannedJob]) -> dict[str, Model]:

@@ -80,13 +80,15 @@ class Recipe:
     overwrite: bool = False
     verify: bool = True  # false: artifacts are evaluated and uploaded without the checksum check
     report: Path | None = None
+    plot: Path | None = None  # a PNG of size against Δppl, one point per job
     origin: str = "recipe"  # the file it was read from, for error messages
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jobs", _tuple(self.jobs))
         object.__setattr__(self, "output_dir", Path(self.output_dir))
-        if self.report is not None:
-            object.__setattr__(self, "report", Path(self.report))
+        for key in ("report", "plot"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, Path(getattr(self, key)))
         if not self.jobs:
             raise RecipeError(f"{self.origin}: 'jobs' is empty; list at least one job")
         self.plan()  # every combination checked now, before any work
@@ -362,12 +364,13 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
                           f"{recipe['upload']!r}")
     jobs = tuple(_job(j, f"{origin}: jobs[{i}]", defaults, recipe)
                  for i, j in enumerate(data["jobs"]))
-    for key in ("name", "source", "output_dir", "report"):
+    for key in ("name", "source", "output_dir", "report", "plot"):
         if data.get(key) is not None:
             _typed(data[key], f"{origin}: {key}", "str")
     overwrite, verify = (_typed(data[key], f"{origin}: {key}", "bool") if key in data
                          else default for key, default in (("overwrite", False), ("verify", True)))
     return Recipe(jobs=jobs, output_dir=Path(data.get("output_dir") or "recipe-out"),
                   name=data.get("name") or Path(origin).stem, source=data.get("source"),
-                  overwrite=overwrite, verify=verify, report=data.get("report"), origin=origin,
+                  overwrite=overwrite, verify=verify, report=data.get("report"), plot=data.get("plot"),
+                  origin=origin,
                   **recipe)
