@@ -50,8 +50,9 @@ print(model.source, "·", model.config["model_type"], "·", model.num_blocks, "b
       model.dtype)'''),
     ("md", """\
 `quantize` checks the combination (method, grid, targets) and quantizes block by block (one
-block in memory; `progress=True` shows a bar); the result is kept, so `save` can write it in one
-format or several without quantizing again. Each output directory appears only when complete."""),
+block in memory; a progress bar counts the blocks, `progress=False` silences it); the result is
+kept, so `save` can write it in one format or several without quantizing again. Each output
+directory appears only when complete."""),
     ("code", '''\
 q = qb.quantize(model, method="zeropoint", bits=4, group_size=64)
 path = qb.save(q, OUT / "zeropoint-w4g64", format="compressed-tensors", overwrite=True)

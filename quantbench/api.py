@@ -1,7 +1,14 @@
 """The Python API: ``load_model``, ``quantize``, ``save``, ``evaluate``, ``compare``, ``inspect``,
-``upload``.
+``upload`` (and ``run_recipe``).
 
 Thin wrappers that accept friendly arguments and delegate to the registered pieces.
+
+Progress: every long call (``quantize``, ``save``, ``evaluate``,
+``compare``, ``run_recipe``) shows it by default where it is read — a bar in a terminal, a
+tqdm bar in a Jupyter notebook, one plain line per step (at most one every 5 s) in a log or a
+pipe. ``progress=False`` silences one call; ``QUANTBENCH_PROGRESS=off`` silences all of them
+(``plain`` or ``bar`` forces a style; ``progress=True`` shows it even when the variable says
+``off``). See :mod:`quantbench.progress`.
 """
 from __future__ import annotations
 
@@ -25,10 +32,11 @@ def _as_model(model: "Model | str | os.PathLike", trust_remote_code: bool = Fals
 def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None = None,
              group_size: int | None = None, symmetric: bool | None = None,
              targets: TargetConfig | None = None, config: QuantizeConfig | None = None,
-             progress: bool = False, allow_non_finite: bool = False, **options: Any):
+             progress: bool | None = None, allow_non_finite: bool = False, **options: Any):
     """Quantize ``model`` (a ``Model`` or a source string): calibration and quantization run
-    here (a progress bar with ``progress=True``), and the ``QuantizedModel`` returned holds
-    the result, so saving it in several formats does not quantize again.
+    here (with progress, in blocks; ``progress=False`` silences it), and the
+    ``QuantizedModel`` returned holds the result, so saving it in several formats does not
+    quantize again.
 
     NaN/Inf in a source weight is refused; ``allow_non_finite=True`` (as
     ``load_model(..., allow_non_finite=True)``) keeps the tensors holding them unquantized,
@@ -36,40 +44,44 @@ def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None =
 
     >>> q = quantize("sample:smollm2", method="zeropoint", bits=4, group_size=64)  # doctest: +SKIP
     """
-    from quantbench.progress import block_progress
-    from quantbench.quant.run import make_config, quantize as run_quantize
+    from quantbench.quant.run import make_config, quantize as run_quantize, quantize_progress
 
     if config is None:
         config = make_config(method, bits, group_size, symmetric, targets, **options)
     qmodel = run_quantize(_as_model(model, allow_non_finite=allow_non_finite), config)
     label = f"{config.method} {config.grid.describe()}"
-    with block_progress(qmodel.num_steps(), label, enabled=progress) as step:
+    with quantize_progress(qmodel, label, progress) as step:
         return qmodel.run(step)
 
 
 def save(qmodel, out: "str | os.PathLike", format: str = "dense", overwrite: bool = False,
-         progress: bool = False) -> Path:
-    """Write a quantized model in ``format``; atomic: a failure leaves nothing behind."""
+         progress: bool | None = None) -> Path:
+    """Write a quantized model in ``format``; atomic: a failure leaves nothing behind.
+    Progress (``progress=False`` silences it) counts the blocks written."""
     from quantbench.formats.io import write_artifact
-    from quantbench.progress import block_progress
+    from quantbench.quant.run import quantize_progress
 
-    with block_progress(qmodel.num_steps(), f"writing {format}", enabled=progress) as step:
+    with quantize_progress(qmodel, f"writing {format}", progress) as step:
         return write_artifact(qmodel, Path(out), format, overwrite=overwrite, on_step=step)
 
 
-def evaluate(target, baseline=None, verify: bool = True, **kwargs: Any):
+def evaluate(target, baseline=None, verify: bool = True, progress: bool | None = None,
+             **kwargs: Any):
     """Perplexity, KLD and top-1 of an artifact (or source) against its FP baseline; a
-    quantbench output is first checked against its manifest (``verify=False`` skips it)."""
+    quantbench output is first checked against its manifest (``verify=False`` skips it).
+    Progress counts the windows scored (``progress=False`` silences it)."""
     from quantbench.eval.run import evaluate_one
 
-    return evaluate_one(target, baseline=baseline, verify=verify, **kwargs)
+    return evaluate_one(target, baseline=baseline, verify=verify, progress=progress, **kwargs)
 
 
-def compare(source, methods=("absmax", "zeropoint"), bits=(8, 4), **kwargs: Any):
-    """Quantize ``source`` with every method × bits, write, read back, evaluate, tabulate."""
+def compare(source, methods=("absmax", "zeropoint"), bits=(8, 4),
+            progress: bool | None = None, **kwargs: Any):
+    """Quantize ``source`` with every method × bits, write, read back, evaluate, tabulate
+    (with progress for each step; ``progress=False`` silences it)."""
     from quantbench.eval.compare import run_compare
 
-    return run_compare(source, methods=methods, bits=bits, **kwargs)
+    return run_compare(source, methods=methods, bits=bits, progress=progress, **kwargs)
 
 
 def inspect(path: "str | os.PathLike", verify: bool = True) -> dict[str, Any]:

@@ -60,6 +60,12 @@ def _no_verify_option(what: str):
                              "mismatch is refused).")
 
 
+_wide_option = click.option(
+    "--wide", is_flag=True,
+    help="Print the result table whole, however wide (default: laid out for the console's "
+         "width, 80 columns when piped, split into panels when it does not fit).")
+
+
 def _protocol_fields(ctx, max_tokens, n_windows, scoring, data) -> dict[str, Any]:
     fields = {"ctx": ctx, "n_windows": n_windows, "scoring": scoring, "data": data}
     if max_tokens is not None:
@@ -159,8 +165,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     from quantbench.formats.outputs import check_output_space, check_report_path, source_paths
     from quantbench.hub.command import argv_from_context
     from quantbench.models.loader import load_model
-    from quantbench.progress import block_progress
-    from quantbench.quant.run import make_config, quantize
+    from quantbench.quant.run import make_config, quantize, quantize_progress
     from quantbench.registry import get_format
 
     if not plan:  # where it writes, checked before loading or quantizing anything
@@ -184,7 +189,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
         _print_plan(model, config, json_path, qmodel.method)
         return
     check_output_space(output, qmodel, writer)  # before the progress bar and any work
-    with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
+    with quantize_progress(qmodel, f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
                        command=argv_from_context(click.get_current_context()))
     manifest = json.loads((output / "quantbench.json").read_text())
@@ -271,25 +276,18 @@ def _print_plan(model, config, json_path: str | None, method=None) -> None:
 @click.option("--device", default="auto", show_default=True,
               help="Where the models run: auto (a CUDA GPU when torch sees one), cpu, cuda:N.")
 @_no_verify_option("TARGET (and a quantbench output given as --baseline)")
+@_wide_option
 def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cache, json_path,
-             device, no_verify):
+             device, no_verify, wide):
     """Perplexity, KLD and top-1 of TARGET against its FP baseline (or of a source alone)."""
+    from quantbench.eval.report import eval_table
     from quantbench.eval.run import evaluate_one
 
     _check_files_to_write(json=json_path)
-    report = evaluate_one(target, baseline=baseline, progress=True, use_cache=not no_cache,
+    report = evaluate_one(target, baseline=baseline, progress=None, use_cache=not no_cache,
                           device=device, verify=not no_verify,
                           **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
-    table = Table(title=f"{target} — {report.describe()}")
-    for col in ("model", "ppl", "Δppl %", "KLD mean", "KLD p99", "top-1 %", "tokens"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    b = report.baseline
-    table.add_row("baseline" + (" (cached)" if b.cached else ""), f"{b.ppl:.4f}", "", "", "", "",
-                  str(b.n_tokens))
-    for name, r in report.results.items():
-        table.add_row(name, f"{r.ppl:.4f}", f"{r.delta_ppl_pct:+.3f}", f"{r.kld_mean:.5f}",
-                      f"{r.kld_p99:.4f}", f"{100 * r.top1:.2f}", str(r.n_tokens))
-    out.print(table)
+    out.print(eval_table(report, str(target), wide), crop=False)
     _write_json(json_path, report.to_dict())
 
 
@@ -306,9 +304,10 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
 @click.option("--json", "json_path", default="compare.json", show_default=True)
 @click.option("--plot", "plot_path", default="compare.png", show_default=True)
 @_no_verify_option("SOURCE (when it is a quantbench output) and the artifacts written")
+@_wide_option
 @_calibration_options
 def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_windows,
-            scoring, data, no_cache, json_path, plot_path, no_verify, **calibration):
+            scoring, data, no_cache, json_path, plot_path, no_verify, wide, **calibration):
     """Quantize SOURCE with each method × bits, evaluate all, print a table, save JSON + plot.
 
     Exits 1 when a row has no result (its artifact failed verification, or its results were
@@ -323,11 +322,12 @@ def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_
     if given and not any(_accepts(m, given) for m in methods):
         _method_options(methods[0], given)  # names the option no method takes
     result = run_compare(source, methods=methods, bits=bits, group_size=group_size, fmt=fmt,
-                         out_dir=out_dir, progress=True, use_cache=not no_cache,
+                         out_dir=out_dir, progress=None, use_cache=not no_cache,
                          method_options=given, verify=not no_verify,
                          **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     title = f"quantbench compare — {source} ({fmt})"
-    out.print(render_table(result.rows, title, result.report.describe(), result.errors))
+    out.print(render_table(result.rows, title, result.report.describe(), result.errors, wide),
+              crop=False)
     _write_json(json_path, {"source": source, "format": fmt, **result.to_dict()})
     if plot_path:
         plot_size_vs_quality(result.rows, Path(plot_path), title)
@@ -345,18 +345,38 @@ def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_
 @click.option("--tensors/--no-tensors", default=False, help="List every tensor.")
 @click.option("--json", "json_path", default=None)
 @_no_verify_option("ARTIFACT")
-def inspect(artifact, tensors, json_path, no_verify):
+@click.option("--wide", is_flag=True,
+              help="With --tensors: one row per tensor however wide (default: laid out for "
+                   "the console's width, a block per tensor when the table does not fit).")
+def inspect(artifact, tensors, json_path, no_verify, wide):
     """Format, config, tensors, size and bits per weight of ARTIFACT, and whether its files
     match its quantbench.json (exits 2 naming the files that do not, after the table)."""
     from quantbench.formats.inspect import failed_files, inspect_artifact
     from quantbench.formats.manifest import manifest_dir, mismatch_message
 
     info = inspect_artifact(artifact, verify=not no_verify)
-    head = Table(title=str(artifact), show_header=False)
+    _print_inspect(artifact, info, failed_files(info), tensors, wide)
+    if json_path:  # what another tool wrote (config.json, a manifest not checked) may hold
+        from quantbench.jsonfile import with_nulls  # a bare NaN: null in valid JSON
+
+        _write_json(json_path, with_nulls(info, f"inspect {artifact}"))
+    if failed_files(info):
+        raise QuantbenchError(mismatch_message(manifest_dir(artifact), failed_files(info)))
+
+
+def _print_inspect(artifact: Path, info: dict[str, Any], failed: list, tensors: bool,
+                   wide: bool) -> None:
+    """The summary (values fold, never cut), then with ``tensors`` the tensor table, fitted
+    to the console (:mod:`quantbench.tables`)."""
+    from quantbench.tables import Col, FitTable
+
+    head = Table(title=escape(str(artifact)), show_header=False)
+    head.add_column()
+    head.add_column(overflow="fold")
     for key in ("format", "architecture", "size_bytes", "weights", "quantized_weights",
                 "bits_per_weight_quantized", "bits_per_weight", "files_ok"):
         head.add_row(key, str(info[key]))
-    for problem in failed_files(info):
+    for problem in failed:
         head.add_row("file differs", escape(str(problem)))
     if info.get("unreadable"):
         head.add_row("unreadable", escape(info["unreadable"]))
@@ -367,23 +387,23 @@ def inspect(artifact, tensors, json_path, no_verify):
         head.add_row("method", f"{q['method']} {grid_from_dict(q['grid']).describe()}")
     if info.get("eval"):
         e = info["eval"]
-        head.add_row("eval", f"ppl {e.get('ppl')}  Δppl {e.get('delta_ppl_pct')}%  "
-                     f"KLD {e.get('kld_mean')}")
+        head.add_row("eval", f"ppl {_num(e.get('ppl'), '.4f')}  "
+                     f"Δppl {_num(e.get('delta_ppl_pct'), '+.3f')}%  "
+                     f"KLD {_num(e.get('kld_mean'), '.5f')}")
     out.print(head)
     if tensors:
-        table = Table()
-        for col in ("tensor", "shape", "dtype", "grid", "bits/weight"):
-            table.add_column(col)
+        table = FitTable([Col("tensor", "left", key=True)] +
+                         [Col(h, "left") for h in ("shape", "dtype", "grid", "bits/weight")],
+                         wide=wide, panels=False, hint="--wide shows one table")
         for t in info["tensors"]:
-            table.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"],
-                          t["grid"] or "", str(t["bits_per_weight"]))
-        out.print(table)
-    if json_path:  # what another tool wrote (config.json, a manifest not checked) may hold
-        from quantbench.jsonfile import with_nulls  # a bare NaN: null in valid JSON
+            table.add_row(escape(t["name"]), "×".join(map(str, t["shape"])), t["dtype"],
+                          escape(t["grid"] or ""), str(t["bits_per_weight"]))
+        out.print(table, crop=False)
 
-        _write_json(json_path, with_nulls(info, f"inspect {artifact}"))
-    if failed_files(info):
-        raise QuantbenchError(mismatch_message(manifest_dir(artifact), failed_files(info)))
+
+def _num(value: Any, spec: str) -> str:
+    """A number of the manifest as the tables show it (the JSON keeps every digit)."""
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
 @cli.command(name="list")
@@ -465,15 +485,16 @@ cli.add_command(upload_cmd)
 @click.option("--plot", "plot_path", default=None,
               help="Also draw file size against Δppl, one point per job, as this PNG "
                    "(default: the recipe's plot, else none).")
-def run_cmd(recipe, json_path, dry_run_upload, plot_path):
+@_wide_option
+def run_cmd(recipe, json_path, dry_run_upload, plot_path, wide):
     """Run a RECIPE (YAML): quantize, evaluate against one shared baseline, gate, upload.
 
     Exits 1 when a job failed its quality gate or errored (the others still run)."""
     from quantbench.recipes import Recipe, render_recipe_table, run_recipe
 
-    report = run_recipe(Recipe.load(recipe), progress=True, dry_run_upload=dry_run_upload,
+    report = run_recipe(Recipe.load(recipe), progress=None, dry_run_upload=dry_run_upload,
                         report_path=json_path, plot_path=plot_path)
-    out.print(render_recipe_table(report))
+    out.print(render_recipe_table(report, wide), crop=False)
     err.print(f"wrote {report.path}" + (f" and {report.plot}" if report.plot else ""))
     if not report.ok:
         names = ", ".join(f"{j.name} ({'gate' if j.status == 'failed' else 'error'})"

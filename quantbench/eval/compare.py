@@ -21,8 +21,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.formats.manifest import record_eval, verify_artifact
 from quantbench.formats.outputs import check_output, model_paths
 from quantbench.models.loader import Model, load_model
-from quantbench.progress import block_progress
-from quantbench.quant.run import make_config, quantize, select_targets
+from quantbench.quant.run import make_config, quantize, quantize_progress, select_targets
 from quantbench.registry import get_format, get_method
 
 log = logging.getLogger(__name__)
@@ -115,10 +114,10 @@ def _format_for(job: Job, config, fmt: str, model: Model, targets: list[str]) ->
 
 
 def _write_job(model: Model, job: Job, fmt: str, out: Path, targets: TargetConfig,
-               progress: bool) -> tuple[Path, float]:
+               progress: bool | None) -> tuple[Path, float]:
     qmodel = quantize(model, job.config(targets))
     start = time.perf_counter()
-    with block_progress(qmodel.num_steps(), f"{job.name} → {fmt}", enabled=progress) as step:
+    with quantize_progress(qmodel, f"{job.name} → {fmt}", progress) as step:
         write_artifact(qmodel, out, fmt, overwrite=True, on_step=step)
     return out, time.perf_counter() - start
 
@@ -170,7 +169,7 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
                 bits: Sequence[int] = (8, 4), group_size: int = 128,
                 fmt: str = "compressed-tensors", out_dir: "str | Path | None" = None,
                 targets: TargetConfig | None = None, protocol: EvalProtocol | None = None,
-                progress: bool = False, use_cache: bool = True,
+                progress: bool | None = None, use_cache: bool = True,
                 method_options: dict[str, Any] | None = None, verify: bool = True,
                 **protocol_fields: Any) -> CompareResult:
     """Quantize with each method × bits, write with ``fmt``, read back, evaluate in lock-step.
@@ -178,7 +177,8 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
     ``source``, when it is a quantbench output, and every artifact written are checked against
     their manifests before they are read (``verify=False`` skips it). A row whose artifact
     fails the check, or whose results are NaN/Inf, gets its error in ``errors`` instead of a
-    result; the other rows still run."""
+    result; the other rows still run. ``progress``: None follows ``QUANTBENCH_PROGRESS``
+    (shown by default), False is silent."""
     if not isinstance(source, Model):
         verify_artifact(source, verify)
     model = source if isinstance(source, Model) else load_model(source)

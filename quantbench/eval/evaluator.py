@@ -151,7 +151,7 @@ def _adds_bos(tokenizer) -> bool:
 
 def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokenizer,
              protocol: EvalProtocol, baseline_key: str, cache_dir: Path | None = None,
-             progress: bool = True, baseline_name: str = "the baseline") -> EvalReport:
+             progress: bool | None = None, baseline_name: str = "the baseline") -> EvalReport:
     """Evaluate every candidate against the baseline on the same windows, in one pass.
 
     No NaN or infinity is ever a result: a baseline with non-finite log-probabilities (or
@@ -179,8 +179,9 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
     base_nll: list[torch.Tensor] = []
     seconds = {name: 0.0 for name in ["baseline", *fns]}
     batches = windows.split(protocol.batch_size)
-    what = f"eval {len(fns)} model(s) + baseline" if fns else "eval baseline"
-    with block_progress(len(batches), f"{what}, {len(windows)} windows", progress) as advance, \
+    what = (f"eval {len(fns)} model{'s' if len(fns) > 1 else ''} + baseline" if fns
+            else "eval baseline")
+    with block_progress(len(windows), what, progress, unit="windows") as advance, \
             torch.inference_mode():
         for index, batch in enumerate(batches):
             first_window = index * protocol.batch_size
@@ -196,7 +197,7 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
                     continue
                 report.errors[name] = span.candidate_message(name, first_window, *problem)
                 del fns[name]  # the caller reports it (one line), the others go on
-            advance("")
+            advance("", len(batch))
             if candidates and not fns and cached is not None:
                 break  # every candidate failed and the baseline's result is cached
     if cached is None:

@@ -5,9 +5,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from rich.table import Table
+from rich.markup import escape
 
 from quantbench.formats.manifest import atomic_write, write_json_atomic
+from quantbench.tables import Col, FitTable
 
 
 @dataclass
@@ -34,13 +35,19 @@ def _group(g: int | None) -> str:
     return {None: "—", -1: "channel", 0: "tensor"}.get(g, str(g))
 
 
+WIDE_HINT = "--wide shows one table"
+
+
 def render_table(rows: Sequence[ReportRow], title: str, protocol_text: str,
-                 errors: Mapping[str, str] | None = None) -> Table:
-    """One row per model; a row named in ``errors`` shows ERROR where its perplexity would be."""
-    table = Table(title=title, caption=protocol_text)
-    for col in ("method", "bits", "group", "bits/weight", "size", "ppl", "Δppl %", "KLD",
-                "KLD p99", "top-1 %", "time (s)"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+                 errors: Mapping[str, str] | None = None, wide: bool = False) -> FitTable:
+    """One row per model; a row named in ``errors`` shows ERROR where its perplexity would be.
+    Laid out for the console it is printed on (:mod:`quantbench.tables`): the method, bits and
+    group name each row in every panel; ``wide``: one table whatever the width."""
+    table = FitTable([Col("method", "left", key=True), Col("bits", key=True),
+                      Col("group", key=True)] +
+                     [Col(h) for h in ("bits/weight", "size", "ppl", "Δppl %", "KLD",
+                                       "KLD p99", "top-1 %", "time (s)")],
+                     title=title, caption=protocol_text, wide=wide, hint=WIDE_HINT)
     for r in rows:
         table.add_row(r.method, _fmt(r.bits, "d"), _group(r.group_size),
                       _fmt(r.bits_per_weight, ".3f"),
@@ -49,6 +56,23 @@ def render_table(rows: Sequence[ReportRow], title: str, protocol_text: str,
                       _fmt(r.delta_ppl_pct, "+.2f"), _fmt(r.kld_mean, ".4f"),
                       _fmt(r.kld_p99, ".3f"),
                       "—" if r.top1 is None else f"{100 * r.top1:.2f}", _fmt(r.seconds, ".1f"))
+    return table
+
+
+def eval_table(report, target: str, wide: bool = False) -> FitTable:
+    """``quantbench eval``'s table: the baseline, then each model evaluated against it."""
+    table = FitTable([Col("model", "left", key=True)] +
+                     [Col(h) for h in ("ppl", "Δppl %", "KLD mean", "KLD p99", "top-1 %",
+                                       "tokens")],
+                     title=escape(f"{target} — {report.describe()}"), wide=wide,
+                     hint=WIDE_HINT)
+    b = report.baseline
+    table.add_row("baseline" + (" (cached)" if b.cached else ""), f"{b.ppl:.4f}", "", "", "",
+                  "", str(b.n_tokens))
+    for name, r in report.results.items():
+        table.add_row(escape(name), f"{r.ppl:.4f}", f"{r.delta_ppl_pct:+.3f}",
+                      f"{r.kld_mean:.5f}", f"{r.kld_p99:.4f}", f"{100 * r.top1:.2f}",
+                      str(r.n_tokens))
     return table
 
 

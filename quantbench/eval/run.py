@@ -81,7 +81,7 @@ def make_protocol(protocol: EvalProtocol | None, **kwargs: Any) -> EvalProtocol:
 
 
 def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | None" = None,
-                 protocol: EvalProtocol | None = None, progress: bool = False,
+                 protocol: EvalProtocol | None = None, progress: bool | None = None,
                  cache_dir: Path | None = None, use_cache: bool = True,
                  device: "str | torch.device | None" = "auto", verify: bool = True,
                  **protocol_fields: Any) -> EvalReport:
@@ -91,7 +91,8 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
     A quantbench output (``target``, or a baseline given as a path) is checked against its
     manifest's sizes and sha256 before anything reads it (``verify=False``: skipped, with a
     warning); the result is recorded in the manifest only if its files verify. A model with
-    NaN/Inf results raises ``EvalError`` naming it and the first such window."""
+    NaN/Inf results raises ``EvalError`` naming it and the first such window. ``progress``:
+    None follows ``QUANTBENCH_PROGRESS`` (shown by default), False is silent."""
     dev = resolve_device(device)
     protocol = make_protocol(protocol, **protocol_fields)
     cache = (cache_dir or eval_cache_dir()) if use_cache else None

@@ -1,6 +1,7 @@
 """Orchestration: pick target tensors, run a method over them block by block, lazily."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from quantbench.tensor import QuantizedTensor
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, "torch.Tensor | QuantizedTensor"]
+OUTSIDE_BLOCKS = "embeddings/head"  # the first step's label: the tensors outside the blocks
 
 
 def _matches(module: str, targets: TargetConfig) -> bool:
@@ -147,7 +149,7 @@ class QuantizedModel:
     def _compute_blocks(self) -> Iterator[tuple[str, Tensors]]:
         weights = self.source.weights
         others = self.source.other_tensor_names()
-        yield "embeddings/head", {n: self._convert(n, weights.get(n)) for n in others}
+        yield OUTSIDE_BLOCKS, {n: self._convert(n, weights.get(n)) for n in others}
         if self.method.needs_calibration:
             yield from self._calibrated_blocks()
             return
@@ -179,10 +181,23 @@ class QuantizedModel:
             self.device_peak_bytes = int(torch.cuda.max_memory_allocated(device))
 
     def num_steps(self) -> int:
+        """Calls of ``on_step``: the tensors outside the blocks, then one per block."""
         return self.source.num_blocks + 1
 
     def tensor_names(self) -> list[str]:
         return self.source.weights.names()
+
+
+@contextlib.contextmanager
+def quantize_progress(qmodel: QuantizedModel, description: str, enabled: bool | None = None
+                      ) -> Iterator[Callable[[str], None]]:
+    """The ``on_step`` of quantizing or writing ``qmodel``, counted in decoder blocks
+    (``12/30 blocks``: the count says how many are done, so no 0-based block index is shown
+    beside it); the first step, the tensors outside the blocks, shows by name at 0 blocks."""
+    from quantbench.progress import block_progress
+
+    with block_progress(qmodel.source.num_blocks, description, enabled, unit="blocks") as step:
+        yield lambda label: step("(embeddings, norm, head)", 0) if label == OUTSIDE_BLOCKS else step()
 
 
 def make_config(method: str = "zeropoint", bits: int | None = None,

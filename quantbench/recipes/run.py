@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from quantbench.errors import EvalError, QuantbenchError
@@ -22,8 +21,7 @@ from quantbench.formats.io import check_output, open_artifact, write_artifact
 from quantbench.formats.manifest import record_eval, verify_artifact, write_json_atomic
 from quantbench.formats.outputs import check_report_path, model_paths
 from quantbench.models.loader import Model, load_model
-from quantbench.progress import block_progress
-from quantbench.quant.run import quantize
+from quantbench.quant.run import quantize, quantize_progress
 from quantbench.recipes.schema import PlannedJob, Recipe, RecipeError
 from quantbench.registry import get_format
 
@@ -110,13 +108,14 @@ class RecipeReport:
                 "jobs": [asdict(j) for j in self.jobs]}
 
 
-def run_recipe(recipe: "Recipe | str | Path", *, progress: bool = True,
+def run_recipe(recipe: "Recipe | str | Path", *, progress: bool | None = None,
                dry_run_upload: bool = False, report_path: "str | Path | None" = None,
                plot_path: "str | Path | None" = None) -> RecipeReport:
     """Run every job of ``recipe`` in order; a job's error or failed gate is recorded and the
     run goes on. The report is written (atomically) to ``report_path``, the recipe's ``report``
     or ``OUTPUT_DIR/recipe-report.json``; with ``plot_path`` (or the recipe's ``plot``) a PNG of
-    file size against Δppl, one point per evaluated job."""
+    file size against Δppl, one point per evaluated job. ``progress``: None follows
+    ``QUANTBENCH_PROGRESS`` (shown by default), False is silent (:mod:`quantbench.progress`)."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     start = time.perf_counter()
     planned = recipe.plan()
@@ -194,13 +193,13 @@ def _groups(planned: list[PlannedJob]) -> dict[tuple, list[PlannedJob]]:
 
 
 def _write(job: PlannedJob, model: Model, recipe: Recipe, rep: JobReport,
-           progress: bool) -> bool:
+           progress: bool | None) -> bool:
     out = recipe.output_dir / job.name
     start = time.perf_counter()
     try:
         qmodel = quantize(model, job.config)
         label = f"{job.name}: {job.config.method} {job.config.grid.describe()} → {job.format}"
-        with block_progress(qmodel.num_steps(), label, enabled=progress) as step:
+        with quantize_progress(qmodel, label, progress) as step:
             write_artifact(qmodel, out, job.format, overwrite=recipe.overwrite, on_step=step)
         art = open_artifact(out)
         summary = (art.manifest or {}).get("summary", {})
@@ -227,7 +226,7 @@ def _verified(rep: JobReport) -> bool:
 
 
 def _evaluate_group(model: Model, jobs: list[PlannedJob], reports: dict[str, JobReport],
-                    report: RecipeReport, progress: bool) -> None:
+                    report: RecipeReport, progress: bool | None) -> None:
     """One lock-step pass: the baseline runs once and every artifact is scored on its tokens
     (the baseline's perplexity comes from the evaluator's cache when it holds it). If the joint
     pass fails, each job is evaluated alone so the error lands on the job that caused it."""
@@ -251,7 +250,7 @@ def _evaluate_group(model: Model, jobs: list[PlannedJob], reports: dict[str, Job
 
 
 def _score(model: Model, jobs: list[PlannedJob], reports: dict[str, JobReport],
-           report: RecipeReport, progress: bool) -> None:
+           report: RecipeReport, progress: bool | None) -> None:
     from quantbench.devices import resolve_device
 
     ev = jobs[0].evaluation
@@ -341,15 +340,20 @@ def _num(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def render_recipe_table(report: RecipeReport) -> Group:
+def render_recipe_table(report: RecipeReport, wide: bool = False) -> Group:
     """The summary: one row per job (quality, gate verdict, upload), then one line per job
-    that failed, per upload, and per baseline."""
+    that failed, per upload, and per baseline. The table fits the console it is printed on
+    (:mod:`quantbench.tables`; ``wide``: one table whatever the width)."""
     from rich.markup import escape
 
-    table = Table(title=f"quantbench run — {report.name}")
-    for col in ("job", "bpw", "size", "ppl", "Δppl %", "KLD", "top-1 %", "gate",
-                "upload", "time (s)"):
-        table.add_column(col, justify="left" if col in ("job", "gate", "upload") else "right")
+    from quantbench.tables import Col, FitTable
+
+    table = FitTable([Col("job", "left", key=True)] +
+                     [Col(h, "left" if h in ("gate", "upload") else "right")
+                      for h in ("bpw", "size", "ppl", "Δppl %", "KLD", "top-1 %", "gate",
+                                "upload", "time (s)")],
+                     title=escape(f"quantbench run — {report.name}"), wide=wide,
+                     hint="--wide shows one table")
     notes = []
     for j in report.jobs:
         verdict = {"passed": "[green]pass[/]", "failed": "[red]FAIL[/]"}.get(j.status,

@@ -11,6 +11,7 @@ one, so it is cheap) for a test to damage.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,10 @@ import pytest
 from tests.conftest import make_tiny_llama
 
 
+# a plain progress line (stderr is no terminal here): ``desc: 2/2 blocks  elapsed 0:00``
+PROGRESS_LINE = re.compile(r": \d+/\d+\b.*  elapsed \d+:\d\d(:\d\d)?(  eta \d+:\d\d(:\d\d)?)?$")
+
+
 @dataclass
 class Result:
     code: int
@@ -30,7 +35,13 @@ class Result:
 
     @property
     def lines(self) -> list[str]:
-        return [line for line in self.stderr.strip().splitlines() if line.strip()]
+        """stderr's lines, the progress lines of the work done before a refusal set aside."""
+        return [line for line in self.stderr.strip().splitlines()
+                if line.strip() and not PROGRESS_LINE.search(line)]
+
+    @property
+    def progress_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if PROGRESS_LINE.search(line)]
 
 
 def _qb(capsys, *args) -> Result:
