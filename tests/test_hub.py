@@ -221,6 +221,10 @@ def test_card_of_a_local_source(artifact):
     assert 'GPTQModel.load("me/tiny-w4g32")' in card
     assert "from_pretrained(\"me/tiny-w4g32\"" in card
     assert "quantbench inspect tiny-w4g32" in card
+    from quantbench.hub.upload import plan_upload  # the card counts the files sent
+
+    sent = plan_upload(artifact, "me/tiny-w4g32").files
+    assert f"| files in this repository | {len(sent)}: {len(sent) - 2} model files" in card
 
 
 def test_card_with_eval_sample_source_and_license(artifact, tmp_path):

@@ -225,10 +225,13 @@ def _mb(n: int) -> str:
 
 def _size(manifest: dict[str, Any]) -> str:
     s = manifest.get("summary") or {}
-    total = sum(int(f.get("bytes", 0)) for f in (manifest.get("files") or {}).values())
-    n_files = len(manifest.get("files") or {})
+    listed = {n: f for n, f in (manifest.get("files") or {}).items() if n != "README.md"}
+    total = sum(int(f.get("bytes", 0)) for f in listed.values())
+    n_files = len(listed)  # a README.md of the artifact is replaced by this card
     rows = [("weights on disk", _mb(weight_bytes(manifest))),
-            ("all files", f"{_mb(total)} in {n_files} file{'s' if n_files != 1 else ''}"),
+            # the repository holds the manifest's files, the manifest itself and this card
+            ("files in this repository", f"{n_files + 2}: {n_files} model files of "
+                                         f"{_mb(total)}, {MANIFEST}, README.md"),
             ("bits per weight, quantized tensors", _num(s.get("bits_per_weight_quantized"), "g")),
             ("bits per weight, all weights", _num(s.get("bits_per_weight"), "g")),
             ("quantized weights", f"{_num(s.get('quantized_weights'), ',d')} of "
