@@ -52,12 +52,12 @@ GGUF_MAGIC = b"GGUF"
 _HINT = "free some space or choose another output path"
 
 
-def is_file_output(out: "str | os.PathLike") -> bool:
+def is_file_output(out: str | os.PathLike) -> bool:
     """An output path naming a GGUF file rather than a directory."""
     return Path(out).suffix == SUFFIX
 
 
-def check_output_format(out: "str | os.PathLike", fmt: str) -> None:
+def check_output_format(out: str | os.PathLike, fmt: str) -> None:
     """Refuse ``-o NAME.gguf`` with a format that writes a directory, before any work."""
     if is_file_output(out) and fmt != "gguf":
         raise QuantbenchError(f"-o {out} names a GGUF file, but --format {fmt} writes a "
@@ -74,7 +74,7 @@ class Layout:
     single_file: bool
 
     @classmethod
-    def of(cls, out: "str | os.PathLike", fmt: str) -> "Layout":
+    def of(cls, out: str | os.PathLike, fmt: str) -> Layout:
         check_output_format(out, fmt)
         return cls(Path(out), is_file_output(out))
 
@@ -99,7 +99,7 @@ class Layout:
 
 # -- may it be written? -----------------------------------------------------------------------
 
-def check_file_output(out: "str | os.PathLike", overwrite: bool = False,
+def check_file_output(out: str | os.PathLike, overwrite: bool = False,
                       protect: Protected = (), flag: str = "output") -> Path:
     """Refuse a ``.gguf`` output that cannot or may not be written (module doc), before any
     work; return it resolved. What a killed run left for it is settled first."""
@@ -180,7 +180,7 @@ def _side_file(name: str, target: Path) -> bool:
 # -- writing, installing, settling ------------------------------------------------------------
 
 @contextlib.contextmanager
-def atomic_output_file(out: "str | os.PathLike", overwrite: bool = False,
+def atomic_output_file(out: str | os.PathLike, overwrite: bool = False,
                        protect: Protected = (), needed: int | None = None) -> Iterator[Path]:
     """Yield a staging folder beside ``out`` to write the output's files in, by their final
     names (:class:`Layout`), the sidecar last; on success they are renamed into place, on

@@ -15,8 +15,11 @@ from quantbench.errors import FormatError, ModelLoadError
 from quantbench.faults import failpoint
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
 from quantbench.formats.manifest import build_manifest, write_json_atomic
-from quantbench.formats.outputs import (atomic_output_dir, check_output,  # noqa: F401
+from quantbench.formats.file_output import (Layout, check_file_output, check_output_format,
+                                            is_file_output)
+from quantbench.formats.outputs import (Protected, atomic_output_dir,  # noqa: F401
                                         check_output_space, estimate_output_bytes, model_paths)
+from quantbench.formats.outputs import check_output as check_dir_output
 from quantbench.jsonfile import NonFiniteJSON, dumps, with_nulls
 from quantbench.inputs import read_json_object
 from quantbench.models.weights import LazyWeights
@@ -116,6 +119,16 @@ class ShardedWriter:
         return names
 
 
+def check_output(out: str | os.PathLike, overwrite: bool = False, protect: Protected = (),
+                 flag: str = "output") -> Path:
+    """Refuse an output that cannot or may not be written, before any work (the rules of
+    ``formats/outputs.py``): a directory, or for a path ending in ``.gguf`` the one GGUF file it
+    names (``formats/file_output.py``). Returns it resolved."""
+    if is_file_output(out):
+        return check_file_output(out, overwrite, protect, flag)
+    return check_dir_output(out, overwrite, protect, flag)
+
+
 def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False,
                    on_step: Callable[[str], None] | None = None,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -123,8 +136,6 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
     """Write a quantization result into ``out`` in format ``fmt``, block by block from its
     store (running the quantization first if it has not run: ``on_step`` then follows it);
     ``command`` (the CLI argv that asked for it) is recorded in the manifest."""
-    from quantbench.formats.file_output import Layout
-
     writer_fmt = get_format(fmt)() if isinstance(fmt, str) else fmt
     layout = Layout.of(out, writer_fmt.name)  # a directory, or -o NAME.gguf: that file
     model = qmodel.source
@@ -160,8 +171,6 @@ def copy_checkpoint(checkpoint: Path, out: Path, source: str, overwrite: bool = 
     from quantbench.diskspace import check_free
     from quantbench.formats.manifest import checkpoint_manifest
     from quantbench.formats.outputs import source_paths
-
-    from quantbench.formats.file_output import check_output_format
 
     check_output_format(out, "dense")
     files = sorted(p for p in Path(checkpoint).iterdir() if p.is_file())

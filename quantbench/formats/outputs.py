@@ -152,13 +152,10 @@ def _check_replaceable(out: Path, target: Path) -> None:
 
 def check_output(out: "str | os.PathLike", overwrite: bool = False,
                  protect: Protected = (), flag: str = "output") -> Path:
-    """Refuse an output path that cannot or may not be written, before any work; return it
-    resolved. A previous output a killed run left parked is put back first. A path ending in
-    ``.gguf`` is a single-file output (``formats/file_output.py``), checked as one."""
-    from quantbench.formats.file_output import check_file_output, is_file_output
-
-    if is_file_output(out):
-        return check_file_output(out, overwrite, protect, flag)
+    """Refuse an output directory that cannot or may not be written, before any work; return
+    it resolved. A previous output a killed run left parked is put back first. (A path ending
+    in ``.gguf`` names a file: ``formats/io.py`` ``check_output`` sends it to
+    ``formats/file_output.py``.)"""
     out = Path(out)
     target = _resolve(out, flag)
     _check_not_protected(out, target, protect, flag)

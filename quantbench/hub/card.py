@@ -28,11 +28,12 @@ def artifact_manifest(artifact: Path) -> Path:
     """Where the manifest of an artifact to describe or upload is: ``DIR/quantbench.json``, or
     ``NAME.gguf.quantbench.json`` beside a GGUF written with ``-o NAME.gguf``."""
     artifact = Path(artifact)
-    if artifact.is_file():
+    if artifact.is_file() and artifact.suffix == ".gguf":
         return sidecar_path(artifact)
     if not artifact.is_dir():
-        raise FormatError(f"{artifact} does not exist; pass a quantbench output (the directory "
-                          "or the NAME.gguf file that quantbench convert -o wrote)")
+        raise FormatError(f"{artifact} is not a directory or a .gguf file; pass a quantbench "
+                          "output (the directory or the NAME.gguf that quantbench convert -o "
+                          "wrote)")
     return artifact / MANIFEST
 
 
@@ -324,6 +325,7 @@ def render_model_card(artifact_dir: Path, *, repo_id: str | None = None,
              f"`{manifest.get('format')}` layout. Sizes and scores below are those of the files "
              "in this repository.")
     sections = [f"# {title}", intro, _what_was_done(manifest),
-                _evaluation(manifest, names.single_file), _size(manifest, names.gguf), _usage(manifest, repo, names),
+                _evaluation(manifest, names.single_file), _size(manifest, names.gguf),
+                _usage(manifest, repo, names),
                 _reproduce(manifest, names, command)]
     return f"---\n{meta}---\n\n" + "\n\n".join(sections) + "\n"

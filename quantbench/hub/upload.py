@@ -206,9 +206,10 @@ def upload_artifact(artifact_dir: "str | os.PathLike", repo_id: str, *, private:
     model repository ``repo_id`` (created if missing; on the branch ``revision``, created from
     main if missing) as one commit: the files its manifest lists (checksums verified first),
     the manifest (``quantbench.json``, or ``NAME.gguf.quantbench.json``) and, with ``card``, the
-    model card as ``README.md``. ``dry_run`` only plans it: no token, no network. ``endpoint`` defaults to
-    ``HF_ENDPOINT``; ``on_file(path, bytes)`` is called as each file is uploaded; ``verify=False``
-    uploads the files without checking them against the manifest (a warning says so)."""
+    model card as ``README.md``. ``dry_run`` only plans it: no token, no network. ``endpoint``
+    defaults to ``HF_ENDPOINT``; ``on_file(path, bytes)`` is called as each file is uploaded;
+    ``verify=False`` uploads the files without checking them against the manifest (a warning
+    says so)."""
     plan = plan_upload(artifact_dir, repo_id, private=private, revision=revision, card=card,
                        command=command, verify=verify)
     if dry_run:

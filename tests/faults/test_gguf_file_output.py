@@ -270,9 +270,8 @@ def test_killed_between_the_renames_the_next_run_finishes_the_install(qb, copy, 
     """A kill after the GGUF is in place and before its sidecar: the previous sidecar no longer
     vouches for the file (refused by its sha256, never taken as verified); the next run for the
     output completes the install the dead run began."""
-    from tests.faults.test_crash import kill_at
-
     from quantbench.formats.file_output import check_file_output
+    from tests.faults.test_crash import kill_at
 
     env = {"QUANTBENCH_CACHE": str(tmp_path / "cache"), "QUANTBENCH_STORE": str(tmp_path / "s")}
     old = sidecar(copy).read_bytes()
