@@ -210,6 +210,16 @@ def test_the_source_and_files_of_a_source_folder_are_never_replaced(qb, written,
                    "would replace model.gguf, a file of the source")
 
 
+def test_beside_a_gguf_source_as_llama_quantize_writes(qb, written, tmp_path):
+    """``quantbench convert in.gguf --type Q4_0 -o out.gguf``: the output beside its source."""
+    source = tmp_path / "in.gguf"
+    shutil.copy(written / "q8.gguf", source)
+    result = qb("convert", source, "--type", "Q4_0", "-o", tmp_path / "out.gguf")
+    assert result.code == 0, result.stderr
+    assert manifest(tmp_path / "out.gguf")["source"]["id"] == str(source)
+    assert source.read_bytes() == (written / "q8.gguf").read_bytes()
+
+
 def test_a_report_never_replaces_the_sidecar(qb, _pristine_llama, tmp_path, no_work):
     out = tmp_path / "x.gguf"
     assert_refused(qb("convert", _pristine_llama, "-o", out, "--json",
