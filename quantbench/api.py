@@ -56,8 +56,10 @@ def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None =
 
 def save(qmodel, out: "str | os.PathLike", format: str = "dense", overwrite: bool = False,
          progress: bool | None = None) -> Path:
-    """Write a quantized model in ``format``; atomic: a failure leaves nothing behind.
-    Progress (``progress=False`` silences it) counts the blocks written."""
+    """Write a quantized model in ``format`` into the directory ``out`` (for ``gguf``, an ``out``
+    ending in ``.gguf`` is that file, its manifest beside it as ``NAME.gguf.quantbench.json``);
+    atomic: a failure leaves nothing behind. Progress (``progress=False`` silences it) counts
+    the blocks written."""
     from quantbench.formats.io import write_artifact
     from quantbench.quant.run import quantize_progress
 

@@ -142,7 +142,9 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--format", "-f", "fmt", default=None,
               help="Output layout (dense; gguf with --type; exl2 with --method exl2). See "
                    "`quantbench list`.")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Output directory; for a GGUF, NAME.gguf writes that file, with its "
+                   "manifest beside it as NAME.gguf.quantbench.json.")
 @click.option("--include", multiple=True, help="Regex of module names to quantize (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex of module names to keep (repeatable).")
 @click.option("--quantize-embeddings", is_flag=True, help="Also quantize the token embeddings.")
@@ -161,7 +163,9 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
             allow_non_finite, json_path, plan, **calibration):
     """Quantize SOURCE and write it to OUTPUT in --format."""
     from quantbench.config import TargetConfig
+    from quantbench.formats.file_output import check_output_format
     from quantbench.formats.io import check_output, write_artifact
+    from quantbench.formats.manifest import manifest_path
     from quantbench.formats.outputs import check_output_space, check_report_path, source_paths
     from quantbench.hub.command import argv_from_context
     from quantbench.models.loader import load_model
@@ -181,6 +185,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     config = make_config(method, bits, group_size, symmetric, targets, gguf_type=gguf_type,
                          **_method_options(method, calibration))
     writer = get_format(fmt)()
+    check_output_format(output, fmt)  # -o NAME.gguf: only a GGUF is one file
     model = load_model(source, trust_remote_code=trust_remote_code,
                        allow_non_finite=allow_non_finite)
     qmodel = quantize(model, config)
@@ -192,7 +197,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     with quantize_progress(qmodel, f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
                        command=argv_from_context(click.get_current_context()))
-    manifest = json.loads((output / "quantbench.json").read_text())
+    manifest = json.loads(manifest_path(output).read_text())
     summary = manifest["summary"]
     out.print(f"[green]wrote[/] {output}  ({fmt}, {len(qmodel.targets)} tensors quantized, "
               f"{summary['bits_per_weight_quantized']} bits/weight, "
@@ -207,12 +212,14 @@ def _gguf_to_hf(source: Path, output: Path, overwrite: bool, allow_non_finite: b
     into an FP16 Hugging Face checkpoint (config, safetensors, tokenizer); every tensor is
     read once first, so NaN/Inf is refused as for any source (``--allow-non-finite``)."""
     from quantbench.errors import QuantbenchError
+    from quantbench.formats.file_output import check_output_format
     from quantbench.formats.io import copy_checkpoint
     from quantbench.models.gguf_import import cached_hf_checkpoint
     from quantbench.models.loader import open_model_dir
 
     if not source.is_file():
         raise QuantbenchError(f"{source} does not exist; pass a .gguf file")
+    check_output_format(output, "dense")  # a checkpoint is a directory, not NAME.gguf
     checkpoint = cached_hf_checkpoint(source)
     weights = open_model_dir(checkpoint, str(source), allow_non_finite=allow_non_finite).weights
     for name in weights.names():
@@ -352,7 +359,7 @@ def inspect(artifact, tensors, json_path, no_verify, wide):
     """Format, config, tensors, size and bits per weight of ARTIFACT, and whether its files
     match its quantbench.json (exits 2 naming the files that do not, after the table)."""
     from quantbench.formats.inspect import failed_files, inspect_artifact
-    from quantbench.formats.manifest import manifest_dir, mismatch_message
+    from quantbench.formats.manifest import manifest_path, mismatch_message
 
     info = inspect_artifact(artifact, verify=not no_verify)
     _print_inspect(artifact, info, failed_files(info), tensors, wide)
@@ -361,7 +368,7 @@ def inspect(artifact, tensors, json_path, no_verify, wide):
 
         _write_json(json_path, with_nulls(info, f"inspect {artifact}"))
     if failed_files(info):
-        raise QuantbenchError(mismatch_message(manifest_dir(artifact), failed_files(info)))
+        raise QuantbenchError(mismatch_message(manifest_path(artifact), failed_files(info)))
 
 
 def _print_inspect(artifact: Path, info: dict[str, Any], failed: list, tensors: bool,
@@ -435,8 +442,9 @@ def list_cmd():
 @click.option("--no-card", is_flag=True, help="Do not generate README.md (the model card).")
 @_no_verify_option("ARTIFACT")
 def upload_cmd(artifact, repo_id, private, revision, message, dry_run, no_card, no_verify):
-    """Upload ARTIFACT (a quantbench output directory) to the Hugging Face Hub, with a model
-    card written from its manifest. The token comes from HF_TOKEN or `hf auth login`."""
+    """Upload ARTIFACT (a quantbench output: a directory, or NAME.gguf with its manifest) to the
+    Hugging Face Hub, with a model card written from its manifest. The token comes from
+    HF_TOKEN or `hf auth login`."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 

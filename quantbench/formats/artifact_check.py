@@ -50,7 +50,9 @@ def _manifest_table(art: Artifact) -> Mapping[str, Any] | None:
     """The manifest's ``tensors`` table (None without a manifest), checked for form."""
     if art.manifest is None:
         return None
-    where = art.path / MANIFEST if art.path.is_dir() else art.path.parent / MANIFEST
+    from quantbench.formats.manifest import manifest_path
+
+    where = manifest_path(art.path) or art.path / MANIFEST
     table = art.manifest.get("tensors") if isinstance(art.manifest, dict) else None
     if not isinstance(table, dict) or not all(
             isinstance(row, dict) and isinstance(row.get("shape"), list)

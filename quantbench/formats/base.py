@@ -15,6 +15,7 @@ from quantbench.models.weights import LazyWeights
 from quantbench.tensor import QuantizedTensor
 
 MANIFEST = "quantbench.json"
+GGUF_FILE = "model.gguf"  # the GGUF inside an output directory (``-o NAME.gguf``: NAME.gguf)
 MANIFEST_VERSION = 1  # what build_manifest writes (formats/manifest.py) and the newest read
 Progress = Callable[[str], None]
 
@@ -132,10 +133,11 @@ class Format:
     container: ClassVar[str | None] = None  # a format with its own file (gguf): write_container
     stores_codes: ClassVar[bool] = True  # False: quantized weights are written dequantized
 
-    def write_container(self, qmodel, directory: Path,
+    def write_container(self, qmodel, file: Path,
                         on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """A ``container`` format: stream every block into its own file in ``directory``;
-        return the manifest's tensor info. The safetensors layouts use ``encode`` instead."""
+        """A ``container`` format: stream every block into its own ``file`` (``DIR/model.gguf``,
+        or ``NAME.gguf`` itself); return the manifest's tensor info. The safetensors layouts
+        use ``encode`` instead."""
         raise NotImplementedError
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
@@ -177,15 +179,29 @@ def require_int_grid(label: str, config: QuantizeConfig) -> None:
                           f"{native} or dense for it")
 
 
+def sidecar_path(file: "Path | str") -> Path:
+    """The manifest beside a single-file output: ``NAME.gguf`` → ``NAME.gguf.quantbench.json``
+    (``-o NAME.gguf``, see ``formats/file_output.py``)."""
+    file = Path(file)
+    return file.with_name(f"{file.name}.{MANIFEST}")
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The artifact's ``quantbench.json`` (None when it has none), checked: unreadable, not
-    JSON, not an object or a key of the wrong type is one FormatError naming it."""
+    """The artifact directory's ``quantbench.json`` (None when it has none), checked as
+    :func:`read_manifest_file` does."""
+    return read_manifest_file(Path(path) / MANIFEST)
+
+
+def read_manifest_file(file: Path) -> dict[str, Any] | None:
+    """A manifest (``DIR/quantbench.json`` or a sidecar ``NAME.gguf.quantbench.json``; None
+    when missing), checked: unreadable, not JSON, not an object or a key of the wrong type is
+    one FormatError naming it."""
     from quantbench.formats.manifest_schema import check_manifest
     from quantbench.inputs import read_json_object
 
-    file = path / MANIFEST
+    file = Path(file)
     if not file.exists():
         return None
     data = read_json_object(file, FormatError, "the artifact is damaged: restore its "
-                            f"{MANIFEST} or re-run quantbench convert")
+                            f"{file.name} or re-run quantbench convert")
     return check_manifest(data, str(file), MANIFEST_VERSION)

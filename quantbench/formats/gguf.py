@@ -1,12 +1,14 @@
 """``gguf``: llama.cpp's single-file format, written tensor by tensor as blocks are quantized.
 
-The output directory holds ``model.gguf`` (what llama.cpp loads) and ``quantbench.json``. The
-container and constants come from gguf-py (llama.cpp's own Python library); the block bytes from
-our codecs (``quant/gguf``). Every tensor's type is declared before any data is written (the
-GGUF header lists them), so the plan is fixed up front: quantized targets get their planned
-ggml type, 1-D tensors F32, other 2-D tensors F16. Q/K rows are permuted to llama.cpp's
-interleaved rotary layout on the way out and back on the way in; row permutation commutes with
-block quantization (blocks run along rows), so methods work in the HF layout.
+An output directory holds ``model.gguf`` (what llama.cpp loads) and ``quantbench.json``;
+``-o NAME.gguf`` writes that file, the same bytes, with ``NAME.gguf.quantbench.json`` beside it
+(``formats/file_output.py``). The container and constants come from gguf-py (llama.cpp's own
+Python library); the block bytes from our codecs (``quant/gguf``). Every tensor's type is
+declared before any data is written (the GGUF header lists them), so the plan is fixed up
+front: quantized targets get their planned ggml type, 1-D tensors F32, other 2-D tensors F16.
+Q/K rows are permuted to llama.cpp's interleaved rotary layout on the way out and back on the
+way in; row permutation commutes with block quantization (blocks run along rows), so methods
+work in the HF layout.
 
 The reader opens any llama-family GGUF (ours or llama.cpp's): quantized 2-D tensors become
 QuantizedTensors holding the block bytes, the rest dequantized floats.
@@ -24,7 +26,7 @@ import torch
 
 from quantbench.config import GGUFGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError, ModelLoadError
-from quantbench.formats.base import Artifact, Format, finite, read_manifest
+from quantbench.formats.base import GGUF_FILE, MANIFEST, Artifact, Format, finite
 from quantbench.formats.gguf_meta import qk_permute_heads
 from quantbench.models.gguf_import import (GENERATED, hf_config_from_gguf, hf_name, permute_qk,
                                            unpermute_qk)
@@ -34,7 +36,6 @@ from quantbench.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
-GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
@@ -103,9 +104,9 @@ class GGUFFormat(Format):
                               "quantbench's GGUF writer yet; use llama.cpp's converter for this "
                               "model")
 
-    def write_container(self, qmodel, directory: Path,
+    def write_container(self, qmodel, file: Path,
                         on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Stream the GGUF file into ``directory``; returns the manifest's tensor info."""
+        """Stream the GGUF into ``file``; returns the manifest's tensor info."""
         import gguf
 
         model = qmodel.source
@@ -117,7 +118,7 @@ class GGUFFormat(Format):
         for item in plan:
             writer.add_tensor_info(item.gguf_name, item.byte_shape(), np.dtype(np.uint8),
                                    item.nbytes(), gguf.GGMLQuantizationType[item.ggml_type])
-        writer.write_header_to_file(directory / GGUF_FILE)
+        writer.write_header_to_file(file)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         info: dict[str, Any] = {}
@@ -288,10 +289,23 @@ def read_gguf(path: Path) -> Artifact:
                                grid=GGUFGridConfig(weights.ggml_type(name)),
                                dtype=torch.float16)
 
-    manifest = read_manifest(file.parent) if file.name == GGUF_FILE else None
+    manifest = _manifest(path, file)
     return Artifact(path=Path(path), format="gguf", config=config, weights=weights,
                     manifest=manifest, decode=decode, quantized_names=quantized,
                     plain_names=plain, runtime={"gguf_activations": _activations(weights)})
+
+
+def _manifest(path: Path, file: Path) -> dict[str, Any] | None:
+    """The manifest that vouches for the GGUF: ``NAME.gguf.quantbench.json`` beside the file
+    passed (``-o NAME.gguf``), or the ``quantbench.json`` of an output directory holding it as
+    ``model.gguf``; None for a bare GGUF (another tool's)."""
+    from quantbench.formats.base import read_manifest_file
+    from quantbench.formats.manifest import manifest_path
+
+    where = manifest_path(path)
+    if where is None or (where.name == MANIFEST and file.name != GGUF_FILE):
+        return None
+    return read_manifest_file(where)
 
 
 def _activations(weights: GGUFWeights) -> dict[str, str]:

@@ -5,10 +5,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantbench.formats.base import MANIFEST
 from quantbench.formats.io import open_artifact
-from quantbench.formats.manifest import (FileProblem, load_checked_manifest, manifest_dir,
-                                         verify_files)
+from quantbench.formats.manifest import (FileProblem, load_checked_manifest, manifest_path,
+                                         verify_files, vouched_for)
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,14 @@ def failed_files(info: dict[str, Any]) -> list[FileProblem]:
 
 
 def _check_files(path: Path, verify: bool) -> list[FileProblem] | None:
-    directory = manifest_dir(path)
-    if directory is None:
+    manifest = manifest_path(path)
+    if manifest is None:
         return None
     if not verify:
-        log.warning("%s: files not checked against its %s (--no-verify)", directory, MANIFEST)
+        log.warning("%s: files not checked against its %s (--no-verify)", vouched_for(manifest),
+                    manifest.name)
         return None
-    return verify_files(directory, load_checked_manifest(directory))
+    return verify_files(manifest, load_checked_manifest(manifest))
 
 
 def _unreadable(path: Path, problems: list[FileProblem], exc: Exception) -> dict[str, Any]:

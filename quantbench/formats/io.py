@@ -15,8 +15,11 @@ from quantbench.errors import FormatError, ModelLoadError
 from quantbench.faults import failpoint
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
 from quantbench.formats.manifest import build_manifest, write_json_atomic
-from quantbench.formats.outputs import (atomic_output_dir, check_output,  # noqa: F401
+from quantbench.formats.file_output import (Layout, check_file_output, check_output_format,
+                                            is_file_output)
+from quantbench.formats.outputs import (Protected, atomic_output_dir,  # noqa: F401
                                         check_output_space, estimate_output_bytes, model_paths)
+from quantbench.formats.outputs import check_output as check_dir_output
 from quantbench.jsonfile import NonFiniteJSON, dumps, with_nulls
 from quantbench.inputs import read_json_object
 from quantbench.models.weights import LazyWeights
@@ -116,6 +119,16 @@ class ShardedWriter:
         return names
 
 
+def check_output(out: str | os.PathLike, overwrite: bool = False, protect: Protected = (),
+                 flag: str = "output") -> Path:
+    """Refuse an output that cannot or may not be written, before any work (the rules of
+    ``formats/outputs.py``): a directory, or for a path ending in ``.gguf`` the one GGUF file it
+    names (``formats/file_output.py``). Returns it resolved."""
+    if is_file_output(out):
+        return check_file_output(out, overwrite, protect, flag)
+    return check_dir_output(out, overwrite, protect, flag)
+
+
 def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False,
                    on_step: Callable[[str], None] | None = None,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -124,6 +137,7 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
     store (running the quantization first if it has not run: ``on_step`` then follows it);
     ``command`` (the CLI argv that asked for it) is recorded in the manifest."""
     writer_fmt = get_format(fmt)() if isinstance(fmt, str) else fmt
+    layout = Layout.of(out, writer_fmt.name)  # a directory, or -o NAME.gguf: that file
     model = qmodel.source
     writer_fmt.check(qmodel.config, model, qmodel.targets)
     protect = model_paths(model)
@@ -134,18 +148,19 @@ def write_artifact(qmodel, out: Path, fmt: str | Format, overwrite: bool = False
         on_step = None
     on_step = _with_failpoint(on_step)
     start = time.perf_counter()
-    with atomic_output_dir(Path(out), overwrite, protect,
-                           needed=estimate_output_bytes(qmodel, writer_fmt)) as tmp:
+    with layout.writing(overwrite, protect, estimate_output_bytes(qmodel, writer_fmt)) as tmp:
         if writer_fmt.container is not None:  # a format with its own file (GGUF)
-            tensor_info = writer_fmt.write_container(qmodel, tmp, on_step)
+            tensor_info = writer_fmt.write_container(qmodel, tmp / layout.gguf_name, on_step)
         else:
             tensor_info = _write_shards(qmodel, writer_fmt, tmp, on_step, max_shard_bytes)
         # the method's own files once every block was pulled (AWQ's search, the imatrix a
         # calibrated GGUF run used, the EXL2 measurement and allocation)
-        qmodel.method.side_files(tmp)
+        for name in qmodel.method.side_files(tmp):
+            os.rename(tmp / name, tmp / layout.side_name(name))
         manifest = build_manifest(tmp, qmodel, writer_fmt.name, tensor_info,
-                                  write_seconds=time.perf_counter() - start, command=command)
-        write_json_atomic(tmp / MANIFEST, manifest)
+                                  write_seconds=time.perf_counter() - start, command=command,
+                                  weight_file=layout.gguf_name)
+        write_json_atomic(tmp / layout.manifest_name, manifest)
     log.info("wrote %s (%s)", out, writer_fmt.name)
     return Path(out)
 
@@ -157,6 +172,7 @@ def copy_checkpoint(checkpoint: Path, out: Path, source: str, overwrite: bool = 
     from quantbench.formats.manifest import checkpoint_manifest
     from quantbench.formats.outputs import source_paths
 
+    check_output_format(out, "dense")
     files = sorted(p for p in Path(checkpoint).iterdir() if p.is_file())
     needed = sum(p.stat().st_size for p in files)
     protect = [*source_paths(source), (Path(checkpoint), "the imported checkpoint")]

@@ -13,12 +13,11 @@ from typing import IO, Any, Iterator
 from quantbench import tempfiles
 from quantbench.diskspace import reported
 from quantbench.errors import FormatError, QuantbenchError
-from quantbench.formats.base import MANIFEST, MANIFEST_VERSION
+from quantbench.formats.base import GGUF_FILE, MANIFEST, MANIFEST_VERSION, sidecar_path
 from quantbench.jsonfile import dumps
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.gguf",)  # weight files besides *.safetensors (side files do not count)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -108,9 +107,12 @@ def _numel(shape: list[int]) -> int:
 
 
 def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dict[str, Any]],
-                   write_seconds: float, command: list[str] | None = None) -> dict[str, Any]:
+                   write_seconds: float, command: list[str] | None = None,
+                   weight_file: str = GGUF_FILE) -> dict[str, Any]:
     """The manifest of a written artifact; ``command`` (the argv of the CLI run that wrote it)
-    is recorded when given, so a model card can quote it (older manifests lack the key)."""
+    is recorded when given, so a model card can quote it (older manifests lack the key).
+    ``weight_file``: the GGUF's name (``NAME.gguf`` for ``-o NAME.gguf``), counted in the
+    weights' size with the ``.safetensors`` files."""
     from quantbench import __version__
 
     files = file_table(directory)
@@ -127,7 +129,7 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
         "quantize": qmodel.config.to_dict(),
         "summary": {**summarize_tensors(tensor_info),
                     "size_bytes": sum(f["bytes"] for name, f in files.items()
-                                      if name in WEIGHT_FILES or name.endswith(".safetensors")),
+                                      if name == weight_file or name.endswith(".safetensors")),
                     "quantize_seconds": round(qmodel.seconds, 3),
                     "quantize_device": qmodel.device,
                     "quantize_device_peak_bytes": qmodel.device_peak_bytes,
@@ -208,53 +210,66 @@ def loadable(name: str) -> bool:
     return parts[-1] in ("json", "txt") and any(word in parts[0] for word in _LOADED_WORDS)
 
 
-def manifest_dir(target: str | os.PathLike) -> Path | None:
-    """The directory whose manifest vouches for ``target``: the directory itself when it holds
-    a quantbench.json, or the directory of a file passed directly (``out/model.gguf``) that
-    holds one; None when nothing vouches for it (another tool's checkpoint, a bare .gguf)."""
+def manifest_path(target: str | os.PathLike) -> Path | None:
+    """The manifest that vouches for ``target``: ``quantbench.json`` in a directory, the sidecar
+    ``NAME.gguf.quantbench.json`` beside a file (``-o NAME.gguf``), else the ``quantbench.json``
+    of the directory holding a file passed directly (``out/model.gguf``); None when nothing
+    vouches for it (another tool's checkpoint, a bare .gguf)."""
     path = Path(target)
     if path.is_dir():
-        return path if (path / MANIFEST).exists() else None
-    if path.is_file() and (path.parent / MANIFEST).exists():
-        return path.parent
+        return path / MANIFEST if (path / MANIFEST).exists() else None
+    if path.is_file():
+        if sidecar_path(path).exists():
+            return sidecar_path(path)
+        if (path.parent / MANIFEST).exists():
+            return path.parent / MANIFEST
     return None
 
 
-def load_checked_manifest(directory: Path, todo: str | None = None) -> dict[str, Any]:
-    """The manifest of ``directory`` as verification needs it: strict JSON (no bare NaN), an
-    object, with a ``files`` table of plain file names, each with its size and sha256. Anything
-    else is refused in one line: the directory is then not an artifact quantbench can vouch for
-    (``todo``: what the message advises instead of re-converting or --no-verify)."""
-    from quantbench.formats.base import read_manifest
+def vouched_for(manifest: Path) -> Path:
+    """What a manifest vouches for: its directory, or the file a sidecar is named after."""
+    manifest = Path(manifest)
+    if manifest.name == MANIFEST:
+        return manifest.parent
+    return manifest.with_name(manifest.name[: -len(f".{MANIFEST}")])
 
-    file = Path(directory) / MANIFEST
+
+def load_checked_manifest(file: str | os.PathLike, todo: str | None = None) -> dict[str, Any]:
+    """The manifest ``file`` (``DIR/quantbench.json`` or a sidecar) as verification needs it:
+    strict JSON (no bare NaN), an object, with a ``files`` table of plain file names, each with
+    its size and sha256. Anything else is refused in one line: what it vouches for is then not
+    an artifact quantbench can vouch for (``todo``: what the message advises instead of
+    re-converting or --no-verify)."""
+    from quantbench.formats.base import read_manifest_file
+
+    file = Path(file)
     todo = todo or f"re-convert it, or {_NO_VERIFY}"
     if file.is_dir():
         raise _unvouched(file, "is a directory, not a file", todo)
-    manifest = read_manifest(Path(directory))  # strict JSON, an object, keys of their types
+    manifest = read_manifest_file(file)  # strict JSON, an object, keys of their types
     if manifest is None:
         raise _unvouched(file, "is missing", todo)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise _unvouched(file, "has no 'files' table (each file's bytes and sha256)", todo)
     for name, entry in files.items():
-        if not _plain_name(name):
+        if not _plain_name(name, file.name):
             raise _unvouched(file, f"lists {name!r}, which is not a file name inside "
-                                   f"{Path(directory).name}", todo)
+                                   f"{file.parent.name}", todo)
         if not _valid_entry(entry):
             raise _unvouched(file, f"files[{name!r}] is not a size in bytes and a sha256", todo)
     return manifest
 
 
 def _unvouched(file: Path, problem: str, todo: str) -> FormatError:
-    return FormatError(f"{file} {problem}, so {file.parent} is not a quantbench artifact whose "
-                       f"files can be vouched for; {todo}")
+    return FormatError(f"{file} {problem}, so {vouched_for(file)} is not a quantbench artifact "
+                       f"whose files can be vouched for; {todo}")
 
 
-def _plain_name(name: str) -> bool:
+def _plain_name(name: str, manifest: str = MANIFEST) -> bool:
     """A file directly inside the directory (never ``../x``, ``a/b`` or the manifest itself)."""
-    return name not in ("", ".", "..", MANIFEST) and "/" not in name and "\\" not in name \
-        and "\0" not in name
+    return name not in ("", ".", "..", MANIFEST, manifest) and "/" not in name \
+        and "\\" not in name and "\0" not in name
 
 
 def _valid_entry(entry: Any) -> bool:
@@ -266,14 +281,19 @@ def _valid_entry(entry: Any) -> bool:
         all(c in "0123456789abcdef" for c in digest.lower())
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> list[FileProblem]:
-    """Every file the manifest lists, with the recorded size and sha256 (streamed), and no file
-    it does not list that a reader would load (an extra shard, a config.json beside a GGUF).
-    ``manifest`` is one :func:`load_checked_manifest` accepted."""
-    directory = Path(directory)
+def verify_files(file: str | os.PathLike, manifest: dict[str, Any]) -> list[FileProblem]:
+    """Every file the manifest ``file`` (``DIR/quantbench.json`` or a sidecar) lists, with the
+    recorded size and sha256 (streamed); for a directory's manifest also no file it does not list
+    that a reader would load (an extra shard, a config.json beside a GGUF) — a sidecar vouches
+    for its file, not for the folder around it. ``manifest`` is one :func:`load_checked_manifest`
+    accepted."""
+    file = Path(file)
+    directory = file.parent
     listed = manifest.get("files") or {}
     problems = [FileProblem(name, why) for name, entry in listed.items()
                 if (why := _file_problem(directory / name, entry)) is not None]
+    if file.name != MANIFEST:
+        return problems
     for path in sorted(directory.iterdir()):
         if path.name not in listed and path.name != MANIFEST and loadable(path.name) \
                 and path.is_file():
@@ -297,32 +317,35 @@ def _file_problem(path: Path, entry: dict[str, Any]) -> str | None:
     return "sha256 differs" if digest != entry["sha256"].lower() else None
 
 
-def mismatch_message(directory: Path, problems: list[FileProblem]) -> str:
-    """One line: the first file that differs and why, the others, and what to do."""
+def mismatch_message(file: str | os.PathLike, problems: list[FileProblem]) -> str:
+    """One line: the first file that differs and why, the others, and what to do (``file``:
+    the manifest that records them)."""
+    file = Path(file)
     first, rest = problems[0], problems[1:]
     also = "; also " + ", ".join(map(str, rest[:4])) if rest else ""
     also += f" and {len(rest) - 4} more" if len(rest) > 4 else ""
     todo = (f"move the files it does not list out of the directory, or {_NO_VERIFY}"
             if all(p.unlisted for p in problems) else f"re-convert it, or {_NO_VERIFY}")
-    return f"{directory}: {first.name} not as {MANIFEST} records ({first.why}{also}); {todo}"
+    return f"{vouched_for(file)}: {first.name} not as {file.name} records ({first.why}{also}); " \
+        f"{todo}"
 
 
 def verify_artifact(target: str | os.PathLike, verify: bool = True) -> Path | None:
-    """Check ``target`` against the manifest that vouches for it, before anything reads it:
-    a one-line ``FormatError`` naming the file that differs. Returns the directory verified, or
-    None when no manifest vouches for ``target`` (nothing to verify) or ``verify`` is False (a
-    warning says it was skipped)."""
-    directory = manifest_dir(target)
-    if directory is None:
+    """Check ``target`` against the manifest that vouches for it (:func:`manifest_path`), before
+    anything reads it: a one-line ``FormatError`` naming the file that differs. Returns the
+    manifest verified, or None when none vouches for ``target`` (nothing to verify) or
+    ``verify`` is False (a warning says it was skipped)."""
+    file = manifest_path(target)
+    if file is None:
         return None
     if not verify:
         log.warning("%s: files not checked against its %s (--no-verify); used as they are",
-                    directory, MANIFEST)
+                    vouched_for(file), file.name)
         return None
-    problems = verify_files(directory, load_checked_manifest(directory))
+    problems = verify_files(file, load_checked_manifest(file))
     if problems:
-        raise FormatError(mismatch_message(directory, problems))
-    return directory
+        raise FormatError(mismatch_message(file, problems))
+    return file
 
 
 def record_eval(target: str | os.PathLike, summary: dict[str, Any]) -> bool:
@@ -330,19 +353,19 @@ def record_eval(target: str | os.PathLike, summary: dict[str, Any]) -> bool:
     untouched) — only when its files verify now: an evaluation of other bytes than the manifest
     records is never written into it (a warning says so, --no-verify or not). Returns whether
     it was recorded."""
-    directory = manifest_dir(target)
-    if directory is None:
+    file = manifest_path(target)
+    if file is None:
         return False
     try:
-        manifest = load_checked_manifest(directory)
+        manifest = load_checked_manifest(file)
     except FormatError as exc:
         log.warning("evaluation not recorded: %s", exc)
         return False
-    problems = verify_files(directory, manifest)
+    problems = verify_files(file, manifest)
     if problems:
         log.warning("%s: evaluation not recorded in its %s: its files do not match it (%s)",
-                    directory, MANIFEST, "; ".join(map(str, problems)))
+                    vouched_for(file), file.name, "; ".join(map(str, problems)))
         return False
     manifest["eval"] = summary
-    write_json_atomic(directory / MANIFEST, manifest)
+    write_json_atomic(file, manifest)
     return True

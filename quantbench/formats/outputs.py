@@ -15,6 +15,9 @@ Rules (every command that writes goes through them):
   before the new one was in place;
 - a report file (``--json``, ``--plot``) is not a folder, not inside a source and never a file
   of a model (weights, config, tokenizer, manifest).
+
+An output path ending in ``.gguf`` is a GGUF written as that one file, with its manifest beside
+it; :mod:`quantbench.formats.file_output` applies the same rules to files.
 """
 from __future__ import annotations
 
@@ -93,13 +96,13 @@ def _resolve(path: Path, flag: str) -> Path:
 
 
 def _check_not_protected(out: Path, target: Path, protect: Iterable[tuple[Path, str]],
-                         flag: str) -> None:
+                         flag: str, todo: str = "choose a new directory") -> None:
     for path, what in [*_working_directory(), *protect, *_cache()]:
         real = Path(path).expanduser().resolve()
         if target == real or target in real.parents:
             relation = "is" if target == real else "contains"
             raise QuantbenchError(f"{flag} {out} {relation} {what} ({real}); writing it would "
-                                  "replace that: choose a new directory")
+                                  f"replace that: {todo}")
 
 
 # -- is this folder quantbench's to replace? --------------------------------------------------
@@ -107,8 +110,14 @@ def _check_not_protected(out: Path, target: Path, protect: Iterable[tuple[Path, 
 def _manifest_files(directory: Path) -> set[str] | None:
     """The files a quantbench manifest in ``directory`` lists; None when there is none or
     ``quantbench.json`` is not one."""
+    return listed_files(directory / MANIFEST)
+
+
+def listed_files(manifest: Path) -> set[str] | None:
+    """The files the quantbench manifest ``manifest`` lists; None when it is missing or not a
+    quantbench manifest."""
     try:
-        data = json.loads((directory / MANIFEST).read_text())
+        data = json.loads(Path(manifest).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("tool"), dict) or \
@@ -143,8 +152,10 @@ def _check_replaceable(out: Path, target: Path) -> None:
 
 def check_output(out: "str | os.PathLike", overwrite: bool = False,
                  protect: Protected = (), flag: str = "output") -> Path:
-    """Refuse an output path that cannot or may not be written, before any work; return it
-    resolved. A previous output a killed run left parked is put back first."""
+    """Refuse an output directory that cannot or may not be written, before any work; return
+    it resolved. A previous output a killed run left parked is put back first. (A path ending
+    in ``.gguf`` names a file: ``formats/io.py`` ``check_output`` sends it to
+    ``formats/file_output.py``.)"""
     out = Path(out)
     target = _resolve(out, flag)
     _check_not_protected(out, target, protect, flag)
@@ -156,12 +167,17 @@ def check_output(out: "str | os.PathLike", overwrite: bool = False,
             raise QuantbenchError(f"{flag} {out} already exists and is not empty; pass "
                                   "--overwrite")
         _check_replaceable(out, target)
+    check_writable_parent(target)
+    return target
+
+
+def check_writable_parent(target: Path) -> None:
+    """The nearest existing folder above ``target`` can take new entries."""
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise QuantbenchError(f"cannot write to {parent}; choose a writable output path")
-    return target
 
 
 # -- writing and replacing ------------------------------------------------------------------
@@ -253,7 +269,8 @@ def _model_file(path: Path) -> bool:
         return False
     folder = path.parent
     in_model = (folder / "config.json").is_file() or (folder / MANIFEST).is_file()
-    return path.suffix in WEIGHT_SUFFIXES or (in_model and (
+    sidecar = path.name.endswith(f".{MANIFEST}")  # NAME.gguf.quantbench.json
+    return path.suffix in WEIGHT_SUFFIXES or sidecar or (in_model and (
         path.name in MODEL_FILES or path.name in (_manifest_files(folder) or ())))
 
 
@@ -276,8 +293,15 @@ def check_report_path(path: "str | os.PathLike | None", flag: str = "--json",
                 raise QuantbenchError(f"{flag} {path} would replace a file of {what} ({real}); "
                                       "write reports elsewhere")
     for out in outputs:
-        if target == Path(out).expanduser().resolve():
-            raise QuantbenchError(f"{flag} {path} is the output directory; name a file")
+        written = Path(out).expanduser().resolve()
+        if target == written:
+            raise QuantbenchError(f"{flag} {path} is the output "
+                                  f"{'file' if written.suffix == '.gguf' else 'directory'}; "
+                                  "name another file")
+        if written.suffix == ".gguf" and target.name.startswith(f"{written.name}.") and \
+                target.parent == written.parent:  # the sidecar manifest, a side file
+            raise QuantbenchError(f"{flag} {path} is a file of the output {out}; name "
+                                  "another file")
     if _model_file(target):
         raise QuantbenchError(f"{flag} {path} would replace a file of the model in "
                               f"{target.parent}; name another file")

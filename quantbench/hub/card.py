@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from quantbench.errors import FormatError
-from quantbench.formats.base import MANIFEST, read_manifest
+from quantbench.formats.base import GGUF_FILE, MANIFEST, read_manifest_file, sidecar_path
 from quantbench.hub.command import convert_argv, eval_argv
 from quantbench.hub.snippets import quantbench_snippet, runtime_snippets
 from quantbench.jsonfile import dumps
@@ -23,15 +24,26 @@ METHOD_TAGS = {"gptq": "gptq", "awq": "awq", "exl2": "exl2", "nf4": "nf4", "fp4"
                "llm_int8": "llm.int8", "imatrix": "imatrix"}
 
 
-def load_manifest(artifact_dir: Path) -> dict[str, Any]:
+def artifact_manifest(artifact: Path) -> Path:
+    """Where the manifest of an artifact to describe or upload is: ``DIR/quantbench.json``, or
+    ``NAME.gguf.quantbench.json`` beside a GGUF written with ``-o NAME.gguf``."""
+    artifact = Path(artifact)
+    if artifact.is_file() and artifact.suffix == ".gguf":
+        return sidecar_path(artifact)
+    if not artifact.is_dir():
+        raise FormatError(f"{artifact} is not a directory or a .gguf file; pass a quantbench "
+                          "output (the directory or the NAME.gguf that quantbench convert -o "
+                          "wrote)")
+    return artifact / MANIFEST
+
+
+def load_manifest(artifact: Path) -> dict[str, Any]:
     """The artifact's manifest, or a one-line error naming what is missing."""
-    artifact_dir = Path(artifact_dir)
-    if not artifact_dir.is_dir():
-        raise FormatError(f"{artifact_dir} is not a directory; pass a quantbench output "
-                          "directory (the -o of quantbench convert)")
-    manifest = read_manifest(artifact_dir)
+    file = artifact_manifest(artifact)
+    manifest = read_manifest_file(file)
     if manifest is None:
-        raise FormatError(f"{artifact_dir} has no {MANIFEST}; only directories written by "
+        where = "" if file.name == MANIFEST else " beside it"
+        raise FormatError(f"{artifact} has no {file.name}{where}; only outputs written by "
                           "quantbench convert (or quantbench.save) can be described and uploaded")
     return manifest
 
@@ -179,12 +191,13 @@ def _num(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return f"{value * scale if scale != 1.0 else value:{spec}}{suffix}"
 
 
-def _evaluation(manifest: dict[str, Any]) -> str:
+def _evaluation(manifest: dict[str, Any], single_file: bool = False) -> str:
     e = manifest.get("eval")
     if not e:
-        return ("## Evaluation\n\n**Not evaluated** — run `quantbench eval DIR` on the artifact "
-                "directory before uploading to add perplexity, KL divergence and top-1 "
-                "agreement against the FP16 baseline here.")
+        what = "NAME.gguf` on the GGUF file" if single_file else "DIR` on the artifact directory"
+        return (f"## Evaluation\n\n**Not evaluated** — run `quantbench eval {what} before "
+                "uploading to add perplexity, KL divergence and top-1 agreement against the "
+                "FP16 baseline here.")
     from quantbench.eval.protocol import EvalProtocol
 
     try:
@@ -209,13 +222,12 @@ def _evaluation(manifest: dict[str, Any]) -> str:
     ])
 
 
-def weight_bytes(manifest: dict[str, Any]) -> int:
-    """Bytes of the weight files (safetensors shards or the GGUF file; side files excluded)."""
-    from quantbench.formats.gguf import GGUF_FILE
-
+def weight_bytes(manifest: dict[str, Any], gguf_file: str = GGUF_FILE) -> int:
+    """Bytes of the weight files (safetensors shards or the GGUF file ``gguf_file``; side files
+    excluded)."""
     files = manifest.get("files") or {}
-    if manifest.get("format") == "gguf" and GGUF_FILE in files:
-        return int(files[GGUF_FILE]["bytes"])
+    if manifest.get("format") == "gguf" and gguf_file in files:
+        return int(files[gguf_file]["bytes"])
     return int((manifest.get("summary") or {}).get("size_bytes") or 0)
 
 
@@ -223,15 +235,15 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
 
 
-def _size(manifest: dict[str, Any]) -> str:
+def _size(manifest: dict[str, Any], gguf_file: str = GGUF_FILE) -> str:
     s = manifest.get("summary") or {}
     listed = {n: f for n, f in (manifest.get("files") or {}).items() if n != "README.md"}
     total = sum(int(f.get("bytes", 0)) for f in listed.values())
     n_files = len(listed)  # a README.md of the artifact is replaced by this card
-    rows = [("weights on disk", _mb(weight_bytes(manifest))),
+    rows = [("weights on disk", _mb(weight_bytes(manifest, gguf_file))),
             # the repository holds the manifest's files, the manifest itself and this card
             ("files in this repository", f"{n_files + 2}: {n_files} model files of "
-                                         f"{_mb(total)}, {MANIFEST}, README.md"),
+                                         f"{_mb(total)}, the manifest, README.md"),
             ("bits per weight, quantized tensors", _num(s.get("bits_per_weight_quantized"), "g")),
             ("bits per weight, all weights", _num(s.get("bits_per_weight"), "g")),
             ("quantized weights", f"{_num(s.get('quantized_weights'), ',d')} of "
@@ -239,32 +251,55 @@ def _size(manifest: dict[str, Any]) -> str:
     return "## Size\n\n| | |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def _usage(manifest: dict[str, Any], repo: str, local: str) -> str:
+@dataclass(frozen=True)
+class _Names:
+    """How the card names the artifact's files once downloaded into the folder ``local``."""
+
+    local: str
+    gguf: str = GGUF_FILE  # the GGUF's name (``NAME.gguf`` for an output written as that file)
+    manifest: str = MANIFEST  # ``NAME.gguf.quantbench.json`` beside such a file
+    target: str = ""  # what quantbench commands take: the folder, or the GGUF in it
+
+    @classmethod
+    def of(cls, artifact: Path, local: str) -> "_Names":
+        if artifact.is_file():  # -o NAME.gguf: the file and its sidecar
+            return cls(local, artifact.name, sidecar_path(artifact).name,
+                       f"{local}/{artifact.name}")
+        return cls(local, target=local)
+
+    @property
+    def single_file(self) -> bool:
+        return self.manifest != MANIFEST
+
+
+def _usage(manifest: dict[str, Any], repo: str, names: _Names) -> str:
     parts = ["## How to use it"]
-    for title, lang, code in runtime_snippets(str(manifest.get("format")), repo, local):
+    local = names.local
+    for title, lang, code in runtime_snippets(str(manifest.get("format")), repo, local,
+                                              names.gguf):
         parts += ["", f"**{title}**", "", f"```{lang}", code.strip("\n"), "```"]
     source = (manifest.get("source") or {}).get("id") or ""
     baseline = None if source.startswith("sample:") or base_model(manifest) == source else \
         "SOURCE"
-    title, lang, code = quantbench_snippet(repo, local, baseline)
+    title, lang, code = quantbench_snippet(repo, local, baseline, names.target, names.manifest)
     parts += ["", f"**{title}**", "", f"```{lang}", code.strip("\n"), "```"]
     return "\n".join(parts)
 
 
-def _reproduce(manifest: dict[str, Any], local: str, command: str | None) -> str:
+def _reproduce(manifest: dict[str, Any], names: _Names, command: str | None) -> str:
     recorded = manifest.get("command")
-    target = local
+    target = names.target
     if not command and recorded and "--output" in recorded[:-1]:  # evaluate what it wrote
         target = recorded[recorded.index("--output") + 1]
     if command:
         text, note = command, "The command that wrote these files:"
     elif recorded:
-        text, note = shlex.join(recorded), "The command that wrote these files (as recorded " \
-                                           "in `quantbench.json`):"
+        text = shlex.join(recorded)
+        note = f"The command that wrote these files (as recorded in `{names.manifest}`):"
     else:
-        argv, unset = convert_argv(manifest, local)
+        argv, unset = convert_argv(manifest, names.target)
         text = shlex.join(argv)
-        note = "Rebuilt from the quantize config in `quantbench.json`:"
+        note = f"Rebuilt from the quantize config in `{names.manifest}`:"
         if unset:
             note += " (options without a command-line flag, set from Python: " + ", ".join(
                 f"`{k}={v!r}`" for k, v in unset.items()) + ")"
@@ -276,11 +311,14 @@ def _reproduce(manifest: dict[str, Any], local: str, command: str | None) -> str
 
 def render_model_card(artifact_dir: Path, *, repo_id: str | None = None,
                       command: str | None = None) -> str:
-    """The ``README.md`` for ``artifact_dir`` (uploaded as ``repo_id``): YAML front matter,
-    then what was done, evaluation, size, usage per runtime and the reproduce command."""
+    """The ``README.md`` for ``artifact_dir`` (an output directory, or a GGUF written as one
+    file) uploaded as ``repo_id``: YAML front matter, then what was done, evaluation, size,
+    usage per runtime and the reproduce command."""
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
-    local = (repo_id or "").split("/")[-1] or artifact_dir.name or "model"
+    local = (repo_id or "").split("/")[-1] or (artifact_dir.stem if artifact_dir.is_file()
+                                                else artifact_dir.name) or "model"
+    names = _Names.of(artifact_dir, local)
     repo = repo_id or f"YOUR_NAME/{local}"
     meta = yaml.safe_dump(card_metadata(manifest), sort_keys=False, allow_unicode=True)
     q = manifest.get("quantize") or {}
@@ -289,7 +327,8 @@ def render_model_card(artifact_dir: Path, *, repo_id: str | None = None,
              f"`{q.get('method')}` on {_describe_grid(q.get('grid') or {})}, written in the "
              f"`{manifest.get('format')}` layout. Sizes and scores below are those of the files "
              "in this repository.")
-    sections = [f"# {title}", intro, _what_was_done(manifest), _evaluation(manifest),
-                _size(manifest), _usage(manifest, repo, local),
-                _reproduce(manifest, local, command)]
+    sections = [f"# {title}", intro, _what_was_done(manifest),
+                _evaluation(manifest, names.single_file), _size(manifest, names.gguf),
+                _usage(manifest, repo, names),
+                _reproduce(manifest, names, command)]
     return f"---\n{meta}---\n\n" + "\n\n".join(sections) + "\n"

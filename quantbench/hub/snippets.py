@@ -22,9 +22,9 @@ print(model.tokenizer.decode(model.generate("{prompt}", max_new_tokens=32)[0]))
 '''
 
 _LLAMACPP = '''\
-hf download {repo} model.gguf --local-dir {local}
-llama-cli -m {local}/model.gguf -p "{prompt}" -n 32
-llama-server -m {local}/model.gguf   # OpenAI-compatible server on :8080
+hf download {repo} {gguf} --local-dir {local}
+llama-cli -m {local}/{gguf} -p "{prompt}" -n 32
+llama-server -m {local}/{gguf}   # OpenAI-compatible server on :8080
 '''
 
 _EXLLAMAV2 = '''\
@@ -45,8 +45,8 @@ _VLLM = "vllm serve {repo}\n"
 
 _QUANTBENCH = '''\
 hf download {repo} --local-dir {local}
-quantbench inspect {local}   # format, grid, bits per weight; checksums verified
-quantbench eval {local}{baseline}   # perplexity, KLD, top-1 against the baseline
+quantbench inspect {target}   # format, grid, bits per weight; checksums verified
+quantbench eval {target}{baseline}   # perplexity, KLD, top-1 against the baseline
 '''
 
 # format -> (title, language, template, pip requirements)
@@ -70,21 +70,25 @@ _RUNTIMES: dict[str, list[tuple[str, str, str, str]]] = {
 }
 
 
-def runtime_snippets(fmt: str, repo: str, local: str) -> list[Snippet]:
-    """The runtimes that load ``fmt``, each with a snippet (requirements as a comment)."""
+def runtime_snippets(fmt: str, repo: str, local: str, gguf: str = "model.gguf") -> list[Snippet]:
+    """The runtimes that load ``fmt``, each with a snippet (requirements as a comment);
+    ``gguf``: the GGUF file's name in the repository."""
     snippets = []
     for title, lang, template, pip in _RUNTIMES.get(fmt, _RUNTIMES["dense"]):
-        code = template.format(repo=repo, local=local, prompt=_PROMPT)
+        code = template.format(repo=repo, local=local, prompt=_PROMPT, gguf=gguf)
         if pip:
             code = f"# pip install {pip}\n{code}"
         snippets.append((title, lang, code))
     return snippets
 
 
-def quantbench_snippet(repo: str, local: str, baseline: str | None) -> Snippet:
-    """quantbench itself reads every format back (and re-measures it)."""
+def quantbench_snippet(repo: str, local: str, baseline: str | None, target: str | None = None,
+                       manifest: str = "quantbench.json") -> Snippet:
+    """quantbench itself reads every format back (and re-measures it); ``target``: what its
+    commands take, the download folder ``local`` or the GGUF file in it (``local/NAME.gguf``,
+    with its ``manifest`` beside it)."""
     extra = f" --baseline {baseline}" if baseline else ""
-    code = _QUANTBENCH.format(repo=repo, local=local, baseline=extra)
+    code = _QUANTBENCH.format(repo=repo, local=local, target=target or local, baseline=extra)
     if baseline:
-        code += "# SOURCE: the checkpoint it was quantized from (see quantbench.json)\n"
+        code += f"# SOURCE: the checkpoint it was quantized from (see {manifest})\n"
     return "quantbench (every format)", "bash", code

@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 from quantbench.errors import FormatError, HubError, QuantbenchError
 from quantbench.formats.base import MANIFEST
 from quantbench.formats.manifest import load_checked_manifest, verify_artifact
-from quantbench.hub.card import HUB_ID, base_model, load_manifest, render_model_card
+from quantbench.hub.card import (HUB_ID, artifact_manifest, base_model, load_manifest,
+                                 render_model_card)
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,37 @@ def _check_repo_id(repo_id: str) -> None:
 def _listed_files(artifact_dir: Path, verify: bool) -> dict[str, Any]:
     """The manifest's file table, after checking every file against it (``verify``; skipped
     with a warning otherwise, but a file it lists must still exist to be sent)."""
-    load_manifest(artifact_dir)  # a directory holding a manifest, or a one-line refusal
+    load_manifest(artifact_dir)  # an output holding a manifest, or a one-line refusal
     verify_artifact(artifact_dir, verify)
+    manifest = artifact_manifest(artifact_dir)
     listed = load_checked_manifest(
-        artifact_dir, todo="re-convert it (an upload sends the files it lists)")["files"]
-    missing = sorted(n for n in listed if not (artifact_dir / n).is_file())
+        manifest, todo="re-convert it (an upload sends the files it lists)")["files"]
+    missing = sorted(n for n in listed if not (manifest.parent / n).is_file())
     if missing:
-        raise FormatError(f"{artifact_dir}: {missing[0]} is missing ({MANIFEST} lists it), so "
-                          "it cannot be uploaded; re-convert the artifact")
+        raise FormatError(f"{artifact_dir}: {missing[0]} is missing ({manifest.name} lists it), "
+                          "so it cannot be uploaded; re-convert the artifact")
     return listed
 
 
 def _artifact_files(artifact_dir: Path, listed: dict[str, Any], card: str | None
                     ) -> tuple[list[tuple[str, Path | bytes]], list[str]]:
     """(path in repo, file or bytes) for the manifest's files, the manifest and the card; the
-    files it does not list are left out (and named)."""
-    names = sorted(n for n in listed if not (card is not None and n == CARD)) + [MANIFEST]
-    items: list[tuple[str, Path | bytes]] = [(n, artifact_dir / n) for n in names]
+    files of its directory it does not list are left out (and named).
+
+    A GGUF written as one file (``-o NAME.gguf``) goes with its sidecar under the sidecar's own
+    name, ``NAME.gguf.quantbench.json``: a download is then that same pair, which ``inspect`` and
+    ``eval NAME.gguf`` verify, and several quantizations of a model can share one repository
+    (as GGUF repositories usually hold one file per type) without replacing each other's
+    manifest. The folder around such a file is not the artifact's: nothing in it is named."""
+    manifest = artifact_manifest(artifact_dir)
+    folder = manifest.parent
+    names = sorted(n for n in listed if not (card is not None and n == CARD)) + [manifest.name]
+    items: list[tuple[str, Path | bytes]] = [(n, folder / n) for n in names]
     if card is not None:
         items.append((CARD, card.encode("utf-8")))
-    skipped = sorted(p.name for p in artifact_dir.iterdir() if p.is_file()
+    if manifest.name != MANIFEST:
+        return items, []
+    skipped = sorted(p.name for p in folder.iterdir() if p.is_file()
                      and p.name not in listed and p.name != MANIFEST and not p.name.startswith("."))
     return items, skipped
 
@@ -190,12 +202,14 @@ def upload_artifact(artifact_dir: "str | os.PathLike", repo_id: str, *, private:
                     command: str | None = None, endpoint: str | None = None,
                     on_file: Callable[[str, int], None] | None = None,
                     verify: bool = True) -> UploadResult:
-    """Upload ``artifact_dir`` to the model repository ``repo_id`` (created if missing; on the
-    branch ``revision``, created from main if missing) as one commit: the files its manifest
-    lists (checksums verified first), ``quantbench.json`` and, with ``card``, the model card
-    as ``README.md``. ``dry_run`` only plans it: no token, no network. ``endpoint`` defaults to
-    ``HF_ENDPOINT``; ``on_file(path, bytes)`` is called as each file is uploaded; ``verify=False``
-    uploads the files without checking them against the manifest (a warning says so)."""
+    """Upload ``artifact_dir`` (an output directory, or a GGUF written as ``NAME.gguf``) to the
+    model repository ``repo_id`` (created if missing; on the branch ``revision``, created from
+    main if missing) as one commit: the files its manifest lists (checksums verified first),
+    the manifest (``quantbench.json``, or ``NAME.gguf.quantbench.json``) and, with ``card``, the
+    model card as ``README.md``. ``dry_run`` only plans it: no token, no network. ``endpoint``
+    defaults to ``HF_ENDPOINT``; ``on_file(path, bytes)`` is called as each file is uploaded;
+    ``verify=False`` uploads the files without checking them against the manifest (a warning
+    says so)."""
     plan = plan_upload(artifact_dir, repo_id, private=private, revision=revision, card=card,
                        command=command, verify=verify)
     if dry_run:

@@ -34,11 +34,15 @@ VOLATILE = ("quantize_seconds", "write_seconds")
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file in an output; the manifest's timestamps and timings left out."""
+    """sha256 of every file in an output (a folder, or ``NAME.gguf`` and the files beside it
+    named after it); the manifest's timestamps and timings left out."""
+    folder = Path(folder)
+    files = sorted(folder.iterdir()) if folder.is_dir() else \
+        sorted(p for p in folder.parent.iterdir() if p.name.startswith(folder.name))
     found = {}
-    for path in sorted(Path(folder).iterdir()):
+    for path in files:
         data = path.read_bytes()
-        if path.name == "quantbench.json":
+        if path.name.endswith("quantbench.json"):
             manifest = json.loads(data)
             manifest.pop("created")
             for key in VOLATILE:
@@ -87,27 +91,32 @@ def place(tmp_path, monkeypatch, _pristine_llama):
     return tmp_path, _pristine_llama, env
 
 
-def reference(qb, tmp_path: Path, source: Path, flags: tuple[str, ...]) -> dict[str, str]:
+def reference(qb, tmp_path: Path, source: Path, flags: tuple[str, ...],
+              name: str = "out") -> dict[str, str]:
     """The snapshot of an uninterrupted run of the command (the manifest records it), moved
-    aside to ``ref``."""
-    out = tmp_path / "out"
+    aside to ``ref`` (``name``: the output, ``out.gguf`` for a GGUF written as one file)."""
+    out = tmp_path / name
     assert qb("convert", source, "-o", out, "--overwrite", *flags).code == 0
     snap = snapshot(out)
-    out.rename(tmp_path / "ref")
+    ref = tmp_path / "ref"
+    ref.mkdir(exist_ok=True)
+    for path in ([out] if out.is_dir() else list(tmp_path.glob(f"{name}*"))):
+        path.rename(ref / path.name)
     return snap
 
 
-@pytest.mark.parametrize("point, flags, previous", [
-    ("store-block-2", GPTQ, ABSMAX4),       # calibrating/quantizing, an older output exists
-    ("store-block-1", ABSMAX, None),        # quantizing a first output
-    ("write-shard", ABSMAX, ABSMAX4),       # the shard is being written over an older output
-    ("write-block", Q8, ABSMAX),            # a Q8_0 GGUF is half written over an older output
-], ids=["calibrating", "quantizing", "write-shard", "gguf-q8-write"])
+@pytest.mark.parametrize("point, flags, previous, name", [
+    ("store-block-2", GPTQ, ABSMAX4, "out"),       # calibrating/quantizing, an older output
+    ("store-block-1", ABSMAX, None, "out"),        # quantizing a first output
+    ("write-shard", ABSMAX, ABSMAX4, "out"),       # a shard is written over an older output
+    ("write-block", Q8, ABSMAX, "out"),            # a Q8_0 GGUF is half written over an older one
+    ("write-block", Q8, ("-t", "Q4_0"), "out.gguf"),  # the same, written as one file
+], ids=["calibrating", "quantizing", "write-shard", "gguf-q8-write", "gguf-file-write"])
 def test_killed_convert_keeps_previous_output_and_rerun_is_identical(qb, place, point, flags,
-                                                                     previous):
+                                                                     previous, name):
     tmp_path, source, env = place
-    expected = reference(qb, tmp_path, source, flags)
-    out = tmp_path / "out"
+    expected = reference(qb, tmp_path, source, flags, name)
+    out = tmp_path / name
     before = None
     if previous:
         assert qb("convert", source, "-o", out, *previous).code == 0

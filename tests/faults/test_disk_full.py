@@ -106,18 +106,26 @@ def _in_manifest(monkeypatch, make):
     return ABSMAX
 
 
-WHERE = {"shard": _in_shard, "gguf stream": _in_gguf_stream, "manifest": _in_manifest}
+def _in_gguf_manifest(monkeypatch, make):
+    _in_manifest(monkeypatch, make)
+    return Q8
 
 
-@pytest.mark.parametrize("where, kind", [
-    ("shard", "ENOSPC"), ("shard", "EACCES"), ("shard", "short write"),
-    ("gguf stream", "short write"), ("gguf stream", "EDQUOT"), ("gguf stream", "EROFS"),
-    ("manifest", "ENOSPC"), ("manifest", "EPERM"), ("manifest", "EROFS")])
-def test_write_errors_are_one_line_and_leave_nothing(qb, place, monkeypatch, where, kind):
+WHERE = {"shard": _in_shard, "gguf stream": _in_gguf_stream, "manifest": _in_manifest,
+         "gguf manifest": _in_gguf_manifest}
+
+
+@pytest.mark.parametrize("where, kind, name", [
+    ("shard", "ENOSPC", "out"), ("shard", "EACCES", "out"), ("shard", "short write", "out"),
+    ("gguf stream", "short write", "out"), ("gguf stream", "EDQUOT", "out"),
+    ("gguf stream", "EROFS", "out"), ("manifest", "ENOSPC", "out"),
+    ("manifest", "EPERM", "out"), ("manifest", "EROFS", "out"),
+    ("gguf stream", "ENOSPC", "out.gguf"), ("gguf manifest", "EDQUOT", "out.gguf")])
+def test_write_errors_are_one_line_and_leave_nothing(qb, place, monkeypatch, where, kind, name):
     tmp_path, source = place
     make, needle = ERRORS[kind]
     flags = WHERE[where](monkeypatch, make)
-    out = tmp_path / "out"
+    out = tmp_path / name
     line = refused(qb("convert", source, "-o", out, *flags), needle, str(out))
     assert "choose" in line or "free" in line  # what to do
     assert ".tmp-" not in line  # the user's path, not the hidden temporary's
@@ -179,12 +187,13 @@ def little_space(monkeypatch):
     monkeypatch.setattr(QuantizedModel, "run", forbidden)
 
 
-@pytest.mark.parametrize("flags", [ABSMAX, Q8, ("-m", "nf4"), ("-m", "zeropoint", "-b", "4",
-                                                                  "-g", "32")],
-                         ids=["int8", "gguf-q8", "nf4", "int4"])
-def test_too_little_free_space_is_refused_before_any_work(qb, place, little_space, flags):
+@pytest.mark.parametrize("flags, name", [
+    (ABSMAX, "out"), (Q8, "out"), (("-m", "nf4"), "out"),
+    (("-m", "zeropoint", "-b", "4", "-g", "32"), "out"), (Q8, "out.gguf")],
+    ids=["int8", "gguf-q8", "nf4", "int4", "gguf-file"])
+def test_too_little_free_space_is_refused_before_any_work(qb, place, little_space, flags, name):
     tmp_path, source = place
-    line = refused(qb("convert", source, "-o", tmp_path / "out", *flags), "needs about",
+    line = refused(qb("convert", source, "-o", tmp_path / name, *flags), "needs about",
                    "50.0 kB free", str(tmp_path))
     number, unit = line.split("needs about ")[1].split()[:2]
     assert float(number) * {"kB": 1e3, "MB": 1e6}[unit] > 50_000  # about what it takes

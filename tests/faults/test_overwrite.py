@@ -229,7 +229,7 @@ def test_a_gguf_sources_folder_is_protected(qb, tmp_path, no_work):
     folder = tmp_path / "models"
     folder.mkdir()
     (folder / "m.gguf").write_bytes(b"GGUF not really")  # refused before it is read
-    for output in (folder, tmp_path):
+    for output in (folder, tmp_path, folder / "m.gguf"):  # the folder, above it, the file
         assert_refused(qb("convert", folder / "m.gguf", "-o", output, "--overwrite"),
                        "the source")
         assert_refused(qb("convert", folder / "m.gguf", "-o", output, "--type", "Q8_0"),
