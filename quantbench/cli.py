@@ -129,7 +129,8 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--bits", "-b", type=int, default=None,
               help="Code width (default: the method's; 4 for the integer methods).")
 @click.option("--group-size", "-g", type=int, default=None,
-              help="Columns per group; -1 per output channel, 0 per tensor (default 128); "
+              help="Columns per group; -1 per output channel, 0 per tensor (default 128, "
+                   "or the largest of 64/32 that divides every quantized row, announced); "
                    "nf4/fp4: values per absmax block (default 64).")
 @click.option("--symmetric/--zero-point", default=None,
               help="Grid kind (default: what the method implies).")
@@ -179,6 +180,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     model = load_model(source, trust_remote_code=trust_remote_code,
                        allow_non_finite=allow_non_finite)
     qmodel = quantize(model, config)
+    config = qmodel.config  # a default group size fitted to the model's rows
     writer.check(config, model, qmodel.targets)
     if plan:
         _print_plan(model, config, json_path, qmodel.method)
@@ -298,7 +300,9 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
 @click.option("--method", "-m", "methods", default="absmax,zeropoint", show_default=True,
               callback=_csv(str))
 @click.option("--bits", "-b", default="8,4", show_default=True, callback=_csv(int))
-@click.option("--group-size", "-g", type=int, default=128, show_default=True)
+@click.option("--group-size", "-g", type=int, default=None,
+              help="Columns per group (default: 128, or the largest of 64/32 that divides "
+                   "every quantized row, announced).")
 @click.option("--format", "-f", "fmt", default="compressed-tensors", show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the artifacts here (default: a temporary directory).")

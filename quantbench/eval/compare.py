@@ -22,7 +22,8 @@ from quantbench.formats.manifest import record_eval, verify_artifact
 from quantbench.formats.outputs import check_output, model_paths
 from quantbench.models.loader import Model, load_model
 from quantbench.progress import block_progress
-from quantbench.quant.run import make_config, quantize, select_targets
+from quantbench.quant.methods.base import Method
+from quantbench.quant.run import fit_default_group, make_config, quantize, select_targets
 from quantbench.registry import get_format, get_method
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _baseline_row(model: Model, report: EvalReport) -> ReportRow:
 
 
 def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zeropoint"),
-                bits: Sequence[int] = (8, 4), group_size: int = 128,
+                bits: Sequence[int] = (8, 4), group_size: int | None = None,
                 fmt: str = "compressed-tensors", out_dir: "str | Path | None" = None,
                 targets: TargetConfig | None = None, protocol: EvalProtocol | None = None,
                 progress: bool = False, use_cache: bool = True,
@@ -178,12 +179,18 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
     ``source``, when it is a quantbench output, and every artifact written are checked against
     their manifests before they are read (``verify=False`` skips it). A row whose artifact
     fails the check, or whose results are NaN/Inf, gets its error in ``errors`` instead of a
-    result; the other rows still run."""
+    result; the other rows still run.
+
+    Without ``group_size``: 128 where it divides every quantized row, else the largest of 64
+    or 32 that does (``quant.run.fit_default_group``, announced once)."""
     if not isinstance(source, Model):
         verify_artifact(source, verify)
     model = source if isinstance(source, Model) else load_model(source)
     protocol = make_protocol(protocol, **protocol_fields)
     targets = targets or TargetConfig()
+    if group_size is None:
+        group_size = fit_default_group(model, select_targets(model, targets),
+                                       Method.default_group_size)
     jobs = plan_jobs(methods, bits, group_size, method_options)
     keep = out_dir is not None
     for job in jobs:  # refuse impossible combinations before any work
