@@ -189,11 +189,12 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     with block_progress(qmodel.num_steps(), f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
                        command=argv_from_context(click.get_current_context()))
+    from quantbench.bits_per_weight import describe
+
     manifest = json.loads((output / "quantbench.json").read_text())
     summary = manifest["summary"]
     out.print(f"[green]wrote[/] {output}  ({fmt}, {len(qmodel.targets)} tensors quantized, "
-              f"{summary['bits_per_weight_quantized']} bits/weight, "
-              f"{summary['size_bytes'] / 1e6:.1f} MB)")
+              f"{describe(summary)}, {summary['size_bytes'] / 1e6:.1f} MB)")
     _print_outliers(manifest, config)
     _print_exl2_allocation(output)
     _write_json(json_path, manifest)
@@ -292,7 +293,15 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
         table.add_row(name, f"{r.ppl:.4f}", f"{r.delta_ppl_pct:+.3f}", f"{r.kld_mean:.5f}",
                       f"{r.kld_p99:.4f}", f"{100 * r.top1:.2f}", str(r.n_tokens))
     out.print(table)
+    _print_bits(report.artifacts)
     _write_json(json_path, report.to_dict())
+
+
+def _print_bits(artifacts: dict[str, dict[str, Any]]) -> None:
+    from quantbench.bits_per_weight import describe
+
+    for name, summary in artifacts.items():
+        out.print(f"{escape(name)}: {describe(summary)}", soft_wrap=True)
 
 
 @cli.command()
@@ -355,11 +364,14 @@ def inspect(artifact, tensors, json_path, no_verify):
     from quantbench.formats.inspect import failed_files, inspect_artifact
     from quantbench.formats.manifest import manifest_dir, mismatch_message
 
+    from quantbench.bits_per_weight import ALL_KEY, ALL_LABEL, QUANTIZED_KEY, QUANTIZED_LABEL
+
     info = inspect_artifact(artifact, verify=not no_verify)
     head = Table(title=str(artifact), show_header=False)
+    labels = {QUANTIZED_KEY: QUANTIZED_LABEL, ALL_KEY: ALL_LABEL}
     for key in ("format", "architecture", "size_bytes", "weights", "quantized_weights",
-                "bits_per_weight_quantized", "bits_per_weight", "files_ok"):
-        head.add_row(key, str(info[key]))
+                QUANTIZED_KEY, ALL_KEY, "files_ok"):
+        head.add_row(labels.get(key, key), str(info[key]))
     for problem in failed_files(info):
         head.add_row("file differs", escape(str(problem)))
     if info.get("unreadable"):

@@ -146,6 +146,7 @@ def test_compare_fits_once(wide, tmp_path, caplog):
     assert caplog.text.count("group size 64:") == 1
     row = result.rows[1]
     assert row.name == "zeropoint-w4-g64" and row.group_size == 64
+    assert row.bits_per_weight is not None and row.bits_per_weight_all is not None
 
 
 def test_long_run_notice_has_the_plan_and_a_smaller_one(wide, monkeypatch):

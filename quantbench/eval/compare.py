@@ -130,6 +130,7 @@ def _row(job: Job, path: Path, seconds: float, report: EvalReport) -> ReportRow:
     res = report.results[job.name]
     return ReportRow(name=job.name, method=job.method, bits=job.bits, group_size=job.group_size,
                      bits_per_weight=summary.get("bits_per_weight_quantized"),
+                     bits_per_weight_all=summary.get("bits_per_weight"),
                      size_bytes=art.size_bytes(), ppl=res.ppl,
                      delta_ppl_pct=res.delta_ppl_pct, kld_mean=res.kld_mean,
                      kld_p99=res.kld_p99, top1=res.top1, seconds=round(seconds, 2))
@@ -162,7 +163,8 @@ def _baseline_row(model: Model, report: EvalReport) -> ReportRow:
     size = sum(p.stat().st_size for p in model.weights.files())
     bits = {"float16": 16, "bfloat16": 16, "float32": 32}.get(str(model.dtype).split(".")[-1], 16)
     return ReportRow(name="baseline", method=str(model.dtype).split(".")[-1], bits=bits,
-                     group_size=None, bits_per_weight=float(bits), size_bytes=size,
+                     group_size=None, bits_per_weight=float(bits),
+                     bits_per_weight_all=float(bits), size_bytes=size,
                      ppl=report.baseline.ppl, delta_ppl_pct=0.0, kld_mean=0.0, kld_p99=0.0,
                      top1=1.0, seconds=None)
 

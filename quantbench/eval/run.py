@@ -117,6 +117,10 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
                       progress=progress, baseline_name=str(base.source))
     if name in report.errors:
         raise EvalError(report.errors[name])
+    if (artifact.manifest or {}).get("summary"):
+        from quantbench.bits_per_weight import pick
+
+        report.artifacts[name] = pick(artifact.manifest["summary"])
     if artifact.manifest is not None:
         record_eval(artifact.path, summary_for(report, name))
     return report

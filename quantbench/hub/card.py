@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from quantbench.bits_per_weight import ALL_KEY, ALL_LABEL, QUANTIZED_KEY, QUANTIZED_LABEL
 from quantbench.errors import FormatError
 from quantbench.formats.base import MANIFEST, read_manifest
 from quantbench.hub.command import convert_argv, eval_argv
@@ -229,8 +230,8 @@ def _size(manifest: dict[str, Any]) -> str:
     n_files = len(manifest.get("files") or {})
     rows = [("weights on disk", _mb(weight_bytes(manifest))),
             ("all files", f"{_mb(total)} in {n_files} file{'s' if n_files != 1 else ''}"),
-            ("bits per weight, quantized tensors", _num(s.get("bits_per_weight_quantized"), "g")),
-            ("bits per weight, all weights", _num(s.get("bits_per_weight"), "g")),
+            (QUANTIZED_LABEL, _num(s.get(QUANTIZED_KEY), "g")),
+            (ALL_LABEL, _num(s.get(ALL_KEY), "g")),
             ("quantized weights", f"{_num(s.get('quantized_weights'), ',d')} of "
                                   f"{_num(s.get('total_weights'), ',d')}")]
     return "## Size\n\n| | |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -354,16 +354,19 @@ def render_recipe_table(report: RecipeReport) -> Group:
     that failed, per upload, and per baseline."""
     from rich.markup import escape
 
+    from quantbench.bits_per_weight import ALL_HEADER, QUANTIZED_HEADER
+
     table = Table(title=f"quantbench run — {report.name}")
-    for col in ("job", "bpw", "size", "ppl", "Δppl %", "KLD", "top-1 %", "gate",
-                "upload", "time (s)"):
+    for col in ("job", QUANTIZED_HEADER, ALL_HEADER, "size", "ppl", "Δppl %", "KLD", "top-1 %",
+                "gate", "upload", "time (s)"):
         table.add_column(col, justify="left" if col in ("job", "gate", "upload") else "right")
     notes = []
     for j in report.jobs:
         verdict = {"passed": "[green]pass[/]", "failed": "[red]FAIL[/]"}.get(j.status,
                                                                             "[red]ERROR[/]")
         size = "—" if j.size_bytes is None else f"{j.size_bytes / 1e6:.1f} MB"
-        table.add_row(escape(j.name), _num(j.bits_per_weight, ".3f"), size, _num(j.ppl, ".3f"),
+        table.add_row(escape(j.name), _num(j.bits_per_weight, ".3f"),
+                      _num(j.bits_per_weight_all, ".3f"), size, _num(j.ppl, ".3f"),
                       _num(j.delta_ppl_pct, "+.2f"), _num(j.kld_mean, ".4f"),
                       _num(None if j.top1 is None else 100 * j.top1, ".2f"), verdict,
                       j.upload.get("status", "—"), _num(_seconds(j), ".1f"))
