@@ -26,7 +26,12 @@ METHOD_TAGS = {"gptq": "gptq", "awq": "awq", "exl2": "exl2", "nf4": "nf4", "fp4"
 
 def load_manifest(artifact_dir: Path) -> dict[str, Any]:
     """The artifact's manifest, or a one-line error naming what is missing."""
+    from quantbench.localpath import missing
+
     artifact_dir = Path(artifact_dir)
+    if not artifact_dir.exists():
+        raise FormatError(missing(artifact_dir, "a quantbench output directory (the -o of "
+                                                "quantbench convert)"))
     if not artifact_dir.is_dir():
         raise FormatError(f"{artifact_dir} is not a directory; pass a quantbench output "
                           "directory (the -o of quantbench convert)")
