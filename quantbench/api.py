@@ -38,6 +38,9 @@ def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None =
     ``QuantizedModel`` returned holds the result, so saving it in several formats does not
     quantize again.
 
+    Without ``group_size`` the method's default is used where it divides every quantized row,
+    else the largest of 64 or 32 that does (announced on the log; ``qmodel.config`` holds it).
+
     NaN/Inf in a source weight is refused; ``allow_non_finite=True`` (as
     ``load_model(..., allow_non_finite=True)``) keeps the tensors holding them unquantized,
     with a warning naming them.
@@ -49,7 +52,7 @@ def quantize(model: "Model | str", method: str = "zeropoint", bits: int | None =
     if config is None:
         config = make_config(method, bits, group_size, symmetric, targets, **options)
     qmodel = run_quantize(_as_model(model, allow_non_finite=allow_non_finite), config)
-    label = f"{config.method} {config.grid.describe()}"
+    label = f"{config.method} {qmodel.config.grid.describe()}"  # the group size fitted
     with quantize_progress(qmodel, label, progress) as step:
         return qmodel.run(step)
 

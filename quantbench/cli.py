@@ -135,7 +135,8 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--bits", "-b", type=int, default=None,
               help="Code width (default: the method's; 4 for the integer methods).")
 @click.option("--group-size", "-g", type=int, default=None,
-              help="Columns per group; -1 per output channel, 0 per tensor (default 128); "
+              help="Columns per group; -1 per output channel, 0 per tensor (default 128, "
+                   "or the largest of 64/32 that divides every quantized row, announced); "
                    "nf4/fp4: values per absmax block (default 64).")
 @click.option("--symmetric/--zero-point", default=None,
               help="Grid kind (default: what the method implies).")
@@ -189,6 +190,7 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     model = load_model(source, trust_remote_code=trust_remote_code,
                        allow_non_finite=allow_non_finite)
     qmodel = quantize(model, config)
+    config = qmodel.config  # a default group size fitted to the model's rows
     writer.check(config, model, qmodel.targets)
     if plan:
         _print_plan(model, config, json_path, qmodel.method)
@@ -197,11 +199,12 @@ def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output,
     with quantize_progress(qmodel, f"{method} {config.grid.describe()} → {fmt}") as step:
         write_artifact(qmodel, output, writer, overwrite=overwrite, on_step=step,
                        command=argv_from_context(click.get_current_context()))
+    from quantbench.bits_per_weight import describe
+
     manifest = json.loads(manifest_path(output).read_text())
     summary = manifest["summary"]
     out.print(f"[green]wrote[/] {output}  ({fmt}, {len(qmodel.targets)} tensors quantized, "
-              f"{summary['bits_per_weight_quantized']} bits/weight, "
-              f"{summary['size_bytes'] / 1e6:.1f} MB)")
+              f"{describe(summary)}, {summary['size_bytes'] / 1e6:.1f} MB)")
     _print_outliers(manifest, config)
     _print_exl2_allocation(output)
     _write_json(json_path, manifest)
@@ -295,7 +298,15 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
                           device=device, verify=not no_verify,
                           **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     out.print(eval_table(report, str(target), wide), crop=False)
+    _print_bits(report.artifacts)
     _write_json(json_path, report.to_dict())
+
+
+def _print_bits(artifacts: dict[str, dict[str, Any]]) -> None:
+    from quantbench.bits_per_weight import describe
+
+    for name, summary in artifacts.items():
+        out.print(f"{escape(name)}: {describe(summary)}", soft_wrap=True)
 
 
 @cli.command()
@@ -303,7 +314,9 @@ def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cac
 @click.option("--method", "-m", "methods", default="absmax,zeropoint", show_default=True,
               callback=_csv(str))
 @click.option("--bits", "-b", default="8,4", show_default=True, callback=_csv(int))
-@click.option("--group-size", "-g", type=int, default=128, show_default=True)
+@click.option("--group-size", "-g", type=int, default=None,
+              help="Columns per group (default: 128, or the largest of 64/32 that divides "
+                   "every quantized row, announced).")
 @click.option("--format", "-f", "fmt", default="compressed-tensors", show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the artifacts here (default: a temporary directory).")
@@ -375,14 +388,16 @@ def _print_inspect(artifact: Path, info: dict[str, Any], failed: list, tensors: 
                    wide: bool) -> None:
     """The summary (values fold, never cut), then with ``tensors`` the tensor table, fitted
     to the console (:mod:`quantbench.tables`)."""
+    from quantbench.bits_per_weight import ALL_KEY, ALL_LABEL, QUANTIZED_KEY, QUANTIZED_LABEL
     from quantbench.tables import Col, FitTable
 
     head = Table(title=escape(str(artifact)), show_header=False)
     head.add_column()
     head.add_column(overflow="fold")
+    labels = {QUANTIZED_KEY: QUANTIZED_LABEL, ALL_KEY: ALL_LABEL}
     for key in ("format", "architecture", "size_bytes", "weights", "quantized_weights",
-                "bits_per_weight_quantized", "bits_per_weight", "files_ok"):
-        head.add_row(key, str(info[key]))
+                QUANTIZED_KEY, ALL_KEY, "files_ok"):
+        head.add_row(labels.get(key, key), str(info[key]))
     for problem in failed:
         head.add_row("file differs", escape(str(problem)))
     if info.get("unreadable"):

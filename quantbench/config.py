@@ -136,12 +136,18 @@ class CalibrationOptions(MethodOptions):
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """One quantization run: method × grid × targets (+ the method's own options)."""
+    """One quantization run: method × grid × targets (+ the method's own options).
+
+    ``group_size_open``: the grid's group size is the method's default, not one the user asked
+    for, so ``quant.run.quantize`` may lower it to one that divides the model's rows
+    (``fit_group_size``). A property of how the config was made, not of the run: it is not
+    serialised and not compared."""
 
     method: str
     grid: GridConfig = field(default_factory=IntGridConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
     options: MethodOptions = field(default_factory=MethodOptions)
+    group_size_open: bool = field(default=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -4,7 +4,7 @@ Leaf tables: they never import their entries. ``quantbench/builtins.py`` (import
 ``quantbench/__init__.py``) imports the built-in methods and formats, which register here."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 from quantbench.errors import ConfigError
 
@@ -33,13 +33,31 @@ def register_format(name: str) -> Callable[[type[T]], type[T]]:
     return _register(_FORMATS, "format", name)
 
 
+def did_you_mean(name: object, choices: Iterable[str], show: Callable[[str], str] = repr
+                 ) -> str:
+    """``"did you mean 'gptq'? "`` for the choice nearest ``name`` (case, ``-`` and ``_``
+    ignored, then difflib's closeness), or ``""`` when none is near: the one wording of
+    every unknown-name refusal (methods, formats, GGUF types, method options)."""
+    import difflib
+
+    def plain(text: str) -> str:
+        return text.lower().replace("_", "").replace("-", "")
+
+    choices = list(choices)
+    by_plain = {plain(c): c for c in choices}
+    close = [by_plain[plain(str(name))]] if plain(str(name)) in by_plain else \
+        difflib.get_close_matches(str(name).lower(), [c.lower() for c in choices], n=1,
+                                  cutoff=0.6)
+    if not close:
+        return ""
+    chosen = next(c for c in choices if c.lower() == close[0].lower())
+    return f"did you mean {show(chosen)}? "
+
+
 def _get(table: dict[str, type], kind: str, name: str) -> type:
     if name not in table:
-        import difflib
-
         known = ", ".join(sorted(table)) or "none"
-        close = difflib.get_close_matches(str(name).lower(), list(table), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(name, table)
         raise ConfigError(f"unknown {kind} {name!r}; {hint}choose one of: {known}")
     return table[name]
 

@@ -9,12 +9,15 @@ the GPU's, plus GPTQ's launch-bound column sweep; memory is then the host's.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from quantbench.devices import CPU, resolve_device
+from quantbench.errors import ConfigError
 from quantbench.models.loader import Model
 from quantbench.registry import get_method
 
@@ -23,6 +26,17 @@ EFFICIENCY = 0.45                  # real forwards reach about this share of a s
 
 
 GPU_COLUMN_SECONDS = 8e-5         # GPTQ's column sweep on a GPU is launch-bound: measured on H100
+
+# A run estimated longer than this prints its plan before the first block (convert, compare,
+# recipes and the Python API alike), with a smaller calibration and its estimate.
+LONG_RUN_SECONDS = 180
+# The smaller calibration offered (windows × tokens): an eighth of the default 128 × 512.
+SMALLER_CALIBRATION = (32, 256)
+
+
+@functools.lru_cache(maxsize=None)  # once per process and device: the machine does not change
+def machine_gflops(device: torch.device = CPU) -> float:
+    return measure_gflops(device=device)
 
 
 def measure_gflops(n: int = 1024, repeats: int = 3, device: torch.device = CPU) -> float:
@@ -122,8 +136,42 @@ def estimate(model: Model, config, gflops: float | None = None, method=None) -> 
     if device.type == "cuda" and "measurement solves" in parts:  # measured on the CPU today
         overhead += parts.pop("measurement solves") / (measure_gflops() * EFFICIENCY)
     return Plan(config.method, n_blocks, tokens, sum(parts.values()),
-                gflops or measure_gflops(device=device), int(peak), parts, device.type,
+                gflops or machine_gflops(device), int(peak), parts, device.type,
                 overhead)
+
+
+def long_run_notice(model: Model, config, method) -> list[str]:
+    """The plan of a calibrated run estimated above ``LONG_RUN_SECONDS``, in two lines: time,
+    peak memory and calibration size, then how to make it smaller (with that estimate); no
+    lines for a shorter run. A data-free run is not estimated: its rounding is seconds."""
+    if not method.needs_calibration:
+        return []
+    o = config.options
+    plan = estimate(model, config, method=method)
+    if plan.seconds <= LONG_RUN_SECONDS:
+        return []
+    lines = [f"{config.method} {config.grid.describe()} on {model.source}: about "
+             f"{_minutes(plan.seconds)} on {plan.device} (estimate), peak "
+             f"{plan.peak_bytes / 2**30:.1f} GiB, calibration {o.calib_samples} × "
+             f"{o.calib_len} tokens"]
+    samples = min(SMALLER_CALIBRATION[0], o.calib_samples)
+    length = min(SMALLER_CALIBRATION[1], o.calib_len)
+    if (samples, length) == (o.calib_samples, o.calib_len):
+        lines.append("--plan prints the estimate without running")
+        return lines
+    try:  # an option tied to the calibration size (EXL2's measurement windows) may refuse it
+        fewer = dataclasses.replace(config, options=dataclasses.replace(
+            o, calib_samples=samples, calib_len=length))
+    except ConfigError:
+        return [*lines, "--plan prints the estimate without running"]
+    quick = estimate(model, fewer, gflops=plan.machine_gflops)
+    lines.append(f"to make it smaller: --calib-samples {samples} --calib-len {length} (about "
+                 f"{_minutes(quick.seconds)}); --plan prints the estimate without running")
+    return lines
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def exl2_measurement(model: Model, config, shapes: dict[str, tuple[int, int]], hidden: int,

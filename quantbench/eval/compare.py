@@ -21,7 +21,9 @@ from quantbench.errors import QuantbenchError
 from quantbench.formats.manifest import record_eval, verify_artifact
 from quantbench.formats.outputs import check_output, model_paths
 from quantbench.models.loader import Model, load_model
-from quantbench.quant.run import make_config, quantize, quantize_progress, select_targets
+from quantbench.quant.methods.base import Method
+from quantbench.quant.run import (fit_default_group, make_config, quantize, quantize_progress,
+                                  select_targets)
 from quantbench.registry import get_format, get_method
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ def _row(job: Job, path: Path, seconds: float, report: EvalReport) -> ReportRow:
     res = report.results[job.name]
     return ReportRow(name=job.name, method=job.method, bits=job.bits, group_size=job.group_size,
                      bits_per_weight=summary.get("bits_per_weight_quantized"),
+                     bits_per_weight_all=summary.get("bits_per_weight"),
                      size_bytes=art.size_bytes(), ppl=res.ppl,
                      delta_ppl_pct=res.delta_ppl_pct, kld_mean=res.kld_mean,
                      kld_p99=res.kld_p99, top1=res.top1, seconds=round(seconds, 2))
@@ -160,13 +163,14 @@ def _baseline_row(model: Model, report: EvalReport) -> ReportRow:
     size = sum(p.stat().st_size for p in model.weights.files())
     bits = {"float16": 16, "bfloat16": 16, "float32": 32}.get(str(model.dtype).split(".")[-1], 16)
     return ReportRow(name="baseline", method=str(model.dtype).split(".")[-1], bits=bits,
-                     group_size=None, bits_per_weight=float(bits), size_bytes=size,
+                     group_size=None, bits_per_weight=float(bits),
+                     bits_per_weight_all=float(bits), size_bytes=size,
                      ppl=report.baseline.ppl, delta_ppl_pct=0.0, kld_mean=0.0, kld_p99=0.0,
                      top1=1.0, seconds=None)
 
 
 def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zeropoint"),
-                bits: Sequence[int] = (8, 4), group_size: int = 128,
+                bits: Sequence[int] = (8, 4), group_size: int | None = None,
                 fmt: str = "compressed-tensors", out_dir: "str | Path | None" = None,
                 targets: TargetConfig | None = None, protocol: EvalProtocol | None = None,
                 progress: bool | None = None, use_cache: bool = True,
@@ -178,12 +182,18 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
     their manifests before they are read (``verify=False`` skips it). A row whose artifact
     fails the check, or whose results are NaN/Inf, gets its error in ``errors`` instead of a
     result; the other rows still run. ``progress``: None follows ``QUANTBENCH_PROGRESS``
-    (shown by default), False is silent."""
+    (shown by default), False is silent.
+
+    Without ``group_size``: 128 where it divides every quantized row, else the largest of 64
+    or 32 that does (``quant.run.fit_default_group``, announced once)."""
     if not isinstance(source, Model):
         verify_artifact(source, verify)
     model = source if isinstance(source, Model) else load_model(source)
     protocol = make_protocol(protocol, **protocol_fields)
     targets = targets or TargetConfig()
+    if group_size is None:
+        group_size = fit_default_group(model, select_targets(model, targets),
+                                       Method.default_group_size)
     jobs = plan_jobs(methods, bits, group_size, method_options)
     keep = out_dir is not None
     for job in jobs:  # refuse impossible combinations before any work

@@ -61,6 +61,8 @@ class EvalReport:
     n_windows: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # candidate → why it has no result
+    # candidate → both bits per weight of its artifact (quantbench/bits_per_weight.py)
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def describe(self) -> str:
         return self.protocol.describe(self.n_windows, self.data_name)
@@ -70,7 +72,8 @@ class EvalReport:
                 "data": {"name": self.data_name, "sha256": self.data_id},
                 "baseline": asdict(self.baseline),
                 "results": {k: v.to_dict() for k, v in self.results.items()},
-                **({"errors": dict(self.errors)} if self.errors else {})}
+                **({"errors": dict(self.errors)} if self.errors else {}),
+                **({"artifacts": dict(self.artifacts)} if self.artifacts else {})}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -25,6 +25,8 @@ class ReportRow:
     kld_p99: float | None
     top1: float | None
     seconds: float | None
+    # over all weights; ``bits_per_weight`` is in the quantized tensors (bits_per_weight.py)
+    bits_per_weight_all: float | None = None
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -43,14 +45,16 @@ def render_table(rows: Sequence[ReportRow], title: str, protocol_text: str,
     """One row per model; a row named in ``errors`` shows ERROR where its perplexity would be.
     Laid out for the console it is printed on (:mod:`quantbench.tables`): the method, bits and
     group name each row in every panel; ``wide``: one table whatever the width."""
+    from quantbench.bits_per_weight import ALL_HEADER, QUANTIZED_HEADER
+
     table = FitTable([Col("method", "left", key=True), Col("bits", key=True),
                       Col("group", key=True)] +
-                     [Col(h) for h in ("bits/weight", "size", "ppl", "Δppl %", "KLD",
-                                       "KLD p99", "top-1 %", "time (s)")],
+                     [Col(h) for h in (QUANTIZED_HEADER, ALL_HEADER, "size", "ppl", "Δppl %",
+                                       "KLD", "KLD p99", "top-1 %", "time (s)")],
                      title=title, caption=protocol_text, wide=wide, hint=WIDE_HINT)
     for r in rows:
         table.add_row(r.method, _fmt(r.bits, "d"), _group(r.group_size),
-                      _fmt(r.bits_per_weight, ".3f"),
+                      _fmt(r.bits_per_weight, ".3f"), _fmt(r.bits_per_weight_all, ".3f"),
                       "—" if r.size_bytes is None else f"{r.size_bytes / 1e6:.1f} MB",
                       "[red]ERROR[/]" if r.name in (errors or {}) else _fmt(r.ppl, ".3f"),
                       _fmt(r.delta_ppl_pct, "+.2f"), _fmt(r.kld_mean, ".4f"),

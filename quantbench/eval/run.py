@@ -57,6 +57,16 @@ def _is_artifact_dir(text: str) -> bool:
         or find_gguf(path) is not None
 
 
+def _refuse_non_model_dir(text: str) -> None:
+    """A folder that is neither an artifact nor a checkpoint is refused saying what an artifact
+    is and how to make one (not as a model source that lacks its config.json)."""
+    from quantbench.localpath import not_an_artifact
+
+    path = Path(text).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        raise EvalError(not_an_artifact(text, "eval"))
+
+
 def resolve_baseline(artifact: Artifact, baseline: "Model | str | None",
                      verify: bool = True) -> Model:
     """The baseline model: ``baseline``, else the source the manifest names; a quantbench
@@ -101,6 +111,8 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
     artifact = None
     if not isinstance(target, Model) and _is_artifact_dir(str(target)):
         artifact = open_artifact(target)
+    if not isinstance(target, Model) and artifact is None:
+        _refuse_non_model_dir(str(target))
     if baseline is None and (artifact is None or artifact.manifest is None):
         model = target if isinstance(target, Model) else load_model(str(target))
         return evaluate(source_factory(model, dev), {}, model.tokenizer(), protocol,
@@ -118,6 +130,10 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
                       progress=progress, baseline_name=str(base.source))
     if name in report.errors:
         raise EvalError(report.errors[name])
+    if (artifact.manifest or {}).get("summary"):
+        from quantbench.bits_per_weight import pick
+
+        report.artifacts[name] = pick(artifact.manifest["summary"])
     if artifact.manifest is not None:
         record_eval(artifact.path, summary_for(report, name))
     return report

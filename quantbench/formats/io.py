@@ -263,16 +263,19 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
     against its manifest and config before use (``formats/artifact_check.py``)."""
     from quantbench.formats.artifact_check import check_artifact
     from quantbench.formats.gguf import find_gguf, read_gguf
+    from quantbench.localpath import missing, not_an_artifact
 
     path = Path(path)
     if find_gguf(path) is not None:  # the reader checked its tensors against the metadata
         return check_artifact(read_gguf(path), config_checked=True)
+    if not path.exists():
+        raise FormatError(missing(path, "a quantbench output (the -o of quantbench convert)"))
     if not path.is_dir():
         raise FormatError(f"{path} is not a directory or a .gguf file; pass a quantbench output "
                           "directory")
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise FormatError(f"{path} has no config.json; it is not a checkpoint directory")
+        raise FormatError(not_an_artifact(path, "inspect"))
     config = read_json_object(cfg_file, FormatError, "the artifact is damaged: restore it or "
                               "re-run quantbench convert")
     manifest = read_manifest(path)

@@ -82,28 +82,10 @@ def file_table(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def summarize_tensors(info: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    def total(rows):
-        n = sum(_numel(r["shape"]) for r in rows)
-        bits = sum(_numel(r["shape"]) * r["bits_per_weight"] for r in rows)
-        return n, bits
+    """Counts and both bits per weight (defined in ``quantbench/bits_per_weight.py``)."""
+    from quantbench.bits_per_weight import summarize
 
-    quant = [r for r in info.values() if r["quantized"]]
-    n_q, bits_q = total(quant)
-    n_all, bits_all = total(list(info.values()))
-    return {
-        "quantized_tensors": len(quant),
-        "quantized_weights": n_q,
-        "total_weights": n_all,
-        "bits_per_weight_quantized": round(bits_q / n_q, 4) if n_q else None,
-        "bits_per_weight": round(bits_all / n_all, 4) if n_all else None,
-    }
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return summarize(info)
 
 
 def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dict[str, Any]],

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from quantbench.bits_per_weight import ALL_KEY, ALL_LABEL, QUANTIZED_KEY, QUANTIZED_LABEL
 from quantbench.errors import FormatError
 from quantbench.formats.base import GGUF_FILE, MANIFEST, read_manifest_file, sidecar_path
 from quantbench.hub.command import convert_argv, eval_argv
@@ -39,6 +40,11 @@ def artifact_manifest(artifact: Path) -> Path:
 
 def load_manifest(artifact: Path) -> dict[str, Any]:
     """The artifact's manifest, or a one-line error naming what is missing."""
+    from quantbench.localpath import missing
+
+    if not Path(artifact).exists():
+        raise FormatError(missing(Path(artifact), "a quantbench output (the directory or the "
+                                                  "NAME.gguf that quantbench convert -o wrote)"))
     file = artifact_manifest(artifact)
     manifest = read_manifest_file(file)
     if manifest is None:
@@ -244,8 +250,8 @@ def _size(manifest: dict[str, Any], gguf_file: str = GGUF_FILE) -> str:
             # the repository holds the manifest's files, the manifest itself and this card
             ("files in this repository", f"{n_files + 2}: {n_files} model files of "
                                          f"{_mb(total)}, the manifest, README.md"),
-            ("bits per weight, quantized tensors", _num(s.get("bits_per_weight_quantized"), "g")),
-            ("bits per weight, all weights", _num(s.get("bits_per_weight"), "g")),
+            (QUANTIZED_LABEL, _num(s.get(QUANTIZED_KEY), "g")),
+            (ALL_LABEL, _num(s.get(ALL_KEY), "g")),
             ("quantized weights", f"{_num(s.get('quantized_weights'), ',d')} of "
                                   f"{_num(s.get('total_weights'), ',d')}")]
     return "## Size\n\n| | |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -13,6 +13,7 @@ import torch
 
 from quantbench.errors import ModelLoadError
 from quantbench.inputs import os_error_message, read_json_object
+from quantbench.localpath import looks_local, missing
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights, load_pickled_weights
 
@@ -195,8 +196,9 @@ def _download_hub(repo_id: str, revision: str | None) -> Path:
     except Exception as exc:  # hub client raises many network/auth error types
         reason = hint or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise ModelLoadError(
-            f"cannot fetch {repo_id!r} from the Hugging Face Hub ({reason}); check the network "
-            "and unset HF_HUB_OFFLINE, or pass a local checkpoint directory"
+            f"{repo_id} is not a local path, and fetching it as a Hub id from the Hugging Face "
+            f"Hub failed ({reason}); check the spelling, the network and HF_HUB_OFFLINE, or "
+            "pass a local checkpoint directory"
         ) from exc
 
 
@@ -224,9 +226,7 @@ def load_model(source: str | os.PathLike, trust_remote_code: bool = False,
         raise ModelLoadError(
             f"{path} is a file, not a model directory; pass the directory that holds config.json"
         )
-    if HUB_ID.match(text) and not text.startswith((".", "/")):
+    if HUB_ID.match(text) and not looks_local(text):
         return open_model_dir(_download_hub(text, revision), text, **opts)
-    raise ModelLoadError(
-        f"{text} does not exist; pass a local checkpoint directory, a Hub id (org/name), "
-        "or sample:smollm2"
-    )
+    raise ModelLoadError(missing(text, "a local checkpoint directory, a Hub id (org/name), or "
+                                       "sample:smollm2"))

@@ -6,12 +6,12 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, QuantizeConfig,
-                               TargetConfig)
+from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, IntGridConfig,
+                               QuantizeConfig, TargetConfig)
 from quantbench.errors import ConfigError
 from quantbench.models.loader import Model
 from quantbench.quant.methods.base import Method
@@ -48,6 +48,60 @@ def select_targets(model: Model, targets: TargetConfig) -> list[str]:
     if not names:
         raise ConfigError("no tensors match the target selection; check --include/--exclude")
     return names
+
+
+# The smallest group an open default falls back to (128 → 64 → 32): the smallest that
+# GPTQModel, AutoAWQ and llm-compressor ship presets for; below it the scales cost more than
+# they save (an fp16 scale per 16 weights is one more bit per weight).
+MIN_AUTO_GROUP = 32
+
+
+def fitted_group_size(default: int, widths: Iterable[int]) -> int | None:
+    """The largest of ``default``, ``default / 2``, ... down to ``MIN_AUTO_GROUP`` that divides
+    every row width; None when none does.
+
+    Why divide: compressed-tensors and AWQ store whole groups only (their readers refuse a
+    shorter last group), GPTQ kernels (Marlin, ExLlama) assume it, and llama.cpp's blocks
+    likewise never straddle a row. quantbench's own grids take a shorter last group, so only
+    a group the user asks for may leave one (where the format accepts it)."""
+    widths = set(widths)
+    group = default
+    while group >= MIN_AUTO_GROUP:
+        if all(w % group == 0 for w in widths):
+            return group
+        group //= 2
+    return None
+
+
+def fit_default_group(model: Model, names: list[str], default: int) -> int:
+    """The group size to use when the user named none: ``default`` if it divides the input
+    width of every tensor in ``names``, else :func:`fitted_group_size` (announced in one line
+    on the log, naming the widths it does not divide), else ``default`` (a format that needs
+    whole groups then refuses it, naming a group size that fits)."""
+    widths = {n: model.weights.shape(n)[-1] for n in names if len(model.weights.shape(n)) == 2}
+    misfits = {n: w for n, w in widths.items() if w % default}
+    group = fitted_group_size(default, widths.values()) if misfits else None
+    if group is None:
+        return default
+    layers = list(dict.fromkeys(n.rsplit(".", 2)[-2] if n.count(".") >= 2 else n
+                                for n in misfits))
+    sizes = "/".join(str(w) for w in sorted(set(misfits.values())))
+    log.warning("group size %d: %d does not divide the %s-wide inputs of %s (pass --group-size "
+                "to choose)", group, default, sizes, ", ".join(layers))
+    return group
+
+
+def fit_group_size(model: Model, names: list[str], config: QuantizeConfig) -> QuantizeConfig:
+    """``config`` with its group size fitted to the model when it is the method's default
+    (``QuantizeConfig.group_size_open``); a group size the user chose is kept as it is."""
+    grid = config.grid
+    if not (config.group_size_open and isinstance(grid, IntGridConfig)
+            and grid.granularity == "group"):
+        return config
+    group = fit_default_group(model, names, grid.group_size)
+    if group == grid.group_size:
+        return config
+    return replace(config, grid=replace(grid, group_size=group), group_size_open=False)
 
 
 def check_grid(model: Model, names: list[str], grid: GridConfig) -> None:
@@ -89,6 +143,7 @@ class QuantizedModel:
 
         if self.store is not None:
             return self
+        self._announce_long_run()
         store = BlockStore()
         try:
             for label, tensors in self._compute_blocks():
@@ -101,6 +156,14 @@ class QuantizedModel:
             raise
         self.store = store
         return self
+
+    def _announce_long_run(self) -> None:
+        """A run estimated above a few minutes says so before its first block, with its plan
+        and how to make it smaller (``calibration/plan.py`` ``long_run_notice``)."""
+        from quantbench.calibration.plan import long_run_notice
+
+        for line in long_run_notice(self.source, self.config, self.method):
+            log.warning("%s", line)
 
     def _check_finite(self, tensors: Tensors) -> None:
         """No method turns a finite weight into NaN/Inf, or NaN into a finite code, silently:
@@ -205,7 +268,8 @@ def make_config(method: str = "zeropoint", bits: int | None = None,
                 targets: TargetConfig | None = None, gguf_type: str | None = None,
                 **options: Any) -> QuantizeConfig:
     """Build a ``QuantizeConfig``; bits, group size and grid kind default to what the method
-    implies (4-bit g128 for the integer methods, NF4 block 64, LLM.int8 per row); with
+    implies (4-bit g128 for the integer methods, NF4 block 64, LLM.int8 per row; a default
+    group size that does not divide the model's rows is lowered by ``quantize``); with
     ``gguf_type`` (a llama.cpp mixture such as ``Q4_K_M``) the grid is that GGUF type and
     every 2-D tensor, embeddings and lm_head included, is a target."""
     method_cls = get_method(method)
@@ -223,9 +287,11 @@ def make_config(method: str = "zeropoint", bits: int | None = None,
                               targets=replace(targets, embeddings=True, lm_head=True),
                               options=opts)
     bits = method_cls.default_bits if bits is None else bits
+    open_group = group_size is None  # quantize() may fit the default to the model's rows
     group_size = method_cls.default_group_size if group_size is None else group_size
     grid = method_cls.make_grid(bits, group_size, symmetric, opts)
-    return QuantizeConfig(method=method, grid=grid, targets=targets, options=opts)
+    return QuantizeConfig(method=method, grid=grid, targets=targets, options=opts,
+                          group_size_open=open_group)
 
 
 def _gguf_grid(method_cls, gguf_type: str, bits: int | None, group_size: int | None,
@@ -271,10 +337,13 @@ def _check_calibration_inputs(model: Model, options: CalibrationOptions) -> None
 
 
 def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
-    """Check the combination, then return a lazy ``QuantizedModel``."""
+    """Check the combination, then return a lazy ``QuantizedModel``; a default group size is
+    first fitted to the model's rows (:func:`fit_group_size`, announced)."""
     method_cls = get_method(config.method)
     method = method_cls(config)
     names = _finite_targets(model, select_targets(model, config.targets))
+    if (fitted := fit_group_size(model, names, config)) is not config:
+        config, method = fitted, method_cls(fitted)
     check_grid(model, names, config.grid)
     if isinstance(config.options, CalibrationOptions):  # refuse a missing device before work
         from quantbench.devices import resolve_device

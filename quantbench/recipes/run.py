@@ -123,7 +123,9 @@ def run_recipe(recipe: "Recipe | str | Path", *, progress: bool | None = None,
     check_report_path(path, "report", [p.source for p in planned])
     plot = plot_path or recipe.plot
     check_report_path(plot, "plot", [p.source for p in planned])
-    models = _check(recipe, planned)  # impossible combinations refused before any work
+    models = _load_sources(recipe, planned)
+    planned = recipe.plan(_group_fitter(models))  # default group sizes fitted, names to match
+    _check(recipe, planned, models)  # impossible combinations refused before any work
     report = RecipeReport(recipe.name, [JobReport(p.name, p.source, p.settings())
                                         for p in planned], path=path,
                           dry_run_upload=dry_run_upload, origin=recipe.origin,
@@ -161,17 +163,43 @@ def _plot(report: RecipeReport, path: Path) -> None:
     log.info("wrote %s", path)
 
 
-def _check(recipe: Recipe, planned: list[PlannedJob]) -> dict[str, Model]:
+def _load_sources(recipe: Recipe, planned: list[PlannedJob]) -> dict[str, Model]:
     """Load each source once (a quantbench output checked against its manifest first, unless
-    ``verify: false``); check every job's method, grid, targets, format and output."""
+    ``verify: false``)."""
     models: dict[str, Model] = {}
+    for job in planned:
+        if job.source in models:
+            continue
+        try:
+            if recipe.verify:
+                verify_artifact(job.source)
+            models[job.source] = load_model(job.source)
+        except QuantbenchError as exc:
+            raise RecipeError(f"{recipe.origin}: job {job.name}: {exc}") from exc
+    return models
+
+
+def _group_fitter(models: dict[str, Model]):
+    """``Recipe.plan``'s ``fit``: a job's default group size lowered to one that divides its
+    source's rows (``quant.run.fit_group_size``); a selection that matches nothing is left for
+    ``_check`` to refuse with the job's name."""
+    from quantbench.errors import ConfigError
+    from quantbench.quant.run import fit_group_size, select_targets
+
+    def fit(source: str, config):
+        model = models[source]
+        try:
+            return fit_group_size(model, select_targets(model, config.targets), config)
+        except ConfigError:
+            return config
+    return fit
+
+
+def _check(recipe: Recipe, planned: list[PlannedJob], models: dict[str, Model]) -> None:
+    """Check every job's method, grid, targets, format and output."""
     for job in planned:
         where = f"{recipe.origin}: job {job.name}"
         try:
-            if job.source not in models:
-                if recipe.verify:
-                    verify_artifact(job.source)
-                models[job.source] = load_model(job.source)
             qmodel = quantize(models[job.source], job.config)
             get_format(job.format)().check(job.config, models[job.source], qmodel.targets)
             check_output(recipe.output_dir / job.name, recipe.overwrite,
@@ -180,7 +208,6 @@ def _check(recipe: Recipe, planned: list[PlannedJob]) -> dict[str, Model]:
                 load_eval_text(job.evaluation.protocol.data)
         except QuantbenchError as exc:
             raise RecipeError(f"{where}: {exc}") from exc
-    return models
 
 
 def _groups(planned: list[PlannedJob]) -> dict[tuple, list[PlannedJob]]:
@@ -346,12 +373,13 @@ def render_recipe_table(report: RecipeReport, wide: bool = False) -> Group:
     (:mod:`quantbench.tables`; ``wide``: one table whatever the width)."""
     from rich.markup import escape
 
+    from quantbench.bits_per_weight import ALL_HEADER, QUANTIZED_HEADER
     from quantbench.tables import Col, FitTable
 
     table = FitTable([Col("job", "left", key=True)] +
                      [Col(h, "left" if h in ("gate", "upload") else "right")
-                      for h in ("bpw", "size", "ppl", "Δppl %", "KLD", "top-1 %", "gate",
-                                "upload", "time (s)")],
+                      for h in (QUANTIZED_HEADER, ALL_HEADER, "size", "ppl", "Δppl %", "KLD",
+                                "top-1 %", "gate", "upload", "time (s)")],
                      title=escape(f"quantbench run — {report.name}"), wide=wide,
                      hint="--wide shows one table")
     notes = []
@@ -359,7 +387,8 @@ def render_recipe_table(report: RecipeReport, wide: bool = False) -> Group:
         verdict = {"passed": "[green]pass[/]", "failed": "[red]FAIL[/]"}.get(j.status,
                                                                             "[red]ERROR[/]")
         size = "—" if j.size_bytes is None else f"{j.size_bytes / 1e6:.1f} MB"
-        table.add_row(escape(j.name), _num(j.bits_per_weight, ".3f"), size, _num(j.ppl, ".3f"),
+        table.add_row(escape(j.name), _num(j.bits_per_weight, ".3f"),
+                      _num(j.bits_per_weight_all, ".3f"), size, _num(j.ppl, ".3f"),
                       _num(j.delta_ppl_pct, "+.2f"), _num(j.kld_mean, ".4f"),
                       _num(None if j.top1 is None else 100 * j.top1, ".2f"), verdict,
                       j.upload.get("status", "—"), _num(_seconds(j), ".1f"))

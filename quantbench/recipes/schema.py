@@ -122,9 +122,12 @@ class Recipe:
         """A recipe from the mapping a YAML file holds (see ``examples/recipe.yaml``)."""
         return parse_recipe(data, origin)
 
-    def plan(self) -> list[PlannedJob]:
-        """Every job expanded into the artifacts it writes; impossible ones refused."""
-        planned = [p for i, job in enumerate(self.jobs) for p in _expand(self, job, i)]
+    def plan(self, fit: "Callable[[str, QuantizeConfig], QuantizeConfig] | None" = None
+             ) -> list[PlannedJob]:
+        """Every job expanded into the artifacts it writes; impossible ones refused. ``fit``
+        (source, config) → config settles what depends on the model (a default group size
+        fitted to its rows) before names and upload targets are derived from the config."""
+        planned = [p for i, job in enumerate(self.jobs) for p in _expand(self, job, i, fit)]
         _unique(planned, lambda p: p.name, f"{self.origin}: two jobs are named",
                 "give one of them a 'name'")
         uploads = [p for p in planned if p.upload is not None]
@@ -179,7 +182,9 @@ def _unique(items: list, key: Callable, what: str, hint: str) -> None:
 
 # ---------------------------------------------------------------- expansion (Python or YAML)
 
-def _expand(recipe: Recipe, job: Job, index: int) -> list[PlannedJob]:
+def _expand(recipe: Recipe, job: Job, index: int,
+            fit: "Callable[[str, QuantizeConfig], QuantizeConfig] | None" = None
+            ) -> list[PlannedJob]:
     from quantbench.registry import get_format, get_method
 
     where = f"{recipe.origin}: jobs[{index}]"
@@ -205,6 +210,7 @@ def _expand(recipe: Recipe, job: Job, index: int) -> list[PlannedJob]:
     planned, seen = [], set()
     for method, gguf_type, bits in combos:
         config = _config(job, method, gguf_type, bits, where)
+        config = fit(str(source), config) if fit else config
         for chosen in job.formats:
             fmt = chosen or _default_format(method, gguf_type)
             key = (repr(config.to_dict()), fmt)

@@ -54,7 +54,7 @@ def test_gptq_option_errors():
 
     with pytest.raises(ConfigError, match="damp_percent"):
         get_method("gptq")(make_config("gptq", 4, 32, damp_percent=2.0))
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="method gptq takes no no_such_option option"):
         make_config("gptq", 4, 32, no_such_option=1)
 
 

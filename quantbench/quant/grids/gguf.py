@@ -60,7 +60,10 @@ class GGUFGridConfig(Grid):
     def __post_init__(self) -> None:
         t = str(self.type).upper()
         if t not in GGUF_MIXTURES and t not in GGUF_TENSOR_TYPES:
-            raise ConfigError(f"unknown GGUF type {self.type!r}; use one of "
+            from quantbench.registry import did_you_mean
+
+            hint = did_you_mean(self.type, [*GGUF_MIXTURES, *GGUF_TENSOR_TYPES])
+            raise ConfigError(f"unknown GGUF type {self.type!r}; {hint}use one of "
                               f"{', '.join(GGUF_MIXTURES)}")
         object.__setattr__(self, "type", t)
 

@@ -62,13 +62,20 @@ class Method:
                       flag: Callable[[str], str] = str) -> None:
         """Refuse an option this method does not take, in one line; ``flag`` renders an
         option's name (the CLI passes its flag names)."""
-        unknown = sorted(set(given) - cls.option_names(given))
+        from quantbench.registry import did_you_mean
+
+        taken = cls.option_names(given)
+        unknown = sorted(set(given) - taken)
         if unknown:
-            raise ConfigError(f"method {cls.name} takes no {flag(unknown[0])} option")
+            hint = did_you_mean(unknown[0], taken, flag).strip()
+            raise ConfigError(f"method {cls.name} takes no {flag(unknown[0])} option"
+                              + (f"; {hint}" if hint else ""))
 
     @classmethod
     def build_options(cls, **given: Any) -> MethodOptions:
-        """The options dataclass from flat keywords (API, CLI, recipes, a manifest's dict)."""
+        """The options dataclass from flat keywords (API, CLI, recipes, a manifest's dict);
+        a keyword the method lacks is one line naming it (and the near one it has)."""
+        cls.check_options(given)
         return cls.options_cls(**given)
 
     # -- the grid -----------------------------------------------------------------------------

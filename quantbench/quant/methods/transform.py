@@ -121,8 +121,12 @@ class Transform(Method):
         unknown = sorted(set(given) - cls.option_names(given))
         if not unknown:
             return
+        from quantbench.registry import did_you_mean
+
         owners = [m for m in cls.inner_methods if unknown[0] in get_method(m).option_names()]
-        hint = f"; it is {owners[0]}'s: pass {flag('then')} {owners[0]}" if owners else ""
+        near = did_you_mean(unknown[0], cls.option_names(given), flag).strip()
+        hint = f"; it is {owners[0]}'s: pass {flag('then')} {owners[0]}" if owners else \
+            (f"; {near}" if near else "")
         raise ConfigError(f"method {cls.name} with {flag('then')} {then} takes no "
                           f"{flag(unknown[0])} option{hint}")
 
