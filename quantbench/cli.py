@@ -306,7 +306,7 @@ def _print_bits(artifacts: dict[str, dict[str, Any]]) -> None:
     from quantbench.bits_per_weight import describe
 
     for name, summary in artifacts.items():
-        out.print(f"{escape(name)}: {describe(summary)}", soft_wrap=True)
+        out.print(f"{escape(name)}: {describe(summary)}")  # wrapped at the console's width
 
 
 @cli.command()

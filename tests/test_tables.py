@@ -19,7 +19,7 @@ ROWS = [ReportRow("baseline", "float16", 16, None, 16.0, 269_060_000, 26.1234, 0
                   0.5121, 0.8931, 123.44),
         ReportRow("awq-w3", "awq", 3, -1, 3.5, 72_000_000, 1234.5678, 4625.912, 1.23456,
                   12.3456, 0.4102, 1234.5)]
-HEADERS = ("method", "bits", "group", "bits/weight", "size", "ppl", "Δppl %", "KLD", "KLD p99",
+HEADERS = ("method", "bits", "group", "bits/w quant.", "bits/w all", "size", "ppl", "Δppl %", "KLD", "KLD p99",
            "top-1 %", "time (s)")
 
 
