@@ -86,3 +86,28 @@ def test_python_examples_run(tmp_path, monkeypatch):
     for code in blocks("python"):
         exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
     assert (tmp_path / "out" / "py-w4g64" / "quantbench.json").is_file()
+
+
+def test_make_demo_is_the_tour_it_describes(tmp_path):
+    """`make demo` as written in the Makefile (its `quantbench run` line), from a fresh folder:
+    six artifacts, every one evaluated, the plot drawn, and GPTQ below round-to-nearest's KLD
+    at both widths (what the tour is meant to show)."""
+    import json
+
+    makefile = (README.parent / "Makefile").read_text()
+    line = re.search(r"^demo:.*\n\t\$\(BIN\)/(quantbench run .*)$", makefile, flags=re.M)
+    assert line, "the demo target runs quantbench run"
+    shutil.copytree(README.parent / "examples", tmp_path / "examples")
+    argv = shlex.split(line.group(1))
+    proc = subprocess.run([sys.executable, "-m", "quantbench.cli", *argv[1:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "demo-results" / "recipe-report.json").read_text())
+    jobs = {j["name"]: j for j in report["jobs"]}
+    assert len(jobs) == 6 and all(j["status"] == "passed" and j["kld_mean"] for j in jobs.values())
+    for bits in (4, 3):
+        assert jobs[f"gptq-w{bits}-g64-compressed-tensors"]["kld_mean"] < \
+            jobs[f"zeropoint-w{bits}-g64-compressed-tensors"]["kld_mean"]
+    assert (tmp_path / "demo-results" / "demo.png").read_bytes().startswith(b"\x89PNG")
+    assert max(map(len, proc.stdout.splitlines())) <= 80  # the table fits the terminal
