@@ -12,9 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from quantbench.devices import CPU, resolve_device
+from quantbench.lazy import torch
 from quantbench.models.loader import Model
 from quantbench.registry import get_method
 

@@ -6,8 +6,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, require_int_grid
@@ -16,6 +14,7 @@ from quantbench.formats.gptq import (ModuleTensorsFormat, fp16_scales, model_dty
                                      quant_settings, refuse_embeddings, setting, split_names,
                                      untargeted_modules)
 from quantbench.formats.packing import pack_awq_cols, unpack_awq_cols
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
 from quantbench.quant.grid import group_index
@@ -42,8 +41,9 @@ def awq_encode(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def awq_decode(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+               group_size: int, dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Inverse of ``awq_encode``: zeros are stored as they are (no −1 offset, §2.1)."""
+    dtype = dtype or torch.float16
     grid = IntGridConfig.from_group_size(4, group_size if group_size > 0 else -1, False)
     return QuantizedTensor(codes=unpack_awq_cols(qweight).t().contiguous(),
                            scales=scales.t().contiguous(),

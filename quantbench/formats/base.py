@@ -5,11 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
-import torch
-
 from quantbench.config import QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.finite import count_non_finite, describe_non_finite
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights
 from quantbench.tensor import QuantizedTensor

@@ -8,14 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import CodebookGridConfig, Int8RowGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, Format
 from quantbench.formats.gptq import module_of, quant_method, refuse_embeddings, untargeted_modules
 from quantbench.formats.packing import pack_nibbles_hi_first, unpack_nibbles_hi_first
 from quantbench.jsonfile import NonFiniteJSON, dumps
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.loader import DTYPES
 from quantbench.models.weights import LazyWeights

@@ -6,13 +6,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, Format, require_int_grid
 from quantbench.formats.packing import (pack_bits_lsb_cols, pack_bits_lsb_rows,
                                         unpack_bits_lsb_cols, unpack_bits_lsb_rows)
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import register_format

@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from quantbench.config import EXL2GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, Format
@@ -21,6 +19,7 @@ from quantbench.formats.gptq import (model_dtype, module_of, quant_method, refus
                                      split_names)
 from quantbench.formats.packing import (pack_bits_lsb_cols, pack_bits_lsb_rows,
                                         unpack_bits_lsb_cols, unpack_bits_lsb_rows)
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
 from quantbench.quant.exl2.grid import group_layout
@@ -113,9 +112,10 @@ def mix_of(layout: list[tuple[int, int]], in_features: int) -> EXL2GridConfig:
 
 def exl2_decode(parts: Mapping[str, torch.Tensor], out_features: int,
                 grid: EXL2GridConfig | None = None,
-                dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+                dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Inverse of :func:`exl2_encode`; ``grid`` is the mix when known (our manifest), else
     one is derived from ``q_groups``."""
+    dtype = dtype or torch.float16
     invperm = parts["q_invperm"].to(torch.int64)
     in_f = invperm.numel()
     q_weight = parts["q_weight"]

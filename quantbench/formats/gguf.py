@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
-
 from quantbench.config import GGUFGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError, ModelLoadError
 from quantbench.formats.base import Artifact, Format, finite, read_manifest
 from quantbench.formats.gguf_meta import qk_permute_heads
+from quantbench.lazy import numpy as np, torch
 from quantbench.models.gguf_import import (GENERATED, hf_config_from_gguf, hf_name, permute_qk,
                                            unpermute_qk)
 from quantbench.quant.gguf.codec import get_codec

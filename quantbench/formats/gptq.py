@@ -9,13 +9,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
-import torch
-
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, Format, require_int_grid
 from quantbench.formats.packing import pack_bits_lsb_rows, unpack_bits_lsb_rows
 from quantbench.jsonfile import dumps
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.loader import DTYPES
 from quantbench.models.weights import LazyWeights
@@ -134,10 +133,11 @@ def gptq_encode(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def gptq_decode(parts: Mapping[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                v1: bool, dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+                v1: bool, dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Inverse of ``gptq_encode``; v1 zeros come back as stored + 1 (no wrap, as the kernels
     compute). A trivial g_idx (``c // g``) becomes None; a ``sym`` file whose zeros are not
     all ``2**(b-1)`` is returned on a zero-point grid with its zeros."""
+    dtype = dtype or torch.float16
     qweight, g_idx = parts["qweight"], parts.get("g_idx")
     out_f = qweight.shape[1]
     in_f = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // bits

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from quantbench.errors import FormatError, ModelLoadError
 from quantbench.faults import failpoint
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
@@ -19,6 +18,7 @@ from quantbench.formats.outputs import (atomic_output_dir, check_output,  # noqa
                                         check_output_space, estimate_output_bytes, model_paths)
 from quantbench.jsonfile import NonFiniteJSON, dumps, with_nulls
 from quantbench.inputs import read_json_object
+from quantbench.lazy import torch
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import format_names, get_format
 from quantbench.tensor import QuantizedTensor

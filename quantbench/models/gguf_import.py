@@ -11,13 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-import torch
 from safetensors.torch import save_file
 
 from quantbench.errors import ModelLoadError
 from quantbench.formats.gguf_meta import permute_qk, unpermute_qk  # noqa: F401  (re-exported)
 from quantbench.jsonfile import NonFiniteJSON, dumps
+from quantbench.lazy import numpy as np, torch
 from quantbench.models.arch import ARCHITECTURES, LLAMA, ArchSpec
 
 log = logging.getLogger(__name__)
@@ -289,9 +288,10 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
         yield name, (unpermute_qk(w, heads) if heads else w), t.tensor_type.name
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float16,
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype | None = None,
                        tokenizer: bool = True) -> dict[str, Any]:
     """Write config.json, model.safetensors, generation_config.json and the tokenizer."""
+    dtype = dtype or torch.float16
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open(gguf_path)
     config = hf_config_from_gguf(reader, str(gguf_path))

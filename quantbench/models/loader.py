@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from quantbench.errors import ModelLoadError
 from quantbench.inputs import os_error_message, read_json_object
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights, load_pickled_weights
 

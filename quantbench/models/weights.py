@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from quantbench.errors import ModelLoadError
 from quantbench.finite import count_non_finite, describe_non_finite
 from quantbench.inputs import os_error_message
+from quantbench.lazy import torch
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
-import torch
-
 from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, QuantizeConfig,
                                TargetConfig)
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.models.loader import Model
 from quantbench.quant.methods.base import Method
 from quantbench.registry import get_method

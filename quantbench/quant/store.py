@@ -18,7 +18,6 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,6 +26,7 @@ from quantbench.config import grid_from_dict
 from quantbench.jsonfile import dumps, with_nulls
 from quantbench.diskspace import reported
 from quantbench.faults import failpoint
+from quantbench.lazy import torch
 from quantbench.models.cache import cache_root
 from quantbench.tensor import QuantizedTensor
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, TypeVar
 
-import torch
-
 from quantbench.errors import ConfigError
 from quantbench.finite import count_non_finite
+from quantbench.lazy import torch
 
 if TYPE_CHECKING:
     from quantbench.quant.gptq import GPTQStats

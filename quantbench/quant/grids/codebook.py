@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.quant import bnb
 from quantbench.quant.grids.base import Grid, packed_bits, register_grid
 from quantbench.ranges import Range
