@@ -10,10 +10,14 @@ block quantization (blocks run along rows), so methods work in the HF layout.
 
 The reader opens any llama-family GGUF (ours or llama.cpp's): quantized 2-D tensors become
 QuantizedTensors holding the block bytes, the rest dequantized floats.
+
+gguf-py (and numpy) is imported by the functions that read or write a GGUF file, not by this
+module: registering the format costs a command that never touches a GGUF nothing.
 """
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +25,8 @@ from typing import Any, Callable, Iterator
 
 from quantbench.config import GGUFGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError, ModelLoadError
-from quantbench.formats.base import Artifact, Format, finite, read_manifest
-from quantbench.formats.gguf_meta import qk_permute_heads
+from quantbench.formats.base import Artifact, Format, TensorSummary, finite, read_manifest
 from quantbench.lazy import numpy as np, torch
-from quantbench.models.gguf_import import (GENERATED, hf_config_from_gguf, hf_name, permute_qk,
-                                           unpermute_qk)
 from quantbench.quant.gguf.codec import get_codec
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
@@ -69,6 +70,8 @@ def plan_file(qmodel) -> list[PlannedTensor]:
 
 
 def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndarray:
+    from quantbench.formats.gguf_meta import permute_qk, qk_permute_heads
+
     if isinstance(value, QuantizedTensor):
         if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
             raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "
@@ -209,6 +212,8 @@ class GGUFWeights:
     rows back in the HF layout); the file is memory-mapped by gguf-py, read per tensor."""
 
     def __init__(self, file: Path, reader, config: dict[str, Any]):
+        from quantbench.models.gguf_import import GENERATED, hf_name
+
         self.file, self.config = file, config
         self.tensors = {}
         for t in reader.tensors:
@@ -235,11 +240,24 @@ class GGUFWeights:
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32
 
+    def dtype_name(self, name: str) -> str:
+        """What :meth:`get` returns: float32 (quantized or not, dequantized)."""
+        return "float32"
+
+    def element_bits(self, name: str) -> int:
+        return 32
+
+    def n_bytes(self, name: str) -> int:
+        """The tensor's bytes in the file."""
+        return int(self.tensors[name].n_bytes)
+
     def ggml_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
     def raw(self, name: str) -> torch.Tensor:
         """The stored bytes ``[rows, row_bytes]`` (HF row order)."""
+        from quantbench.formats.gguf_meta import qk_permute_heads, unpermute_qk
+
         t = self.tensors[name]
         shape = self.shape(name)
         data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).copy())
@@ -258,7 +276,12 @@ class GGUFWeights:
             yield name, self.get(name)
 
 
-def read_gguf(path: Path) -> Artifact:
+def read_gguf(path: Path, headers_only: bool = False) -> Artifact:
+    """A GGUF file as an artifact; ``headers_only``: its config holds only what the metadata
+    gives (no transformers config class: ``hf_config_from_gguf(full=False)``), for
+    ``Artifact.summary`` (``quantbench inspect``)."""
+    from quantbench.models.gguf_import import hf_config_from_gguf  # (gguf-py: numpy)
+
     file = find_gguf(path)
     if file is None:
         raise FormatError(f"{path} holds no GGUF file")
@@ -271,7 +294,7 @@ def read_gguf(path: Path) -> Artifact:
                               "which quantbench does not read; re-quantize with one of its "
                               "types") from exc
     try:
-        config = hf_config_from_gguf(reader)
+        config = hf_config_from_gguf(reader, full=not headers_only)
     except ModelLoadError as exc:
         raise FormatError(f"{file}: {exc}") from exc
     weights = GGUFWeights(file, reader, config)
@@ -286,10 +309,19 @@ def read_gguf(path: Path) -> Artifact:
                                grid=GGUFGridConfig(weights.ggml_type(name)),
                                dtype=torch.float16)
 
+    def summarize(art: Artifact, name: str) -> TensorSummary:
+        """``decode``'s shape, grid and bits from the header: rows of whole blocks."""
+        grid = GGUFGridConfig(weights.ggml_type(name))
+        rows, n_bytes = math.prod(weights.shape(name)[:-1]), weights.n_bytes(name)
+        codec = grid.codec
+        return TensorSummary((rows, n_bytes // rows // codec.type_size * codec.block_size),
+                             grid, n_bytes * 8)
+
     manifest = read_manifest(file.parent) if file.name == GGUF_FILE else None
     return Artifact(path=Path(path), format="gguf", config=config, weights=weights,
-                    manifest=manifest, decode=decode, quantized_names=quantized,
-                    plain_names=plain, runtime={"gguf_activations": _activations(weights)})
+                    manifest=manifest, decode=decode, summarize=summarize,
+                    quantized_names=quantized, plain_names=plain,
+                    runtime={"gguf_activations": _activations(weights)})
 
 
 def _activations(weights: GGUFWeights) -> dict[str, str]:

@@ -89,4 +89,9 @@ class CodebookGridConfig(Grid):
     def storage_bits(self, qt: QuantizedTensor) -> int:
         """Codes, absmax (and nested statistics) plus the tables bitsandbytes stores beside
         every weight."""
-        return packed_bits(qt, self.bits) + 16 * 32 + (256 * 32 if qt.aux else 0)
+        return packed_bits(qt, self.bits) + self.table_bits(bool(qt.aux))
+
+    @staticmethod
+    def table_bits(nested: bool) -> int:
+        """The 16-entry quant_map (and, with nested statistics, their 256-entry map)."""
+        return 16 * 32 + (256 * 32 if nested else 0)
