@@ -193,13 +193,16 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
-def open_reader(file: Path):
-    """gguf-py's reader, after the bounded header walk (``gguf_check``)."""
+def open_reader(file: Path, headers_only: bool = False):
+    """gguf-py's reader, after the bounded header walk (``gguf_check``); ``headers_only``: the
+    walk's own view of the file (``HeaderReader``: no array item or tensor data decoded)."""
+    from quantbench.formats.gguf_check import HeaderReader, check_gguf
+
+    header = check_gguf(file, FormatError)
+    if headers_only:
+        return HeaderReader(file, header)
     import gguf
 
-    from quantbench.formats.gguf_check import check_gguf
-
-    check_gguf(file, FormatError)
     try:
         return gguf.GGUFReader(str(file))
     except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
@@ -235,7 +238,7 @@ class GGUFWeights:
         return [self.file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
 
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32
@@ -285,7 +288,7 @@ def read_gguf(path: Path, headers_only: bool = False) -> Artifact:
     file = find_gguf(path)
     if file is None:
         raise FormatError(f"{path} holds no GGUF file")
-    reader = open_reader(file)
+    reader = open_reader(file, headers_only)
     for t in reader.tensors:  # a type we cannot decode is the first thing to say
         try:
             get_codec(t.tensor_type.name)

@@ -211,7 +211,7 @@ def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
             name = spec.hf_tensor_name(t.name)
         except ModelLoadError as exc:
             raise ctx.fail(str(exc)) from exc
-        shapes[name] = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shapes[name] = tuple(int(d) for d in reversed(t.shape))
     check_tensors(config, spec, shapes, ctx)
 
 
