@@ -97,3 +97,26 @@ def test_a_damaged_artifact_is_refused_without_torch(artifacts, tmp_path):
     run = _run(tmp_path, "inspect", str(art))
     assert run["code"] == 2 and "quantize_config.json" in run["stderr"], run["stderr"]
     assert run["loaded"] == []
+
+
+def test_import_quantbench_loads_its_api_on_first_use(tmp_path):
+    """``import quantbench`` imports neither the API modules nor torch; every name of
+    ``__all__`` is there (``dir``) and resolves."""
+    code = ("import json, sys, quantbench; "
+            "before = sorted(m for m in ('quantbench.api', 'quantbench.config', 'torch') "
+            "if m in sys.modules); "
+            "listed = sorted(set(quantbench.__all__) - set(dir(quantbench))); "
+            "from quantbench import QuantizeConfig, quantize; "
+            "resolved = [n for n in quantbench.__all__ if getattr(quantbench, n) is not None]; "
+            "print(json.dumps([before, listed, len(resolved) == len(quantbench.__all__)]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    before, missing_from_dir, all_resolve = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert before == [] and missing_from_dir == [] and all_resolve
+    import quantbench
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        quantbench.nope  # noqa: B018

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantbench import tempfiles
 from quantbench.config import grid_from_dict
@@ -104,6 +103,8 @@ class BlockStore:
             else:
                 flat[name] = _own(value, seen)
                 entries[name] = None
+        from safetensors.torch import save_file  # (imports torch, as the tensors here did)
+
         with reported(self.directory, hint=HINT):
             save_file(flat, str(self._path(len(self.labels))),
                       {_META_KEY: dumps({"label": label, "entries": entries},
