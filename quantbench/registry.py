@@ -30,10 +30,16 @@ class Table:
         self._load = load
 
     def fill(self) -> None:
-        """Import the declared built-ins, once (each registers itself)."""
+        """Import the declared built-ins, once (each registers itself); a module that fails
+        to import fails every lookup that needs it, saying why, not just this one."""
         load, self._load = self._load, None
-        if load is not None:
+        if load is None:
+            return
+        try:
             load()
+        except BaseException:
+            self._load = load
+            raise
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         def decorator(cls: type[T]) -> type[T]:

@@ -11,15 +11,15 @@ from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, TensorSummary, require_int_grid
 from quantbench.formats.compressed_tensors import _dynamic_groups, _suggest_group
-from quantbench.formats.gptq import (ModuleTensorsFormat, check_scales, fp16_scales,
-                                     model_dtype, module_of, quant_settings, refuse_embeddings,
-                                     setting, split_names, tensors_fit, untargeted_modules)
+from quantbench.formats.gptq import (ModuleTensorsFormat, fp16_scales, model_dtype, module_of,
+                                     quant_settings, refuse_embeddings, setting, split_names,
+                                     tensors_fit, untargeted_modules)
 from quantbench.formats.packing import pack_awq_cols, unpack_awq_cols
 from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
 from quantbench.quant.grid import group_index
-from quantbench.quant.grids.base import count_bits
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -58,7 +58,7 @@ def awq_summary(weights, module: str, group_size: int) -> TensorSummary:
     in_f, out_f = weights.shape(f"{module}.qweight")[0], weights.shape(f"{module}.qweight")[1] * 8
     grid = IntGridConfig.from_group_size(4, group_size if group_size > 0 else -1, False)
     scales = weights.shape(f"{module}.scales")  # [groups, out]; decoded transposed
-    check_scales(scales[1], scales[0], out_f, grid.n_groups(in_f), False, grid.describe())
+    check_scale_shape(scales[1], scales[0], out_f, grid.n_groups(in_f), False, grid.describe())
     qzeros = weights.shape(f"{module}.qzeros")
     return TensorSummary((out_f, in_f), grid, count_bits(
         out_f * in_f, 4, math.prod(scales) * weights.element_bits(f"{module}.scales"),

@@ -11,8 +11,7 @@ from typing import Any
 from quantbench.config import CodebookGridConfig, Int8RowGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.base import Artifact, Format, TensorSummary
-from quantbench.formats.gptq import (check_scales, module_of, quant_method, refuse_embeddings,
-                                     untargeted_modules)
+from quantbench.formats.gptq import module_of, quant_method, refuse_embeddings, untargeted_modules
 from quantbench.formats.packing import pack_nibbles_hi_first, unpack_nibbles_hi_first
 from quantbench.jsonfile import NonFiniteJSON, dumps
 from quantbench.lazy import torch
@@ -20,7 +19,7 @@ from quantbench.models.arch import ArchSpec
 from quantbench.models.loader import torch_dtype
 from quantbench.models.weights import LazyWeights
 from quantbench.quant import bnb
-from quantbench.quant.grids.base import count_bits
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -119,7 +118,7 @@ def summary_8bit(weights, module: str) -> TensorSummary:
     out_f, in_f = weights.shape(cb)
     n_scales = math.prod(weights.shape(get.present(f"{module}.SCB")))
     grid = Int8RowGridConfig()
-    check_scales(n_scales, 1, out_f, 1, False, grid.describe())
+    check_scale_shape(n_scales, 1, out_f, 1, False, grid.describe())
     return TensorSummary((out_f, in_f), grid, count_bits(out_f * in_f, grid.bits, n_scales * 32))
 
 

@@ -15,7 +15,7 @@ from quantbench.formats.packing import (pack_bits_lsb_cols, pack_bits_lsb_rows,
 from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
-from quantbench.quant.grids.base import count_bits
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -149,8 +149,6 @@ def _grid_from_args(args: dict[str, Any], path: Path) -> IntGridConfig:
 
 def _summary(weights, module: str, grid: IntGridConfig) -> TensorSummary:
     """What :func:`_decode` gives for ``module``, from the headers and its ``weight_shape``."""
-    from quantbench.formats.gptq import check_scales
-
     try:
         out_f, in_f = weights.ints(f"{module}.weight_shape")
         rows = weights.shape(f"{module}.weight_packed")[0]
@@ -167,7 +165,7 @@ def _summary(weights, module: str, grid: IntGridConfig) -> TensorSummary:
         n_zeros = 1 if grid.granularity == "tensor" else out_f * zp[1]
     has_g_idx = f"{module}.weight_g_idx" in weights
     scale_rows, groups = scales
-    check_scales(scale_rows, groups, rows, grid.n_groups(in_f), has_g_idx, grid.describe())
+    check_scale_shape(scale_rows, groups, rows, grid.n_groups(in_f), has_g_idx, grid.describe())
     return TensorSummary((rows, in_f), grid, count_bits(
         rows * in_f, grid.bits,
         math.prod(scales) * weights.element_bits(f"{module}.weight_scale"), n_zeros=n_zeros))

@@ -20,7 +20,7 @@ from quantbench.models.arch import ArchSpec
 from quantbench.models.loader import torch_dtype
 from quantbench.models.weights import LazyWeights
 from quantbench.quant.grid import group_index
-from quantbench.quant.grids.base import count_bits
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -179,7 +179,7 @@ def gptq_summary(weights, module: str, bits: int, group_size: int, sym: bool,
     if g_idx == trivial:
         g_idx = None  # the decode drops a g_idx that says c // g
     scales = weights.shape(f"{module}.scales")  # [groups, out]; decoded transposed
-    check_scales(scales[1], scales[0], out_f, grid.n_groups(in_f), g_idx is not None,
+    check_scale_shape(scales[1], scales[0], out_f, grid.n_groups(in_f), g_idx is not None,
                  grid.describe())
     return TensorSummary((out_f, in_f), grid, count_bits(
         out_f * in_f, bits, math.prod(scales) * weights.element_bits(f"{module}.scales"),
@@ -193,15 +193,6 @@ def all_packed(data: bytes, words: int, bits: int, n: int, value: int) -> bool:
     mask, step = (1 << n * bits) - 1, 4 * words
     return all(int.from_bytes(data[i:i + step], "little") & mask == want
                for i in range(0, len(data), step))
-
-
-def check_scales(rows: int, groups: int, out_f: int, n_groups: int, has_g_idx: bool,
-                 describe: str) -> None:
-    """``check_group_scales`` of the decoded tensor, from the scales' stored shape."""
-    if rows not in (1, out_f):
-        raise ValueError("scales rows must be 1 or out_features")
-    if groups != n_groups and not has_g_idx:
-        raise ValueError(f"scales have {groups} groups, grid {describe} needs {n_groups}")
 
 
 @contextlib.contextmanager

@@ -114,7 +114,12 @@ def declare(load: Callable[[], None]) -> None:
 
 def _fill() -> None:
     while _LOAD:
-        _LOAD.pop()()
+        load = _LOAD.pop()
+        try:
+            load()
+        except BaseException:  # tried again by the next lookup, which says why again
+            _LOAD.append(load)
+            raise
 
 
 def get_codec(name: str) -> BlockCodec:

@@ -92,9 +92,15 @@ def count_bits(numel: int, code_bits: float, scale_bits: int, aux_bits: int = 0,
 def check_group_scales(qt: "QuantizedTensor", n_groups: int, describe: str) -> None:
     """Scales ``[out or 1, n_groups]`` (any group count when ``g_idx`` says where they go)."""
     rows, groups = qt.scales.shape
-    if rows not in (1, qt.codes.shape[0]):
+    check_scale_shape(rows, groups, qt.codes.shape[0], n_groups, qt.g_idx is not None, describe)
+
+
+def check_scale_shape(rows: int, groups: int, out_features: int, n_groups: int,
+                      has_g_idx: bool, describe: str) -> None:
+    """:func:`check_group_scales` from the sizes alone (what ``inspect`` has: headers)."""
+    if rows not in (1, out_features):
         raise ValueError("scales rows must be 1 or out_features")
-    if groups != n_groups and qt.g_idx is None:
+    if groups != n_groups and not has_g_idx:
         raise ValueError(f"scales have {groups} groups, grid {describe} needs {n_groups}")
 
 
