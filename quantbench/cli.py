@@ -13,8 +13,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from quantbench.cli_options import calibration_options as _calibration_options
-from quantbench.cli_options import flag_names
+from quantbench.cli_options import MethodOptionsCommand, flag_names
 from quantbench.errors import QuantbenchError
 
 out = Console()
@@ -125,7 +124,7 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-@cli.command()
+@cli.command(cls=MethodOptionsCommand)
 @click.argument("source")
 @click.option("--method", "-m", default=None,
               help="Quantizer (zeropoint; rtn with --type). See `quantbench list`.")
@@ -158,7 +157,6 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 @click.option("--json", "json_path", default=None, help="Write the manifest summary here.")
 @click.option("--plan", is_flag=True,
               help="Only estimate time and peak memory for this run; write nothing.")
-@_calibration_options
 def convert(source, method, gguf_type, bits, group_size, symmetric, fmt, output, include,
             exclude, quantize_embeddings, quantize_lm_head, overwrite, trust_remote_code,
             allow_non_finite, json_path, plan, **calibration):
@@ -309,7 +307,7 @@ def _print_bits(artifacts: dict[str, dict[str, Any]]) -> None:
         out.print(f"{escape(name)}: {describe(summary)}")  # wrapped at the console's width
 
 
-@cli.command()
+@cli.command(cls=MethodOptionsCommand)
 @click.argument("source")
 @click.option("--method", "-m", "methods", default="absmax,zeropoint", show_default=True,
               callback=_csv(str))
@@ -325,7 +323,6 @@ def _print_bits(artifacts: dict[str, dict[str, Any]]) -> None:
 @click.option("--plot", "plot_path", default="compare.png", show_default=True)
 @_no_verify_option("SOURCE (when it is a quantbench output) and the artifacts written")
 @_wide_option
-@_calibration_options
 def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_windows,
             scoring, data, no_cache, json_path, plot_path, no_verify, wide, **calibration):
     """Quantize SOURCE with each method × bits, evaluate all, print a table, save JSON + plot.
@@ -431,15 +428,14 @@ def _num(value: Any, spec: str) -> str:
 @cli.command(name="list")
 def list_cmd():
     """Registered methods and formats."""
-    from quantbench.registry import format_names, get_format, get_method, method_names
+    from quantbench.registry import FORMATS, METHODS  # names and descriptions, none imported
 
-    for title, names, lookup in (("methods", method_names(), get_method),
-                                 ("formats", format_names(), get_format)):
+    for title, registered in (("methods", METHODS), ("formats", FORMATS)):
         table = Table(title=title)
         table.add_column("name")
         table.add_column("what")
-        for name in names:
-            table.add_row(name, escape(lookup(name).description))
+        for name, description in registered.descriptions().items():
+            table.add_row(name, escape(description))
         out.print(table)
 
 

@@ -149,6 +149,21 @@ def _help(flag: MethodFlag) -> str:
     return text
 
 
+class MethodOptionsCommand(click.Command):
+    """A command that takes every method option (``convert``, ``compare``): they are added
+    after its own options the first time click needs its parameters (to parse its arguments
+    or print its help), not when the CLI is imported, so the other commands import no
+    method."""
+
+    _method_options_added = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._method_options_added:
+            self._method_options_added = True
+            self.params.extend(reversed(calibration_options(lambda: None).__click_params__))
+        return super().get_params(ctx)
+
+
 def calibration_options(f):
     """The method options of ``quantbench convert`` (each a field of a method's options
     dataclass), as click options on ``f``."""

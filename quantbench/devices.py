@@ -1,9 +1,8 @@
 """Where the heavy maths runs: ``--device auto|cpu|cuda|cuda:N``."""
 from __future__ import annotations
 
-import torch
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 
 CPU = torch.device("cpu")
 

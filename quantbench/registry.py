@@ -1,7 +1,11 @@
 """Name → class registries for quantization methods and checkpoint formats.
 
-Leaf tables: they never import their entries. ``quantbench/builtins.py`` (imported by
-``quantbench/__init__.py``) imports the built-in methods and formats, which register here."""
+Leaf tables: they never import their entries. A class registers itself when its module is
+imported (``register_method`` / ``register_format``); the built-ins are also *declared* by name
+and description (``quantbench/builtins.py``, imported by ``quantbench/__init__.py``) with a
+loader that imports their modules, which a table runs the first time a lookup needs a class
+it does not hold yet. So naming and describing the built-ins (``quantbench list``) imports
+none of them, and anything that needs a class gets every built-in of its kind."""
 from __future__ import annotations
 
 from typing import Callable, Iterable, TypeVar
@@ -10,27 +14,76 @@ from quantbench.errors import ConfigError
 
 T = TypeVar("T")
 
-_METHODS: dict[str, type] = {}
-_FORMATS: dict[str, type] = {}
+
+class Table:
+    """The registered classes of one kind, and the declared built-ins not imported yet."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.classes: dict[str, type] = {}
+        self.declared: dict[str, str] = {}  # name → description, known before any import
+        self._load: Callable[[], None] | None = None
+
+    def declare(self, descriptions: dict[str, str], load: Callable[[], None]) -> None:
+        """Built-ins known by name and description; ``load`` imports (registers) them."""
+        self.declared.update(descriptions)
+        self._load = load
+
+    def fill(self) -> None:
+        """Import the declared built-ins, once (each registers itself); a module that fails
+        to import fails every lookup that needs it, saying why, not just this one."""
+        load, self._load = self._load, None
+        if load is None:
+            return
+        try:
+            load()
+        except BaseException:
+            self._load = load
+            raise
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def decorator(cls: type[T]) -> type[T]:
+            if name in self.classes and self.classes[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is already registered by "
+                                 f"{self.classes[name].__name__}")
+            self.classes[name] = cls
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
+
+        return decorator
+
+    def get(self, name: str) -> type:
+        if name not in self.classes:
+            self.fill()
+        if name not in self.classes:
+            known = ", ".join(sorted(self.classes)) or "none"
+            hint = did_you_mean(name, self.classes)
+            raise ConfigError(f"unknown {self.kind} {name!r}; {hint}choose one of: {known}")
+        return self.classes[name]
+
+    def names(self) -> list[str]:
+        self.fill()
+        return sorted(self.classes)
+
+    def descriptions(self) -> dict[str, str]:
+        """Name → one-line description of every entry, without importing a built-in."""
+        found = dict(self.declared)
+        found.update({name: cls.description for name, cls in self.classes.items()})
+        return dict(sorted(found.items()))
 
 
-def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type[T]], type[T]]:
-    def decorator(cls: type[T]) -> type[T]:
-        if name in table and table[name] is not cls:
-            raise ValueError(f"{kind} {name!r} is already registered by {table[name].__name__}")
-        table[name] = cls
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-
-    return decorator
+METHODS = Table("method")
+FORMATS = Table("format")
+_METHODS = METHODS.classes
+_FORMATS = FORMATS.classes
 
 
 def register_method(name: str) -> Callable[[type[T]], type[T]]:
-    return _register(_METHODS, "method", name)
+    return METHODS.register(name)
 
 
 def register_format(name: str) -> Callable[[type[T]], type[T]]:
-    return _register(_FORMATS, "format", name)
+    return FORMATS.register(name)
 
 
 def did_you_mean(name: object, choices: Iterable[str], show: Callable[[str], str] = repr
@@ -54,25 +107,17 @@ def did_you_mean(name: object, choices: Iterable[str], show: Callable[[str], str
     return f"did you mean {show(chosen)}? "
 
 
-def _get(table: dict[str, type], kind: str, name: str) -> type:
-    if name not in table:
-        known = ", ".join(sorted(table)) or "none"
-        hint = did_you_mean(name, table)
-        raise ConfigError(f"unknown {kind} {name!r}; {hint}choose one of: {known}")
-    return table[name]
-
-
 def get_method(name: str) -> type:
-    return _get(_METHODS, "method", name)
+    return METHODS.get(name)
 
 
 def get_format(name: str) -> type:
-    return _get(_FORMATS, "format", name)
+    return FORMATS.get(name)
 
 
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def format_names() -> list[str]:
-    return sorted(_FORMATS)
+    return FORMATS.names()

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+from quantbench.lazy import torch
 
 if TYPE_CHECKING:
     from quantbench.quant.grids.base import Grid
@@ -42,7 +42,7 @@ class QuantizedTensor:
     scales: torch.Tensor
     zeros: torch.Tensor | None
     grid: "Grid"
-    dtype: torch.dtype = torch.float16
+    dtype: torch.dtype = field(default_factory=lambda: torch.float16)
     g_idx: torch.Tensor | None = None
     perm: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
+from quantbench.lazy import torch
 
 
 class single_threaded:

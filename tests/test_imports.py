@@ -4,8 +4,16 @@ The graph is read from the source with ``ast``: every ``import`` / ``from ... im
 at module level or inside a function (a deferred import that closes a loop is still a loop;
 only imports under ``if TYPE_CHECKING:`` are left out, they never run). ``import a.b.c`` also
 depends on the packages ``a`` and ``a.b`` (their ``__init__`` runs first), except on the
-importing module's own parent packages. Built-in methods, formats and GGUF codecs register in
-one top module, ``quantbench/builtins.py``, so the registries never import their entries.
+importing module's own parent packages. The registries never import their entries: the
+built-in methods, formats and GGUF codecs are declared to them by one top module,
+``quantbench/builtins.py`` (a catalogue: name → module), with a loader that imports those
+modules by name (``importlib``, so not an edge of this graph) the first time a lookup needs a
+class — by then the registry is fully imported, and an entry importing it closes no loop; an
+entry that imported ``quantbench.builtins`` would, and is caught here.
+
+And no module imports a heavy library (torch, numpy, transformers, gguf-py) when it is
+imported: they are named through ``quantbench/lazy.py`` or imported in the functions using
+them, so the commands that compute nothing stay fast (``tests/test_fast_commands.py``).
 """
 from __future__ import annotations
 
@@ -152,7 +160,8 @@ def test_the_checker_sees_deferred_and_parent_package_imports(tmp_path):
 
 
 def test_registration_does_not_depend_on_import_order():
-    """The registries fill from ``quantbench/builtins.py`` whichever module is imported first."""
+    """The registries fill from ``quantbench/builtins.py`` whichever module is imported first
+    (``quantbench/__init__.py`` declares the built-ins before any submodule runs)."""
     code = ("import quantbench.registry; from quantbench.registry import get_method, get_format; "
             "get_method('gptq'); get_format('gguf'); "
             "from quantbench.quant.gguf.codec import get_codec; get_codec('Q2_K'); "
@@ -162,3 +171,49 @@ def test_registration_does_not_depend_on_import_order():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+HEAVY = ("torch", "numpy", "transformers", "safetensors.torch", "gguf")
+# gguf-py's value types name the metadata of a GGUF: these modules are imported only where a
+# GGUF is read or written (``formats/gguf.py`` imports them in its functions)
+GGUF_MODULES = {"quantbench.formats.gguf_check", "quantbench.formats.gguf_kv",
+                "quantbench.formats.gguf_meta", "quantbench.formats.gguf_special",
+                "quantbench.formats.gguf_vocab"}
+
+
+def _module_level_imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import that runs when the module is imported: outside
+    functions and ``if TYPE_CHECKING:`` (class bodies run at import too)."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.append((node.lineno, node.module or ""))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_no_module_imports_a_heavy_library_when_imported():
+    """torch, numpy, transformers and safetensors' torch bindings are imported where they are
+    used (``quantbench/lazy.py``), so importing any part of quantbench — and every command that
+    computes nothing — stays cheap (``tests/test_fast_commands.py`` runs those commands)."""
+    offenders = []
+    for module, path in _modules(PACKAGE).items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for line, name in _module_level_imports(tree):
+            heavy = next((h for h in HEAVY if name == h or name.startswith(h + ".")), None)
+            if heavy and not (heavy == "gguf" and module in GGUF_MODULES):
+                offenders.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not offenders, "import these in the functions that use them, or name them " \
+        "through quantbench.lazy:\n" + "\n".join(offenders)

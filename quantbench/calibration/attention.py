@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import torch
+from quantbench.lazy import torch
 
 PROBE = "quantbench_probe"
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
-
 from quantbench.devices import CPU
 from quantbench.errors import QuantbenchError
 from quantbench.finite import count_non_finite
+from quantbench.lazy import torch
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
 
-QuantizeManyFn = Callable[[list[str], list[torch.Tensor], Any], "list[Any] | None"]
+QuantizeManyFn = Callable[[list[str], "list[torch.Tensor]", Any], "list[Any] | None"]
 
 
 @dataclass

@@ -1,8 +1,7 @@
 """Statistics collectors: each accumulates one quantity from a linear layer's inputs."""
 from __future__ import annotations
 
-import numpy as np
-import torch
+from quantbench.lazy import numpy as np, torch
 
 
 class HessianCollector:

@@ -10,10 +10,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from quantbench.errors import QuantbenchError
 from quantbench.eval.data import load_eval_text
+from quantbench.lazy import torch
 
 BUNDLED_C4 = "c4-validation-head1025.jsonl.gz"
 

@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
-import torch
-
 from quantbench.errors import ConfigError, FormatError
+from quantbench.lazy import numpy as np, torch
 
 log = logging.getLogger(__name__)
 

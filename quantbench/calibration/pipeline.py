@@ -14,8 +14,6 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-
 from quantbench.calibration.attention import HeadHessians
 from quantbench.calibration.blocks import (BlockContext, Captured, QuantizeManyFn,  # noqa: F401
                                            _run, _set, _skeleton, call_mixer, capture_inputs,
@@ -26,6 +24,7 @@ from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_thresho
 from quantbench.devices import CPU
 from quantbench.errors import QuantbenchError
 from quantbench.finite import count_non_finite
+from quantbench.lazy import torch
 from quantbench.models.arch import Sublayer
 from quantbench.models.loader import Model
 
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # quantize_fn(weight name, weight, statistic or None) -> QuantizedTensor
-QuantizeFn = Callable[[str, torch.Tensor, Any], Any]
+QuantizeFn = Callable[[str, "torch.Tensor", Any], Any]
 
 
 def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch.Tensor] | None,

@@ -14,10 +14,9 @@ import functools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from quantbench.devices import CPU, resolve_device
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.models.loader import Model
 from quantbench.registry import get_method
 

@@ -8,10 +8,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from quantbench.errors import QuantbenchError
 from quantbench.inputs import read_text
+from quantbench.lazy import torch
 
 BUNDLED = "wikitext-2-raw-test.txt.gz"
 

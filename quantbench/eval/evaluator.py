@@ -11,20 +11,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 from quantbench.errors import EvalError, QuantbenchError
 from quantbench.eval.data import load_eval_text, make_windows, tokenize_for_eval
 from quantbench.eval.metrics import (WindowStats, non_finite_window, perplexity, score_window,
                                      summarize)
 from quantbench.eval.protocol import EvalProtocol
 from quantbench.jsonfile import dumps, non_finite
+from quantbench.lazy import numpy as np, torch
 from quantbench.progress import block_progress
 
 log = logging.getLogger(__name__)
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+LogitsFn = Callable[["torch.Tensor"], "torch.Tensor"]
 ModelFactory = Callable[[], LogitsFn]
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from quantbench.lazy import torch
 
 
 @dataclass

@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.devices import resolve_device
 from quantbench.errors import EvalError, QuantbenchError
 from quantbench.eval.evaluator import EvalReport, evaluate
@@ -15,6 +13,7 @@ from quantbench.eval.protocol import EvalProtocol
 from quantbench.formats.base import Artifact
 from quantbench.formats.io import open_artifact
 from quantbench.formats.manifest import record_eval, verify_artifact
+from quantbench.lazy import torch
 from quantbench.models.loader import Model, load_model
 from quantbench.models.runtime import apply_runtime
 from quantbench.models.torch_model import build_causal_lm, logits_fn

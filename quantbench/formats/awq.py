@@ -2,23 +2,24 @@
 Layout: FORMATS.md §2.2; config keys §2.4."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, require_int_grid
+from quantbench.formats.base import Artifact, TensorSummary, require_int_grid
 from quantbench.formats.compressed_tensors import _dynamic_groups, _suggest_group
 from quantbench.formats.gptq import (ModuleTensorsFormat, fp16_scales, model_dtype, module_of,
                                      quant_settings, refuse_embeddings, setting, split_names,
-                                     untargeted_modules)
+                                     tensors_fit, untargeted_modules)
 from quantbench.formats.packing import pack_awq_cols, unpack_awq_cols
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
 from quantbench.quant.grid import group_index
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -42,13 +43,26 @@ def awq_encode(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def awq_decode(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+               group_size: int, dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Inverse of ``awq_encode``: zeros are stored as they are (no −1 offset, §2.1)."""
+    dtype = dtype or torch.float16
     grid = IntGridConfig.from_group_size(4, group_size if group_size > 0 else -1, False)
     return QuantizedTensor(codes=unpack_awq_cols(qweight).t().contiguous(),
                            scales=scales.t().contiguous(),
                            zeros=unpack_awq_cols(qzeros).to(torch.int32).t().contiguous(),
                            grid=grid, dtype=dtype)
+
+
+def awq_summary(weights, module: str, group_size: int) -> TensorSummary:
+    """What :func:`awq_decode` gives for ``module``, from the headers alone."""
+    in_f, out_f = weights.shape(f"{module}.qweight")[0], weights.shape(f"{module}.qweight")[1] * 8
+    grid = IntGridConfig.from_group_size(4, group_size if group_size > 0 else -1, False)
+    scales = weights.shape(f"{module}.scales")  # [groups, out]; decoded transposed
+    check_scale_shape(scales[1], scales[0], out_f, grid.n_groups(in_f), False, grid.describe())
+    qzeros = weights.shape(f"{module}.qzeros")
+    return TensorSummary((out_f, in_f), grid, count_bits(
+        out_f * in_f, 4, math.prod(scales) * weights.element_bits(f"{module}.scales"),
+        n_zeros=qzeros[0] * qzeros[1] * 8))
 
 
 @register_format("awq")
@@ -109,20 +123,22 @@ class AWQFormat(ModuleTensorsFormat):
             raise FormatError(f"{path}: AWQ {bits}-bit zero_point={q.get('zero_point')} is not "
                               "supported; only 4-bit with zero points")
         group_size = int(setting(q, path, "group_size", "q_group_size"))
-        dtype = model_dtype(config, torch.float16)
         quantized, plain = split_names(weights, "qweight", SUFFIXES)
 
         def decode(art: Artifact, name: str) -> QuantizedTensor:
             module = module_of(name)
-            try:
+            with tensors_fit(module, "AWQ"):
                 parts = [art.weights.get(f"{module}.{s}") for s in SUFFIXES]
-                return awq_decode(*parts, group_size=group_size, dtype=dtype)
-            except KeyError as exc:
-                raise FormatError(f"{module} lacks {exc.args[0]}; the checkpoint is "
-                                  "incomplete") from exc
-            except ValueError as exc:
-                raise FormatError(f"{module}: AWQ tensors do not fit together ({exc})") from exc
+                return awq_decode(*parts, group_size=group_size,
+                                  dtype=model_dtype(config, torch.float16))
+
+        def summarize(art: Artifact, name: str) -> TensorSummary:
+            module = module_of(name)
+            with tensors_fit(module, "AWQ"):
+                for s in SUFFIXES:
+                    art.weights.shape(f"{module}.{s}")  # a missing part: KeyError naming it
+                return awq_summary(art.weights, module, group_size)
 
         return Artifact(path=path, format=self.name, config=config, weights=weights,
-                        manifest=manifest, decode=decode, quantized_names=quantized,
-                        plain_names=plain)
+                        manifest=manifest, decode=decode, summarize=summarize,
+                        quantized_names=quantized, plain_names=plain)

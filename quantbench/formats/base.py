@@ -5,11 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
-import torch
-
 from quantbench.config import QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.finite import count_non_finite, describe_non_finite
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights
 from quantbench.tensor import QuantizedTensor
@@ -18,6 +17,18 @@ MANIFEST = "quantbench.json"
 GGUF_FILE = "model.gguf"  # the GGUF inside an output directory (``-o NAME.gguf``: NAME.gguf)
 MANIFEST_VERSION = 1  # what build_manifest writes (formats/manifest.py) and the newest read
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """A quantized tensor as its file headers (and the small tensors beside it that hold its
+    settings) say it decodes: the logical shape, the grid and the bits it is stored in —
+    what ``QuantizedTensor.shape``, ``.grid`` and ``.storage_bits()`` of the decoded tensor
+    give, without reading its codes (``quantbench inspect``)."""
+
+    shape: tuple[int, ...]
+    grid: Any
+    storage_bits: int
 
 
 @dataclass
@@ -36,6 +47,7 @@ class Artifact:
     weights: LazyWeights
     manifest: dict[str, Any] | None = None
     decode: Callable[["Artifact", str], QuantizedTensor] | None = None
+    summarize: Callable[["Artifact", str], TensorSummary] | None = None  # decode, from headers
     quantized_names: list[str] = field(default_factory=list)
     plain_names: list[str] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)  # run-time settings, e.g. LLM.int8's threshold
@@ -48,25 +60,38 @@ class Artifact:
         return arch_for(self.config.get("model_type"))
 
     def quantized(self, name: str) -> QuantizedTensor:
-        if self.decode is None or name not in self.quantized_names:
+        qt = self._decoded(self.decode, name)
+        self._check_grid(name, qt.grid)
+        self._check_shape(name, qt.shape)
+        return qt
+
+    def summary(self, name: str) -> TensorSummary:
+        """:meth:`quantized` told from the headers: the same checks, no codes read."""
+        info = self._decoded(self.summarize, name)
+        self._check_grid(name, info.grid)
+        self._check_shape(name, info.shape)
+        return info
+
+    def _decoded(self, decode: Callable[["Artifact", str], Any] | None, name: str) -> Any:
+        if decode is None or name not in self.quantized_names:
             raise KeyError(name)
         try:
-            qt = self.decode(self, name)
+            return decode(self, name)
         except (ValueError, IndexError, KeyError) as exc:  # stored tensors and settings disagree
             detail = str(exc).splitlines()[0] if str(exc) else ""
             raise FormatError(f"{self.path}: quantized tensor {name} cannot be decoded with the "
                               f"settings its config states ({type(exc).__name__}: {detail}); "
                               "the config or the weights were edited: re-create the "
                               "artifact") from exc
-        self._check_grid(name, qt)
-        want = self.expected_shapes.get(name)
-        if want is not None and tuple(qt.shape) != tuple(want):
-            raise FormatError(f"{self.path}: quantized tensor {name} decodes to shape "
-                              f"{list(qt.shape)}, its manifest and config say {list(want)}; "
-                              "the artifact is damaged: re-create it")
-        return qt
 
-    def _check_grid(self, name: str, qt: QuantizedTensor) -> None:
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        want = self.expected_shapes.get(name)
+        if want is not None and tuple(shape) != tuple(want):
+            raise FormatError(f"{self.path}: quantized tensor {name} decodes to shape "
+                              f"{list(shape)}, its manifest and config say {list(want)}; "
+                              "the artifact is damaged: re-create it")
+
+    def _check_grid(self, name: str, grid: Any) -> None:
         """A decoded tensor is on the grid the manifest records, where the manifest records
         one grid for every tensor (integer, codebook): an edited quantization_config (bits,
         group size, zero points, nf4/fp4) that still decodes must not be scored silently."""
@@ -74,7 +99,7 @@ class Artifact:
         want = quantize.get("grid") if isinstance(quantize, dict) else None
         if not isinstance(want, dict) or want.get("kind") not in UNIFORM_GRIDS:
             return
-        got = qt.grid.to_dict()
+        got = grid.to_dict()
         if all(got.get(key) == value for key, value in want.items() if key != "version"):
             return
         raise FormatError(f"{self.path}: quantized tensor {name} is stored on grid "

@@ -8,18 +8,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import CodebookGridConfig, Int8RowGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, Format
+from quantbench.formats.base import Artifact, Format, TensorSummary
 from quantbench.formats.gptq import module_of, quant_method, refuse_embeddings, untargeted_modules
 from quantbench.formats.packing import pack_nibbles_hi_first, unpack_nibbles_hi_first
 from quantbench.jsonfile import NonFiniteJSON, dumps
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
-from quantbench.models.loader import DTYPES
+from quantbench.models.loader import torch_dtype
 from quantbench.models.weights import LazyWeights
 from quantbench.quant import bnb
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -57,23 +57,76 @@ def encode_8bit(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
             "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
-def decode_4bit(get, module: str, state_key: str) -> QuantizedTensor:
+def quant_state(raw: bytes, module: str, state_key: str
+                ) -> tuple[dict[str, Any], list[int], CodebookGridConfig]:
+    """A 4-bit linear's quant state (the JSON bitsandbytes stores as a uint8 tensor): the
+    state, the weight's shape and its grid, checked."""
     try:
-        state = json.loads(bytes(get(f"{module}.{state_key}").tolist()).decode("utf-8"))
+        state = json.loads(raw.decode("utf-8"))
         codebook, block = state["quant_type"], int(state["blocksize"])
         shape = [int(d) for d in state["shape"]]
-        dtype = DTYPES.get(state.get("dtype", "float16"), torch.float16)
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"{module}.{state_key} is not a valid bitsandbytes quant state "
                           f"({exc}); the checkpoint is damaged") from exc
     if state_key != STATE + codebook or len(shape) != 2:
         raise FormatError(f"{module}: quant state {state_key} says {codebook} {shape}; the "
                           "checkpoint is inconsistent")
-    nested = "nested_offset" in state
     try:
-        grid = CodebookGridConfig(codebook, block, nested)
+        grid = CodebookGridConfig(codebook, block, "nested_offset" in state)
     except ConfigError as exc:
         raise FormatError(f"{module}: {exc}") from exc
+    return state, shape, grid
+
+
+def summary_4bit(weights, module: str, state_key: str) -> TensorSummary:
+    """What :func:`decode_4bit` gives, from the headers and the quant state (the tables'
+    values are not compared)."""
+    get = _Getter(weights)
+    state, shape, grid = quant_state(weights.raw(get.present(f"{module}.{state_key}")), module,
+                                     state_key)
+    get.present(f"{module}.weight.quant_map")
+    n = shape[0] * shape[1]
+    get.present(f"{module}.weight")
+    absmax = f"{module}.weight.absmax"
+    n_blocks = math.prod(weights.shape(get.present(absmax)))
+    aux_bits = 0
+    if grid.double_quant:
+        if int(state.get("nested_blocksize", 256)) != grid.nested_block_size:
+            raise FormatError(f"{module}: only bitsandbytes' 256-block dynamic-map double "
+                              "quantization is supported")
+        get.present(f"{module}.weight.nested_quant_map")
+        aux_bits = math.prod(weights.shape(get.present(f"{module}.weight.nested_absmax"))) * 32
+        aux_bits += 32  # nested_offset, a float32 scalar
+    if n_blocks != grid.n_blocks(n):
+        raise ValueError(f"a {grid.describe()} weight of {n} values needs absmax of shape "
+                         f"(1, {grid.n_blocks(n)}), got (1, {n_blocks})")
+    bits = count_bits(n, grid.bits, n_blocks * weights.element_bits(absmax), aux_bits)
+    return TensorSummary(tuple(shape), grid, bits + grid.table_bits(grid.double_quant))
+
+
+def summary_8bit(weights, module: str) -> TensorSummary:
+    """What :func:`decode_8bit` gives, from the headers (and ``weight_format``)."""
+    get = _Getter(weights)
+    if f"{module}.weight_format" in get.names and weights.ints(f"{module}.weight_format")[0]:
+        fmt = weights.ints(f"{module}.weight_format")[0]
+        raise FormatError(f"{module}: weight_format {fmt} is a GPU tile layout; only the row "
+                          "layout (0) is supported")
+    cb = get.present(f"{module}.weight")
+    if weights.dtype_name(cb) != "int8":
+        raise FormatError(f"{module}.weight is torch.{weights.dtype_name(cb)}, not int8; the "
+                          "checkpoint is damaged")
+    out_f, in_f = weights.shape(cb)
+    n_scales = math.prod(weights.shape(get.present(f"{module}.SCB")))
+    grid = Int8RowGridConfig()
+    check_scale_shape(n_scales, 1, out_f, 1, False, grid.describe())
+    return TensorSummary((out_f, in_f), grid, count_bits(out_f * in_f, grid.bits, n_scales * 32))
+
+
+def decode_4bit(get, module: str, state_key: str) -> QuantizedTensor:
+    state, shape, grid = quant_state(bytes(get(f"{module}.{state_key}").tolist()), module,
+                                     state_key)
+    codebook, nested = grid.codebook, grid.double_quant
+    dtype = torch_dtype(state.get("dtype", "float16"), torch.float16)
     if not torch.equal(get(f"{module}.weight.quant_map").float(), bnb.codebook(codebook)):
         raise FormatError(f"{module}: a custom 4-bit quant_map is not supported; only the "
                           "standard nf4/fp4 tables")
@@ -112,9 +165,12 @@ class _Getter:
         self.names = set(weights.names())
 
     def __call__(self, name: str) -> torch.Tensor:
+        return self.weights.get(self.present(name))
+
+    def present(self, name: str) -> str:
         if name not in self.names:
             raise FormatError(f"{name} is missing; the bitsandbytes checkpoint is incomplete")
-        return self.weights.get(name)
+        return name
 
 
 @register_format("bitsandbytes")
@@ -167,7 +223,6 @@ class BitsAndBytesFormat(Format):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
                 or not math.isfinite(threshold):
             raise FormatError(f"{path}: llm_int8_threshold {threshold!r} is not a number")
-        dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float16)
         get = _Getter(weights)
         states = {n.split(f".{STATE}")[0]: n for n in get.names if f".{STATE}" in n}
         eight = sorted(n[: -len(".SCB")] for n in get.names if n.endswith(".SCB"))
@@ -187,9 +242,16 @@ class BitsAndBytesFormat(Format):
             g = get if art.weights is weights else _Getter(art.weights)
             if modules[module] == "4bit":
                 return decode_4bit(g, module, states[module][len(module) + 1:])
+            dtype = torch_dtype(config.get("dtype") or config.get("torch_dtype"), torch.float16)
             return decode_8bit(g, module, dtype)
+
+        def summarize(art: Artifact, name: str) -> TensorSummary:
+            module = module_of(name)
+            if modules[module] == "4bit":
+                return summary_4bit(art.weights, module, states[module][len(module) + 1:])
+            return summary_8bit(art.weights, module)
 
         runtime = {"llm_int8_threshold": float(threshold)} if eight else {}
         return Artifact(path=path, format=self.name, config=config, weights=weights,
-                        manifest=manifest, decode=decode, quantized_names=quantized,
-                        plain_names=plain, runtime=runtime)
+                        manifest=manifest, decode=decode, summarize=summarize,
+                        quantized_names=quantized, plain_names=plain, runtime=runtime)

@@ -2,19 +2,20 @@
 (with the compressed-tensors package) load. Layout: FORMATS.md §6."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, Format, require_int_grid
+from quantbench.formats.base import Artifact, Format, TensorSummary, require_int_grid
 from quantbench.formats.packing import (pack_bits_lsb_cols, pack_bits_lsb_rows,
                                         unpack_bits_lsb_cols, unpack_bits_lsb_rows)
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -132,8 +133,9 @@ class CompressedTensorsFormat(Format):
         packed = [n[: -len(".weight_packed")] for n in names if n.endswith(".weight_packed")]
         plain = [n for n in names if not n.endswith(SUFFIXES)]
         decode = lambda art, name: _decode(art.weights, _module(name), grid)  # noqa: E731
+        summarize = lambda art, name: _summary(art.weights, _module(name), grid)  # noqa: E731
         return Artifact(path=path, format=self.name, config=config, weights=weights,
-                        manifest=manifest, decode=decode,
+                        manifest=manifest, decode=decode, summarize=summarize,
                         quantized_names=[f"{m}.weight" for m in packed], plain_names=plain)
 
 
@@ -143,6 +145,30 @@ def _grid_from_args(args: dict[str, Any], path: Path) -> IntGridConfig:
                           "not supported; only int tensor/channel/group")
     return IntGridConfig(bits=int(args["num_bits"]), symmetric=bool(args["symmetric"]),
                          granularity=args["strategy"], group_size=int(args.get("group_size") or 0))
+
+
+def _summary(weights, module: str, grid: IntGridConfig) -> TensorSummary:
+    """What :func:`_decode` gives for ``module``, from the headers and its ``weight_shape``."""
+    try:
+        out_f, in_f = weights.ints(f"{module}.weight_shape")
+        rows = weights.shape(f"{module}.weight_packed")[0]
+        scales = weights.shape(f"{module}.weight_scale")
+    except KeyError as exc:
+        raise FormatError(f"{module} lacks {exc.args[0]}; the checkpoint is incomplete") from exc
+    if grid.granularity == "tensor":
+        if math.prod(scales) != 1:
+            raise ValueError(f"a per-tensor weight_scale holds one value, not {list(scales)}")
+        scales = (1, 1)
+    n_zeros = 0
+    if not grid.symmetric:
+        zp = weights.shape(f"{module}.weight_zero_point")
+        n_zeros = 1 if grid.granularity == "tensor" else out_f * zp[1]
+    has_g_idx = f"{module}.weight_g_idx" in weights
+    scale_rows, groups = scales
+    check_scale_shape(scale_rows, groups, rows, grid.n_groups(in_f), has_g_idx, grid.describe())
+    return TensorSummary((rows, in_f), grid, count_bits(
+        rows * in_f, grid.bits,
+        math.prod(scales) * weights.element_bits(f"{module}.weight_scale"), n_zeros=n_zeros))
 
 
 def _decode(weights: LazyWeights, module: str, grid: IntGridConfig) -> QuantizedTensor:

@@ -4,9 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.formats.base import Artifact, Format
+from quantbench.lazy import torch
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor

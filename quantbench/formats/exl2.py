@@ -9,21 +9,22 @@ multiple of 32 (codes ``2^(b−1)``, scale nibbles ``0xF``, as exllamav2's packe
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import Any, Iterator, Mapping
 
 from quantbench.config import EXL2GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, Format
+from quantbench.formats.base import Artifact, Format, TensorSummary
 from quantbench.formats.gptq import (model_dtype, module_of, quant_method, refuse_embeddings,
-                                     split_names)
+                                     split_names, tensors_fit)
 from quantbench.formats.packing import (pack_bits_lsb_cols, pack_bits_lsb_rows,
                                         unpack_bits_lsb_cols, unpack_bits_lsb_rows)
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
 from quantbench.models.weights import LazyWeights
-from quantbench.quant.exl2.grid import group_layout
+from quantbench.quant.exl2.grid import group_layout, total_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -60,11 +61,13 @@ def exl2_encode(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     }
 
 
-def read_groups(q_groups: torch.Tensor, in_features: int, qrows_total: int
+def read_groups(q_groups: list[int], in_features: int, qrows_total: int
                 ) -> list[tuple[int, int]]:
-    """``(bits, rows)`` per group from ``q_groups`` (rows from the next group's first
-    ``q_weight`` row, the last group takes what is left), checked against §4.3/§4.4."""
-    pairs = q_groups.to(torch.int64).reshape(-1, 2).tolist()
+    """``(bits, rows)`` per group from the values of ``q_groups`` (rows from the next group's
+    first ``q_weight`` row, the last group takes what is left), checked against §4.3/§4.4."""
+    if len(q_groups) % 2:
+        raise ValueError(f"q_groups holds {len(q_groups)} values, not (width, row) pairs")
+    pairs = [list(pair) for pair in zip(q_groups[0::2], q_groups[1::2])]
     if not pairs:
         raise ValueError("q_groups is empty")
     layout, covered = [], 0
@@ -113,13 +116,15 @@ def mix_of(layout: list[tuple[int, int]], in_features: int) -> EXL2GridConfig:
 
 def exl2_decode(parts: Mapping[str, torch.Tensor], out_features: int,
                 grid: EXL2GridConfig | None = None,
-                dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+                dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Inverse of :func:`exl2_encode`; ``grid`` is the mix when known (our manifest), else
     one is derived from ``q_groups``."""
+    dtype = dtype or torch.float16
     invperm = parts["q_invperm"].to(torch.int64)
     in_f = invperm.numel()
     q_weight = parts["q_weight"]
-    layout = read_groups(parts["q_groups"], in_f, q_weight.shape[0])
+    layout = read_groups(parts["q_groups"].to(torch.int64).reshape(-1).tolist(), in_f,
+                         q_weight.shape[0])
     out_pad = q_weight.shape[1]
     if out_pad % 32 or not out_pad - 32 < out_features <= out_pad:
         raise ValueError(f"q_weight has {out_pad} columns, not {out_features} padded to 32")
@@ -143,6 +148,24 @@ def exl2_decode(parts: Mapping[str, torch.Tensor], out_features: int,
     return QuantizedTensor(codes=codes, scales=(nibbles + 1).t().contiguous(), zeros=None,
                            grid=grid, dtype=dtype, perm=perm.to(torch.int32),
                            aux={"q_scale_max": parts["q_scale_max"].to(torch.float16)})
+
+
+def exl2_summary(weights, module: str, out_features: int,
+                 grid: EXL2GridConfig | None = None) -> TensorSummary:
+    """What :func:`exl2_decode` gives for ``module``, from the headers and ``q_groups``."""
+    in_f = math.prod(weights.shape(f"{module}.q_invperm"))
+    q_rows, out_pad = weights.shape(f"{module}.q_weight")
+    layout = read_groups(weights.ints(f"{module}.q_groups"), in_f, q_rows)
+    if out_pad % 32 or not out_pad - 32 < out_features <= out_pad:
+        raise ValueError(f"q_weight has {out_pad} columns, not {out_features} padded to 32")
+    if weights.shape(f"{module}.q_scale")[0] != len(layout) \
+            or math.prod(weights.shape(f"{module}.q_scale_max")) != len(layout):
+        raise ValueError(f"q_scale/q_scale_max do not have one row per group ({len(layout)})")
+    if grid is None:
+        grid = mix_of(layout, in_f)
+    elif group_layout(grid, in_f) != layout:
+        raise ValueError(f"q_groups do not match the recorded mix {grid.desc}")
+    return TensorSummary((out_features, in_f), grid, total_bits(grid, in_f, out_features))
 
 
 def _manifest_tensor(manifest: dict[str, Any] | None, name: str) -> dict[str, Any]:
@@ -196,25 +219,41 @@ class EXL2Format(Format):
     def read(self, path: Path, config: dict[str, Any], weights: LazyWeights,
              manifest: dict[str, Any] | None) -> Artifact:
         quantized, plain = split_names(weights, "q_weight", SUFFIXES)
-        dtype = model_dtype(config, torch.float16)
+
+        def out_features(art: Artifact, module: str, info: dict[str, Any]) -> int:
+            for s in SUFFIXES[:5]:
+                art.weights.shape(f"{module}.{s}")  # a missing part: KeyError naming it
+            out_f = (info.get("shape") or [None])[0]
+            if out_f is None:
+                bias = f"{module}.bias"
+                out_f = art.weights.shape(bias)[0] if bias in art.weights else \
+                    art.weights.shape(f"{module}.q_weight")[1]
+            return int(out_f)
 
         def decode(art: Artifact, name: str) -> QuantizedTensor:
-            module = module_of(name)
-            info = _manifest_tensor(art.manifest, name)
-            try:
+            module, info = module_of(name), _manifest_tensor(art.manifest, name)
+            with _tensors_fit(module):
+                out_f = out_features(art, module, info)
                 parts = {s: art.weights.get(f"{module}.{s}") for s in SUFFIXES[:5]}
-                out_f = (info.get("shape") or [None])[0]
-                if out_f is None:
-                    bias = f"{module}.bias"
-                    out_f = art.weights.shape(bias)[0] if bias in art.weights else \
-                        parts["q_weight"].shape[1]
-                return exl2_decode(parts, int(out_f), _recorded_grid(info), dtype)
-            except KeyError as exc:
-                raise FormatError(f"{module} lacks {exc.args[0]}; the checkpoint is "
-                                  "incomplete") from exc
-            except (ValueError, ConfigError) as exc:
-                raise FormatError(f"{module}: EXL2 tensors do not fit together ({exc})") from exc
+                return exl2_decode(parts, out_f, _recorded_grid(info),
+                                   model_dtype(config, torch.float16))
+
+        def summarize(art: Artifact, name: str) -> TensorSummary:
+            module, info = module_of(name), _manifest_tensor(art.manifest, name)
+            with _tensors_fit(module):
+                return exl2_summary(art.weights, module, out_features(art, module, info),
+                                    _recorded_grid(info))
 
         return Artifact(path=path, format=self.name, config=config, weights=weights,
-                        manifest=manifest, decode=decode, quantized_names=quantized,
-                        plain_names=plain)
+                        manifest=manifest, decode=decode, summarize=summarize,
+                        quantized_names=quantized, plain_names=plain)
+
+
+@contextlib.contextmanager
+def _tensors_fit(module: str) -> Iterator[None]:
+    """``tensors_fit`` (formats/gptq.py), with a mix that is no EXL2 mix as a misfit too."""
+    with tensors_fit(module, "EXL2"):
+        try:
+            yield
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc

@@ -12,24 +12,24 @@ work in the HF layout.
 
 The reader opens any llama-family GGUF (ours or llama.cpp's): quantized 2-D tensors become
 QuantizedTensors holding the block bytes, the rest dequantized floats.
+
+gguf-py (and numpy) is imported by the functions that read or write a GGUF file, not by this
+module: registering the format costs a command that never touches a GGUF nothing.
 """
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
-
 from quantbench.config import GGUFGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError, ModelLoadError
-from quantbench.formats.base import GGUF_FILE, MANIFEST, Artifact, Format, finite
-from quantbench.formats.gguf_meta import qk_permute_heads
-from quantbench.models.gguf_import import (GENERATED, hf_config_from_gguf, hf_name, permute_qk,
-                                           unpermute_qk)
+from quantbench.formats.base import (GGUF_FILE, MANIFEST, Artifact, Format, TensorSummary,
+                                     finite)
+from quantbench.lazy import numpy as np, torch
 from quantbench.quant.gguf.codec import get_codec
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
@@ -72,6 +72,8 @@ def plan_file(qmodel) -> list[PlannedTensor]:
 
 
 def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndarray:
+    from quantbench.formats.gguf_meta import permute_qk, qk_permute_heads
+
     if isinstance(value, QuantizedTensor):
         if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
             raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "
@@ -193,13 +195,16 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
-def open_reader(file: Path):
-    """gguf-py's reader, after the bounded header walk (``gguf_check``)."""
+def open_reader(file: Path, headers_only: bool = False):
+    """gguf-py's reader, after the bounded header walk (``gguf_check``); ``headers_only``: the
+    walk's own view of the file (``HeaderReader``: no array item or tensor data decoded)."""
+    from quantbench.formats.gguf_check import HeaderReader, check_gguf
+
+    header = check_gguf(file, FormatError)
+    if headers_only:
+        return HeaderReader(file, header)
     import gguf
 
-    from quantbench.formats.gguf_check import check_gguf
-
-    check_gguf(file, FormatError)
     try:
         return gguf.GGUFReader(str(file))
     except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
@@ -212,6 +217,8 @@ class GGUFWeights:
     rows back in the HF layout); the file is memory-mapped by gguf-py, read per tensor."""
 
     def __init__(self, file: Path, reader, config: dict[str, Any]):
+        from quantbench.models.gguf_import import GENERATED, hf_name
+
         self.file, self.config = file, config
         self.tensors = {}
         for t in reader.tensors:
@@ -233,16 +240,29 @@ class GGUFWeights:
         return [self.file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
 
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32
+
+    def dtype_name(self, name: str) -> str:
+        """What :meth:`get` returns: float32 (quantized or not, dequantized)."""
+        return "float32"
+
+    def element_bits(self, name: str) -> int:
+        return 32
+
+    def n_bytes(self, name: str) -> int:
+        """The tensor's bytes in the file."""
+        return int(self.tensors[name].n_bytes)
 
     def ggml_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
     def raw(self, name: str) -> torch.Tensor:
         """The stored bytes ``[rows, row_bytes]`` (HF row order)."""
+        from quantbench.formats.gguf_meta import qk_permute_heads, unpermute_qk
+
         t = self.tensors[name]
         shape = self.shape(name)
         data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).copy())
@@ -261,11 +281,16 @@ class GGUFWeights:
             yield name, self.get(name)
 
 
-def read_gguf(path: Path) -> Artifact:
+def read_gguf(path: Path, headers_only: bool = False) -> Artifact:
+    """A GGUF file as an artifact; ``headers_only``: its config holds only what the metadata
+    gives (no transformers config class: ``hf_config_from_gguf(full=False)``), for
+    ``Artifact.summary`` (``quantbench inspect``)."""
+    from quantbench.models.gguf_import import hf_config_from_gguf  # (gguf-py: numpy)
+
     file = find_gguf(path)
     if file is None:
         raise FormatError(f"{path} holds no GGUF file")
-    reader = open_reader(file)
+    reader = open_reader(file, headers_only)
     for t in reader.tensors:  # a type we cannot decode is the first thing to say
         try:
             get_codec(t.tensor_type.name)
@@ -274,7 +299,7 @@ def read_gguf(path: Path) -> Artifact:
                               "which quantbench does not read; re-quantize with one of its "
                               "types") from exc
     try:
-        config = hf_config_from_gguf(reader)
+        config = hf_config_from_gguf(reader, full=not headers_only)
     except ModelLoadError as exc:
         raise FormatError(f"{file}: {exc}") from exc
     weights = GGUFWeights(file, reader, config)
@@ -289,10 +314,19 @@ def read_gguf(path: Path) -> Artifact:
                                grid=GGUFGridConfig(weights.ggml_type(name)),
                                dtype=torch.float16)
 
+    def summarize(art: Artifact, name: str) -> TensorSummary:
+        """``decode``'s shape, grid and bits from the header: rows of whole blocks."""
+        grid = GGUFGridConfig(weights.ggml_type(name))
+        rows, n_bytes = math.prod(weights.shape(name)[:-1]), weights.n_bytes(name)
+        codec = grid.codec
+        return TensorSummary((rows, n_bytes // rows // codec.type_size * codec.block_size),
+                             grid, n_bytes * 8)
+
     manifest = _manifest(path, file)
     return Artifact(path=Path(path), format="gguf", config=config, weights=weights,
-                    manifest=manifest, decode=decode, quantized_names=quantized,
-                    plain_names=plain, runtime={"gguf_activations": _activations(weights)})
+                    manifest=manifest, decode=decode, summarize=summarize,
+                    quantized_names=quantized, plain_names=plain,
+                    runtime={"gguf_activations": _activations(weights)})
 
 
 def _manifest(path: Path, file: Path) -> dict[str, Any] | None:

@@ -215,3 +215,61 @@ def _contiguous(w: _Walk, spans, data_bytes: int, alignment: int) -> None:
             where = f"after tensor {names[i - 1]}" if i else "before the first tensor"
             raise w.fail(f"{start - end} data bytes {where} belong to no tensor (a tensor's "
                          "type or shape was changed)")
+
+
+class HeaderReader:
+    """What the GGUF importer reads of gguf-py's ``GGUFReader`` — ``fields[key].contents()``
+    and ``tensors`` — from the walk alone: scalars and strings as read, an array as a list of
+    its length whose items are not read (the vocabulary's size is all a config takes of one),
+    tensors by name, type, shape and byte count, their data read only when asked for.
+    gguf-py's reader decodes every item of every array (seconds for a 50k-token vocabulary);
+    ``quantbench inspect`` reads a GGUF through this instead."""
+
+    def __init__(self, path: Path, header: GGUFHeader):
+        self.fields = {key: _Field(value) for key, value in header.metadata.items()}
+        self.fields.update({key: _Field([None] * n) for key, n in header.array_lengths.items()})
+        self.tensors = [HeaderTensor(path, name, type_name, ne, nbytes, header.data_offset + at)
+                        for name, (type_name, ne, nbytes, at) in header.tensors.items()]
+
+
+@dataclass(frozen=True)
+class _Field:
+    value: Any
+
+    def contents(self) -> Any:
+        return self.value
+
+
+@dataclass(frozen=True)
+class HeaderTensor:
+    """A tensor as the walk read it, with the attributes of gguf-py's ``ReaderTensor``."""
+
+    path: Path
+    name: str
+    type_name: str
+    shape: tuple[int, ...]  # ne: the innermost dimension first
+    n_bytes: int
+    offset: int             # from the start of the file
+
+    @property
+    def tensor_type(self) -> GGMLQuantizationType:
+        return GGMLQuantizationType[self.type_name]
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def data(self):
+        """The tensor's values as gguf-py gives them: float32/float16 for those types, the
+        raw bytes (uint8) for the others; read now."""
+        import numpy as np
+
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            raw = fh.read(self.n_bytes)
+        dtype = {"F32": np.float32, "F16": np.float16}.get(self.type_name, np.uint8)
+        return np.frombuffer(raw, dtype=dtype)

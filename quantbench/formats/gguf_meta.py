@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from gguf import GGUFValueType as VT
 
 from quantbench.errors import ConfigError, ModelLoadError
 from quantbench.formats.gguf_kv import (ARCHS, KV, gguf_arch, kv_dict,  # noqa: F401  (re-exported)
                                         read_json)
+from quantbench.lazy import torch
 from quantbench.quant.gguf.mixtures import file_type
 from quantbench.models.arch import arch_for
 

@@ -2,24 +2,25 @@
 exllamav2 load them. Layout: FORMATS.md §1."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
-
-import torch
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from quantbench.config import IntGridConfig, QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
-from quantbench.formats.base import Artifact, Format, require_int_grid
+from quantbench.formats.base import Artifact, Format, TensorSummary, require_int_grid
 from quantbench.formats.packing import pack_bits_lsb_rows, unpack_bits_lsb_rows
 from quantbench.jsonfile import dumps
+from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec
-from quantbench.models.loader import DTYPES
+from quantbench.models.loader import torch_dtype
 from quantbench.models.weights import LazyWeights
 from quantbench.quant.grid import group_index
+from quantbench.quant.grids.base import check_scale_shape, count_bits
 from quantbench.registry import register_format
 from quantbench.tensor import QuantizedTensor
 
@@ -101,7 +102,7 @@ def quant_method(config: Mapping[str, Any], weights: LazyWeights) -> str | None:
 
 
 def model_dtype(config: Mapping[str, Any], default: torch.dtype) -> torch.dtype:
-    return DTYPES.get(config.get("dtype") or config.get("torch_dtype"), default)
+    return torch_dtype(config.get("dtype") or config.get("torch_dtype"), default)
 
 
 def split_names(weights: LazyWeights, marker: str, suffixes: tuple[str, ...]
@@ -134,10 +135,11 @@ def gptq_encode(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def gptq_decode(parts: Mapping[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                v1: bool, dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+                v1: bool, dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Inverse of ``gptq_encode``; v1 zeros come back as stored + 1 (no wrap, as the kernels
     compute). A trivial g_idx (``c // g``) becomes None; a ``sym`` file whose zeros are not
     all ``2**(b-1)`` is returned on a zero-point grid with its zeros."""
+    dtype = dtype or torch.float16
     qweight, g_idx = parts["qweight"], parts.get("g_idx")
     out_f = qweight.shape[1]
     in_f = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // bits
@@ -155,6 +157,53 @@ def gptq_decode(parts: Mapping[str, torch.Tensor], bits: int, group_size: int, s
             g_idx = None
     return QuantizedTensor(codes=codes, scales=parts["scales"].t().contiguous(), zeros=zeros,
                            grid=grid, dtype=dtype, g_idx=g_idx)
+
+
+def gptq_summary(weights, module: str, bits: int, group_size: int, sym: bool,
+                 v1: bool) -> TensorSummary:
+    """What :func:`gptq_decode` gives for ``module``, from the headers; of the data, only the
+    zero points of a ``sym`` file and the ``g_idx`` are read (the decode's grid and group
+    order depend on them)."""
+    out_f = weights.shape(f"{module}.qweight")[1]
+    g_idx = weights.ints(f"{module}.g_idx") if f"{module}.g_idx" in weights else None
+    in_f = len(g_idx) if g_idx is not None else weights.shape(f"{module}.qweight")[0] * 32 // bits
+    grid = IntGridConfig.from_group_size(bits, group_size if group_size > 0 else -1, sym)
+    groups, words = weights.shape(f"{module}.qzeros")
+    n_zeros = groups * out_f
+    if sym and all_packed(weights.raw(f"{module}.qzeros"), words, bits, out_f,
+                          grid.sym_zero - int(v1)):
+        n_zeros = 0
+    elif sym:
+        grid = dataclasses.replace(grid, symmetric=False)
+    trivial = [c // grid.group_size if grid.granularity == "group" else 0 for c in range(in_f)]
+    if g_idx == trivial:
+        g_idx = None  # the decode drops a g_idx that says c // g
+    scales = weights.shape(f"{module}.scales")  # [groups, out]; decoded transposed
+    check_scale_shape(scales[1], scales[0], out_f, grid.n_groups(in_f), g_idx is not None,
+                 grid.describe())
+    return TensorSummary((out_f, in_f), grid, count_bits(
+        out_f * in_f, bits, math.prod(scales) * weights.element_bits(f"{module}.scales"),
+        n_zeros=n_zeros))
+
+
+def all_packed(data: bytes, words: int, bits: int, n: int, value: int) -> bool:
+    """Whether every row of int32 words ``[rows, words]`` (``pack_bits_lsb_rows``) holds
+    ``value`` in each of its first ``n`` fields of ``bits``."""
+    want = int(format(value, f"0{bits}b") * n, 2)
+    mask, step = (1 << n * bits) - 1, 4 * words
+    return all(int.from_bytes(data[i:i + step], "little") & mask == want
+               for i in range(0, len(data), step))
+
+
+@contextlib.contextmanager
+def tensors_fit(module: str, label: str) -> Iterator[None]:
+    """A part missing or parts that disagree, as one line naming ``module``."""
+    try:
+        yield
+    except KeyError as exc:
+        raise FormatError(f"{module} lacks {exc.args[0]}; the checkpoint is incomplete") from exc
+    except ValueError as exc:
+        raise FormatError(f"{module}: {label} tensors do not fit together ({exc})") from exc
 
 
 class ModuleTensorsFormat(Format):
@@ -239,24 +288,29 @@ class GPTQFormat(ModuleTensorsFormat):
             raise FormatError(f"{path}: GPTQ {bits}-bit is not supported; only 2, 3, 4 and 8")
         group_size = int(setting(q, path, "group_size", "q_group_size"))
         sym, act_order = bool(q.get("sym", True)), bool(q.get("desc_act", False))
-        dtype = model_dtype(config, torch.float16)
         quantized, plain = split_names(weights, "qweight", SUFFIXES)
+
+        def check_parts(weights, module: str) -> None:
+            for s in SUFFIXES[:3]:
+                weights.shape(f"{module}.{s}")  # a missing part: KeyError naming it
+            if f"{module}.g_idx" not in weights and act_order:
+                raise KeyError("g_idx (desc_act is set)")
 
         def decode(art: Artifact, name: str) -> QuantizedTensor:
             module = module_of(name)
-            try:
-                parts = {s: art.weights.get(f"{module}.{s}") for s in SUFFIXES[:3]}
-                if f"{module}.g_idx" in art.weights:
-                    parts["g_idx"] = art.weights.get(f"{module}.g_idx")
-                elif act_order:
-                    raise KeyError("g_idx (desc_act is set)")
-                return gptq_decode(parts, bits, group_size, sym, fmt == V1, dtype)
-            except KeyError as exc:
-                raise FormatError(f"{module} lacks {exc.args[0]}; the checkpoint is "
-                                  "incomplete") from exc
-            except ValueError as exc:
-                raise FormatError(f"{module}: GPTQ tensors do not fit together ({exc})") from exc
+            with tensors_fit(module, "GPTQ"):
+                check_parts(art.weights, module)
+                parts = {s: art.weights.get(f"{module}.{s}") for s in SUFFIXES
+                         if f"{module}.{s}" in art.weights}
+                return gptq_decode(parts, bits, group_size, sym, fmt == V1,
+                                   model_dtype(config, torch.float16))
+
+        def summarize(art: Artifact, name: str) -> TensorSummary:
+            module = module_of(name)
+            with tensors_fit(module, "GPTQ"):
+                check_parts(art.weights, module)
+                return gptq_summary(art.weights, module, bits, group_size, sym, fmt == V1)
 
         return Artifact(path=path, format=self.name, config=config, weights=weights,
-                        manifest=manifest, decode=decode, quantized_names=quantized,
-                        plain_names=plain)
+                        manifest=manifest, decode=decode, summarize=summarize,
+                        quantized_names=quantized, plain_names=plain)

@@ -1,4 +1,10 @@
-"""``quantbench inspect``: what an artifact holds, from its files (not from the manifest alone)."""
+"""``quantbench inspect``: what an artifact holds, from its files (not from the manifest alone).
+
+Read from the headers — safetensors' JSON header, the GGUF header walk, config.json and the
+manifest — held to the same checks as any use of the artifact (``open_artifact``), and each
+quantized tensor described as its format's reader would decode it (``Artifact.summary``),
+without reading tensor data or importing torch; only verifying the files against the
+manifest reads them whole (streamed through sha256)."""
 from __future__ import annotations
 
 import logging
@@ -28,7 +34,7 @@ def inspect_artifact(path: Path, verify: bool = True) -> dict[str, Any]:
     allows (what cannot be read is left None, with ``unreadable`` saying why)."""
     problems = _check_files(path, verify)
     try:
-        art = open_artifact(path)
+        art = open_artifact(path, headers_only=True)
     except Exception as exc:  # a damaged file may break any reader; say so, do not hide it
         if not problems:
             raise
@@ -70,26 +76,26 @@ _KEYS = ("path", "format", "architecture", "quantization_config", "quantize", "s
 
 
 def _describe(path: Path, art) -> dict[str, Any]:
-    """The description of an artifact opened back."""
+    """The description of an artifact opened back (from its headers)."""
     tensors: list[dict[str, Any]] = []
     q_weights = q_bits = 0
     for name in art.quantized_names:
-        qt = art.quantized(name)
-        bits = qt.storage_bits()
-        q_weights += qt.numel
+        qt = art.summary(name)
+        bits, numel = qt.storage_bits, _numel(qt.shape)
+        q_weights += numel
         q_bits += bits
         dtype = "exl2" if qt.grid.kind == "exl2" else getattr(qt.grid, "codebook",
                                                                f"int{qt.grid.bits}")
         tensors.append({"name": name, "shape": list(qt.shape), "dtype": dtype,
-                        "grid": qt.grid.describe(), "bits_per_weight": round(bits / qt.numel, 4)})
+                        "grid": qt.grid.describe(), "bits_per_weight": round(bits / numel, 4)})
     plain_weights = plain_bits = 0
     for name in art.plain_names:
-        t = art.weights.get(name)
-        plain_weights += t.numel()
-        plain_bits += t.numel() * t.element_size() * 8
-        tensors.append({"name": name, "shape": list(t.shape),
-                        "dtype": str(t.dtype).replace("torch.", ""),
-                        "grid": None, "bits_per_weight": t.element_size() * 8})
+        shape, element_bits = art.weights.shape(name), art.weights.element_bits(name)
+        plain_weights += _numel(shape)
+        plain_bits += _numel(shape) * element_bits
+        tensors.append({"name": name, "shape": list(shape),
+                        "dtype": art.weights.dtype_name(name),
+                        "grid": None, "bits_per_weight": element_bits})
     manifest = art.manifest or {}
     total_w = q_weights + plain_weights
     return {

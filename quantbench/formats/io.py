@@ -1,6 +1,7 @@
 """Streaming, atomic artifact writing and format-detecting reading."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from quantbench.errors import FormatError, ModelLoadError
 from quantbench.faults import failpoint
 from quantbench.formats.base import MANIFEST, Artifact, Format, read_manifest
@@ -22,6 +22,8 @@ from quantbench.formats.outputs import (Protected, atomic_output_dir,  # noqa: F
 from quantbench.formats.outputs import check_output as check_dir_output
 from quantbench.jsonfile import NonFiniteJSON, dumps, with_nulls
 from quantbench.inputs import read_json_object
+from quantbench.lazy import torch
+from quantbench.models.safetensors_header import HeaderWeights
 from quantbench.models.weights import LazyWeights
 from quantbench.registry import format_names, get_format
 from quantbench.tensor import QuantizedTensor
@@ -31,11 +33,14 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
-              torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-              torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+@functools.cache
+def _st_dtypes() -> dict[torch.dtype, str]:
+    """torch dtype → safetensors dtype code (built when the first tensor is written)."""
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+            torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+            torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+            torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+            torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
 
 
 class ShardedWriter:
@@ -65,7 +70,7 @@ class ShardedWriter:
             raise RuntimeError("writer is closed")
         if name in self._written:
             raise ValueError(f"tensor {name} written twice")
-        if tensor.dtype not in _ST_DTYPES:
+        if tensor.dtype not in _st_dtypes():
             raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors code")
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
@@ -76,7 +81,7 @@ class ShardedWriter:
         if nbytes:
             self._data.write(memoryview(flat.view(torch.uint8).numpy()))
         start = self._pending_bytes
-        self._pending[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        self._pending[name] = {"dtype": _st_dtypes()[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [start, start + nbytes]}
         self._pending_bytes += nbytes
         self._written.add(name)
@@ -258,16 +263,20 @@ def _write_config(tmp: Path, model, qconfig: dict[str, Any] | None) -> None:
     (tmp / "config.json").write_text(text)
 
 
-def open_artifact(path: str | os.PathLike) -> Artifact:
+def open_artifact(path: str | os.PathLike, headers_only: bool = False) -> Artifact:
     """Read an artifact back through its format's reader (detected from the files), checked
-    against its manifest and config before use (``formats/artifact_check.py``)."""
+    against its manifest and config before use (``formats/artifact_check.py``).
+
+    ``headers_only``: the safetensors files are read as their headers describe them
+    (``HeaderWeights``: no tensor data, no torch), for ``Artifact.summary``, not ``quantized``
+    or ``dequantized`` (``quantbench inspect``)."""
     from quantbench.formats.artifact_check import check_artifact
     from quantbench.formats.gguf import find_gguf, read_gguf
     from quantbench.localpath import missing, not_an_artifact
 
     path = Path(path)
     if find_gguf(path) is not None:  # the reader checked its tensors against the metadata
-        return check_artifact(read_gguf(path), config_checked=True)
+        return check_artifact(read_gguf(path, headers_only), config_checked=True)
     if not path.exists():
         raise FormatError(missing(path, "a quantbench output (the -o of quantbench convert)"))
     if not path.is_dir():
@@ -279,7 +288,7 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
     config = read_json_object(cfg_file, FormatError, "the artifact is damaged: restore it or "
                               "re-run quantbench convert")
     manifest = read_manifest(path)
-    weights = LazyWeights.from_dir(path)
+    weights = (HeaderWeights if headers_only else LazyWeights).from_dir(path)
     if not weights.names():
         raise FormatError(f"{path} holds no safetensors or GGUF weights to read back; a "
                           "pytorch_model.bin checkpoint: run quantbench convert on it first")

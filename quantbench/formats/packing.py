@@ -1,7 +1,7 @@
 """Bit packing named by layout, kept out of quantizers and formats (pure tensor functions)."""
 from __future__ import annotations
 
-import torch
+from quantbench.lazy import torch
 
 
 def pack_bits_lsb_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

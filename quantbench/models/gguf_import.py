@@ -11,13 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
 
 from quantbench.errors import ModelLoadError
 from quantbench.formats.gguf_meta import permute_qk, unpermute_qk  # noqa: F401  (re-exported)
 from quantbench.jsonfile import NonFiniteJSON, dumps
+from quantbench.lazy import numpy as np, torch
 from quantbench.models.arch import ARCHITECTURES, LLAMA, ArchSpec
 
 log = logging.getLogger(__name__)
@@ -107,12 +105,16 @@ def _token_id(reader, which: str, vocab: int) -> int | None:
     return value
 
 
-def hf_config_from_gguf(reader, where: str = "") -> dict[str, Any]:
+def hf_config_from_gguf(reader, where: str = "", full: bool = True) -> dict[str, Any]:
     """The HF ``config.json`` a GGUF's ``<arch>.*`` metadata stands for (GGUF arch ``llama`` →
     LlamaConfig, ``qwen2`` → Qwen2Config), after checking that the file's tensors are exactly
-    the ones it implies (:func:`check_gguf_tensors`); ``where`` prefixes refusals."""
+    the ones it implies (:func:`check_gguf_tensors`); ``where`` prefixes refusals.
+
+    ``full=False``: only the keys the metadata gives (and ``model_type``), checked as the
+    config class checks them, without building it (transformers' configs import torch):
+    enough to check the tensors and describe the file (``quantbench inspect``)."""
     try:
-        config = _config_from_metadata(reader)
+        config = _config_from_metadata(reader, full)
         check_gguf_tensors(reader, config, gguf_arch_spec(config["gguf_arch"]))
     except ModelLoadError as exc:
         raise ModelLoadError(f"{where}: {exc}" if where else str(exc)) from exc
@@ -120,9 +122,7 @@ def hf_config_from_gguf(reader, where: str = "") -> dict[str, Any]:
     return config
 
 
-def _config_from_metadata(reader) -> dict[str, Any]:
-    import transformers
-
+def _config_from_metadata(reader, full: bool = True) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
     spec = gguf_arch_spec(arch)
     count = lambda k, d=None: _number(reader, f"{arch}.{k}", int, d, positive=True)  # noqa: E731
@@ -148,17 +148,13 @@ def _config_from_metadata(reader) -> dict[str, Any]:
         hidden_act="silu")
     rope = _rope_parameters(reader, arch, theta, head_dim)
     kwargs.update({"rope_parameters": rope} if rope else {"rope_theta": theta})
-    if spec.gguf_arch == "qwen2":
-        cls, archs = transformers.Qwen2Config, ["Qwen2ForCausalLM"]
-    else:
-        cls, archs = transformers.LlamaConfig, ["LlamaForCausalLM"]
+    qwen2 = spec.gguf_arch == "qwen2"
+    if not qwen2:
         kwargs.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in names,
                       mlp_bias="blk.0.ffn_up.bias" in names)
-    from huggingface_hub.errors import StrictDataclassError
-
-    try:  # transformers checks the values against each other (heads dividing hidden, ...)
-        config = cls(architectures=archs, **kwargs).to_dict()
-    except (ValueError, TypeError, StrictDataclassError) as exc:
+    try:  # the config class checks the values against each other (heads dividing hidden, ...)
+        config = _config_class(qwen2, kwargs) if full else _checked_keys(qwen2, kwargs)
+    except _invalid_values() as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise ModelLoadError(f"the GGUF metadata describes no valid {arch} model "
                              f"({lines[-1] if lines else type(exc).__name__}); the file is "
@@ -167,6 +163,33 @@ def _config_from_metadata(reader) -> dict[str, Any]:
     config.pop("transformers_version", None)
     config["gguf_arch"] = arch
     return config
+
+
+def _invalid_values() -> tuple[type[Exception], ...]:
+    """What a config class raises for values it refuses (evaluated only when one is raised:
+    huggingface_hub's errors take a while to import)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (ValueError, TypeError, StrictDataclassError)
+
+
+def _config_class(qwen2: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers' ``Qwen2Config`` / ``LlamaConfig`` of ``kwargs``, as a dict."""
+    import transformers
+
+    if qwen2:
+        return transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], **kwargs).to_dict()
+    return transformers.LlamaConfig(architectures=["LlamaForCausalLM"], **kwargs).to_dict()
+
+
+def _checked_keys(qwen2: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the ``model_type`` :func:`_config_class` would give, refused where its
+    class would refuse them (LlamaConfig: heads dividing the hidden size; the other values
+    are checked by ``_number``/``_token_id`` and the tensor check), without transformers."""
+    if not qwen2 and kwargs["hidden_size"] % kwargs["num_attention_heads"]:
+        raise ValueError(f"The hidden size ({kwargs['hidden_size']}) is not a multiple of the "
+                         f"number of attention heads ({kwargs['num_attention_heads']}).")
+    return {"model_type": "qwen2" if qwen2 else "llama", **kwargs}
 
 
 def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
@@ -188,7 +211,7 @@ def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
             name = spec.hf_tensor_name(t.name)
         except ModelLoadError as exc:
             raise ctx.fail(str(exc)) from exc
-        shapes[name] = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shapes[name] = tuple(int(d) for d in reversed(t.shape))
     check_tensors(config, spec, shapes, ctx)
 
 
@@ -289,9 +312,10 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
         yield name, (unpermute_qk(w, heads) if heads else w), t.tensor_type.name
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float16,
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype | None = None,
                        tokenizer: bool = True) -> dict[str, Any]:
     """Write config.json, model.safetensors, generation_config.json and the tokenizer."""
+    dtype = dtype or torch.float16
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open(gguf_path)
     config = hf_config_from_gguf(reader, str(gguf_path))
@@ -301,6 +325,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torc
     for name, w, ggml_type in read_gguf_tensors(reader, config):
         tensors[name] = w.to(dtype).contiguous()
         types[ggml_type] += 1
+    from safetensors.torch import save_file  # (imports torch)
+
     save_file(tensors, str(out_dir / "model.safetensors"), {"format": "pt"})
     try:
         text = dumps(config, what="config.json", indent=2, sort_keys=True)

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from quantbench.errors import ModelLoadError
 from quantbench.inputs import os_error_message, read_json_object
+from quantbench.lazy import torch
 from quantbench.localpath import looks_local, missing
 from quantbench.models.arch import ArchSpec, arch_for
 from quantbench.models.weights import LazyWeights, load_pickled_weights
@@ -32,7 +31,14 @@ AUX_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_NAMES = ("float16", "bfloat16", "float32")  # the dtypes a config may name
+
+
+def torch_dtype(name: object, default: "torch.dtype | None" = None) -> "torch.dtype | None":
+    """The torch dtype a config names (one of :data:`DTYPE_NAMES`), else ``default``."""
+    if name not in DTYPE_NAMES:
+        return default
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 @dataclass
@@ -60,8 +66,8 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         name = self.config.get("dtype") or self.config.get("torch_dtype")
-        if name in DTYPES:
-            return DTYPES[name]
+        if name in DTYPE_NAMES:
+            return torch_dtype(name)
         first = next(iter(self.weights.names()))
         return self.weights.get(first).dtype
 
@@ -160,9 +166,9 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
     config = _read_config(directory)
     arch = arch_for(config.get("model_type"))
     for key in ("dtype", "torch_dtype"):  # copied into every output's config: must be a dtype
-        if config.get(key) is not None and config[key] not in (*DTYPES, "float64", "auto"):
+        if config.get(key) is not None and config[key] not in (*DTYPE_NAMES, "float64", "auto"):
             raise ModelLoadError(f"{directory / 'config.json'} '{key}' is {config[key]!r}, not a "
-                                 f"dtype ({', '.join(DTYPES)}); fix it")
+                                 f"dtype ({', '.join(DTYPE_NAMES)}); fix it")
     if list(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
         weights = LazyWeights.from_dir(directory)
     elif list(directory.glob("pytorch_model*.bin")):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant import bnb
 from quantbench.quant.gguf.activations import fake_quantize
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable
 
-import torch
-
 from quantbench.errors import ModelLoadError
+from quantbench.lazy import torch
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +21,11 @@ def _no_init():
 def build_causal_lm(
     config: dict[str, Any],
     tensors: Iterable[tuple[str, torch.Tensor]],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
     """An eval-mode ``AutoModelForCausalLM`` holding exactly the given weights (cast to dtype)."""
+    dtype = dtype or torch.float32
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}

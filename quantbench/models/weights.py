@@ -1,30 +1,37 @@
 """Lazy tensor access to a checkpoint: one tensor (or one block) at a time."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from quantbench.errors import ModelLoadError
 from quantbench.finite import count_non_finite, describe_non_finite
 from quantbench.inputs import os_error_message
+from quantbench.lazy import torch
+from quantbench.models.safetensors_header import (check_shards, check_single_copies,
+                                                  find_shards, read_checked)
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype code → torch dtype (built when torch is first needed)."""
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+            "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+            "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+            "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _open_checked(path: Path):
-    try:  # safetensors reports an unreadable file as a missing one: say what it is
-        open(path, "rb").close()
-    except OSError as exc:
-        raise ModelLoadError(os_error_message(path, exc)) from exc
-    check_header(path)
+    read_checked(path)  # an unreadable file or a header that cannot be right, named
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -50,22 +57,8 @@ class LazyWeights:
 
     @classmethod
     def from_dir(cls, directory: Path) -> "LazyWeights":
-        index = directory / INDEX_NAME
-        if index.exists():
-            shards = {name: directory / fname for name, fname in _weight_map(index).items()}
-            missing = sorted({str(p) for p in shards.values() if not p.is_file()})
-            if missing:
-                raise ModelLoadError(f"shard {missing[0]} listed in {index.name} is missing")
-        else:
-            files = sorted(f for f in directory.glob("*.safetensors")
-                           if f.name not in AUXILIARY_TENSOR_FILES)
-            shards = {}
-            for path in files:
-                for name in _open_checked(path).keys():
-                    if name in shards:
-                        raise _in_two_files(name, shards[name], path, directory)
-                    shards[name] = path
-        weights = cls(shards)
+        weights = cls({})
+        weights._shards = find_shards(directory, lambda path: weights._handle(path).keys())
         weights.validate()
         return weights
 
@@ -79,16 +72,9 @@ class LazyWeights:
             held[path] = set(handle.keys())
             for name in held[path]:
                 handle.get_slice(name)  # header entry is parseable
-            listed = [n for n, p in self._shards.items() if p == path and n not in held[path]]
-            if listed:
-                raise ModelLoadError(f"{INDEX_NAME} lists tensor {listed[0]} in {path}, which "
-                                     "does not hold it; the checkpoint is incomplete: "
-                                     "re-download it")
+            check_shards(self._shards, path, held[path])
             log.debug("checked %s (%d bytes)", path, path.stat().st_size)
-        for path, names in held.items():
-            for name in sorted(names):
-                if self._shards.get(name, path) != path:  # the index names another shard
-                    raise _in_two_files(name, self._shards[name], path, path.parent)
+        check_single_copies(self._shards, held)
 
     def _handle(self, path: Path):
         if path not in self._handles:
@@ -134,7 +120,7 @@ class LazyWeights:
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._handle(self._shards[name]).get_slice(name).get_dtype()
-        return _ST_DTYPES.get(code, torch.float32)
+        return _torch_dtypes().get(code, torch.float32)
 
     def _header(self, path: Path) -> tuple[int, dict]:
         """(offset of the data section, header entries) of one safetensors file."""
@@ -149,7 +135,7 @@ class LazyWeights:
         checkpoint would otherwise stay resident, and counted, for the whole run)."""
         base, header = self._header(path)
         entry = header[name]
-        dtype = _ST_DTYPES[entry["dtype"]]
+        dtype = _torch_dtypes()[entry["dtype"]]
         start, end = entry["data_offsets"]
         buf = bytearray(end - start)
         with open(path, "rb") as fh:
@@ -176,40 +162,6 @@ class LazyWeights:
     def iter(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
             yield name, self.get(name)
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    """The index's tensor name → shard file name, each a plain file name beside it; anything
-    else (not an object, no ``weight_map``, a shard outside the folder) is one line."""
-    from quantbench.inputs import read_json_object
-
-    hint = "re-download the checkpoint or re-save it with save_pretrained"
-    weight_map = read_json_object(index, ModelLoadError, hint).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelLoadError(f"{index} has no 'weight_map' object (tensor name → shard file); "
-                             f"{hint}")
-    for name, fname in weight_map.items():
-        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname \
-                or fname in (".", ".."):
-            raise ModelLoadError(f"{index} maps {name} to {fname!r}, which is not a shard file "
-                                 f"name beside it; {hint}")
-    return weight_map
-
-
-def _in_two_files(name: str, first: Path, second: Path, directory: Path) -> ModelLoadError:
-    """Two copies of one tensor: which is the model's cannot be told, so neither is guessed."""
-    return ModelLoadError(f"tensor {name} is in both {first.name} and {second.name}; remove "
-                          f"the stale shard from {directory} (or re-download the checkpoint)")
-
-
-# safetensors files a checkpoint directory may carry that are not model weights
-AUXILIARY_TENSOR_FILES = frozenset({"awq_search.safetensors"})
-
-_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-              "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
-              "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
-              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class InMemoryWeights(LazyWeights):
@@ -243,86 +195,6 @@ class InMemoryWeights(LazyWeights):
 
     def get(self, name: str) -> torch.Tensor:
         return self.checked(name, self._tensors[name])
-
-
-def check_header(path: Path) -> None:
-    """Refuse a safetensors header whose entries cannot be right, naming the tensor: an
-    unknown dtype, a byte count other than dtype × shape, data past the end of the file, two
-    tensors sharing bytes. (safetensors refuses most of these too, but without the name.)"""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or n > size - 8:
-            raise ModelLoadError(f"{path} is not a safetensors file (its header length runs "
-                                 "past the end): it is truncated or damaged; re-download it")
-        try:
-            header = json.loads(fh.read(n), object_pairs_hook=_no_duplicate_keys)
-        except _DuplicateKey as exc:
-            raise ModelLoadError(f"{path}: the safetensors header lists {exc} twice; the file "
-                                 "is corrupted: re-download or re-convert it") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{path}: the safetensors header is not valid JSON ({exc}); "
-                                 "the file is truncated or corrupted: re-download it") from exc
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path}: the safetensors header is not a JSON object; the file "
-                             "is corrupted: re-download it")
-    spans = []
-    for name, entry in header.items():
-        if name != "__metadata__":
-            spans.append((*_entry_span(path, name, entry, size - 8 - n), name))
-    spans.sort()
-    for (start, end, name), (_, prev_end, prev) in zip(spans[1:], spans):
-        if start < prev_end:
-            raise ModelLoadError(f"{path}: tensor {name}'s data overlaps tensor {prev}'s; the "
-                                 "file is damaged: re-download or re-convert it")
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicate_keys(pairs: list) -> dict:
-    """A JSON object whose keys are unique (``json`` keeps the last of a repeated key: two
-    entries for one tensor would be read as one, silently)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _entry_span(path: Path, name: str, entry, data_bytes: int) -> tuple[int, int]:
-    """``(start, end)`` of one header entry's data, after checking it fits."""
-    def bad(what: str) -> ModelLoadError:
-        return ModelLoadError(f"{path}: tensor {name} {what}; the file is truncated or "
-                              "corrupted: re-download or re-convert it")
-
-    if not isinstance(entry, dict):
-        raise bad("has no header entry")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _ST_DTYPES:
-        raise bad(f"has dtype {dtype!r}, which quantbench does not read")
-    if not isinstance(shape, list) or not all(_count(d) for d in shape):
-        raise bad(f"has shape {shape!r}, not a list of sizes")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_count, offsets)) \
-            or offsets[1] < offsets[0]:
-        raise bad(f"has data offsets {offsets!r}")
-    start, end = offsets
-    numel = 1
-    for d in shape:
-        numel *= d
-    need = numel * _ST_DTYPES[dtype].itemsize
-    if end - start != need:
-        raise bad(f"has {end - start} bytes of data but {dtype} x {shape} needs {need}")
-    if end > data_bytes:
-        raise bad(f"runs past the end of the file (byte {end} of {data_bytes} data bytes)")
-    return start, end
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def load_pickled_weights(directory: Path) -> InMemoryWeights:

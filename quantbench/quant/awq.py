@@ -16,24 +16,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant.grid import _smallest_positive, fake_quantize, group_index, pad_groups
 
 if TYPE_CHECKING:
     from quantbench.quant.grids.int import IntGridConfig
 
-ErrorFn = Callable[[list[torch.Tensor]], torch.Tensor]
+ErrorFn = Callable[["list[torch.Tensor]"], "torch.Tensor"]
 
 
 def fake_quant(w: torch.Tensor, grid: IntGridConfig,
-               scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+               scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Round-to-nearest onto ``grid`` and back (float32), as the written file would hold."""
+    scale_dtype = scale_dtype or torch.float16
     return fake_quantize(w, grid, scale_dtype)
 
 
 def fake_quant_groups(wg: torch.Tensor, grid: IntGridConfig,
-                      scale_dtype: torch.dtype = torch.float16,
+                      scale_dtype: torch.dtype | None = None,
                       minmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`fake_quant` on a grouped view ``[..., g]`` (one group per last-dim row, zero
     padded), value for value: a new float32 tensor, ``wg`` untouched. ``minmax`` are the
@@ -43,6 +43,7 @@ def fake_quant_groups(wg: torch.Tensor, grid: IntGridConfig,
     for the general path: zeros in padding change neither a zero-point range nor an absmax,
     and ``clamp(round(w/s) + z, 0, qmax) − z`` is ``clamp(round(w/s), −z, qmax − z)`` exactly
     for the small integers involved."""
+    scale_dtype = scale_dtype or torch.float16
     mn, mx = minmax if minmax is not None else torch.aminmax(wg, dim=-1)
     if grid.symmetric:
         scale = torch.maximum(mn.abs(), mx.abs()) / (grid.sym_zero - 0.5)

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from typing import TYPE_CHECKING
 
-import torch
+from quantbench.lazy import torch
 
 if TYPE_CHECKING:
     from quantbench.quant.grids.codebook import CodebookGridConfig

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant.grid import fit_scales, search_scales
 from quantbench.tensor import QuantizedTensor
 from quantbench.threads import run_chunks, single_threaded
@@ -71,8 +70,8 @@ def _reversed_factor(reversed_h: torch.Tensor, damp_percent: float, max_tries: i
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
 
 
-Upcoming = Callable[[int], torch.Tensor]
-RoundColumn = Callable[[torch.Tensor, int, Upcoming], tuple[torch.Tensor, torch.Tensor]]
+Upcoming = Callable[[int], "torch.Tensor"]
+RoundColumn = Callable[["torch.Tensor", int, Upcoming], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
@@ -130,19 +129,20 @@ def _column_grid(grid: IntGridConfig) -> IntGridConfig:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGridConfig,
                   params: GPTQParams = GPTQParams(),
-                  scale_dtype: torch.dtype = torch.float16,
+                  scale_dtype: torch.dtype | None = None,
                   order: torch.Tensor | None = None) -> tuple[QuantizedTensor, GPTQStats]:
     """Quantize ``weight [out, in]`` given the input Hessian ``H = 2·XᵀX/n [in, in]``.
 
     ``order``: the act-order to use instead of ``H``'s own (row blocks swept on different
     Hessians that must share one column order, e.g. one ``g_idx`` for the whole tensor)."""
+    scale_dtype = scale_dtype or torch.float16
     qt, losses, damp, increased = _gptq_rows(weight, hessian, grid, params, scale_dtype, order)
     return qt, GPTQStats(damp=damp, damp_increased=increased, proxy_error=float(losses.sum()))
 
 
 def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, grid: IntGridConfig,
                        params: GPTQParams = GPTQParams(),
-                       scale_dtype: torch.dtype = torch.float16
+                       scale_dtype: torch.dtype | None = None
                        ) -> list[tuple[QuantizedTensor, GPTQStats]]:
     """:func:`gptq_quantize` of several weights that share one input (q/k/v, gate/up) in one
     sweep. GPTQ's error feedback runs along a row and never across rows, and every row here
@@ -150,6 +150,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, grid:
     row-wise, swept once and split: the same codes as separate calls up to float summation
     order, in one column loop instead of one per weight. Per-tensor grids are not stacked (their
     one scale would be shared)."""
+    scale_dtype = scale_dtype or torch.float16
     if grid.granularity == "tensor" or len(weights) < 2:
         return [gptq_quantize(w, hessian, grid, params, scale_dtype) for w in weights]
     if len({int(w.shape[1]) for w in weights}) != 1:

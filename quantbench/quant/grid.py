@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
+from quantbench.lazy import torch
 
 if TYPE_CHECKING:
     from quantbench.quant.grids.int import IntGridConfig
@@ -48,14 +48,15 @@ def _grouped_minmax(w: torch.Tensor, grid: IntGridConfig) -> tuple[torch.Tensor,
 
 
 def fit_scales(
-    w: torch.Tensor, grid: IntGridConfig, scale_dtype: torch.dtype = torch.float16
+    w: torch.Tensor, grid: IntGridConfig, scale_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest parameters: (scales in ``scale_dtype``, int32 zeros or None)."""
+    scale_dtype = scale_dtype or torch.float16
     wmin, wmax = _grouped_minmax(w.float(), grid)
     return _params_for_range(wmin, wmax, grid, scale_dtype)
 
 
-def search_scales(w: torch.Tensor, grid: IntGridConfig, scale_dtype: torch.dtype = torch.float16,
+def search_scales(w: torch.Tensor, grid: IntGridConfig, scale_dtype: torch.dtype | None = None,
                   importance: torch.Tensor | None = None, steps: int = 20,
                   max_shrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fit_scales`` with each group's range shrunk by the factor ``1 − max_shrink·k/steps``
@@ -63,6 +64,7 @@ def search_scales(w: torch.Tensor, grid: IntGridConfig, scale_dtype: torch.dtype
     ``Σ importance[c]·(w − q)²`` (``importance`` per input column, e.g. GPTQ's diag(H); uniform
     when None). k = 0 is plain min/max, so the result is never worse than ``fit_scales`` on
     this measure. Per-tensor grids are returned unsearched."""
+    scale_dtype = scale_dtype or torch.float16
     if grid.granularity == "tensor" or steps < 1:
         return fit_scales(w, grid, scale_dtype)
     w = w.float()
@@ -188,10 +190,11 @@ def pad_groups(w: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:
 
 
 def fake_quantize(w: torch.Tensor, grid: IntGridConfig,
-                  scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                  scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``dequantize(quantize(w))`` for round-to-nearest with fitted scales, in float32 —
     identical to ``fit_scales`` + ``quantize_codes`` + ``dequantize_codes`` but computed on
     the grouped view (no per-column gathers): the inner loop of AWQ's searches."""
+    scale_dtype = scale_dtype or torch.float16
     w = w.float()
     if grid.granularity == "tensor":
         scales, zeros = fit_scales(w, grid, scale_dtype)

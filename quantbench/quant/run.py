@@ -8,11 +8,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
-
 from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, IntGridConfig,
                                QuantizeConfig, TargetConfig)
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.models.loader import Model
 from quantbench.quant.methods.base import Method
 from quantbench.registry import get_method

@@ -18,15 +18,14 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantbench import tempfiles
 from quantbench.config import grid_from_dict
 from quantbench.jsonfile import dumps, with_nulls
 from quantbench.diskspace import reported
 from quantbench.faults import failpoint
+from quantbench.lazy import torch
 from quantbench.models.cache import cache_root
 from quantbench.tensor import QuantizedTensor
 
@@ -104,6 +103,8 @@ class BlockStore:
             else:
                 flat[name] = _own(value, seen)
                 entries[name] = None
+        from safetensors.torch import save_file  # (imports torch, as the tensors here did)
+
         with reported(self.directory, hint=HINT):
             save_file(flat, str(self._path(len(self.labels))),
                       {_META_KEY: dumps({"label": label, "entries": entries},

@@ -147,13 +147,13 @@ def test_a_failed_write_keeps_the_previous_output(qb, place, monkeypatch):
     "Error while serializing: I/O error: No space left on device (os error 28)",
     "Error while serializing: I/O error: Disk quota exceeded (os error 122)"])
 def test_a_full_result_store_names_it(qb, place, monkeypatch, message):
-    from quantbench.quant import store
+    import safetensors.torch  # the store imports save_file from it when it writes a block
 
     tmp_path, source = place
 
     def save_file(*args, **kwargs):
         raise RuntimeError(message)  # safetensors' own error type carries no errno
-    monkeypatch.setattr(store, "save_file", save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     refused(qb("convert", source, "-o", tmp_path / "out", *ABSMAX), "QUANTBENCH_STORE",
             str(tmp_path / "store"))
     assert_clean(tmp_path)

@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant.exl2.grid import RINT_MAGIC, fit_group, group_layout, scales_from_codes
 from quantbench.quant.gptq import (GPTQStats, Upcoming, column_sweep,
                                    inverse_hessian_cholesky)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import torch
+from quantbench.lazy import torch
 
 if TYPE_CHECKING:
     from quantbench.quant.grids.exl2 import EXL2GridConfig

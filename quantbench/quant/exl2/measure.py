@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from quantbench.config import EXL2GridConfig
 from quantbench.errors import ConfigError, QuantbenchError
 from quantbench.jsonfile import dumps
+from quantbench.lazy import torch
 from quantbench.quant.exl2.grid import total_bits
 from quantbench.quant.exl2.optimize import Allocation, bounds, solve
 from quantbench.quant.exl2.presets import LADDER, branch_candidates
@@ -227,7 +226,7 @@ def plan_slots(model: Any, targets: list[str], ladder: list[str]) -> list[Slot]:
 
 # -- the measurement pass -------------------------------------------------------------------
 
-QuantizeFn = Callable[[torch.Tensor, Any, list[EXL2GridConfig]], list[torch.Tensor]]
+QuantizeFn = Callable[["torch.Tensor", Any, "list[EXL2GridConfig]"], "list[torch.Tensor]"]
 SWEEP_ELEMENTS = 1 << 25   # weights per stacked GPTQ sweep (copies of one linear, one per mix)
 
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 
 DEFAULT_CELLS = 1 << 18
 

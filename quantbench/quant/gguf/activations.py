@@ -9,7 +9,7 @@ this accounts for llama-perplexity's perplexity sitting 0.3–1.1 % above a floa
 """
 from __future__ import annotations
 
-import torch
+from quantbench.lazy import torch
 
 VEC_DOT_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
                 "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K",

@@ -18,21 +18,22 @@ the codecs issue many small tensor ops, and torch's own intra-op threads (OpenMP
 at every one of them, which costs far more than it gains (tens of times more when the cores
 are shared with other processes).
 
-The registry is a leaf table: ``quantbench/builtins.py`` imports the built-in codecs
-(``kquants``, ``kquants_low``, ``legacy``), which register here with :func:`register_codec`.
+The registry is a leaf table: the built-in codecs (``kquants``, ``kquants_low``, ``legacy``)
+register here with :func:`register_codec` when imported; ``quantbench/builtins.py`` declares
+a loader that imports them, run on the first lookup of a type not registered yet.
 """
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
-
-import torch
+from typing import Callable, ClassVar, TypeVar
 
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.threads import run_chunks
 
 T = TypeVar("T")
 
 _CODECS: dict[str, "BlockCodec"] = {}
+_LOAD: list[Callable[[], None]] = []  # imports (registers) the built-ins, run once on a miss
 
 
 class BlockCodec:
@@ -123,17 +124,36 @@ def register_codec(cls: type[T]) -> type[T]:
     return cls
 
 
+def declare(load: Callable[[], None]) -> None:
+    """``load`` imports the built-in codecs' modules (each registers its types)."""
+    _LOAD.append(load)
+
+
+def _fill() -> None:
+    while _LOAD:
+        load = _LOAD.pop()
+        try:
+            load()
+        except BaseException:  # tried again by the next lookup, which says why again
+            _LOAD.append(load)
+            raise
+
+
 def get_codec(name: str) -> BlockCodec:
     key = str(name).upper()
+    if key not in _CODECS:
+        _fill()
     if key not in _CODECS:
         raise ConfigError(f"unknown GGUF tensor type {name!r}; known: {', '.join(codec_names())}")
     return _CODECS[key]
 
 
 def codec_for_id(type_id: int) -> BlockCodec | None:
+    _fill()
     return next((c for c in _CODECS.values() if c.type_id == type_id), None)
 
 
 def codec_names() -> list[str]:
+    _fill()
     return sorted(_CODECS)
 

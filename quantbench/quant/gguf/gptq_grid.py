@@ -22,8 +22,7 @@ import dataclasses
 from dataclasses import fields
 from typing import Any
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant.gguf.codec import BlockCodec, get_codec
 from quantbench.quant.gguf.legacy import _LegacyCodec, row_sigma2
 from quantbench.quant.gptq import (SINGLE_THREAD_ELEMENTS, GPTQParams, GPTQStats, Upcoming,

@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant.gguf.codec import BlockCodec, register_codec
 from quantbench.quant.gguf.search import (GROUP_MAX_EPS, first_abs_max, make_qkx2_quants,
                                           make_qkx3_quants, make_qp_quants, make_qx_quants,

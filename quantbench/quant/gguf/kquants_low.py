@@ -5,8 +5,7 @@ code in ``qs[64]``: byte ``32h + l`` holds elements ``128h + 32s + l`` at bits `
 """
 from __future__ import annotations
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant.gguf.codec import register_codec
 from quantbench.quant.gguf.kquants import (QK_K, KParams, KQuantCodec, c_int8, fp16_bytes,
                                            fp16_from_bytes, fp16_round, imatrix_weights,
@@ -15,7 +14,6 @@ from quantbench.quant.gguf.search import (first_abs_max, make_q3_quants, make_qk
                                           make_qkx3_quants, make_qp_quants, make_qx_quants,
                                           nearest_int, rdiv, seq_sum)
 
-_SHIFTS = torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)
 
 
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
@@ -27,7 +25,8 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
-    return ((qs.long().reshape(-1, 2, 1, 32) >> _SHIFTS) & 3).reshape(-1, QK_K)
+    shifts = torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)
+    return ((qs.long().reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
 
 
 # ---------------------------------------------------------------------------------------- Q2_K

@@ -24,9 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-import numpy as np
-import torch
-
+from quantbench.lazy import numpy as np, torch
 from quantbench.quant.gguf.codec import BlockCodec, register_codec
 from quantbench.quant.gguf.search import (f32, first_abs_max, first_max, first_min,
                                           make_qkx3_quants, make_qx_quants, nearest_int,

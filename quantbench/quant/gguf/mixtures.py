@@ -14,9 +14,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import gguf
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import gguf
 
 log = logging.getLogger(__name__)
 

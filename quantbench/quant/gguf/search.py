@@ -25,17 +25,18 @@ Everything here is pure float32 tensor maths; no float64 is needed for exactness
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
+import struct
 
-GROUP_MAX_EPS = float(np.float32(1e-15))
+from quantbench.lazy import numpy as np, torch
+
+GROUP_MAX_EPS = struct.unpack("<f", struct.pack("<f", 1e-15))[0]  # float32(1e-15)
 _MAGIC = 12582912.0    # 1.5·2²³: ``fval + _MAGIC`` has ``nearest_int(fval)`` in its mantissa
 _EXACT = 4194303.0     # |fval| below this: ``(fval + _MAGIC) - _MAGIC`` is that integer exactly
 
 
 def f32(value: float) -> float:
     """``value`` rounded to float32 (a C ``float`` literal such as ``0.1f``)."""
-    return float(np.float32(value))
+    return struct.unpack("<f", struct.pack("<f", value))[0]
 
 
 def nearest_int(fval: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, TypeVar
 
-import torch
-
 from quantbench.errors import ConfigError
 from quantbench.finite import count_non_finite
+from quantbench.lazy import torch
 
 if TYPE_CHECKING:
     from quantbench.quant.gptq import GPTQStats
@@ -71,22 +70,37 @@ def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
 def packed_bits(qt: "QuantizedTensor", code_bits: float) -> int:
     """Bits of a 2-D tensor stored as packed codes plus its scales, aux tensors, zero codes
     (``code_bits`` each) and, for a reordered tensor, its int32 ``g_idx``."""
-    bits = qt.numel * code_bits
-    bits += qt.scales.numel() * qt.scales.element_size() * 8
-    bits += sum(t.numel() * t.element_size() * 8 for t in qt.aux.values())
-    if qt.zeros is not None:
-        bits += qt.zeros.numel() * code_bits
-    if qt.g_idx is not None and qt.perm is not None:
-        bits += qt.g_idx.numel() * 32
+    return count_bits(qt.numel, code_bits, qt.scales.numel() * qt.scales.element_size() * 8,
+                      sum(t.numel() * t.element_size() * 8 for t in qt.aux.values()),
+                      qt.zeros.numel() if qt.zeros is not None else 0,
+                      qt.g_idx.numel() if qt.g_idx is not None and qt.perm is not None else 0)
+
+
+def count_bits(numel: int, code_bits: float, scale_bits: int, aux_bits: int = 0,
+               n_zeros: int = 0, n_g_idx: int = 0) -> int:
+    """:func:`packed_bits` from the parts' sizes (what ``inspect`` counts from file headers):
+    ``numel`` codes and ``n_zeros`` zero codes of ``code_bits`` each, the scales' and aux
+    tensors' bits, ``n_g_idx`` int32 group indices."""
+    bits = numel * code_bits + scale_bits + aux_bits
+    if n_zeros:
+        bits += n_zeros * code_bits
+    if n_g_idx:
+        bits += n_g_idx * 32
     return bits
 
 
 def check_group_scales(qt: "QuantizedTensor", n_groups: int, describe: str) -> None:
     """Scales ``[out or 1, n_groups]`` (any group count when ``g_idx`` says where they go)."""
     rows, groups = qt.scales.shape
-    if rows not in (1, qt.codes.shape[0]):
+    check_scale_shape(rows, groups, qt.codes.shape[0], n_groups, qt.g_idx is not None, describe)
+
+
+def check_scale_shape(rows: int, groups: int, out_features: int, n_groups: int,
+                      has_g_idx: bool, describe: str) -> None:
+    """:func:`check_group_scales` from the sizes alone (what ``inspect`` has: headers)."""
+    if rows not in (1, out_features):
         raise ValueError("scales rows must be 1 or out_features")
-    if groups != n_groups and qt.g_idx is None:
+    if groups != n_groups and not has_g_idx:
         raise ValueError(f"scales have {groups} groups, grid {describe} needs {n_groups}")
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.quant import bnb
 from quantbench.quant.grids.base import Grid, packed_bits, register_grid
 from quantbench.ranges import Range
@@ -90,4 +89,9 @@ class CodebookGridConfig(Grid):
     def storage_bits(self, qt: QuantizedTensor) -> int:
         """Codes, absmax (and nested statistics) plus the tables bitsandbytes stores beside
         every weight."""
-        return packed_bits(qt, self.bits) + 16 * 32 + (256 * 32 if qt.aux else 0)
+        return packed_bits(qt, self.bits) + self.table_bits(bool(qt.aux))
+
+    @staticmethod
+    def table_bits(nested: bool) -> int:
+        """The 16-entry quant_map (and, with nested statistics, their 256-entry map)."""
+        return 16 * 32 + (256 * 32 if nested else 0)

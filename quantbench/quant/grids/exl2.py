@@ -6,9 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize
 from quantbench.quant.exl2.grid import dequantize_exl2, group_layout, total_bits
 from quantbench.quant.gptq import GPTQStats

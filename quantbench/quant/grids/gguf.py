@@ -6,9 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
-import torch
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.quant.gguf.codec import BlockCodec, get_codec
 from quantbench.quant.gguf.gptq_grid import gptq_gguf, gptq_gguf_rows
 from quantbench.quant.gguf.plan import plan_tensor_types

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.quant.grid import dequantize_codes, fit_scales, group_index, quantize_codes
 from quantbench.quant.gptq import (GPTQParams, GPTQStats, act_order, gptq_quantize,
                                    gptq_quantize_many, stack_rows)

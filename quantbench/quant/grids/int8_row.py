@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-import torch
-
+from quantbench.lazy import torch
 from quantbench.quant import bnb
 from quantbench.quant.grids.base import CONFIG_VERSION, Grid, check_version, register_grid
 from quantbench.tensor import QuantizedTensor

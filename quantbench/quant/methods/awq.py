@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-import torch
 from safetensors import safe_open
 
 from quantbench.config import CalibrationOptions, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.options import option
 from quantbench.quant.grids.gguf import PROXY_GRIDS, proxy_grid  # noqa: F401  (their home now)
 from quantbench.quant.methods.awq_search import (CLIP_EXEMPT, apply_saved,  # noqa: F401

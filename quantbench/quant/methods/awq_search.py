@@ -12,12 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch
-
-from quantbench.calibration.blocks import residual_add
 from quantbench.calibration.collectors import ActMagnitudeCollector
 from quantbench.config import GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.quant.awq import (apply_clip, fold_scales, output_error, search_clip,
                                   search_scales)
 
@@ -115,8 +113,14 @@ def _capture(mixer, modules: dict, normed: list[torch.Tensor], kwargs: list[dict
             h.remove()
 
 
-@torch.inference_mode()
 def _awq_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():  # (a context, not a decorator: importing reads no torch)
+        return _search_block(ctx, config, grid_for)
+
+
+def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, torch.Tensor]:
+    from quantbench.calibration.blocks import residual_add  # (its nn.Module classes load torch)
+
     o, arch, layer = config.options, ctx.model.arch, ctx.layer
     prefix = f"{arch.block_prefix}.{ctx.index}."
     result: dict[str, torch.Tensor] = {}

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
-import torch
-
 from quantbench.config import GridConfig, IntGridConfig, MethodOptions, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.options import option_fields
 from quantbench.tensor import QuantizedTensor
 

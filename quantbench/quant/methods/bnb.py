@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from quantbench.config import (CalibrationOptions, CodebookGridConfig, GridConfig,
                                Int8RowGridConfig, MethodOptions)
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.options import option
 from quantbench.quant.methods.base import Method
 from quantbench.ranges import Range

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import CalibrationOptions, EXL2GridConfig, GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.jsonfile import dumps, with_nulls
+from quantbench.lazy import torch
 from quantbench.options import option
 from quantbench.quant.exl2.gptq import EXL2Params, exl2_quantize_many, prepare_hessian
 from quantbench.quant.grids.exl2 import BPW, GROUP_ROWS

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, IntGridConfig,
                                MethodOptions, QuantizeConfig)
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.options import cli_flag, option
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method

@@ -4,11 +4,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from quantbench.calibration.attention import HeadHessians
 from quantbench.config import CalibrationOptions, GridConfig, QuantizeConfig, SweepSettings
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.options import option
 from quantbench.quant.gptq import GPTQParams, GPTQStats
 from quantbench.quant.methods.base import Method

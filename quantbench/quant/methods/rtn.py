@@ -1,10 +1,9 @@
 """Round-to-nearest on the integer grid: ``absmax`` (symmetric) and ``zeropoint``."""
 from __future__ import annotations
 
-import torch
-
 from quantbench.config import GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.quant.grids.base import scale_dtype_for
 from quantbench.quant.methods.base import Method
 from quantbench.registry import register_method

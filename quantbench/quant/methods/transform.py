@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
-import torch
-
 from quantbench.config import MethodOptions, QuantizeConfig
 from quantbench.errors import ConfigError
+from quantbench.lazy import torch
 from quantbench.options import internal, option, option_fields
 from quantbench.quant.methods.base import Method
 from quantbench.tensor import QuantizedTensor
