@@ -129,11 +129,8 @@ def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=1)
 
 
-_BITS = torch.arange(8, dtype=torch.uint8)
-
-
 def _unpack_qh(qh: torch.Tensor) -> torch.Tensor:
-    return ((qh[:, :, None] >> _BITS) & 1).reshape(-1, 32) << 4
+    return ((qh[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1, 32) << 4
 
 
 # ---------------------------------------------------------------------------- float types
