@@ -114,3 +114,24 @@ def test_inspect_tensors_at_80_columns_names_every_tensor_whole(artifact, capsys
     info = qb.inspect(artifact)
     found = tokens(result.stdout)
     assert all(t["name"] in found for t in info["tensors"])
+
+
+def test_recipe_table_leaves_out_columns_with_nothing_to_say():
+    """No bounds and no Hub target (the demo): no gate or upload column; an errored job
+    brings the verdict column back, so ERROR is never hidden."""
+    from quantbench.recipes.run import JobReport, RecipeReport, render_recipe_table
+
+    def job(name, status="passed", gate=None):
+        return JobReport(name, "src", {}, status=status, ppl=30.0, kld_mean=0.1,
+                         gate=gate or {"passed": True, "reasons": [], "thresholds": {}},
+                         upload={"status": "skipped", "reason": "no upload target"})
+
+    plain = render(render_recipe_table(RecipeReport("r", [job("a"), job("b")]), True), 200)
+    header = next(line for line in plain.splitlines() if "job" in line)
+    assert "gate" not in header and "upload" not in header and "KLD" in header
+    bad = render(render_recipe_table(RecipeReport("r", [job("a"), job("b", "error")]), True),
+                 200)
+    assert "gate" in next(line for line in bad.splitlines() if "job" in line)
+    assert "ERROR" in bad
+    gated = job("c", gate={"passed": True, "reasons": [], "thresholds": {"max_kld": 0.5}})
+    assert "gate" in render(render_recipe_table(RecipeReport("r", [gated]), True), 200)

@@ -376,10 +376,14 @@ def render_recipe_table(report: RecipeReport, wide: bool = False) -> Group:
     from quantbench.bits_per_weight import ALL_HEADER, QUANTIZED_HEADER
     from quantbench.tables import Col, FitTable
 
+    # a recipe without bounds or a Hub target (the demo) has nothing to say in those columns;
+    # a job that errored or failed always shows its verdict
+    gated = not report.ok or any(j.gate.get("thresholds") for j in report.jobs)
+    uploads = any(j.upload.get("reason") != "no upload target" for j in report.jobs)
+    heads = [QUANTIZED_HEADER, ALL_HEADER, "size", "ppl", "Δppl %", "KLD", "top-1 %",
+             *(["gate"] if gated else []), *(["upload"] if uploads else []), "time (s)"]
     table = FitTable([Col("job", "left", key=True)] +
-                     [Col(h, "left" if h in ("gate", "upload") else "right")
-                      for h in (QUANTIZED_HEADER, ALL_HEADER, "size", "ppl", "Δppl %", "KLD",
-                                "top-1 %", "gate", "upload", "time (s)")],
+                     [Col(h, "left" if h in ("gate", "upload") else "right") for h in heads],
                      title=escape(f"quantbench run — {report.name}"), wide=wide,
                      hint="--wide shows one table")
     notes = []
@@ -390,8 +394,10 @@ def render_recipe_table(report: RecipeReport, wide: bool = False) -> Group:
         table.add_row(escape(j.name), _num(j.bits_per_weight, ".3f"),
                       _num(j.bits_per_weight_all, ".3f"), size, _num(j.ppl, ".3f"),
                       _num(j.delta_ppl_pct, "+.2f"), _num(j.kld_mean, ".4f"),
-                      _num(None if j.top1 is None else 100 * j.top1, ".2f"), verdict,
-                      j.upload.get("status", "—"), _num(_seconds(j), ".1f"))
+                      _num(None if j.top1 is None else 100 * j.top1, ".2f"),
+                      *([verdict] if gated else []),
+                      *([j.upload.get("status", "—")] if uploads else []),
+                      _num(_seconds(j), ".1f"))
         if j.status == "failed":
             notes.append(f"{j.name}: gate failed: {'; '.join(j.gate['reasons'])}")
         elif j.status == "error":
