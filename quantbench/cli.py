@@ -120,7 +120,7 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
     """Quantize language models, write the formats runtimes load, and prove the quality."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False)])
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
     ctx.obj = {"debug": debug}
 
 
