@@ -35,3 +35,17 @@ def test_format_citations_name_existing_sections():
     for path in [*(ROOT / "quantbench").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
         cited |= set(re.findall(r"FORMATS\.md §(\d+(?:\.\d+)*)", path.read_text()))
     assert cited and cited <= sections, f"cited but missing: {sorted(cited - sections)}"
+
+
+def test_the_readme_exl2_measurement_is_complete_and_matches_its_command():
+    """README's EXL2 example reuses examples/smollm2-exl2.json (measuring takes minutes): it
+    must be complete and made with the command's calibration, else the example re-measures."""
+    import json
+
+    m = json.loads((ROOT / "examples" / "smollm2-exl2.json").read_text())
+    assert m["complete"] is True and m["model"]["source"] == "sample:smollm2"
+    c = m["calibration"]
+    assert (c["samples"], c["calib_samples"], c["calib_len"]) == (2, 4, 256)
+    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    assert ("--method exl2 --bpw 4.0 --measure-samples 2 --calib-samples 4 --calib-len 256 "
+            "--measurement examples/smollm2-exl2.json") in readme
