@@ -138,7 +138,7 @@ method's own layout otherwise (`bitsandbytes` for NF4 and LLM.int8). Calibration
 the methods that take them."""),
     ("code", '''\
 result = qb.compare("sample:smollm2", methods=METHODS, bits=[4], group_size=64,
-                    fmt="compressed-tensors", out_dir=OUT, max_tokens=2048,
+                    fmt="compressed-tensors", out_dir=OUT, max_tokens=1024,
                     method_options={"calib_samples": 4, "calib_len": 128, "search_samples": 4,
                                     "n_grid": 10})
 print(result.report.describe())'''),
