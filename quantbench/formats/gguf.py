@@ -72,8 +72,11 @@ def plan_file(qmodel) -> list[PlannedTensor]:
 
 
 def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndarray:
-    from quantbench.formats.gguf_meta import permute_qk, qk_permute_heads
+    from quantbench.formats.gguf_meta import norm_offset, permute_qk, qk_permute_heads
 
+    offset = norm_offset(config, item.hf_name)
+    if offset and not isinstance(value, QuantizedTensor):
+        value = value.float() + offset  # llama.cpp's Gemma norms hold 1 + w
     if isinstance(value, QuantizedTensor):
         if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
             raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "
@@ -217,15 +220,17 @@ class GGUFWeights:
     rows back in the HF layout); the file is memory-mapped by gguf-py, read per tensor."""
 
     def __init__(self, file: Path, reader, config: dict[str, Any]):
-        from quantbench.models.gguf_import import GENERATED, hf_name
+        from quantbench.models.arch import arch_for
+        from quantbench.models.gguf_import import GENERATED
 
         self.file, self.config = file, config
         self.tensors = {}
+        spec = arch_for(config.get("model_type"))
         for t in reader.tensors:
             if t.name in GENERATED:  # rope_freqs: already in the config's rope_parameters
                 continue
             try:
-                name = hf_name(t.name)
+                name = spec.hf_tensor_name(t.name)
             except ModelLoadError as exc:
                 raise FormatError(f"{file}: {exc}") from exc
             self.tensors[name] = t
@@ -271,9 +276,14 @@ class GGUFWeights:
         return unpermute_qk(data, heads) if heads else data
 
     def get(self, name: str) -> torch.Tensor:
+        from quantbench.formats.gguf_meta import norm_offset
+
         codec = get_codec(self.ggml_type(name))
         shape = self.shape(name)
         w = codec.dequantize_rows(self.raw(name), shape[-1])
+        offset = norm_offset(self.config, name)
+        if offset:
+            w = w - offset  # back to the HF norm weight (llama.cpp's Gemma norms hold 1 + w)
         return finite(self.file, name, w.reshape(shape))
 
     def iter(self, names):

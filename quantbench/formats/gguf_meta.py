@@ -122,6 +122,9 @@ def arch_metadata(config: dict) -> list[KV]:
     if config.get("head_dim") is not None:
         kvs.append(KV(f"{a}.attention.key_length", int(config["head_dim"]), VT.UINT32))
         kvs.append(KV(f"{a}.attention.value_length", int(config["head_dim"]), VT.UINT32))
+    spec = arch_for(config.get("model_type"))
+    if spec.gguf_kvs is not None:  # the family's own keys (models/families/<family>.py)
+        kvs += spec.gguf_kvs(config)
     return kvs
 
 
@@ -249,8 +252,25 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def needs_qk_permute(config: dict) -> bool:
-    """llama-arch GGUFs store Q/K rows in llama.cpp's interleaved RoPE order; qwen2 does not."""
-    return gguf_arch(config) == "llama"
+    """llama-arch GGUFs store Q/K rows in llama.cpp's interleaved RoPE order; qwen2 does not
+    (the family's ``ArchSpec.gguf_qk_permute``)."""
+    gguf_arch(config)  # refuses an unsupported model type
+    return arch_for(config.get("model_type")).gguf_qk_permute
+
+
+def norm_offset(config: dict, hf_name: str) -> float:
+    """What llama.cpp's converter adds to the norm weight ``hf_name`` (Gemma stores ``1 + w``:
+    ``ArchSpec.gguf_norm_plus_offset``); 0.0 for every other tensor and family. The writer
+    adds it, the readers subtract it."""
+    spec = arch_for(config.get("model_type"))
+    if not spec.gguf_norm_plus_offset or not hf_name.endswith(".weight"):
+        return 0.0
+    module = hf_name[: -len(".weight")]
+    index = spec.block_of(hf_name)
+    if index is not None:
+        module = module[len(f"{spec.block_prefix}.{index}."):]
+        return spec.norm_offset if module in spec.norms else 0.0
+    return spec.norm_offset if module == spec.final_norm else 0.0
 
 
 def qk_permute_heads(config: dict, hf_name: str) -> int | None:

@@ -5,6 +5,7 @@ Adding an architecture is adding an ``ArchSpec`` here (and a test), not an ``isi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from quantbench.errors import ModelLoadError
 
@@ -146,6 +147,17 @@ class ArchSpec:
     carry a ``.bias`` under which config flag, ``tied_by_default`` what a config without
     ``tie_word_embeddings`` means, ``derived_buffers`` tensor names skipped as leftovers,
     ``hyperparameters`` the scalar config values checked for their kind.
+
+    Per-family numerics and GGUF conventions: ``norm_offset`` — a norm scales by
+    ``norm_offset + weight`` (Gemma's ``1 + w``; AWQ folding and GGUF honour it);
+    ``gguf_qk_permute`` — llama.cpp's converter interleaves Q/K rows for RoPE (its llama arch);
+    ``gguf_norm_plus_offset`` — llama.cpp stores norm weights with ``norm_offset`` added;
+    ``hf_classes`` — transformers' config and model class names (GGUF import builds these);
+    ``gguf_kvs(config) -> list[KV]`` — the ``<arch>.*`` keys the converter writes beyond the
+    common ones (appended after them); ``gguf_config(meta, kwargs)`` — on import, adds the
+    family's config entries to ``kwargs`` from the GGUF metadata (``meta``: see
+    ``models/gguf_import.py`` ``Metadata``). Each family lives in one file of
+    ``quantbench/models/families/``.
     """
 
     family: str
@@ -181,6 +193,12 @@ class ArchSpec:
     tied_by_default: bool = False  # transformers' default tie_word_embeddings for the family
     derived_buffers: tuple[str, ...] = DERIVED_BUFFERS
     hyperparameters: tuple[tuple[str, str], ...] = LLAMA_HYPERPARAMETERS
+    norm_offset: float = 0.0
+    gguf_qk_permute: bool = False
+    gguf_norm_plus_offset: bool = False
+    hf_classes: tuple[str, str] = ("LlamaConfig", "LlamaForCausalLM")
+    gguf_kvs: Callable[[dict], list] | None = None
+    gguf_config: Callable[[Any, dict], None] | None = None
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -262,11 +280,26 @@ class ArchSpec:
         return int(head) if head.isdigit() else None
 
 
-LLAMA = ArchSpec(family="llama", model_types=("llama", "mistral"))
-QWEN2 = ArchSpec(family="qwen2", model_types=("qwen2",), gguf_arch="qwen2",
-                 biases=((None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),))
+def _llama_gguf_config(meta, kwargs: dict) -> None:
+    """llama arch GGUF → LlamaConfig entries the common keys do not give."""
+    kwargs.update(head_dim=meta.head_dim, attention_bias="blk.0.attn_q.bias" in meta.names,
+                  mlp_bias="blk.0.ffn_up.bias" in meta.names)
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2)
+
+LLAMA = ArchSpec(family="llama", model_types=("llama", "mistral"), gguf_qk_permute=True,
+                 gguf_config=_llama_gguf_config)
+QWEN2 = ArchSpec(family="qwen2", model_types=("qwen2",), gguf_arch="qwen2",
+                 biases=((None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+                 hf_classes=("Qwen2Config", "Qwen2ForCausalLM"))
+
+
+def _families() -> tuple[ArchSpec, ...]:
+    from quantbench.models.families import FAMILIES  # each family one file (imports ArchSpec)
+
+    return FAMILIES
+
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, *_families())
 
 
 def supported_model_types() -> list[str]:

@@ -148,12 +148,10 @@ def _config_from_metadata(reader, full: bool = True) -> dict[str, Any]:
         hidden_act="silu")
     rope = _rope_parameters(reader, arch, theta, head_dim)
     kwargs.update({"rope_parameters": rope} if rope else {"rope_theta": theta})
-    qwen2 = spec.gguf_arch == "qwen2"
-    if not qwen2:
-        kwargs.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in names,
-                      mlp_bias="blk.0.ffn_up.bias" in names)
+    if spec.gguf_config is not None:  # the family's own entries (models/families/<family>.py)
+        spec.gguf_config(Metadata(reader, arch, names, head_dim), kwargs)
     try:  # the config class checks the values against each other (heads dividing hidden, ...)
-        config = _config_class(qwen2, kwargs) if full else _checked_keys(qwen2, kwargs)
+        config = _config_class(spec, kwargs) if full else _checked_keys(spec, kwargs)
     except _invalid_values() as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise ModelLoadError(f"the GGUF metadata describes no valid {arch} model "
@@ -173,23 +171,42 @@ def _invalid_values() -> tuple[type[Exception], ...]:
     return (ValueError, TypeError, StrictDataclassError)
 
 
-def _config_class(qwen2: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """transformers' ``Qwen2Config`` / ``LlamaConfig`` of ``kwargs``, as a dict."""
+class Metadata:
+    """What a family's ``ArchSpec.gguf_config`` hook reads: ``field(key)`` (raw),
+    ``count(key, default)`` / ``real(key, default)`` (``<arch>.`` prefixed, type-checked),
+    ``names`` (the file's tensor names), ``head_dim``."""
+
+    def __init__(self, reader, arch: str, names: set[str], head_dim: int):
+        self.reader, self.arch, self.names, self.head_dim = reader, arch, names, head_dim
+
+    def field(self, key: str, default: Any = None) -> Any:
+        return _field(self.reader, key, default)
+
+    def count(self, key: str, default: Any = None) -> int:
+        return _number(self.reader, f"{self.arch}.{key}", int, default, positive=True)
+
+    def real(self, key: str, default: Any = None) -> float:
+        return _number(self.reader, f"{self.arch}.{key}", float, default)
+
+
+def _config_class(spec: ArchSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers' config class of the family (``ArchSpec.hf_classes``) of ``kwargs``, as a
+    dict."""
     import transformers
 
-    if qwen2:
-        return transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], **kwargs).to_dict()
-    return transformers.LlamaConfig(architectures=["LlamaForCausalLM"], **kwargs).to_dict()
+    config_cls, model_cls = spec.hf_classes
+    return getattr(transformers, config_cls)(architectures=[model_cls], **kwargs).to_dict()
 
 
-def _checked_keys(qwen2: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _checked_keys(spec: ArchSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with the ``model_type`` :func:`_config_class` would give, refused where its
     class would refuse them (LlamaConfig: heads dividing the hidden size; the other values
     are checked by ``_number``/``_token_id`` and the tensor check), without transformers."""
-    if not qwen2 and kwargs["hidden_size"] % kwargs["num_attention_heads"]:
+    if spec.hf_classes[0] == "LlamaConfig" and \
+            kwargs["hidden_size"] % kwargs["num_attention_heads"]:
         raise ValueError(f"The hidden size ({kwargs['hidden_size']}) is not a multiple of the "
                          f"number of attention heads ({kwargs['num_attention_heads']}).")
-    return {"model_type": "qwen2" if qwen2 else "llama", **kwargs}
+    return {"model_type": spec.model_types[0], **kwargs}
 
 
 def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
@@ -299,17 +316,21 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
     """``(hf_name, float32 tensor [HF shape], ggml type name)`` for every tensor, Q/K unpermuted."""
     from gguf.quants import dequantize
 
-    from quantbench.formats.gguf_meta import qk_permute_heads
+    from quantbench.formats.gguf_meta import norm_offset, qk_permute_heads
+    from quantbench.models.arch import arch_for
 
+    spec = arch_for(config.get("model_type"))
     for t in reader.tensors:
         if t.name in GENERATED:
             continue
         array = dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne[0] is innermost
         w = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
-        name = hf_name(t.name)
+        name = spec.hf_tensor_name(t.name)
         heads = qk_permute_heads(config, name)
-        yield name, (unpermute_qk(w, heads) if heads else w), t.tensor_type.name
+        w = unpermute_qk(w, heads) if heads else w
+        offset = norm_offset(config, name)
+        yield name, (w - offset if offset else w), t.tensor_type.name
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype | None = None,

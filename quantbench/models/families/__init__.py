@@ -1,0 +1,8 @@
+"""Architecture families beyond llama/qwen2, one file each (an ``ArchSpec`` and its hooks).
+
+A new family: add ``<family>.py`` defining its spec(s), list them in ``FAMILIES`` here, and add
+its tests (tiny random model from transformers' config class; GGUF against llama.cpp's
+converter and runtime)."""
+from __future__ import annotations
+
+FAMILIES: tuple = ()
