@@ -1,5 +1,7 @@
 """Lock-step evaluation: per window, the baseline runs once and every candidate is compared
-on the same tokens; logits never outlive their window. The baseline's results are cached."""
+on the same tokens; the vocabulary head runs a chunk of positions at a time (``LOGITS_BYTES``),
+so no model ever holds a whole window's full-vocabulary logits. The baseline's per-token losses
+are cached (one float per scored token)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,17 +15,27 @@ from typing import Any, Callable
 
 from quantbench.errors import EvalError, QuantbenchError
 from quantbench.eval.data import load_eval_text, make_windows, tokenize_for_eval
-from quantbench.eval.metrics import (WindowStats, non_finite_window, perplexity, score_window,
-                                     summarize)
+from quantbench.eval.metrics import (WindowStats, concat, log_probs, non_finite_window,
+                                     perplexity, score_rows, summarize, to_cpu)
 from quantbench.eval.protocol import EvalProtocol
 from quantbench.jsonfile import dumps, non_finite
 from quantbench.lazy import numpy as np, torch
+from quantbench.models.torch_model import CausalLM
 from quantbench.progress import block_progress
 
 log = logging.getLogger(__name__)
 
+# A model as the evaluator runs it: a ``CausalLM`` (body, then its head a chunk at a time), or
+# any ``input_ids -> logits [B, T, V]`` callable (scripted models; its logits exist whole).
 LogitsFn = Callable[["torch.Tensor"], "torch.Tensor"]
-ModelFactory = Callable[[], LogitsFn]
+ModelFactory = Callable[[], "CausalLM | LogitsFn"]
+
+LOGITS_BYTES = 64 * 2**20
+"""Bytes of float32 full-vocabulary logits one model's head makes at once: the positions of a
+batch are scored this many bytes' worth at a time (a 262,144-token vocabulary: 64 positions;
+a 32k one: 512). Scoring a chunk holds a few buffers of that size (the baseline's and one
+candidate's log-probabilities, the KL terms). A module constant: patch it to trade speed for
+memory."""
 
 
 @dataclass
@@ -168,7 +180,7 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
         return report
     span = _WindowSpan(windows.shape[1] - (1 if _adds_bos(tokenizer) else 0), data.name)
     base_fn = baseline()
-    fns: dict[str, LogitsFn] = {}
+    fns: dict[str, "CausalLM | LogitsFn"] = {}
     for name, factory in candidates.items():
         try:  # a candidate that cannot be built (a damaged or non-finite tensor) is its error
             fns[name] = factory()
@@ -211,24 +223,66 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
     return report
 
 
-def _score_batch(base_fn: LogitsFn, fns: dict[str, LogitsFn], batch: torch.Tensor, first: int,
-                 seconds: dict[str, float]) -> tuple[torch.Tensor, dict[str, WindowStats]]:
-    """One batch of windows: the baseline's logits once, every candidate's compared with them
-    (their logits never outlive this call); returns the baseline's NLL and each candidate's
-    stats, and adds the forward passes' time to ``seconds``."""
+def chunk_rows(vocab_size: int) -> int:
+    """Positions whose logits fit in ``LOGITS_BYTES`` (at least one)."""
+    return max(1, LOGITS_BYTES // (4 * vocab_size))
+
+
+@dataclass
+class _Pass:
+    """One model's pass over a batch up to its head: the hidden states of the scored positions
+    ``[N, H]`` (windows in order) and the head that makes their logits."""
+
+    rows: "torch.Tensor"
+    head: Callable[["torch.Tensor"], "torch.Tensor"]
+    vocab_size: int
+
+
+def _timed(seconds: dict[str, float], name: str, run: Callable, *args):
+    """``run(*args)``, its time added to ``seconds[name]`` (a GPU's queued work waited for)."""
     start = time.perf_counter()
-    base_logits = base_fn(batch)
-    seconds["baseline"] += time.perf_counter() - start
-    scored: dict[str, WindowStats] = {}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        cand_logits = fn(batch)
-        seconds[name] += time.perf_counter() - start
-        scored[name] = score_window(base_logits, cand_logits, batch, first)
-        del cand_logits
-    if scored:
-        return next(iter(scored.values())).nll_base, scored
-    return score_window(base_logits, None, batch, first).nll_base, scored
+    out = run(*args)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    seconds[name] += time.perf_counter() - start
+    return out
+
+
+def _body(fn: "CausalLM | LogitsFn", batch: torch.Tensor, first: int, name: str,
+          seconds: dict[str, float]) -> _Pass:
+    if isinstance(fn, CausalLM):
+        hidden, head, vocab = _timed(seconds, name, fn.hidden, batch), fn.head, fn.vocab_size
+    else:  # logits made whole: they stand for the hidden states, the head is the identity
+        hidden = _timed(seconds, name, fn, batch)
+        head, vocab = (lambda rows: rows.float()), hidden.shape[-1]
+    return _Pass(hidden[:, first:-1].reshape(-1, hidden.shape[-1]), head, vocab)
+
+
+def _score_batch(base_fn: "CausalLM | LogitsFn", fns: dict[str, "CausalLM | LogitsFn"],
+                 batch: torch.Tensor, first: int, seconds: dict[str, float]
+                 ) -> tuple[torch.Tensor, dict[str, WindowStats]]:
+    """One batch of windows: every model's body once, then, ``chunk_rows`` positions at a time,
+    the baseline's head once and each candidate's head compared with it (a chunk's logits never
+    outlive it: at most the baseline's and one candidate's exist at once); returns the
+    baseline's NLL and each candidate's stats (on the CPU, windows in order), and adds the
+    models' time to ``seconds``."""
+    base = _body(base_fn, batch, first, "baseline", seconds)
+    passes = {name: _body(fn, batch, first, name, seconds) for name, fn in fns.items()}
+    targets = batch[:, first + 1:].reshape(-1)
+    step = chunk_rows(base.vocab_size)
+    base_parts: list[WindowStats] = []
+    parts: dict[str, list[WindowStats]] = {name: [] for name in passes}
+    for start in range(0, len(targets), step):
+        rows = slice(start, start + step)
+        base_logp = log_probs(_timed(seconds, "baseline", base.head, base.rows[rows]))
+        chunk_targets = targets[rows].to(base_logp.device)
+        base_parts.append(to_cpu(score_rows(base_logp, None, chunk_targets)))
+        for name, model in passes.items():
+            cand_logp = log_probs(_timed(seconds, name, model.head, model.rows[rows]))
+            parts[name].append(to_cpu(score_rows(base_logp, cand_logp, chunk_targets)))
+            del cand_logp
+        del base_logp
+    return concat(base_parts).nll_base, {name: concat(p) for name, p in parts.items()}
 
 
 def _add_result(report: EvalReport, name: str, s: dict[str, Any], seconds: float) -> None:

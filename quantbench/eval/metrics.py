@@ -16,30 +16,56 @@ class WindowStats:
     top1: torch.Tensor | None = None
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``[n, V]`` → float32 log-probabilities ``[n, V]``."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def _scored(logits: torch.Tensor, first: int) -> torch.Tensor:
     """Log-probs of positions ``first .. T-2`` (those that predict a next token), float32."""
-    return torch.log_softmax(logits[..., first:-1, :].float(), dim=-1).reshape(
-        -1, logits.shape[-1])
+    return log_probs(logits[..., first:-1, :].reshape(-1, logits.shape[-1]))
 
 
 def nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(1, targets.reshape(-1, 1)).squeeze(1)
 
 
-def score_window(base_logits: torch.Tensor, cand_logits: torch.Tensor | None,
-                 input_ids: torch.Tensor, first: int) -> WindowStats:
-    """Compare a candidate with the baseline on the same window ``[B, T]``."""
-    targets = input_ids[..., first + 1:].reshape(-1)
-    base = _scored(base_logits, first)
+def score_rows(base: torch.Tensor, cand: torch.Tensor | None,
+               targets: torch.Tensor) -> WindowStats:
+    """Compare a candidate's log-probabilities ``[n, V]`` with the baseline's on the same
+    ``n`` scored positions (each row predicts its ``targets`` entry); every statistic of a row
+    depends on that row alone, so the evaluator scores a window a few rows at a time."""
     stats = WindowStats(nll_base=nll(base, targets))
-    if cand_logits is None:
+    if cand is None:
         return stats
-    cand = _scored(cand_logits, first)
     stats.nll_cand = nll(cand, targets)
     stats.kld = (base.exp() * (base - cand)).sum(dim=1).clamp_min(0.0)
     stats.top1 = (base.argmax(dim=1) == cand.argmax(dim=1)) & finite_rows(base) & \
         finite_rows(cand)  # argmax over NaN is NaN's position: no agreement there
     return stats
+
+
+def score_window(base_logits: torch.Tensor, cand_logits: torch.Tensor | None,
+                 input_ids: torch.Tensor, first: int) -> WindowStats:
+    """Compare a candidate with the baseline on the same window ``[B, T]``, whole."""
+    targets = input_ids[..., first + 1:].reshape(-1)
+    return score_rows(_scored(base_logits, first),
+                      None if cand_logits is None else _scored(cand_logits, first), targets)
+
+
+def concat(parts: list[WindowStats]) -> WindowStats:
+    """The stats of consecutive rows, joined (a window scored in chunks)."""
+    def cat(values: list) -> torch.Tensor | None:
+        return None if values[0] is None else torch.cat(values)
+    return WindowStats(cat([p.nll_base for p in parts]), cat([p.nll_cand for p in parts]),
+                       cat([p.kld for p in parts]), cat([p.top1 for p in parts]))
+
+
+def to_cpu(stats: WindowStats) -> WindowStats:
+    """The stats moved to the CPU (scored where the logits are, kept with the results)."""
+    def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.cpu()
+    return WindowStats(cpu(stats.nll_base), cpu(stats.nll_cand), cpu(stats.kld), cpu(stats.top1))
 
 
 def finite_rows(logp: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Build a transformers causal LM from a config and a stream of (name, tensor) pairs."""
+"""Build a transformers causal LM from a config and a stream of (name, tensor) pairs, and run it
+for the evaluator as a body and a vocabulary head (``CausalLM``)."""
 from __future__ import annotations
 
 import logging
@@ -52,17 +53,43 @@ def _is_tied(key: str, hf_config) -> bool:
     return key == "lm_head.weight" and bool(getattr(hf_config, "tie_word_embeddings", False))
 
 
-def logits_fn(model: torch.nn.Module, device: "torch.device | None" = None):
-    """Adapter to the evaluator's ``input_ids -> logits`` callable; with a GPU ``device`` the
-    model runs there and the logits come back to the CPU in float32."""
-    if device is None or device.type == "cpu":
-        def run(input_ids: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=input_ids, use_cache=False).logits
-        return run
-    model.to(device)
+class CausalLM:
+    """The evaluator's view of a transformers causal LM: its body (embeddings, blocks, final
+    norm: the last hidden states) and its vocabulary head, run apart so that the evaluator can
+    make full-vocabulary logits a few positions at a time (a 262k-token vocabulary costs 1 MB of
+    float32 per position). The head is whatever module the model holds as its output embedding
+    when it runs (a runtime module swapped in by ``models/runtime.py`` included: each computes
+    a row of logits from that row alone), then the config's ``final_logit_softcapping``
+    (Gemma 2/3: ``cap·tanh(logits/cap)``), as transformers' forward does. With a GPU ``device``
+    the model, its hidden states and its logits live there."""
 
-    def run_on_device(input_ids: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
-        return logits.float().cpu()
+    def __init__(self, model: torch.nn.Module, device: "torch.device | None" = None):
+        if device is not None and device.type != "cpu":
+            model.to(device)
+        self.model, self.device = model, device
+        text = model.config.get_text_config()
+        self.softcap = text.to_dict().get("final_logit_softcapping")  # absent: no capping
+        self.vocab_size = int(text.vocab_size)
 
-    return run_on_device
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` token ids → the body's last hidden states ``[B, T, H]``."""
+        ids = input_ids if self.device is None else input_ids.to(self.device)
+        return self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[..., H]`` → float32 logits ``[..., V]``, on the model's device."""
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The whole batch's logits ``[B, T, V]`` at once, float32 on the CPU (tests and small
+        vocabularies; the evaluator uses ``hidden`` and ``head``)."""
+        return self.head(self.hidden(input_ids)).cpu()
+
+
+def logits_fn(model: torch.nn.Module, device: "torch.device | None" = None) -> CausalLM:
+    """Adapter to the evaluator's model callable (see ``CausalLM``); with a GPU ``device`` the
+    model runs there."""
+    return CausalLM(model, device)
