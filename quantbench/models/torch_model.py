@@ -67,9 +67,10 @@ class CausalLM:
         if device is not None and device.type != "cpu":
             model.to(device)
         self.model, self.device = model, device
-        text = model.config.get_text_config()
-        self.softcap = text.to_dict().get("final_logit_softcapping")  # absent: no capping
-        self.vocab_size = int(text.vocab_size)
+        # the model's own config decides, as in transformers' forward (a multimodal Gemma 3
+        # caps nothing, whatever its text config says); absent: no capping
+        self.softcap = model.config.to_dict().get("final_logit_softcapping")
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` token ids → the body's last hidden states ``[B, T, H]``."""

@@ -84,33 +84,40 @@ def test_the_bound_at_a_gemma3_vocabulary():
     assert evaluator.chunk_rows(262_144) == 64 and evaluator.chunk_rows(10**9) == 1
 
 
-@pytest.fixture(scope="module")
-def gemma2():
-    """A tiny Gemma 2 whose logits are large enough for its final soft-capping to matter."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=320, initializer_range=0.5)  # large logits
+FAMILIES = {  # config class, model class, config entries beyond SMALL
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, sliding_window=8, final_logit_softcapping=3.0)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(head_dim=16, sliding_window=8, final_logit_softcapping=3.0)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, eos_token_id=1)),
+}
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_head_is_the_families_own_as_transformers_runs_it(family):
+    """Body then head, whole or 7 positions at a time, give transformers' logits: Gemma's final
+    soft-capping (``cap·tanh(logits/cap)``, here with the cap in play) included."""
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                          vocab_size=320, sliding_window=8, final_logit_softcapping=3.0,
-                          initializer_range=0.5)
-    return Gemma2ForCausalLM(config).eval()
-
-
-def test_gemma2_head_is_soft_capped_as_transformers_does(gemma2):
+    config = getattr(transformers, config_cls)(**SMALL, **extra)
+    net = getattr(transformers, model_cls)(config).eval()
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
-    lm = logits_fn(gemma2, CPU)
+    lm = logits_fn(net, CPU)
     with torch.inference_mode():
-        ref = gemma2(input_ids=ids, use_cache=False).logits
+        ref = net(input_ids=ids, use_cache=False).logits
         hidden = lm.hidden(ids)
-        uncapped = gemma2.lm_head(hidden)
         rows = hidden.reshape(-1, 64)
         chunked = torch.cat([lm.head(rows[i:i + 7]) for i in range(0, len(rows), 7)])
-        whole = lm(ids)
-    assert (uncapped - ref).abs().max() > 1.0  # the cap is in play
-    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+        uncapped = net.lm_head(hidden)
+    torch.testing.assert_close(lm(ids), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked, ref.reshape(-1, 320), rtol=1e-5, atol=1e-5)
-    assert ref.abs().max() <= 3.0
+    if "final_logit_softcapping" in extra:
+        assert (uncapped - ref).abs().max() > 1.0 and ref.abs().max() <= 3.0
 
 
 def test_a_runtime_module_swapped_into_the_head_is_the_head(tiny):
