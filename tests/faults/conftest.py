@@ -110,3 +110,18 @@ def fresh_llama(_pristine_llama, tmp_path):
         shutil.copytree(_pristine_llama, dst)
         return dst
     return make
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading, importing or quantizing anything fails the test: refusals come first."""
+    import quantbench.models.gguf_import as gguf_import
+    import quantbench.models.loader as loader
+    from quantbench.quant.run import QuantizedModel
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the output was refused")
+
+    monkeypatch.setattr(loader, "load_model", forbidden)
+    monkeypatch.setattr(gguf_import, "cached_hf_checkpoint", forbidden)
+    monkeypatch.setattr(QuantizedModel, "run", forbidden)

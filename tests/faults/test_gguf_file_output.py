@@ -226,20 +226,6 @@ def test_a_report_never_replaces_the_sidecar(qb, _pristine_llama, tmp_path, no_w
                       sidecar(out), *Q8), "is a file of the output")
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    import quantbench.models.gguf_import as gguf_import
-    import quantbench.models.loader as loader
-    from quantbench.quant.run import QuantizedModel
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the output was refused")
-
-    monkeypatch.setattr(loader, "load_model", forbidden)
-    monkeypatch.setattr(gguf_import, "cached_hf_checkpoint", forbidden)
-    monkeypatch.setattr(QuantizedModel, "run", forbidden)
-
-
 # -- side files, and what a run leaves when it stops ----------------------------------------------
 
 def test_side_files_are_named_after_the_output_and_replaced_with_it(qb, _pristine_llama,

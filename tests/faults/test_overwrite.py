@@ -36,21 +36,6 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_STORE", str(tmp_path / "store"))
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Loading, importing or quantizing anything fails the test: refusals come first."""
-    import quantbench.models.gguf_import as gguf_import
-    import quantbench.models.loader as loader
-    from quantbench.quant.run import QuantizedModel
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the output was refused")
-
-    monkeypatch.setattr(loader, "load_model", forbidden)
-    monkeypatch.setattr(gguf_import, "cached_hf_checkpoint", forbidden)
-    monkeypatch.setattr(QuantizedModel, "run", forbidden)
-
-
 # -- --overwrite on folders quantbench did not write ------------------------------------------
 
 def _file(d: Path) -> str:
