@@ -293,8 +293,19 @@ def qk_permute_heads(config: dict, hf_name: str) -> int | None:
     return None
 
 
+def plus_norm_offset(w: torch.Tensor, offset: float) -> torch.Tensor:
+    """``w + offset`` as llama.cpp's converter computes it: in the tensor's own dtype for
+    float16/float32, in float32 for the others (it widens bfloat16 first), so the bytes are
+    the converter's."""
+    return (w if w.dtype in (torch.float16, torch.float32) else w.float()) + offset
+
+
 def to_gguf_tensor(hf_name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
-    """A tensor in GGUF row order (:func:`qk_permute_heads` decides the permutation)."""
+    """A tensor in GGUF form: rows in GGUF order (:func:`qk_permute_heads` decides the
+    permutation), a norm weight with :func:`norm_offset` added."""
+    offset = norm_offset(config, hf_name)
+    if offset:
+        w = plus_norm_offset(w, offset)
     heads = qk_permute_heads(config, hf_name)
     return permute_qk(w, heads) if heads else w
 

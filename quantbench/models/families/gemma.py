@@ -153,21 +153,29 @@ def _layer_types(meta, kwargs: dict, period: int) -> list[str]:
             for i in range(n)]
 
 
+def _optional(meta, key: str, read) -> float | int | None:
+    """``<arch>.<key>`` read by ``meta.real``/``meta.count``, None where the file has none."""
+    return None if meta.field(f"{meta.arch}.{key}") is None else read(key)
+
+
 def _common_gguf_config(arch: str, meta, kwargs: dict, period: int) -> None:
     kwargs.pop("hidden_act", None)
     kwargs.update(head_dim=meta.head_dim, hidden_activation="gelu_pytorch_tanh",
                   query_pre_attn_scalar=_attention_scalar(arch, meta, kwargs),
-                  final_logit_softcapping=meta.real("final_logit_softcapping", None),
+                  final_logit_softcapping=_optional(meta, "final_logit_softcapping", meta.real),
                   layer_types=_layer_types(meta, kwargs, period))
-    window = meta.count("attention.sliding_window", None)
+    window = _optional(meta, "attention.sliding_window", meta.count)
     if window is not None:
         kwargs["sliding_window"] = window
 
 
 def _gemma2_gguf_config(meta, kwargs: dict) -> None:
-    """gemma2 GGUF → Gemma2Config entries: soft-caps, window, head dim, GeGLU, layer kinds."""
+    """gemma2 GGUF → Gemma2Config entries: soft-caps (llama.cpp's defaults 50 and 30 where the
+    file has none), window (4096), head dim, GeGLU, layer kinds."""
     _common_gguf_config("gemma2", meta, kwargs, period=2)
-    kwargs["attn_logit_softcapping"] = meta.real("attn_logit_softcapping", None)
+    kwargs["attn_logit_softcapping"] = meta.real("attn_logit_softcapping", 50.0)
+    kwargs["final_logit_softcapping"] = meta.real("final_logit_softcapping", 30.0)
+    kwargs.setdefault("sliding_window", 4096)
 
 
 def _gemma3_gguf_config(meta, kwargs: dict) -> None:
