@@ -313,9 +313,13 @@ def supported_model_types() -> list[str]:
 
 
 def arch_for(model_type: str | None) -> ArchSpec:
+    from quantbench.models.families import UNSUPPORTED
+
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
             return spec
+    if model_type in UNSUPPORTED:
+        raise ModelLoadError(f"model_type {model_type!r}: {UNSUPPORTED[model_type]}")
     raise ModelLoadError(
         f"unsupported architecture {model_type!r}; quantbench supports "
         f"{', '.join(supported_model_types())}"

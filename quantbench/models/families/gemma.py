@@ -212,3 +212,10 @@ GEMMA3 = ArchSpec(
     hf_classes=("Gemma3TextConfig", "Gemma3ForCausalLM"),
     gguf_arrange=_gemma3_arrange, gguf_spm_space_prefix=False, gguf_config=_gemma3_gguf_config,
     gguf_names=GEMMA_GGUF_NAMES)
+
+# model types refused with what to use instead (``arch_for``)
+UNSUPPORTED = {
+    "gemma3": "multimodal Gemma 3 (Gemma3ForConditionalGeneration: vision tower + projector) "
+              "is not supported yet; quantbench supports its text-only form (model_type "
+              "gemma3_text, Gemma3ForCausalLM, e.g. google/gemma-3-1b-it)",
+}
