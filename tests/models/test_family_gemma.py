@@ -20,8 +20,11 @@ from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
 from tests.conftest import TINY_VOCAB, _wikitext_head
-from tests.formats.test_gguf_meta import (assert_imports_back, assert_matches_converter,
-                                          converter)  # noqa: F401  (a fixture)
+from tests.formats.test_gguf_meta import (
+    assert_imports_back,
+    assert_matches_converter,
+    converter,  # noqa: F401  (a fixture)
+)
 
 IDS = torch.randint(4, TINY_VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
 

@@ -15,8 +15,13 @@ sets ``query_pre_attn_scalar`` by it.
 """
 from __future__ import annotations
 
-from quantbench.models.arch import (LLAMA_HYPERPARAMETERS, LLAMA_LINEARS, LLAMA_SHAPES, ArchSpec,
-                                    Sublayer)
+from quantbench.models.arch import (
+    LLAMA_HYPERPARAMETERS,
+    LLAMA_LINEARS,
+    LLAMA_SHAPES,
+    ArchSpec,
+    Sublayer,
+)
 
 GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm")
