@@ -57,6 +57,9 @@ def _probe_attention(sink: Callable[[torch.Tensor], None]):
         value = value.repeat_interleave(groups, dim=1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scale
+        softcap = kwargs.get("softcap")  # Gemma 2 caps the attention logits: c·tanh(s/c)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         q_len, k_len = scores.shape[-2:]
         if attention_mask is not None:
             mask = attention_mask[:, :, :, :k_len]

@@ -72,11 +72,12 @@ def plan_file(qmodel) -> list[PlannedTensor]:
 
 
 def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndarray:
-    from quantbench.formats.gguf_meta import norm_offset, permute_qk, qk_permute_heads
+    from quantbench.formats.gguf_meta import (norm_offset, permute_qk, plus_norm_offset,
+                                              qk_permute_heads)
 
     offset = norm_offset(config, item.hf_name)
     if offset and not isinstance(value, QuantizedTensor):
-        value = value.float() + offset  # llama.cpp's Gemma norms hold 1 + w
+        value = plus_norm_offset(value, offset)  # llama.cpp's Gemma norms hold 1 + w
     if isinstance(value, QuantizedTensor):
         if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
             raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "

@@ -60,8 +60,9 @@ def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: st
     kvs.append(KV("general.name", name or default_name(config, model_dir), VT.STRING))
     if n_params > 0:
         kvs.append(KV("general.size_label", size_label(n_params), VT.STRING))
-    kvs += arch_metadata(config)
-    kvs.append(KV("general.file_type", file_type(ftype), VT.UINT32))
+    arch_kvs = arch_metadata(config) + [KV("general.file_type", file_type(ftype), VT.UINT32)]
+    spec = arch_for(config.get("model_type"))
+    kvs += spec.gguf_arrange(config, arch_kvs) if spec.gguf_arrange is not None else arch_kvs
     if arch == "llama":
         kvs.append(KV("llama.vocab_size", int(config["vocab_size"]), VT.UINT32))
         kvs.append(KV("llama.rope.dimension_count", head_dim(config), VT.UINT32))
@@ -116,6 +117,10 @@ def arch_metadata(config: dict) -> list[KV]:
     kvs += _rope_scaling_kvs(a, rope)
     if rope.get("rope_theta") is not None:
         kvs.append(KV(f"{a}.rope.freq_base", float(rope["rope_theta"]), VT.FLOAT32))
+    local = ((config.get("rope_parameters") or {}).get("sliding_attention") or {}).get(
+        "rope_theta")  # per-layer-kind RoPE (Gemma 3): the sliding layers' base
+    if local is not None:
+        kvs.append(KV(f"{a}.rope.freq_base_swa", float(local), VT.FLOAT32))
     eps = config.get("rms_norm_eps", config.get("norm_eps"))
     if eps is not None:
         kvs.append(KV(f"{a}.attention.layer_norm_rms_epsilon", float(eps), VT.FLOAT32))
@@ -288,8 +293,19 @@ def qk_permute_heads(config: dict, hf_name: str) -> int | None:
     return None
 
 
+def plus_norm_offset(w: torch.Tensor, offset: float) -> torch.Tensor:
+    """``w + offset`` as llama.cpp's converter computes it: in the tensor's own dtype for
+    float16/float32, in float32 for the others (it widens bfloat16 first), so the bytes are
+    the converter's."""
+    return (w if w.dtype in (torch.float16, torch.float32) else w.float()) + offset
+
+
 def to_gguf_tensor(hf_name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
-    """A tensor in GGUF row order (:func:`qk_permute_heads` decides the permutation)."""
+    """A tensor in GGUF form: rows in GGUF order (:func:`qk_permute_heads` decides the
+    permutation), a norm weight with :func:`norm_offset` added."""
+    offset = norm_offset(config, hf_name)
+    if offset:
+        w = plus_norm_offset(w, offset)
     heads = qk_permute_heads(config, hf_name)
     return permute_qk(w, heads) if heads else w
 

@@ -156,7 +156,10 @@ class ArchSpec:
     ``gguf_kvs(config) -> list[KV]`` — the ``<arch>.*`` keys the converter writes beyond the
     common ones (appended after them); ``gguf_config(meta, kwargs)`` — on import, adds the
     family's config entries to ``kwargs`` from the GGUF metadata (``meta``: see
-    ``models/gguf_import.py`` ``Metadata``). Each family lives in one file of
+    ``models/gguf_import.py`` ``Metadata``); ``gguf_arrange(config, kvs) -> list[KV]`` — for a
+    converter class that writes its own list instead of TextModel's (Gemma 2) or adds keys
+    after ``general.file_type`` (Gemma 3): gets the ``<arch>.*`` keys with
+    ``general.file_type`` last, returns them as the converter orders them. Each family lives in one file of
     ``quantbench/models/families/``.
     """
 
@@ -199,6 +202,9 @@ class ArchSpec:
     hf_classes: tuple[str, str] = ("LlamaConfig", "LlamaForCausalLM")
     gguf_kvs: Callable[[dict], list] | None = None
     gguf_config: Callable[[Any, dict], None] | None = None
+    gguf_arrange: Callable[[dict, list], list] | None = None
+    gguf_spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix written after
+    #   a SentencePiece vocabulary (Gemma's converter: False), None: not written
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -307,9 +313,13 @@ def supported_model_types() -> list[str]:
 
 
 def arch_for(model_type: str | None) -> ArchSpec:
+    from quantbench.models.families import UNSUPPORTED
+
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
             return spec
+    if model_type in UNSUPPORTED:
+        raise ModelLoadError(f"model_type {model_type!r}: {UNSUPPORTED[model_type]}")
     raise ModelLoadError(
         f"unsupported architecture {model_type!r}; quantbench supports "
         f"{', '.join(supported_model_types())}"

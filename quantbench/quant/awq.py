@@ -223,14 +223,21 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor, grid: IntGridConfig) -> t
     return torch.maximum(torch.minimum(w, bound), -bound)
 
 
+def fold_norm(w: torch.Tensor, s: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """The norm weight whose scale ``offset + w'`` is ``(offset + w) / s`` (Gemma's norms scale
+    by ``1 + w``: ``ArchSpec.norm_offset``)."""
+    return (w + offset) / s - offset if offset else w / s
+
+
 def fold_scales(prev: torch.nn.Module, linears: Sequence[torch.nn.Module],
-                scales: torch.Tensor) -> None:
+                scales: torch.Tensor, offset: float = 0.0) -> None:
     """``prev`` output ÷ s, consumers' input columns × s: the float function is unchanged.
 
-    ``prev`` is a norm (its weight vector is divided) or a linear (its output rows and bias)."""
+    ``prev`` is a norm (its weight vector is divided; a norm scaling by ``offset + w`` gets
+    ``(offset + w) / s - offset``) or a linear (its output rows and bias)."""
     s = scales.to(prev.weight.device, prev.weight.dtype)
     if prev.weight.dim() == 1:
-        prev.weight.data.div_(s)
+        prev.weight.data.copy_(fold_norm(prev.weight.data, s, offset))
     else:
         prev.weight.data.div_(s.view(-1, 1))
     if getattr(prev, "bias", None) is not None:

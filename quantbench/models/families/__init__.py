@@ -5,4 +5,8 @@ its tests (tiny random model from transformers' config class; GGUF against llama
 converter and runtime)."""
 from __future__ import annotations
 
-FAMILIES: tuple = ()
+from quantbench.models.families import gemma
+
+FAMILIES: tuple = (gemma.GEMMA2, gemma.GEMMA3)
+# model_type → why it is refused and what to use (arch_for says it in one line)
+UNSUPPORTED: dict[str, str] = {**gemma.UNSUPPORTED}

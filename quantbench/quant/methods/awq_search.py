@@ -16,8 +16,8 @@ from quantbench.calibration.collectors import ActMagnitudeCollector
 from quantbench.config import GridConfig, QuantizeConfig
 from quantbench.errors import ConfigError
 from quantbench.lazy import torch
-from quantbench.quant.awq import (apply_clip, fold_scales, output_error, search_clip,
-                                  search_scales)
+from quantbench.quant.awq import (apply_clip, fold_norm, fold_scales, output_error,
+                                  search_clip, search_scales)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, t
             found = search_scales(feed.mean, [m.weight.data for m in mods], grid,
                                   n_grid=o.n_grid, duo=o.duo_scaling, exhaustive=o.exhaustive,
                                   error=output_error(inspect, reference))
-            fold_scales(prev_mod, mods, found.scales)
+            fold_scales(prev_mod, mods, found.scales, arch.norm_offset)
             result[f"{prefix}{prev}.awq_scales"] = found.scales
             for lin in linears:
                 scaled[lin] = found.scales
@@ -287,7 +287,7 @@ def apply_saved_tensors(arch, index: int, tensors: dict[str, torch.Tensor],
         key = f"{prefix}{prev}.weight"
         w = get(key)
         s = s.to(w.device)  # a saved search is on the CPU, the block may be on a GPU
-        work[key] = w / s if w.dim() == 1 else w / s.view(-1, 1)
+        work[key] = fold_norm(w, s, arch.norm_offset) if w.dim() == 1 else w / s.view(-1, 1)
         bias = f"{prefix}{prev}.bias"
         if bias in tensors:
             work[bias] = get(bias) / s

@@ -1,0 +1,219 @@
+"""Gemma 2 and Gemma 3 (text): tiny random models from transformers' own config classes, with
+a SentencePiece tokenizer as Gemma ships one (tokenizer.model + tokenizer.json, BOS added).
+
+What is checked: the calibration walk and AWQ folding respect ``(1 + w)`` norms and post-branch
+norms (the float function is unchanged), every safetensors format reloads in transformers with
+our reader's logits, our GGUF equals llama.cpp's converter output (metadata, names, norms + 1)
+and runs in llama.cpp with our evaluator's perplexity, the converter's GGUF imports back to the
+original logits."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantbench.api import quantize, save
+from quantbench.formats.io import open_artifact
+from quantbench.models.loader import load_model
+from quantbench.models.torch_model import build_causal_lm
+from tests.conftest import TINY_VOCAB, _wikitext_head
+from tests.formats.test_gguf_meta import (
+    assert_imports_back,
+    assert_matches_converter,
+    converter,  # noqa: F401  (a fixture)
+)
+
+IDS = torch.randint(4, TINY_VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def make_gemma_tokenizer(directory: Path, add_bos: bool = True) -> None:
+    """A SentencePiece BPE (byte fallback, no dummy prefix, Gemma's special ids) saved as
+    tokenizer.model and as transformers' GemmaTokenizer (tokenizer.json)."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import GemmaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from quantbench.formats.gguf_vocab import spm_pieces
+
+    text = _wikitext_head(100_000)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([text[i:i + 2000] for i in range(0, len(text), 2000)]),
+        model_writer=model, vocab_size=TINY_VOCAB, model_type="bpe", byte_fallback=True,
+        character_coverage=0.99, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    pieces = spm_pieces(directory / "tokenizer.model")
+    ids = {p: i for i, (p, _, _) in enumerate(pieces)}
+    scores = {p: s for p, s, kind in pieces if kind == 1}
+    GemmaTokenizer(vocab=ids, merges=generate_merges(ids, scores), mask_token="<unk>",
+                   add_bos_token=add_bos).save_pretrained(str(directory))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+
+
+def make_tiny_gemma(directory: Path, kind: str) -> Path:
+    """gemma2: 2 layers (sliding, global), soft-caps that bite; gemma3: 6 layers (5 sliding, 1
+    global: llama.cpp's default period), q/k norms. Both: one kv head, head_dim 32 ≠ 64/4,
+    norms away from their zero init so a missed ``1 + w`` shows."""
+    import transformers
+
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                  query_pre_attn_scalar=32, max_position_embeddings=512, sliding_window=16,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    if kind == "gemma2":
+        cfg = transformers.Gemma2Config(num_hidden_layers=2, attn_logit_softcapping=5.0,
+                                        final_logit_softcapping=3.0, **common)
+        model = transformers.Gemma2ForCausalLM(cfg)
+    else:
+        cfg = transformers.Gemma3TextConfig(num_hidden_layers=6, **common)
+        model = transformers.Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    directory.mkdir(parents=True)
+    # float16 values stored as float32: llama.cpp's converter adds the norms' + 1 in the
+    # stored dtype (float16 would round 1 + w), and its F16 file then holds the weights exactly
+    model.to(torch.float16).to(torch.float32).save_pretrained(str(directory))
+    make_gemma_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gemma")
+    return {kind: make_tiny_gemma(root / kind, kind) for kind in ("gemma2", "gemma3")}
+
+
+def _hf_logits(path: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return hf(IDS).logits
+
+
+def _our_logits(out: Path) -> torch.Tensor:
+    art = open_artifact(out)
+    with torch.inference_mode():
+        return build_causal_lm(art.config, art.dequantized(), torch.float32)(IDS).logits
+
+
+# ---------------------------------------------------------------------------------- numerics
+
+def test_awq_folds_into_one_plus_w_norms():
+    """Folding s into a Gemma norm: (1 + w') = (1 + w) / s, the branch input becomes x / s."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    from quantbench.quant.awq import fold_scales
+
+    torch.manual_seed(0)
+    norm, lin = Gemma2RMSNorm(16), torch.nn.Linear(16, 8, bias=False)
+    norm.weight.data.normal_(0, 0.5)
+    x = torch.randn(3, 16)
+    want = lin(norm(x))
+    fold_scales(norm, [lin], torch.rand(16) + 0.5, offset=1.0)
+    torch.testing.assert_close(lin(norm(x)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_awq_keeps_the_float_model_and_formats_reload(kind, tiny_gemma, tmp_path):
+    """AWQ (scales folded into (1 + w) norms and v→o, up→down) then dense and
+    compressed-tensors: transformers reloads both with our reader's logits, and the quantized
+    model stays near the float one (a wrong fold would not)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    src = tiny_gemma[kind]
+    q = quantize(load_model(src), method="awq", bits=8, group_size=32, calib_samples=4,
+                 calib_len=32)
+    want = _hf_logits(src)
+    # compressed-tensors: dequantized by its loader (transformers 5 cannot build the
+    # compressed modules of asymmetric files, see tests/formats/test_compressed_tensors.py)
+    for fmt, kwargs in (("dense", {}), ("compressed-tensors", {
+            "quantization_config": CompressedTensorsConfig(dequantize=True)})):
+        out = save(q, tmp_path / fmt, format=fmt)
+        ours = _our_logits(out)
+        hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float16, **kwargs)
+        with torch.inference_mode():
+            torch.testing.assert_close(hf.float().eval()(IDS).logits, ours, rtol=1e-3,
+                                       atol=1e-3)
+        assert (ours - want).abs().max() < 0.05 * want.abs().max(), fmt
+
+
+@pytest.mark.parametrize("kind,method,fmt", [("gemma2", "gptq", "gptq"),
+                                             ("gemma3", "nf4", "bitsandbytes")])
+def test_other_formats_round_trip(kind, method, fmt, tiny_gemma, tmp_path, bnb_reference_path):
+    """GPTQ (act-order, attention-weighted values through Gemma 2's soft-capped attention)
+    into the gptq format, read back as the dense copy of the same codes; NF4 into bitsandbytes, which transformers
+    runs with our logits."""
+    from transformers import AutoModelForCausalLM
+
+    opts = dict(bits=4, group_size=32, act_order=True, calib_samples=4, calib_len=32) \
+        if method == "gptq" else {}
+    q = quantize(load_model(tiny_gemma[kind]), method=method, **opts)
+    out = save(q, tmp_path / fmt, format=fmt)
+    art = open_artifact(out)
+    assert sorted(art.quantized_names) == sorted(q.targets)
+    if fmt == "bitsandbytes":
+        hf = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+        for p in hf.parameters():
+            if p.dtype == torch.float16:
+                p.data = p.data.float()
+        bnb_reference_path(hf)
+        with torch.inference_mode():
+            theirs = hf(input_ids=IDS).logits.float()
+        from quantbench.eval.run import artifact_factory
+        assert torch.equal(artifact_factory(art)()(IDS).float(), theirs)
+    else:
+        dense = save(q, tmp_path / "dense", format="dense")  # the same codes, unpacked
+        torch.testing.assert_close(_our_logits(out), _our_logits(dense), rtol=1e-3, atol=1e-3)
+
+
+def test_multimodal_gemma3_is_refused_in_one_line(tmp_path):
+    from quantbench.errors import ModelLoadError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3",
+                                                      "text_config": {}}))
+    with pytest.raises(ModelLoadError, match="gemma3_text") as info:
+        load_model(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------- GGUF
+
+@pytest.mark.slow  # two converter runs
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gguf_matches_converter_and_imports_back(kind, tiny_gemma, converter, tmp_path):
+    reader = assert_matches_converter(converter, tiny_gemma[kind], tmp_path / "ref.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert_imports_back(tmp_path / "ref.gguf", tiny_gemma[kind], tmp_path / "back")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,gguf_type", [("gemma2", "Q8_0"), ("gemma3", "Q8_0")])
+def test_llama_cpp_perplexity_equals_ours(kind, gguf_type, tiny_gemma, tmp_path, llama_vs_ours):
+    """Sliding/global layers with their own RoPE bases, soft-caps, (1 + w) norms stored + 1:
+    llama.cpp's perplexity is ours. (Without BOS: with one, llama-perplexity overwrites each
+    chunk's first token while our evaluator prepends it, so the windows differ.)"""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_gemma[kind], src)
+    make_gemma_tokenizer(src, add_bos=False)
+    model = load_model(src)
+    out = save(quantize(model, method="rtn", gguf_type=gguf_type), tmp_path / kind,
+               format="gguf")
+    ours, theirs, same_tokens = llama_vs_ours(out, model, ctx=64, chunks=4)
+    assert same_tokens
+    assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
