@@ -83,8 +83,25 @@ def _encode(tokenizer, text: str) -> torch.Tensor:
 
 
 def make_windows(ids: torch.Tensor, ctx: int, max_tokens: int | None = None,
-                 n_windows: int | None = None, bos_id: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows ``[n, ctx]``; with ``bos_id`` each is ``[bos] + ctx−1`` tokens."""
+                 n_windows: int | None = None, bos_id: int | None = None,
+                 llama_cpp: bool = False) -> torch.Tensor:
+    """Non-overlapping windows ``[n, ctx]``; with ``bos_id`` each is ``[bos] + ctx−1`` tokens.
+
+    ``llama_cpp``: with a BOS, the windows llama.cpp's ``perplexity`` scores — the text with a
+    BOS in front cut into chunks of ``ctx``, each chunk's first token then overwritten by BOS
+    (one text token lost per chunk after the first), so both score the same tokens."""
+    if bos_id is not None and llama_cpp:
+        ids = torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
+        n = len(ids) // ctx
+        n = min(n, max_tokens // ctx) if max_tokens is not None else n
+        n = min(n, n_windows) if n_windows is not None else n
+        if n < 1:
+            raise QuantbenchError(
+                f"the eval text has {len(ids)} tokens, fewer than one window of {ctx}; "
+                "use a smaller --ctx or more text")
+        windows = ids[: n * ctx].reshape(n, ctx).clone()
+        windows[:, 0] = bos_id
+        return windows
     step = ctx - 1 if bos_id is not None else ctx
     n = len(ids) // step
     if max_tokens is not None:

@@ -94,7 +94,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cache_key(baseline_key: str, data_id: str, tok_fp: str, protocol: EvalProtocol) -> str:
-    payload = dumps([baseline_key, data_id, tok_fp, protocol.to_dict()], sort_keys=True)
+    # half scoring cuts BOS windows as llama.cpp does (issue 22): older baselines not reused
+    windowing = ["bos-overwrites-first"] if protocol.scoring == "half" else []
+    payload = dumps([baseline_key, data_id, tok_fp, protocol.to_dict(), *windowing],
+                    sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -153,7 +156,8 @@ def prepare_windows(tokenizer, protocol: EvalProtocol) -> tuple[torch.Tensor, An
         min(x for x in (protocol.max_tokens, (protocol.n_windows or 0) * protocol.ctx or None)
             if x))
     ids = tokenize_for_eval(tokenizer, data.text, need)
-    return make_windows(ids, protocol.ctx, protocol.max_tokens, protocol.n_windows, bos), data
+    return make_windows(ids, protocol.ctx, protocol.max_tokens, protocol.n_windows, bos,
+                        llama_cpp=protocol.scoring == "half"), data
 
 
 def _adds_bos(tokenizer) -> bool:

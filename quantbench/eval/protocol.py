@@ -22,7 +22,8 @@ def max_tokens_range(ctx: int) -> Range:
 @dataclass(frozen=True)
 class EvalProtocol:
     """``full`` scores every next token of a window (ctx−1 per window); ``half`` scores only
-    the second half as llama.cpp's ``perplexity`` does (``ctx − ctx//2 − 1`` per window)."""
+    the second half as llama.cpp's ``perplexity`` does (``ctx − ctx//2 − 1`` per window), on
+    its windows (a tokenizer that adds BOS: BOS overwrites each chunk's first token)."""
 
     ctx: int = 512
     max_tokens: int | None = 16384

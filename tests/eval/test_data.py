@@ -59,3 +59,14 @@ def test_prefix_tokenization_equals_full(tiny_llama):
     full = tok(text, add_special_tokens=False)["input_ids"]
     part = tokenize_for_eval(tok, text, 3000)
     assert part.tolist() == full[:3000]
+
+
+def test_llama_cpp_windows_overwrite_each_chunk_start_with_bos():
+    """llama.cpp's perplexity: BOS + text cut into chunks of ctx, BOS written over each chunk's
+    first token; without a BOS, the same windows as full scoring."""
+    ids = torch.arange(10, 30)
+    w = make_windows(ids, 5, bos_id=1, llama_cpp=True)
+    assert w.tolist() == [[1, 10, 11, 12, 13], [1, 15, 16, 17, 18], [1, 20, 21, 22, 23],
+                          [1, 25, 26, 27, 28]]
+    assert make_windows(ids, 5, max_tokens=10, bos_id=1, llama_cpp=True).shape == (2, 5)
+    assert torch.equal(make_windows(ids, 5, llama_cpp=True), make_windows(ids, 5))
