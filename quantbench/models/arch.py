@@ -156,7 +156,11 @@ class ArchSpec:
     ``gguf_kvs(config) -> list[KV]`` — the ``<arch>.*`` keys the converter writes beyond the
     common ones (appended after them); ``gguf_config(meta, kwargs)`` — on import, adds the
     family's config entries to ``kwargs`` from the GGUF metadata (``meta``: see
-    ``models/gguf_import.py`` ``Metadata``). Each family lives in one file of
+    ``models/gguf_import.py`` ``Metadata``); ``gguf_params(config) -> list[KV]`` — for a
+    family whose converter class writes its own hyperparameter block instead of TextModel's
+    (Phi-3), the whole ``<arch>.*`` block in its order, replacing the common one (raising
+    ConfigError for what the writer cannot express), with ``general.file_type`` placed before
+    the key ``gguf_file_type_before`` (None: after the block). Each family lives in one file of
     ``quantbench/models/families/``.
     """
 
@@ -199,6 +203,8 @@ class ArchSpec:
     hf_classes: tuple[str, str] = ("LlamaConfig", "LlamaForCausalLM")
     gguf_kvs: Callable[[dict], list] | None = None
     gguf_config: Callable[[Any, dict], None] | None = None
+    gguf_params: Callable[[dict], list] | None = None
+    gguf_file_type_before: str | None = None
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -234,6 +240,17 @@ class ArchSpec:
     def fused_parts(self, linear: str) -> Fused | None:
         """The declaration of a fused projection (block-relative name), or None."""
         return next((f for f in self.fused if f.name == linear), None)
+
+    def fused_of(self, part: str) -> Fused | None:
+        """The fused projection whose rows hold the logical linear ``part`` (Phi-3's
+        ``self_attn.v_proj`` → ``self_attn.qkv_proj``), or None."""
+        return next((f for f in self.fused if part in dict(f.parts)), None)
+
+    def stored(self, linear: str, config: dict) -> tuple[str, slice | None]:
+        """Where a linear's weight rows live: ``(linear, None)`` for a stored linear, ``(fused
+        linear, its rows)`` for a part of a fused one."""
+        fused = self.fused_of(linear)
+        return (linear, None) if fused is None else (fused.name, fused.rows(config)[linear])
 
     def block_module(self, index: int, name: str) -> str:
         return f"{self.block_prefix}.{index}.{name}"
