@@ -224,16 +224,18 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor, grid: IntGridConfig) -> t
 
 
 def fold_scales(prev: torch.nn.Module, linears: Sequence[torch.nn.Module],
-                scales: torch.Tensor) -> None:
+                scales: torch.Tensor, rows: slice | None = None) -> None:
     """``prev`` output ÷ s, consumers' input columns × s: the float function is unchanged.
 
-    ``prev`` is a norm (its weight vector is divided) or a linear (its output rows and bias)."""
+    ``prev`` is a norm (its weight vector is divided) or a linear (its output rows and bias;
+    only ``rows`` of them where the producing linear is a part of a fused one)."""
     s = scales.to(prev.weight.device, prev.weight.dtype)
+    rows = slice(None) if rows is None else rows
     if prev.weight.dim() == 1:
         prev.weight.data.div_(s)
     else:
-        prev.weight.data.div_(s.view(-1, 1))
+        prev.weight.data[rows].div_(s.view(-1, 1))
     if getattr(prev, "bias", None) is not None:
-        prev.bias.data.div_(s)
+        prev.bias.data[rows].div_(s)
     for lin in linears:
         lin.weight.data.mul_(s.view(1, -1))
