@@ -53,7 +53,7 @@ def gguf_params(config: dict) -> list:
     (``general.file_type`` goes before ``phi3.attention.sliding_window``)."""
     from gguf import GGUFValueType as VT
 
-    from quantbench.formats.gguf_kv import KV
+    from quantbench.formats.gguf_key import KV
 
     if _longrope(config):
         raise ConfigError("this phi3 model uses LongRoPE scaling (rope_parameters long_factor/"
