@@ -32,12 +32,29 @@ PROBE = "quantbench_probe"
 @dataclass
 class HeadHessians:
     """The value projection's statistic: one Hessian per kv head, ``[n_kv, hidden, hidden]``;
-    head ``g`` owns output rows ``g·rows/n_kv … (g+1)·rows/n_kv``."""
+    head ``g`` owns output rows ``g·rows/n_kv … (g+1)·rows/n_kv``. For a value projection
+    fused with others (Phi-3's ``qkv_proj``), ``value_rows`` are the value rows of the stored
+    weight and ``others`` the plain input Hessian its remaining rows are swept on."""
 
     per_head: torch.Tensor
+    value_rows: slice | None = None
+    others: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> HeadHessians:
-        return HeadHessians(self.per_head.to(device))
+        return HeadHessians(self.per_head.to(device), self.value_rows,
+                            None if self.others is None else self.others.to(device))
+
+    def blocks(self, out_features: int) -> tuple[list[slice], torch.Tensor]:
+        """Row blocks of the stored weight and the Hessian of each ``[blocks, in, in]``: the
+        kv heads' value rows, and (fused) the rows before and after them on ``others``."""
+        v = self.value_rows
+        if v is None:
+            return self.rows(out_features), self.per_head
+        heads = [slice(v.start + r.start, v.start + r.stop) for r in self.rows(v.stop - v.start)]
+        before = [slice(0, v.start)] if v.start else []
+        after = [slice(v.stop, out_features)] if v.stop < out_features else []
+        hessians = [self.others] * len(before) + list(self.per_head) + [self.others] * len(after)
+        return before + heads + after, torch.stack(hessians)
 
     def rows(self, out_features: int) -> list[slice]:
         n = self.per_head.shape[0]

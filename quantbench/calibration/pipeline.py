@@ -80,7 +80,7 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
 def _statistic_tensors(stat: Any) -> list[torch.Tensor]:
     """The tensors a collector's result holds (a tensor, ``(tensor, count)``, HeadHessians)."""
     if isinstance(stat, HeadHessians):
-        return [stat.per_head]
+        return [stat.per_head] + ([] if stat.others is None else [stat.others])
     if isinstance(stat, tuple):
         return [s for s in stat if isinstance(s, torch.Tensor)]
     return [stat] if isinstance(stat, torch.Tensor) else []
@@ -113,17 +113,28 @@ def _put_back(ctx: BlockContext, linear: str, qt: Any) -> Any:
 
 def _value_statistics(ctx: BlockContext, sub: Sublayer, group: tuple[str, ...],
                       mixer: torch.nn.Module, normed: list[torch.Tensor],
-                      kwargs: list[dict[str, Any]]) -> dict[str, Any]:
+                      kwargs: list[dict[str, Any]], statistic: str) -> dict[str, Any]:
     """``{value linear: HeadHessians}`` when the method asks for attention-weighted value
-    statistics and this group quantizes the sublayer's value projection; else empty."""
-    if not (ctx.attention_values and sub.values in group
-            and ctx.weight_name(sub.values) in ctx.targets):
+    statistics and this group quantizes the sublayer's value projection; else empty. A value
+    projection stored inside a fused linear (``ArchSpec.fused``) gives that linear's
+    statistic: its value rows on the per-head Hessians, its other rows on ``statistic``."""
+    if sub.values is None:
+        return {}
+    linear, rows = ctx.model.arch.stored(sub.values, ctx.model.config)
+    if not (ctx.attention_values and linear in group and ctx.weight_name(linear) in ctx.targets):
         return {}
     from quantbench.calibration.attention import value_hessians
 
     heads, kv_heads = ctx.model.arch.head_counts(ctx.model.config)
     with heap_for_temporaries():
-        return {sub.values: value_hessians(mixer, normed, kwargs, heads, kv_heads)}
+        found = value_hessians(mixer, normed, kwargs, heads, kv_heads)
+    if rows is not None:
+        collector = COLLECTORS[statistic](ctx.layer.get_submodule(linear).in_features,
+                                          device=ctx.device)
+        for f in normed:
+            collector.add(f)
+        found = HeadHessians(found.per_head, rows, collector.result())
+    return {linear: found}
 
 
 STACK_ELEMENTS_CPU = 1 << 24   # weights one shared-input sweep may stack (float32 copies: 64 MB)
@@ -162,7 +173,7 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
             own: dict[str, Any] = {}
             if set(group) <= set(sub.inputs):
                 feats = normed
-                own = _value_statistics(ctx, sub, group, mixer, normed, kwargs)
+                own = _value_statistics(ctx, sub, group, mixer, normed, kwargs, statistic)
             elif is_output:
                 with heap_for_temporaries():
                     feats = capture_output_input(mixer, sub.output[len(sub.mixer) + 1:],

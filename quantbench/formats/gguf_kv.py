@@ -7,28 +7,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFValueType as VT
-
 from quantbench.errors import ConfigError
+from quantbench.formats.gguf_key import KV  # (its home is a leaf: see gguf_key.py)
 from quantbench.models.arch import ARCHITECTURES
 
 ARCHS = {t: spec.gguf_arch for spec in ARCHITECTURES for t in spec.model_types}  # HF → GGUF arch
-
-
-@dataclass(frozen=True)
-class KV:
-    """One GGUF key/value; arrays carry their element type in ``sub_type``.
-
-    Write it with ``GGUFWriter.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)``.
-    """
-    key: str
-    value: Any
-    vtype: VT
-    sub_type: VT | None = None
 
 
 def kv_dict(kvs: Sequence[KV]) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: st
     kvs.append(KV("general.name", name or default_name(config, model_dir), VT.STRING))
     if n_params > 0:
         kvs.append(KV("general.size_label", size_label(n_params), VT.STRING))
-    arch_kvs = arch_metadata(config) + [KV("general.file_type", file_type(ftype), VT.UINT32)]
+    arch_kvs = _with_file_type(arch_metadata(config), KV("general.file_type", file_type(ftype),
+                                                        VT.UINT32), config)
     spec = arch_for(config.get("model_type"))
     kvs += spec.gguf_arrange(config, arch_kvs) if spec.gguf_arrange is not None else arch_kvs
     if arch == "llama":
@@ -74,6 +75,14 @@ def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: st
     if tokenizer:
         kvs += tokenizer_metadata(model_dir, config, unknown_pre=unknown_pre)
     return kvs
+
+
+def _with_file_type(kvs: list[KV], ftype: KV, config: dict) -> list[KV]:
+    """``general.file_type`` where the converter writes it: after the ``<arch>.*`` block, or
+    before the family's ``ArchSpec.gguf_file_type_before`` key."""
+    before = arch_for(config.get("model_type")).gguf_file_type_before
+    at = next((i for i, kv in enumerate(kvs) if kv.key == before), len(kvs))
+    return kvs[:at] + [ftype] + kvs[at:]
 
 
 def head_dim(config: dict) -> int:
@@ -101,8 +110,12 @@ def rope_parameters(config: dict) -> dict[str, Any]:
 
 def arch_metadata(config: dict) -> list[KV]:
     """The ``<arch>.*`` hyperparameters (TextModel.set_gguf_parameters), in the converter's
-    order; ``vocab_size``/``rope.dimension_count`` (llama only) are added by gguf_metadata."""
+    order; ``vocab_size``/``rope.dimension_count`` (llama only) are added by gguf_metadata.
+    A family whose converter writes its own block (``ArchSpec.gguf_params``) gives it whole."""
     a = gguf_arch(config)
+    spec = arch_for(config.get("model_type"))
+    if spec.gguf_params is not None:
+        return spec.gguf_params(config)
     kvs = [KV(f"{a}.block_count", int(config["num_hidden_layers"]), VT.UINT32)]
     for key, hf in (("context_length", "max_position_embeddings"),
                     ("embedding_length", "hidden_size"),
@@ -127,7 +140,6 @@ def arch_metadata(config: dict) -> list[KV]:
     if config.get("head_dim") is not None:
         kvs.append(KV(f"{a}.attention.key_length", int(config["head_dim"]), VT.UINT32))
         kvs.append(KV(f"{a}.attention.value_length", int(config["head_dim"]), VT.UINT32))
-    spec = arch_for(config.get("model_type"))
     if spec.gguf_kvs is not None:  # the family's own keys (models/families/<family>.py)
         kvs += spec.gguf_kvs(config)
     return kvs

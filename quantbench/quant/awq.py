@@ -230,17 +230,19 @@ def fold_norm(w: torch.Tensor, s: torch.Tensor, offset: float = 0.0) -> torch.Te
 
 
 def fold_scales(prev: torch.nn.Module, linears: Sequence[torch.nn.Module],
-                scales: torch.Tensor, offset: float = 0.0) -> None:
+                scales: torch.Tensor, offset: float = 0.0, rows: slice | None = None) -> None:
     """``prev`` output ÷ s, consumers' input columns × s: the float function is unchanged.
 
     ``prev`` is a norm (its weight vector is divided; a norm scaling by ``offset + w`` gets
-    ``(offset + w) / s - offset``) or a linear (its output rows and bias)."""
+    ``(offset + w) / s - offset``) or a linear (its output rows and bias; only ``rows`` of
+    them where the producing linear is a part of a fused one)."""
     s = scales.to(prev.weight.device, prev.weight.dtype)
+    rows = slice(None) if rows is None else rows
     if prev.weight.dim() == 1:
         prev.weight.data.copy_(fold_norm(prev.weight.data, s, offset))
     else:
-        prev.weight.data.div_(s.view(-1, 1))
+        prev.weight.data[rows].div_(s.view(-1, 1))
     if getattr(prev, "bias", None) is not None:
-        prev.bias.data.div_(s)
+        prev.bias.data[rows].div_(s)
     for lin in linears:
         lin.weight.data.mul_(s.view(1, -1))

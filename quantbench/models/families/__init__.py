@@ -6,7 +6,8 @@ converter and runtime)."""
 from __future__ import annotations
 
 from quantbench.models.families import gemma
+from quantbench.models.families.phi3 import PHI3
 
-FAMILIES: tuple = (gemma.GEMMA2, gemma.GEMMA3)
+FAMILIES: tuple = (gemma.GEMMA2, gemma.GEMMA3, PHI3)
 # model_type → why it is refused and what to use (arch_for says it in one line)
 UNSUPPORTED: dict[str, str] = {**gemma.UNSUPPORTED}

@@ -15,7 +15,7 @@ sets ``query_pre_attn_scalar`` by it.
 """
 from __future__ import annotations
 
-from quantbench.models.arch import (
+from quantbench.models.archspec import (
     LLAMA_HYPERPARAMETERS,
     LLAMA_LINEARS,
     LLAMA_SHAPES,
@@ -88,7 +88,7 @@ def _kv(arch: str, key: str, value, vtype: str):
     """``KV("<arch>.<key>", value, GGUFValueType[vtype])`` (gguf is imported on use only)."""
     from gguf import GGUFValueType
 
-    from quantbench.formats.gguf_kv import KV
+    from quantbench.formats.gguf_key import KV
 
     return KV(f"{arch}.{key}", value, GGUFValueType[vtype])
 

@@ -111,13 +111,15 @@ class AWQ(Transform):
     # -- the transform: search and fold (calibrated), or re-apply a saved search -------------
     def apply_block(self, ctx) -> None:
         if self.saved is not None:
-            apply_saved(ctx.layer, ctx.model.arch, ctx.index, self.saved, self.search_grid)
+            apply_saved(ctx.layer, ctx.model.arch, ctx.index, self.saved, self.search_grid,
+                        ctx.model.config)
         else:
             self.search.update(awq_block(ctx, self.config, self.search_grid))
 
     def apply_tensors(self, model, index: int, tensors: dict[str, torch.Tensor]
                       ) -> dict[str, torch.Tensor]:
-        return apply_saved_tensors(model.arch, index, tensors, self.saved, self.search_grid)
+        return apply_saved_tensors(model.arch, index, tensors, self.saved, self.search_grid,
+                                   model.config)
 
     def prepare(self, model, targets: list[str]) -> None:
         super().prepare(model, targets)
@@ -177,12 +179,27 @@ def _check_search_fits(saved: dict[str, torch.Tensor], model, path: str) -> None
     """Every saved scale and clip belongs to a weight of this model, one value (row) per
     output row of it; a search of another model is refused, not folded in wrongly."""
     for key, tensor in saved.items():
-        weight = key.rsplit(".", 1)[0] + ".weight"
+        weight = _stored_weight(model, key.rsplit(".", 1)[0])
         if weight not in model.weights:
             raise ConfigError(f"{path} holds {key}, but this model has no {weight}: it is the "
                               "search of another model; search again (drop --search-file)")
-        rows = model.weights.shape(weight)[0]
+        part = model.arch.stored(_relative(model.arch, key.rsplit(".", 1)[0]),
+                                 model.config)[1]
+        rows = model.weights.shape(weight)[0] if part is None else part.stop - part.start
         if tensor.shape[0] != rows:
             raise ConfigError(f"{path}: {key} has {tensor.shape[0]} rows, {weight} has {rows}: "
                               "it is the search of another model; search again (drop "
                               "--search-file)")
+
+
+def _relative(arch, module: str) -> str:
+    index = arch.block_of(module + ".weight")
+    return module if index is None else module[len(f"{arch.block_prefix}.{index}."):]
+
+
+def _stored_weight(model, module: str) -> str:
+    """The weight holding ``module``'s rows: its own, or its fused linear's (Phi-3's v_proj
+    scales fold into qkv_proj's value rows)."""
+    relative = _relative(model.arch, module)
+    stored = model.arch.stored(relative, model.config)[0]
+    return module[: len(module) - len(relative)] + stored + ".weight"

@@ -18,6 +18,7 @@ from quantbench.errors import ConfigError
 from quantbench.lazy import torch
 from quantbench.quant.awq import (apply_clip, fold_norm, fold_scales, output_error,
                                   search_clip, search_scales)
+from quantbench.quant.grid import pad_groups
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,11 @@ def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, t
                 continue
             if not any(ctx.weight_name(lin) in ctx.targets for lin in linears):
                 continue
-            prev_mod = layer.get_submodule(prev)
+            stored, rows = arch.stored(prev, ctx.model.config)  # a part: rows of a fused one
+            prev_mod = layer.get_submodule(stored)
             mods = [layer.get_submodule(lin) for lin in linears]
-            if prev_mod.weight.shape[0] != mods[0].in_features:
+            width = prev_mod.weight.shape[0] if rows is None else rows.stop - rows.start
+            if width != mods[0].in_features:
                 log.debug("block %d: %s → %s shapes differ, no scales", ctx.index, prev, linears)
                 continue
             feed = inputs[linears[0]]
@@ -182,7 +185,7 @@ def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, t
             found = search_scales(feed.mean, [m.weight.data for m in mods], grid,
                                   n_grid=o.n_grid, duo=o.duo_scaling, exhaustive=o.exhaustive,
                                   error=output_error(inspect, reference))
-            fold_scales(prev_mod, mods, found.scales, arch.norm_offset)
+            fold_scales(prev_mod, mods, found.scales, arch.norm_offset, rows)
             result[f"{prefix}{prev}.awq_scales"] = found.scales
             for lin in linears:
                 scaled[lin] = found.scales
@@ -202,11 +205,24 @@ def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, t
                         continue
                     max_val = search_clip(module.weight.data, samples[key], grid, o.clip_grid,
                                           o.max_shrink)
+                    _unclip_exempt_parts(max_val, module.weight.data, arch.fused_parts(lin),
+                                         ctx.model.config, grid)
                     module.weight.data.copy_(apply_clip(module.weight.data, max_val, grid))
                     result[f"{prefix}{lin}.awq_clip"] = max_val
         if not last:
             x = residual_add(layer, sub, x, outs)  # the float branch output (scales keep it)
     return result
+
+
+def _unclip_exempt_parts(max_val: torch.Tensor, w: torch.Tensor, fused, config: dict,
+                         grid) -> None:
+    """The rows of exempt parts of a fused linear (Phi-3's q and k rows of ``qkv_proj``)
+    keep their range: their clip value is each group's own max |w|."""
+    if fused is None:
+        return
+    for part, rows in fused.rows(config).items():
+        if part.endswith(CLIP_EXEMPT):
+            max_val[rows] = pad_groups(w[rows].float(), grid).abs().amax(dim=2).to(max_val)
 
 
 def awq_block(ctx, config: QuantizeConfig, grid: "GridConfig | GridFor | None" = None
@@ -253,11 +269,13 @@ def _linear_inspector(module, x):
     return inspect
 
 
-def apply_saved(layer, arch, index: int, saved: dict[str, torch.Tensor], grid) -> None:
-    """Re-apply a saved search to a materialized block in place."""
+def apply_saved(layer, arch, index: int, saved: dict[str, torch.Tensor], grid,
+                config: dict | None = None) -> None:
+    """Re-apply a saved search to a materialized block in place (``config``: the model's,
+    where scales fold into parts of fused linears)."""
     prefix = f"{arch.block_prefix}.{index}."
     state = {prefix + k: v for k, v in layer.state_dict().items()}
-    new = apply_saved_tensors(arch, index, state, saved, grid)
+    new = apply_saved_tensors(arch, index, state, saved, grid, config)
     with torch.inference_mode():
         for name, tensor in new.items():
             target = layer.get_parameter(name[len(prefix):])
@@ -265,10 +283,11 @@ def apply_saved(layer, arch, index: int, saved: dict[str, torch.Tensor], grid) -
 
 
 def apply_saved_tensors(arch, index: int, tensors: dict[str, torch.Tensor],
-                        saved: dict[str, torch.Tensor] | None, grid: "GridConfig | GridFor"
-                        ) -> dict[str, torch.Tensor]:
+                        saved: dict[str, torch.Tensor] | None, grid: "GridConfig | GridFor",
+                        config: dict | None = None) -> dict[str, torch.Tensor]:
     """Re-apply a saved AWQ search (scales, then clips) to one block's named tensors; ``grid``
-    (or ``grid(weight name)``) is the grid the clips were searched on."""
+    (or ``grid(weight name)``) is the grid the clips were searched on; ``config`` (the
+    model's) places the scales of a part of a fused linear (``ArchSpec.fused``)."""
     grid_for = _grid_for(grid)
     if saved is None:
         return tensors
@@ -284,13 +303,21 @@ def apply_saved_tensors(arch, index: int, tensors: dict[str, torch.Tensor],
         s = saved.get(f"{prefix}{prev}.awq_scales")
         if s is None:
             continue
-        key = f"{prefix}{prev}.weight"
-        w = get(key)
+        stored, rows = arch.stored(prev, config or {})  # a part: only its rows of the fused linear
+        rows = slice(None) if rows is None else rows
+        key = f"{prefix}{stored}.weight"
+        w = get(key).clone()
         s = s.to(w.device)  # a saved search is on the CPU, the block may be on a GPU
-        work[key] = fold_norm(w, s, arch.norm_offset) if w.dim() == 1 else w / s.view(-1, 1)
-        bias = f"{prefix}{prev}.bias"
+        if w.dim() == 1:
+            w = fold_norm(w, s, arch.norm_offset)
+        else:
+            w[rows] = w[rows] / s.view(-1, 1)
+        work[key] = w
+        bias = f"{prefix}{stored}.bias"
         if bias in tensors:
-            work[bias] = get(bias) / s
+            b = get(bias).clone()
+            b[rows] = b[rows] / s
+            work[bias] = b
         for lin in linears:
             k = f"{prefix}{lin}.weight"
             work[k] = get(k) * s.view(1, -1)

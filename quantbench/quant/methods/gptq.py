@@ -136,10 +136,10 @@ class GPTQ(GGUFPlan, Method):
         Hessian and stacked back in order (``grid.gptq_rows``). On a GGUF type every head
         takes its own act-order (the block bytes are per row); on an integer grid the heads
         share the act-order of their summed Hessians, so the tensor keeps one
-        ``g_idx``/``perm``."""
-        rows = hessians.rows(weight.shape[0])
-        qt, stats = self.grid_for(name).gptq_rows(weight, rows, hessians.per_head,
-                                                  self._params())
+        ``g_idx``/``perm``. A fused projection (Phi-3's ``qkv_proj``) sweeps its other rows
+        on the plain input Hessian (``HeadHessians.blocks``)."""
+        rows, per_block = hessians.blocks(weight.shape[0])
+        qt, stats = self.grid_for(name).gptq_rows(weight, rows, per_block, self._params())
         return self._finish(name, qt, GPTQStats(
             max(st.damp for st in stats), any(st.damp_increased for st in stats),
             sum(st.proxy_error for st in stats)))
