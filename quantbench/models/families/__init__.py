@@ -5,4 +5,6 @@ its tests (tiny random model from transformers' config class; GGUF against llama
 converter and runtime)."""
 from __future__ import annotations
 
-FAMILIES: tuple = ()
+from quantbench.models.families.qwen3 import QWEN3
+
+FAMILIES: tuple = (QWEN3,)
