@@ -104,6 +104,8 @@ class GGUFFormat(Format):
                               "pass --type Q4_K_M (or Q8_0, Q5_K_M, ...) with --method rtn, "
                               "imatrix or gptq")
         gguf_arch(model.config)
+        if model.arch.gguf_kvs is not None:  # a family's own refusals, before any work
+            model.arch.gguf_kvs(model.config)
         if rope_freqs(model.config) is not None:
             raise ConfigError("llama3-style RoPE scaling (a rope_freqs tensor) is not written by "
                               "quantbench's GGUF writer yet; use llama.cpp's converter for this "

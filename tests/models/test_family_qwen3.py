@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantbench.api import quantize, save
-from quantbench.errors import ConfigError
 from quantbench.eval.run import artifact_factory, source_factory
 from quantbench.formats.io import open_artifact
 from quantbench.models.arch import arch_for
@@ -270,16 +269,26 @@ def test_gptq_and_awq_reload_in_transformers(fmt, options, model, tmp_path):
 
 # ------------------------------------------------------------------------------- GGUF
 
-@pytest.mark.slow  # one converter run
-def test_gguf_matches_converter_and_imports_back(tiny_qwen3, converter, tmp_path):
+@pytest.mark.slow  # one converter run, one llama-quantize
+def test_gguf_matches_converter_and_imports_back(model, tiny_qwen3, converter, llamacpp,
+                                                 tmp_path):
     """llama.cpp's converter (Qwen3Model) writes our metadata, names (attn_q_norm,
     attn_k_norm), shapes and rows (no Q/K permutation); its file imports back to a Qwen3 with
-    head_dim 32 and the original logits."""
-    reader = assert_matches_converter(converter, tiny_qwen3, tmp_path / "ref.gguf")
+    head_dim 32 and the original logits; llama-quantize's Q4_K_M of it holds every tensor in
+    the type (the mixture sees 4 query heads per kv head) and bytes of our Q4_K_M."""
+    ref = tmp_path / "ref.gguf"
+    reader = assert_matches_converter(converter, tiny_qwen3, ref)
     assert reader.fields["general.architecture"].contents() == "qwen3"
     assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= \
         {t.name for t in reader.tensors}
-    assert_imports_back(tmp_path / "ref.gguf", tiny_qwen3, tmp_path / "back")
+    assert_imports_back(ref, tiny_qwen3, tmp_path / "back")
+    llamacpp.run("llama-quantize", ref, tmp_path / "theirs.gguf", "Q4_K_M", "2")
+    ours = save(quantize(model, method="rtn", gguf_type="Q4_K_M", progress=False),
+                tmp_path / "ours", format="gguf", progress=False)
+    mine, theirs = open_artifact(ours), open_artifact(tmp_path / "theirs.gguf")
+    assert sorted(mine.quantized_names) == sorted(theirs.quantized_names)
+    for name in mine.quantized_names:
+        assert mine.quantized(name).equal(theirs.quantized(name)), name
 
 
 @pytest.mark.slow  # llama.cpp runs
@@ -293,17 +302,25 @@ def test_llama_cpp_runs_our_gguf_with_our_perplexity(gguf_type, model, tmp_path,
     assert abs(mine / theirs - 1) < 0.005, (mine, theirs)
 
 
-def test_sliding_window_gguf_is_refused(tiny_qwen3):
-    """llama.cpp's qwen3 has no sliding window: a config that uses one gets no GGUF."""
+def test_sliding_window_gguf_is_refused(tiny_qwen3, tmp_path, capsys, monkeypatch):
+    """llama.cpp's qwen3 has no sliding window: a config that uses one gets no GGUF, refused
+    in one line before any work (the other formats still take it)."""
     from quantbench.formats.gguf_meta import arch_metadata
+    from tests.faults.conftest import _qb, assert_no_leftovers, assert_refused
 
     config = json.loads((tiny_qwen3 / "config.json").read_text())
     assert [kv.key for kv in arch_metadata(config)][-2:] == ["qwen3.attention.key_length",
                                                              "qwen3.attention.value_length"]
-    config.update(use_sliding_window=True, sliding_window=16,
+    src = tmp_path / "sliding"
+    shutil.copytree(tiny_qwen3, src)
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=1,
                   layer_types=["full_attention", "sliding_attention"])
-    with pytest.raises(ConfigError, match="use_sliding_window"):
-        arch_metadata(config)
+    (src / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("COLUMNS", "400")
+    out = tmp_path / "outputs"
+    assert_refused(_qb(capsys, "convert", src, "-o", out / "q", "--type", "Q4_0", "--method",
+                       "gptq"), "use_sliding_window", "llama.cpp")
+    assert_no_leftovers(out)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -335,3 +352,32 @@ def test_qk_norms_are_validated(case, edit, needles, tiny_qwen3, tmp_path, capsy
     out = tmp_path / "outputs"
     assert_refused(_qb(capsys, "convert", src, "-o", out / "q"), *needles)
     assert_no_leftovers(out)
+
+
+def test_gguf_without_a_k_norm_is_refused(model, tmp_path):
+    """The same check on a GGUF source: a qwen3 file lacking one attn_k_norm is refused."""
+    import gguf
+    import numpy as np
+
+    from quantbench.errors import ModelLoadError
+
+    out = save(quantize(model, method="rtn", gguf_type="Q8_0", progress=False),
+               tmp_path / "q8", format="gguf", progress=False)
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    writer = gguf.GGUFWriter(str(tmp_path / "no-k-norm.gguf"), "qwen3")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        types = [gguf.GGUFValueType(t) for t in field.types]
+        writer.add_key_value(key, field.contents(), types[0],
+                             sub_type=types[1] if len(types) > 1 else None)
+    for t in reader.tensors:
+        if t.name != "blk.1.attn_k_norm.weight":
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="tensor blk.1.attn_k_norm.weight is missing") as exc:
+        load_model(tmp_path / "no-k-norm.gguf")
+    assert "\n" not in str(exc.value)
