@@ -23,7 +23,8 @@ from quantbench.formats.io import open_artifact
 from quantbench.models.arch import arch_for
 from quantbench.models.loader import load_model
 from tests.formats.test_gguf_meta import (_qwen_tokenizer, assert_imports_back,
-                                          assert_matches_converter, converter)  # noqa: F401
+                                          assert_matches_converter,
+                                          converter)  # noqa: F401 (a fixture, used by name)
 
 QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 CALIB = {"calib_samples": 4, "calib_len": 32}
@@ -258,11 +259,17 @@ def test_gptq_and_awq_reload_in_transformers(fmt, options, model, tmp_path):
     (tmp_path / "ids.json").write_text(json.dumps(IDS.tolist()))
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "transformers_logits.py"
     proc = subprocess.run([str(PEER), str(script), str(out), str(tmp_path / "ids.json"),
-                           str(tmp_path / "logits.safetensors")], capture_output=True,
+                           str(tmp_path / "logits.safetensors")], check=False, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "logits.safetensors"), "pt") as fh:
+        quantized = fh.metadata()["quantized"].split(",")
+    art = open_artifact(out)
+    assert sorted(f"{m}.weight" for m in quantized) == sorted(art.quantized_names)
     theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
-    mine = ours(open_artifact(out))
+    mine = ours(art)
     assert (mine - theirs).abs().max() < 2e-2 * theirs.abs().max()
     assert (mine.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
 
