@@ -105,8 +105,9 @@ class GGUFFormat(Format):
                               "pass --type Q4_K_M (or Q8_0, Q5_K_M, ...) with --method rtn, "
                               "imatrix or gptq")
         gguf_arch(model.config)
-        if model.arch.gguf_params is not None:  # refuses what the family's block cannot say
-            model.arch.gguf_params(model.config)
+        for hook in (model.arch.gguf_params, model.arch.gguf_kvs):
+            if hook is not None:  # a family's own refusals, before any work
+                hook(model.config)
         if rope_freqs(model.config) is not None:
             raise ConfigError("llama3-style RoPE scaling (a rope_freqs tensor) is not written by "
                               "quantbench's GGUF writer yet; use llama.cpp's converter for this "

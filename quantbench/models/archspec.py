@@ -301,3 +301,16 @@ class ArchSpec:
             return None
         head = tensor_name[len(prefix) :].split(".", 1)[0]
         return int(head) if head.isdigit() else None
+
+
+def _llama_gguf_config(meta, kwargs: dict) -> None:
+    """llama arch GGUF → LlamaConfig entries the common keys do not give."""
+    kwargs.update(head_dim=meta.head_dim, attention_bias="blk.0.attn_q.bias" in meta.names,
+                  mlp_bias="blk.0.ffn_up.bias" in meta.names)
+
+
+LLAMA = ArchSpec(family="llama", model_types=("llama", "mistral"), gguf_qk_permute=True,
+                 gguf_config=_llama_gguf_config)
+QWEN2 = ArchSpec(family="qwen2", model_types=("qwen2",), gguf_arch="qwen2",
+                 biases=((None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+                 hf_classes=("Qwen2Config", "Qwen2ForCausalLM"))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from quantbench.models.families import gemma
 from quantbench.models.families.phi3 import PHI3
+from quantbench.models.families.qwen3 import QWEN3
 
-FAMILIES: tuple = (gemma.GEMMA2, gemma.GEMMA3, PHI3)
+FAMILIES: tuple = (QWEN3, gemma.GEMMA2, gemma.GEMMA3, PHI3)
 # model_type → why it is refused and what to use (arch_for says it in one line)
 UNSUPPORTED: dict[str, str] = {**gemma.UNSUPPORTED}
