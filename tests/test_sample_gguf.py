@@ -42,7 +42,7 @@ def test_rtn_mixture_is_llama_quantize_byte_for_byte(written, llamacpp, tmp_path
 
 
 def test_imatrix_beats_rtn(sample, written, tmp_path):
-    protocol = EvalProtocol(ctx=512, max_tokens=4096)
+    protocol = EvalProtocol(ctx=512, max_tokens=2048)
     factories = {n: artifact_factory(open_artifact(written[n]))
                  for n in ("Q4_K_M", "Q4_K_M-imatrix")}
     r = evaluate(source_factory(sample), factories, sample.tokenizer(), protocol,

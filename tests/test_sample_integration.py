@@ -12,7 +12,7 @@ from quantbench.quant.methods.rtn import rtn_quantize
 
 pytestmark = pytest.mark.slow
 
-PROTOCOL = EvalProtocol(ctx=512, max_tokens=4096)  # 8 windows: fast, and stable enough here
+PROTOCOL = EvalProtocol(ctx=512, max_tokens=2048)  # 4 windows: fast, and stable enough here
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def calibrated(sample, tmp_path_factory):
     rtn4 = quantize(sample, method="zeropoint", bits=4, group_size=64)
     out["zeropoint4"] = open_artifact(save(rtn4, root / "zeropoint4", format="awq"))
     report = evaluate(source_factory(sample), {n: artifact_factory(a) for n, a in out.items()},
-                      sample.tokenizer(), EvalProtocol(ctx=512, max_tokens=2048),
+                      sample.tokenizer(), EvalProtocol(ctx=512, max_tokens=1024),
                       baseline_key=sample.fingerprint())
     return out, report
 
