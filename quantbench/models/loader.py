@@ -54,12 +54,18 @@ class Model:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def hparams(self) -> dict[str, Any]:
+        """The decoder's hyperparameters (a multimodal checkpoint's ``text_config``; see
+        ``ArchSpec.hparams``); ``config`` is the whole file, as outputs copy it."""
+        return self.arch.hparams(self.config)
+
+    @property
     def num_blocks(self) -> int:
-        return int(self.config[self.arch.num_blocks_key])
+        return int(self.hparams[self.arch.num_blocks_key])
 
     @property
     def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False)) or (
+        return bool(self.hparams.get("tie_word_embeddings", False)) or (
             f"{self.arch.lm_head}.weight" not in self.weights
         )
 
@@ -76,6 +82,16 @@ class Model:
 
     def other_tensor_names(self) -> list[str]:
         return [n for n in self.weights.names() if self.arch.block_of(n) is None]
+
+    def passthrough_tensors(self) -> dict[str, list[str]]:
+        """``{part: tensor names}`` of the parts copied through unquantized (a multimodal
+        checkpoint's vision tower and projector; ``ArchSpec.passthrough``), in spec order."""
+        parts: dict[str, list[str]] = {what: [] for _, what in self.arch.passthrough}
+        for name in self.weights.names():
+            what = self.arch.passthrough_part(name)
+            if what is not None:
+                parts[what].append(name)
+        return {what: names for what, names in parts.items() if names}
 
     def iter_blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield ``(index, {name: tensor})`` one decoder block at a time."""
@@ -180,6 +196,8 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
     if not weights.names():
         raise ModelLoadError(f"{directory} has no tensors in its weight files")
     weights.allow_non_finite = allow_non_finite
+    if arch.checkpoint_renames:
+        weights.rename(arch.module_name)
     _validate(directory, config, arch, weights)
     meta: dict[str, Any] = {}
     sample_meta = directory / "quantbench_sample.json"

@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from quantbench.models.families import gemma
 
-FAMILIES: tuple = (gemma.GEMMA2, gemma.GEMMA3)
+FAMILIES: tuple = (gemma.GEMMA2, gemma.GEMMA3, gemma.GEMMA3_MM)
 # model_type → why it is refused and what to use (arch_for says it in one line)
 UNSUPPORTED: dict[str, str] = {**gemma.UNSUPPORTED}

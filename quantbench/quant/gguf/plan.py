@@ -19,7 +19,7 @@ def plan_tensor_types(mixture: str, model, targets: list[str],
                       has_imatrix: bool = False) -> dict[str, str]:
     """``{hf_name: ggml type}`` for ``targets``, by llama-quantize's rules for ``mixture``
     applied to the whole file (the attn_v / ffn_down counters see every layer)."""
-    arch, cfg = model.arch, model.config
+    arch, cfg = model.arch, model.hparams
     names = gguf_tensors(model)
     gguf_names = {n: arch.gguf_tensor_name(n) for n in names}
     ne = [(gguf_names[n], tuple(reversed(model.weights.shape(n)))) for n in names]
