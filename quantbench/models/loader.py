@@ -93,6 +93,16 @@ class Model:
                 parts[what].append(name)
         return {what: names for what, names in parts.items() if names}
 
+    def passthrough_report(self) -> dict[str, dict[str, Any]]:
+        """``{part: {"tensors": n, "dtype": stored dtype}}`` of the parts copied through
+        unquantized (the manifest's ``passthrough`` entry; empty for a text-only model)."""
+        out = {}
+        for what, names in self.passthrough_tensors().items():
+            dtypes = sorted({str(self.weights.dtype(n)).removeprefix("torch.") for n in names})
+            out[what] = {"tensors": len(names), "dtype": "/".join(dtypes)}
+        return out
+
+
     def iter_blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield ``(index, {name: tensor})`` one decoder block at a time."""
         for index in range(self.num_blocks):
@@ -128,6 +138,17 @@ class Model:
             stat = path.stat()
             parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
         return "|".join(parts)
+
+
+def describe_passthrough(report: dict[str, dict[str, Any]]) -> str:
+    """``kept in 16-bit: vision tower (32 tensors), multi-modal projector (2 tensors)`` (the
+    stored dtype named instead where a part is not 16-bit)."""
+    sixteen = {"float16", "bfloat16"}
+    wide = all(info["dtype"] in sixteen for info in report.values())
+    parts = [f"{what} ({info['tensors']} tensors{'' if wide else ', ' + info['dtype']})"
+             for what, info in report.items()]
+    return (f"kept in {'16-bit' if wide else 'their stored dtype'}: " + ", ".join(parts)
+            + " (not quantized)")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

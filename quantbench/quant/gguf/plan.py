@@ -8,8 +8,9 @@ def gguf_tensors(model) -> list[str]:
     """HF names of the tensors a GGUF of ``model`` holds, in write order (lm_head omitted
     when tied: llama.cpp reads token_embd for both)."""
     arch = model.arch
-    names = [n for n in model.other_tensor_names()
-             if not (model.tied_embeddings and n == f"{arch.lm_head}.weight")]
+    names = [n for n in model.other_tensor_names()  # no vision tower: llama.cpp's mmproj
+             if not (model.tied_embeddings and n == f"{arch.lm_head}.weight")
+             and arch.passthrough_part(n) is None]
     for index in range(model.num_blocks):
         names += model.block_tensor_names(index)
     return names
