@@ -172,3 +172,21 @@ def test_gguf_holds_the_text_model_and_says_so(tiny_gemma3_mm, tmp_path, caplog)
     assert set(manifest["left_out"]) == {"vision tower", "multi-modal projector"}
     art = open_artifact(out)  # reads back as the text model
     assert art.config["model_type"] == "gemma3_text"
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_text_gguf_with_our_perplexity(tiny_gemma3_mm, tmp_path,
+                                                          llama_vs_ours):
+    """The text-only GGUF of a multimodal checkpoint runs in llama.cpp with the perplexity our
+    evaluator gives the multimodal source's text path (no-BOS tokenizer copy: see
+    test_family_gemma.py)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_gemma3_mm, src)
+    make_gemma_tokenizer(src, add_bos=False)
+    model = load_model(src)
+    out = save(quantize(model, method="rtn", gguf_type="Q8_0"), tmp_path / "q8", format="gguf")
+    ours, theirs, same_tokens = llama_vs_ours(out, model, ctx=64, chunks=4)
+    assert same_tokens
+    assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
