@@ -233,7 +233,8 @@ GEMMA3_MM = replace(
     hf_classes=("Gemma3Config", "Gemma3ForConditionalGeneration"), config_section="text_config",
     passthrough=(("model.vision_tower", "vision tower"),
                  ("model.multi_modal_projector", "multi-modal projector")),
-    checkpoint_renames=((r"^language_model\.model\.", f"{MM}."), (r"^language_model\.lm_head\.", "lm_head."),
+    checkpoint_renames=((r"^language_model\.model\.", f"{MM}."),
+                        (r"^language_model\.lm_head\.", "lm_head."),
                         (r"^vision_tower\.vision_model\.", "model.vision_tower."),
                         (r"^(vision_tower|multi_modal_projector)\.", r"model.\1.")))
 
