@@ -109,9 +109,9 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
     if embed._non_persistent_buffers_set:  # e.g. Gemma's embedding scale √hidden: not on disk
         skeleton._init_weights(embed)
     embed.weight.data.copy_(model.weights.get(f"{arch.embed}.weight").float())
+    base = skeleton.get_submodule(arch.base_model)  # its config: the decoder's (multimodal too)
     rotary_cls = type(skeleton.get_submodule(arch.rotary))
-    _set(skeleton, arch.rotary, rotary_cls(config=skeleton.config).to(device))
-    base = skeleton.get_submodule(arch.base_model)
+    _set(skeleton, arch.rotary, rotary_cls(config=base.config).to(device))
     layers = skeleton.get_submodule(arch.block_prefix)
     captured = Captured([], [[] for _ in range(len(layers))])
     taps = torch.nn.ModuleList([_ArgumentTap(layer, i, captured) for i, layer in
@@ -250,7 +250,7 @@ class BlockContext:
     @property
     def attention_kind(self) -> str:
         """This block's attention kind (``full_attention``, ``sliding_attention``)."""
-        return self.model.arch.attention_kinds(self.model.config,
+        return self.model.arch.attention_kinds(self.model.hparams,
                                                self.model.num_blocks)[self.index]
 
     def weight_name(self, linear: str) -> str:

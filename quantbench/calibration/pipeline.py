@@ -125,7 +125,7 @@ def _value_statistics(ctx: BlockContext, sub: Sublayer, group: tuple[str, ...],
         return {}
     from quantbench.calibration.attention import value_hessians
 
-    heads, kv_heads = ctx.model.arch.head_counts(ctx.model.config)
+    heads, kv_heads = ctx.model.arch.head_counts(ctx.model.hparams)
     with heap_for_temporaries():
         found = value_hessians(mixer, normed, kwargs, heads, kv_heads)
     if rows is not None:

@@ -96,7 +96,7 @@ def estimate(model: Model, config, gflops: float | None = None, method=None) -> 
     if method is None:
         method = get_method(config.method)(config)
     shapes = _block_shapes(model)
-    hidden = int(model.config.get("hidden_size", 0)) or max(s[1] for s in shapes.values())
+    hidden = int(model.hparams.get("hidden_size", 0)) or max(s[1] for s in shapes.values())
     inter = max(max(s) for s in shapes.values())
     n_blocks = model.num_blocks
     params = sum(o_ * i for o_, i in shapes.values())
@@ -114,7 +114,7 @@ def estimate(model: Model, config, gflops: float | None = None, method=None) -> 
         parts["solves"] = sum(2 * i * i * out + i**3 for out, i in shapes.values()) \
             * n_blocks / 1e9
     if method.attention_values:
-        heads, _ = model.arch.head_counts(model.config)
+        heads, _ = model.arch.head_counts(model.hparams)
         # one more attention pass; per head P·X [ctx, ctx]x[ctx, hidden] and ZᵀZ
         parts["attention values"] = (fwd * 0.3 + 2 * tokens * heads * hidden * (ctx + hidden)
                                      / 1e9) * n_blocks
@@ -125,7 +125,7 @@ def estimate(model: Model, config, gflops: float | None = None, method=None) -> 
     block_bytes = params * 4
     acts = tokens * hidden * 4 * 3 + tokens * inter * 4
     stat = (inter * inter * 4 * 2) if calibrated else 0
-    vocab = int(model.config.get("vocab_size", 0))
+    vocab = int(model.hparams.get("vocab_size", 0))
     embed = vocab * hidden * 4 if calibrated else 0
     peak = RUNTIME_BASE_BYTES + 2 * block_bytes + acts + stat + embed
     device = resolve_device(o.device) if calibrated else CPU

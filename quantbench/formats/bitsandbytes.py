@@ -191,7 +191,8 @@ class BitsAndBytesFormat(Format):
                             arch: ArchSpec) -> dict[str, Any]:
         """``BitsAndBytesConfig.to_dict()`` keys (§3.3)."""
         grid, four = config.grid, config.grid.kind == "codebook"
-        skipped = untargeted_modules(targets, arch)
+        # transformers quantizes every other Linear on load: the passthrough parts stay 16-bit
+        skipped = untargeted_modules(targets, arch) + [prefix for prefix, _ in arch.passthrough]
         threshold = 6.0 if four else float(config.options.threshold)  # LLM.int8's option
         return {"quant_method": "bitsandbytes", "_load_in_4bit": four, "_load_in_8bit": not four,
                 "load_in_4bit": four, "load_in_8bit": not four,

@@ -104,11 +104,11 @@ class GGUFFormat(Format):
             raise ConfigError(f"gguf stores ggml block types, not {config.grid.describe()}; "
                               "pass --type Q4_K_M (or Q8_0, Q5_K_M, ...) with --method rtn, "
                               "imatrix or gptq")
-        gguf_arch(model.config)
+        gguf_arch(decoder_config(model))
         for hook in (model.arch.gguf_params, model.arch.gguf_kvs):
             if hook is not None:  # a family's own refusals, before any work
-                hook(model.config)
-        if rope_freqs(model.config) is not None:
+                hook(decoder_config(model))
+        if rope_freqs(decoder_config(model)) is not None:
             raise ConfigError("llama3-style RoPE scaling (a rope_freqs tensor) is not written by "
                               "quantbench's GGUF writer yet; use llama.cpp's converter for this "
                               "model")
@@ -118,7 +118,13 @@ class GGUFFormat(Format):
         """Stream the GGUF into ``file``; returns the manifest's tensor info."""
         import gguf
 
-        model = qmodel.source
+        from quantbench.models.gguf_import import gguf_arch_spec
+
+        model, config = qmodel.source, decoder_config(qmodel.source)
+        if model.passthrough_tensors():
+            log.info("the GGUF holds the text model only: its %s are not in it (llama.cpp "
+                     "reads them from a separate mmproj file, which quantbench does not write)",
+                     " and ".join(model.passthrough_tensors()))
         plan = plan_file(qmodel)
         writer = gguf.GGUFWriter(None, model.arch.gguf_arch)
         add_metadata(writer, model, qmodel.config.grid.type, plan)
@@ -132,11 +138,13 @@ class GGUFFormat(Format):
         writer.write_ti_data_to_file()
         info: dict[str, Any] = {}
         pending = iter(plan)
+        read_back = gguf_arch_spec(model.arch.gguf_arch)  # names as the GGUF reads back
+        #   (a multimodal model's text decoder reads back as the text-only model)
         for label, tensors in qmodel.iter_blocks():
+            tensors = {n: t for n, t in tensors.items() if model.arch.passthrough_part(n) is None}
             for item in _take(pending, tensors):
-                writer.write_tensor_data(_tensor_bytes(item, tensors[item.hf_name],
-                                                       model.config))
-                info[item.hf_name] = _info(item)
+                writer.write_tensor_data(_tensor_bytes(item, tensors[item.hf_name], config))
+                info[read_back.hf_tensor_name(item.gguf_name)] = _info(item)
             if on_step:
                 on_step(label)
         writer.close()
@@ -156,9 +164,15 @@ def add_metadata(writer, model, mixture: str, plan: list[PlannedTensor]) -> None
     from quantbench.formats.gguf_meta import gguf_metadata
 
     n_params = sum(int(np.prod(item.shape)) for item in plan)
-    for kv in gguf_metadata(model.config, model.path, ftype=mixture, n_params=n_params):
+    for kv in gguf_metadata(decoder_config(model), model.path, ftype=mixture, n_params=n_params):
         if kv.key != "general.architecture":  # GGUFWriter(arch=...) wrote it
             writer.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)
+
+
+def decoder_config(model) -> dict[str, Any]:
+    """The config a GGUF is written from: the decoder's hyperparameters (a multimodal model's
+    ``text_config``) under the model's own ``model_type`` (which names the tensor layout)."""
+    return {**model.hparams, "model_type": model.config.get("model_type")}
 
 
 def _take(pending: Iterator[PlannedTensor], tensors: dict[str, Any]) -> list[PlannedTensor]:

@@ -122,6 +122,9 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
     }
     if command:
         manifest["command"] = [str(arg) for arg in command]
+    if kept := model.passthrough_report():  # parts copied through unquantized (vision tower);
+        # a GGUF holds the text model only (llama.cpp reads the vision part from an mmproj)
+        manifest["left_out" if fmt == "gguf" else "passthrough"] = kept
     return manifest
 
 

@@ -75,6 +75,9 @@ MANIFEST_SCHEMA = Obj({
                    names=FILE_NAME),
     "eval": Maybe(_EVAL),
     "command": Maybe(ListOf(STR)),  # null (or absent): not written by the CLI
+    # parts of a multimodal model copied through unquantized (absent: none)
+    "passthrough": MapOf(Obj({"tensors": INT, "dtype": STR})),
+    "left_out": MapOf(Obj({"tensors": INT, "dtype": STR})),  # ... not in the file (GGUF)
 }, required=("manifest_version", "format"))
 
 

@@ -181,6 +181,13 @@ def _what_was_done(manifest: dict[str, Any]) -> str:
         + (f" ({' and '.join(kept)} kept in the source dtype)" if kept else ""),
         f"- **Calibration:** {_calibration(q.get('options') or {}, method)}",
     ]
+    if manifest.get("passthrough"):  # a multimodal model's vision tower and projector
+        rows.append("- **Not quantized:** " + ", ".join(
+            f"{what} ({info.get('tensors')} tensors, {info.get('dtype')})"
+            for what, info in manifest["passthrough"].items()) + ", copied as stored")
+    if manifest.get("left_out"):  # a GGUF of a multimodal model: the text model only
+        rows.append("- **Not in this file:** " + ", ".join(manifest["left_out"]) + " (llama.cpp "
+                    "reads them from a separate mmproj file, which quantbench does not write)")
     for key, flag in (("include", "included"), ("exclude", "excluded")):
         if targets.get(key):
             rows.append(f"- **Modules {flag}:** " + ", ".join(f"`{p}`" for p in targets[key]))

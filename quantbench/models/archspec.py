@@ -4,6 +4,7 @@ llama layout the families start from — a leaf module: the families
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -165,6 +166,15 @@ class ArchSpec:
     2) or adds keys after ``general.file_type`` (Gemma 3): gets the ``<arch>.*`` keys with
     ``general.file_type`` placed, returns them as the converter orders them. Each family lives in one file of
     ``quantbench/models/families/``.
+
+    Multimodal wrappers (a text decoder inside a vision-language checkpoint): ``config_section``
+    names the config object that holds the decoder's hyperparameters (``text_config``; read
+    through :meth:`hparams`), ``passthrough`` the ``(tensor-name prefix, what it is)`` of the
+    parts that are never quantized: copied through as stored, checked only for finiteness,
+    reported as kept in 16-bit, left out of a GGUF. ``checkpoint_renames``: ``(regex,
+    replacement)`` pairs, the first that matches renames a stored tensor to the model's module
+    path (an older layout transformers still saves and loads, e.g. ``language_model.model.*``);
+    outputs are written under the module paths, which transformers loads as they are.
     """
 
     family: str
@@ -211,6 +221,9 @@ class ArchSpec:
     gguf_arrange: Callable[[dict, list], list] | None = None
     gguf_spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix written after
     #   a SentencePiece vocabulary (Gemma's converter: False), None: not written
+    config_section: str | None = None  # the config key holding the decoder's hyperparameters
+    passthrough: tuple[tuple[str, str], ...] = ()  # (tensor prefix, what it is): never quantized
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()  # (stored-name regex, replacement)
     gguf_names: tuple[tuple[str, str], ...] = (
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -222,6 +235,35 @@ class ArchSpec:
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
     )
+
+    def hparams(self, config: dict) -> dict:
+        """The decoder's hyperparameters: ``config`` itself, or a multimodal wrapper's
+        ``config_section`` object, with the top level's ``tie_word_embeddings`` where it has
+        one (transformers ties the wrapper's ``lm_head`` by that)."""
+        if self.config_section is None:
+            return config
+        section = config.get(self.config_section)
+        if not isinstance(section, dict):
+            raise ModelLoadError(f"config.json has no {self.config_section!r} object, which a "
+                                 f"{self.family} checkpoint keeps its text model's settings in; "
+                                 "fix config.json (see the model's original config)")
+        out = dict(section)
+        if config.get("tie_word_embeddings") is not None:
+            out["tie_word_embeddings"] = config["tie_word_embeddings"]
+        return out
+
+    def module_name(self, stored: str) -> str:
+        """A stored tensor name as the model's module path (``checkpoint_renames``)."""
+        for pattern, replacement in self.checkpoint_renames:
+            new, n = re.subn(pattern, replacement, stored, count=1)
+            if n:
+                return new
+        return stored
+
+    def passthrough_part(self, tensor_name: str) -> str | None:
+        """What a tensor copied through unquantized belongs to (``vision tower``), or None."""
+        return next((what for prefix, what in self.passthrough
+                     if tensor_name.startswith(prefix + ".")), None)
 
     def head_counts(self, config: dict) -> tuple[int, int]:
         """``(attention heads, kv heads)`` of a model config."""

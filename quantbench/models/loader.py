@@ -54,12 +54,18 @@ class Model:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def hparams(self) -> dict[str, Any]:
+        """The decoder's hyperparameters (a multimodal checkpoint's ``text_config``; see
+        ``ArchSpec.hparams``); ``config`` is the whole file, as outputs copy it."""
+        return self.arch.hparams(self.config)
+
+    @property
     def num_blocks(self) -> int:
-        return int(self.config[self.arch.num_blocks_key])
+        return int(self.hparams[self.arch.num_blocks_key])
 
     @property
     def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False)) or (
+        return bool(self.hparams.get("tie_word_embeddings", False)) or (
             f"{self.arch.lm_head}.weight" not in self.weights
         )
 
@@ -76,6 +82,26 @@ class Model:
 
     def other_tensor_names(self) -> list[str]:
         return [n for n in self.weights.names() if self.arch.block_of(n) is None]
+
+    def passthrough_tensors(self) -> dict[str, list[str]]:
+        """``{part: tensor names}`` of the parts copied through unquantized (a multimodal
+        checkpoint's vision tower and projector; ``ArchSpec.passthrough``), in spec order."""
+        parts: dict[str, list[str]] = {what: [] for _, what in self.arch.passthrough}
+        for name in self.weights.names():
+            what = self.arch.passthrough_part(name)
+            if what is not None:
+                parts[what].append(name)
+        return {what: names for what, names in parts.items() if names}
+
+    def passthrough_report(self) -> dict[str, dict[str, Any]]:
+        """``{part: {"tensors": n, "dtype": stored dtype}}`` of the parts copied through
+        unquantized (the manifest's ``passthrough`` entry; empty for a text-only model)."""
+        out = {}
+        for what, names in self.passthrough_tensors().items():
+            dtypes = sorted({str(self.weights.dtype(n)).removeprefix("torch.") for n in names})
+            out[what] = {"tensors": len(names), "dtype": "/".join(dtypes)}
+        return out
+
 
     def iter_blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield ``(index, {name: tensor})`` one decoder block at a time."""
@@ -112,6 +138,17 @@ class Model:
             stat = path.stat()
             parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
         return "|".join(parts)
+
+
+def describe_passthrough(report: dict[str, dict[str, Any]]) -> str:
+    """``kept in 16-bit: vision tower (32 tensors), multi-modal projector (2 tensors)`` (the
+    stored dtype named instead where a part is not 16-bit)."""
+    sixteen = {"float16", "bfloat16"}
+    wide = all(info["dtype"] in sixteen for info in report.values())
+    parts = [f"{what} ({info['tensors']} tensors{'' if wide else ', ' + info['dtype']})"
+             for what, info in report.items()]
+    return (f"kept in {'16-bit' if wide else 'their stored dtype'}: " + ", ".join(parts)
+            + " (not quantized)")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -180,6 +217,8 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
     if not weights.names():
         raise ModelLoadError(f"{directory} has no tensors in its weight files")
     weights.allow_non_finite = allow_non_finite
+    if arch.checkpoint_renames:
+        weights.rename(arch.module_name)
     _validate(directory, config, arch, weights)
     meta: dict[str, Any] = {}
     sample_meta = directory / "quantbench_sample.json"

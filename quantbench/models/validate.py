@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from quantbench.errors import ModelLoadError
@@ -141,7 +141,35 @@ def _module_shape(config: Mapping, arch: ArchSpec, module: str, tensor: str,
 
 def expected_tensors(config: Mapping, arch: ArchSpec, ctx: Context) -> dict[str, Expected]:
     """Every tensor a checkpoint of this config holds, in checkpoint order (embeddings,
-    block by block, final norm, lm_head unless tied)."""
+    block by block, final norm, lm_head unless tied); a multimodal wrapper's passthrough parts
+    (vision tower) are not listed: their layout is the vision model's, not checked here."""
+    return _expected(arch.hparams(dict(config)), arch, _in_section(ctx, arch))
+
+
+def _in_section(ctx: Context, arch: ArchSpec) -> Context:
+    """``ctx`` naming config keys inside a multimodal wrapper's ``text_config``."""
+    if arch.config_section is None or ctx.keys is not None:
+        return ctx
+    return replace(ctx, keys=_SectionKeys(arch.config_section))
+
+
+class _SectionKeys(Mapping):
+    """``key`` → ``section.key`` (how a refusal spells a key of a nested config object)."""
+
+    def __init__(self, section: str):
+        self.section = section
+
+    def __getitem__(self, key: str) -> str:
+        return f"{self.section}.{key}"
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 1  # truthy: Context.key consults it
+
+
+def _expected(config: Mapping, arch: ArchSpec, ctx: Context) -> dict[str, Expected]:
     n_blocks = positive_int(config, arch.num_blocks_key, ctx, "the number of layers")
     _check_heads(config, arch, ctx)
     out: dict[str, Expected] = {}
@@ -185,9 +213,11 @@ def check_tensors(config: Mapping, arch: ArchSpec,
                   tied_copy: Callable[[], bool] | None = None) -> list[str]:
     """Refuse the first disagreement between ``shapes`` (the checkpoint's tensor names and
     shapes; None: a shape not known yet) and what ``config`` implies; return the names to
-    skip (derived buffers, an lm_head that ``tied_copy()`` says equals the tied embeddings)."""
+    skip (derived buffers, an lm_head that ``tied_copy()`` says equals the tied embeddings).
+    A multimodal wrapper's passthrough tensors (``ArchSpec.passthrough``) are let through."""
+    config, ctx = arch.hparams(dict(config)), _in_section(ctx, arch)
     check_hyperparameters(config, arch, ctx)
-    expected = expected_tensors(config, arch, ctx)
+    expected = _expected(config, arch, ctx)
     _check_layer_count(config, arch, shapes, ctx)
     skip = _check_tied(config, arch, shapes, ctx, tied_copy)
     for name, want in expected.items():
@@ -204,7 +234,7 @@ def check_tensors(config: Mapping, arch: ArchSpec,
                            f"({_describe(config, want.dims, ctx)}); {ctx.config_file} does not "
                            "match the weights")
     for name in shapes:
-        if name in expected or name in skip:
+        if name in expected or name in skip or arch.passthrough_part(name) is not None:
             continue
         if any(re.search(p, name) for p in arch.derived_buffers):
             log.info("skipping %s: a buffer the model recomputes from its config", name)

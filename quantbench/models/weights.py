@@ -6,7 +6,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from safetensors import SafetensorError, safe_open
 
@@ -52,6 +52,7 @@ class LazyWeights:
         self._shards = shards  # tensor name -> file
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
+        self._stored: dict[str, str] = {}  # name → the name the file stores it under (renamed)
         self.allow_non_finite = False
         self.non_finite: dict[str, int] = {}
 
@@ -87,6 +88,23 @@ class LazyWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._shards
 
+    def rename(self, new_name: Callable[[str], str]) -> None:
+        """Know every tensor by ``new_name(stored name)`` (a checkpoint layout older than the
+        model's modules: ``ArchSpec.checkpoint_renames``); the files are read as stored."""
+        shards: dict[str, Path] = {}
+        for name, path in self._shards.items():
+            new = new_name(name)
+            if new in shards:
+                raise ModelLoadError(f"{path} holds {self._stored.get(name, name)} and another "
+                                     f"tensor that both name {new}; remove one of them")
+            shards[new] = path
+            if new != name:
+                self._stored[new] = self._stored.pop(name, name)
+        self._shards = shards
+
+    def _key(self, name: str) -> str:
+        return self._stored.get(name, name)
+
     def drop(self, names: Iterable[str]) -> None:
         """Forget tensors the model does not use (leftover buffers; see models/validate.py)."""
         for name in names:
@@ -116,10 +134,10 @@ class LazyWeights:
         return sorted(set(self._shards.values()))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self._shards[name]).get_slice(name).get_shape())
+        return tuple(self._handle(self._shards[name]).get_slice(self._key(name)).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._handle(self._shards[name]).get_slice(name).get_dtype()
+        code = self._handle(self._shards[name]).get_slice(self._key(name)).get_dtype()
         return _torch_dtypes().get(code, torch.float32)
 
     def _header(self, path: Path) -> tuple[int, dict]:
@@ -151,7 +169,7 @@ class LazyWeights:
             raise KeyError(name)
         try:
             self._handle(self._shards[name])  # validated header
-            tensor = self._read(self._shards[name], name)
+            tensor = self._read(self._shards[name], self._key(name))
         except (SafetensorError, KeyError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot read {name} from {self._shards[name]} ({exc}); the file may be "
@@ -182,6 +200,13 @@ class InMemoryWeights(LazyWeights):
 
     def files(self) -> list[Path]:
         return []
+
+    def rename(self, new_name: Callable[[str], str]) -> None:
+        renamed = {new_name(name): t for name, t in self._tensors.items()}
+        if len(renamed) != len(self._tensors):
+            raise ModelLoadError("two tensors of the checkpoint name the same module once "
+                                 "renamed to the model's layout; remove the stale one")
+        self._tensors = renamed
 
     def drop(self, names: Iterable[str]) -> None:
         for name in names:

@@ -12,7 +12,7 @@ from quantbench.config import (CalibrationOptions, GGUFGridConfig, GridConfig, I
                                QuantizeConfig, TargetConfig)
 from quantbench.errors import ConfigError
 from quantbench.lazy import torch
-from quantbench.models.loader import Model
+from quantbench.models.loader import Model, describe_passthrough
 from quantbench.quant.methods.base import Method
 from quantbench.registry import get_method
 from quantbench.tensor import QuantizedTensor
@@ -352,4 +352,6 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
         _check_calibration_inputs(model, config.options)
     log.info("quantizing %d tensors of %s with %s %s", len(names), model.source,
              config.method, config.grid.describe())
+    if kept := model.passthrough_report():  # a multimodal model's vision tower, projector
+        log.info("%s", describe_passthrough(kept))
     return QuantizedModel(source=model, config=config, targets=names, method=method)

@@ -15,6 +15,8 @@ sets ``query_pre_attn_scalar`` by it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from quantbench.models.archspec import (
     LLAMA_HYPERPARAMETERS,
     LLAMA_LINEARS,
@@ -218,9 +220,20 @@ GEMMA3 = ArchSpec(
     gguf_arrange=_gemma3_arrange, gguf_spm_space_prefix=False, gguf_config=_gemma3_gguf_config,
     gguf_names=GEMMA_GGUF_NAMES)
 
-# model types refused with what to use instead (``arch_for``)
-UNSUPPORTED = {
-    "gemma3": "multimodal Gemma 3 (Gemma3ForConditionalGeneration: vision tower + projector) "
-              "is not supported yet; quantbench supports its text-only form (model_type "
-              "gemma3_text, Gemma3ForCausalLM, e.g. google/gemma-3-1b-it)",
-}
+# multimodal Gemma 3 (Gemma3ForConditionalGeneration): the text decoder under
+# model.language_model, quantized as GEMMA3; the vision tower and projector copied through.
+# Checkpoints (the Hub's, and transformers 5's save_pretrained) store the older layout
+# (language_model.model.*, vision_tower.vision_model.*): renamed to the module paths on load
+MM = "model.language_model"
+GEMMA3_MM = replace(
+    GEMMA3, family="gemma3", model_types=("gemma3",), block_prefix=f"{MM}.layers",
+    base_model=MM, rotary=f"{MM}.rotary_emb", embed=f"{MM}.embed_tokens", final_norm=f"{MM}.norm",
+    shapes=tuple((f"{MM}.{m[len('model.'):]}" if m.startswith("model.") else m, dims)
+                 for m, dims in GEMMA3_SHAPES),
+    hf_classes=("Gemma3Config", "Gemma3ForConditionalGeneration"), config_section="text_config",
+    passthrough=(("model.vision_tower", "vision tower"),
+                 ("model.multi_modal_projector", "multi-modal projector")),
+    checkpoint_renames=((r"^language_model\.model\.", f"{MM}."),
+                        (r"^language_model\.lm_head\.", "lm_head."),
+                        (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+                        (r"^(vision_tower|multi_modal_projector)\.", r"model.\1.")))

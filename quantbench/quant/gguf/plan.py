@@ -8,8 +8,9 @@ def gguf_tensors(model) -> list[str]:
     """HF names of the tensors a GGUF of ``model`` holds, in write order (lm_head omitted
     when tied: llama.cpp reads token_embd for both)."""
     arch = model.arch
-    names = [n for n in model.other_tensor_names()
-             if not (model.tied_embeddings and n == f"{arch.lm_head}.weight")]
+    names = [n for n in model.other_tensor_names()  # no vision tower: llama.cpp's mmproj
+             if not (model.tied_embeddings and n == f"{arch.lm_head}.weight")
+             and arch.passthrough_part(n) is None]
     for index in range(model.num_blocks):
         names += model.block_tensor_names(index)
     return names
@@ -19,7 +20,7 @@ def plan_tensor_types(mixture: str, model, targets: list[str],
                       has_imatrix: bool = False) -> dict[str, str]:
     """``{hf_name: ggml type}`` for ``targets``, by llama-quantize's rules for ``mixture``
     applied to the whole file (the attn_v / ffn_down counters see every layer)."""
-    arch, cfg = model.arch, model.config
+    arch, cfg = model.arch, model.hparams
     names = gguf_tensors(model)
     gguf_names = {n: arch.gguf_tensor_name(n) for n in names}
     ne = [(gguf_names[n], tuple(reversed(model.weights.shape(n)))) for n in names]
