@@ -90,6 +90,19 @@ def bnb_reference_path():
     return _bnb_reference_path
 
 
+def bnb_float_model(path):
+    """transformers + bitsandbytes running our ``bitsandbytes`` file on the CPU as our evaluator
+    computes it: float layers in float32, 4-bit layers on their reference path."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
+    for p in hf.parameters():
+        if p.dtype == torch.float16:
+            p.data = p.data.float()
+    _bnb_reference_path(hf)
+    return hf
+
+
 @pytest.fixture(scope="session")
 def llamacpp():
     """llama.cpp built from the llama-cpp-python sdist (``make test`` builds it first)."""

@@ -124,6 +124,18 @@ LLAMA_HYPERPARAMETERS = (
 )
 
 
+# llama.cpp's names of the llama-layout linears (block-relative HF module → GGUF name)
+LLAMA_GGUF_LINEARS = (
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+)
+
+
 LLAMA_SUBLAYERS = (
     Sublayer("input_layernorm", "self_attn",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
@@ -224,14 +236,7 @@ class ArchSpec:
     config_section: str | None = None  # the config key holding the decoder's hyperparameters
     passthrough: tuple[tuple[str, str], ...] = ()  # (tensor prefix, what it is): never quantized
     checkpoint_renames: tuple[tuple[str, str], ...] = ()  # (stored-name regex, replacement)
-    gguf_names: tuple[tuple[str, str], ...] = (
-        ("self_attn.q_proj", "attn_q"),
-        ("self_attn.k_proj", "attn_k"),
-        ("self_attn.v_proj", "attn_v"),
-        ("self_attn.o_proj", "attn_output"),
-        ("mlp.gate_proj", "ffn_gate"),
-        ("mlp.up_proj", "ffn_up"),
-        ("mlp.down_proj", "ffn_down"),
+    gguf_names: tuple[tuple[str, str], ...] = LLAMA_GGUF_LINEARS + (
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
     )

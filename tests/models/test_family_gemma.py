@@ -19,7 +19,7 @@ from quantbench.api import quantize, save
 from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
-from tests.conftest import TINY_VOCAB, _wikitext_head
+from tests.conftest import TINY_VOCAB, _wikitext_head, bnb_float_model
 from tests.formats.test_gguf_meta import (
     assert_imports_back,
     assert_matches_converter,
@@ -153,12 +153,10 @@ def test_awq_keeps_the_float_model_and_formats_reload(kind, tiny_gemma, tmp_path
 
 @pytest.mark.parametrize("kind,method,fmt", [("gemma2", "gptq", "gptq"),
                                              ("gemma3", "nf4", "bitsandbytes")])
-def test_other_formats_round_trip(kind, method, fmt, tiny_gemma, tmp_path, bnb_reference_path):
+def test_other_formats_round_trip(kind, method, fmt, tiny_gemma, tmp_path):
     """GPTQ (act-order, attention-weighted values through Gemma 2's soft-capped attention)
     into the gptq format, read back as the dense copy of the same codes; NF4 into bitsandbytes, which transformers
     runs with our logits."""
-    from transformers import AutoModelForCausalLM
-
     opts = dict(bits=4, group_size=32, act_order=True, calib_samples=4, calib_len=32) \
         if method == "gptq" else {}
     q = quantize(load_model(tiny_gemma[kind]), method=method, **opts)
@@ -166,11 +164,7 @@ def test_other_formats_round_trip(kind, method, fmt, tiny_gemma, tmp_path, bnb_r
     art = open_artifact(out)
     assert sorted(art.quantized_names) == sorted(q.targets)
     if fmt == "bitsandbytes":
-        hf = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
-        for p in hf.parameters():
-            if p.dtype == torch.float16:
-                p.data = p.data.float()
-        bnb_reference_path(hf)
+        hf = bnb_float_model(out)
         with torch.inference_mode():
             theirs = hf(input_ids=IDS).logits.float()
         from quantbench.eval.run import artifact_factory

@@ -16,7 +16,7 @@ from quantbench.formats.io import open_artifact
 from quantbench.models.families.phi3 import PHI3
 from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
-from tests.conftest import TINY_VOCAB, make_tokenizer
+from tests.conftest import TINY_VOCAB, bnb_float_model, make_tokenizer
 from tests.formats.test_gguf_meta import (assert_imports_back, assert_matches_converter,
                                           converter)  # noqa: F401  (a fixture)
 
@@ -182,8 +182,7 @@ def test_awq_saved_search_reapplies(tiny_phi3, tmp_path):
 
 @pytest.mark.parametrize("method,fmt", [("absmax", "compressed-tensors"),
                                         ("nf4", "bitsandbytes"), ("llm_int8", "bitsandbytes")])
-def test_transformers_reloads_with_our_logits(tiny_phi3, tmp_path, method, fmt,
-                                              bnb_reference_path):
+def test_transformers_reloads_with_our_logits(tiny_phi3, tmp_path, method, fmt):
     """transformers loads the fused linears under their own names from our files (packed
     compressed-tensors; bitsandbytes 4-bit and 8-bit modules) with our reader's logits."""
     from transformers import AutoModelForCausalLM
@@ -195,13 +194,9 @@ def test_transformers_reloads_with_our_logits(tiny_phi3, tmp_path, method, fmt,
     if fmt == "bitsandbytes":
         from quantbench.eval.run import artifact_factory
 
-        hf = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+        hf = bnb_float_model(out)
         kind = "Linear8bitLt" if method == "llm_int8" else "Linear4bit"
         assert type(hf.model.layers[0].self_attn.qkv_proj).__name__ == kind
-        for p in hf.parameters():
-            if p.dtype == torch.float16:
-                p.data = p.data.float()
-        bnb_reference_path(hf)
         with torch.no_grad():
             ref = hf(input_ids=_ids()).logits.float()
         ours = artifact_factory(open_artifact(out))()(_ids()).float()

@@ -22,6 +22,7 @@ from quantbench.eval.run import artifact_factory, source_factory
 from quantbench.formats.io import open_artifact
 from quantbench.models.arch import arch_for
 from quantbench.models.loader import load_model
+from tests.conftest import bnb_float_model
 from tests.formats.test_gguf_meta import (_qwen_tokenizer, assert_imports_back,
                                           assert_matches_converter,
                                           converter)  # noqa: F401 (a fixture, used by name)
@@ -219,20 +220,13 @@ def test_dense_and_compressed_tensors_reload_in_transformers(model, tmp_path):
 
 @pytest.mark.parametrize("method,options", [("nf4", {"double_quant": True}),
                                             ("llm_int8", {"calib_samples": 2, "calib_len": 64})])
-def test_bitsandbytes_reloads_with_our_logits(method, options, model, tmp_path,
-                                              bnb_reference_path):
+def test_bitsandbytes_reloads_with_our_logits(method, options, model, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM
-
     out = save(quantize(model, method=method, progress=False, **options), tmp_path / method,
                format="bitsandbytes", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+    hf = bnb_float_model(out)
     kind = "Linear8bitLt" if method == "llm_int8" else "Linear4bit"
     assert type(hf.model.layers[0].self_attn.k_proj).__name__ == kind
-    for p in hf.parameters():
-        if p.dtype == torch.float16:
-            p.data = p.data.float()
-    bnb_reference_path(hf)
     with torch.no_grad():
         ref = hf(input_ids=IDS).logits.float()
     assert torch.equal(ours(open_artifact(out)), ref)

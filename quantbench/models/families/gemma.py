@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from quantbench.models.archspec import (
+    LLAMA_GGUF_LINEARS,
     LLAMA_HYPERPARAMETERS,
     LLAMA_LINEARS,
     LLAMA_SHAPES,
@@ -65,14 +66,7 @@ GEMMA_HYPERPARAMETERS = LLAMA_HYPERPARAMETERS + (
     ("rope_parameters.sliding_attention.rope_theta", "positive"),
 )
 
-GEMMA_GGUF_NAMES = (
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
+GEMMA_GGUF_NAMES = LLAMA_GGUF_LINEARS + (
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "post_attention_norm"),
     ("pre_feedforward_layernorm", "ffn_norm"),
