@@ -36,6 +36,7 @@ def arch_for(model_type: str | None) -> ArchSpec:
     if model_type in UNSUPPORTED:
         raise ModelLoadError(f"model_type {model_type!r}: {UNSUPPORTED[model_type]}")
     raise ModelLoadError(
-        f"unsupported architecture {model_type!r}; quantbench supports "
+        f"unsupported architecture {model_type!r} (quantbench has no layout declared for it: "
+        f"which linears a block holds, its norms, its GGUF names); it supports "
         f"{', '.join(supported_model_types())}"
     )
