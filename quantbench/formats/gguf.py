@@ -59,11 +59,13 @@ class PlannedTensor:
 
 def plan_file(qmodel) -> list[PlannedTensor]:
     """Every tensor of the output in write order (non-block tensors, then block by block)."""
+    from quantbench.formats.gguf_meta import generated
     from quantbench.quant.gguf.plan import gguf_tensors
 
     model = qmodel.source
     types = qmodel.method.tensor_types()
-    plan = []
+    plan = [PlannedTensor("", name, tuple(t.shape), "F32")  # made from the config: first
+            for name, t in generated(decoder_config(model))[1].items()]
     for name in gguf_tensors(model):
         shape = tuple(model.weights.shape(name))
         ggml_type = types.get(name) or ("F32" if len(shape) == 1 else "F16")
@@ -105,7 +107,7 @@ class GGUFFormat(Format):
                               "pass --type Q4_K_M (or Q8_0, Q5_K_M, ...) with --method rtn, "
                               "imatrix or gptq")
         gguf_arch(decoder_config(model))
-        for hook in (model.arch.gguf_params, model.arch.gguf_kvs):
+        for hook in (model.arch.gguf_params, model.arch.gguf_kvs, model.arch.gguf_generate):
             if hook is not None:  # a family's own refusals, before any work
                 hook(decoder_config(model))
         if rope_freqs(decoder_config(model)) is not None:
@@ -118,6 +120,7 @@ class GGUFFormat(Format):
         """Stream the GGUF into ``file``; returns the manifest's tensor info."""
         import gguf
 
+        from quantbench.formats.gguf_meta import generated
         from quantbench.models.gguf_import import gguf_arch_spec
 
         model, config = qmodel.source, decoder_config(qmodel.source)
@@ -137,7 +140,9 @@ class GGUFFormat(Format):
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         info: dict[str, Any] = {}
-        pending = iter(plan)
+        for value in generated(config)[1].values():  # plan_file put them first; they
+            writer.write_tensor_data(value.float().contiguous().numpy())  # get no manifest row
+        pending = iter(item for item in plan if item.hf_name)
         read_back = gguf_arch_spec(model.arch.gguf_arch)  # names as the GGUF reads back
         #   (a multimodal model's text decoder reads back as the text-only model)
         for label, tensors in qmodel.iter_blocks():
@@ -239,13 +244,13 @@ class GGUFWeights:
 
     def __init__(self, file: Path, reader, config: dict[str, Any]):
         from quantbench.models.arch import arch_for
-        from quantbench.models.gguf_import import GENERATED
+        from quantbench.models.gguf_import import generated_names
 
         self.file, self.config = file, config
         self.tensors = {}
         spec = arch_for(config.get("model_type"))
         for t in reader.tensors:
-            if t.name in GENERATED:  # rope_freqs: already in the config's rope_parameters
+            if t.name in generated_names(spec):  # already in the config's rope_parameters
                 continue
             try:
                 name = spec.hf_tensor_name(t.name)

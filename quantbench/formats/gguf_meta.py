@@ -55,7 +55,8 @@ def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: st
     arch = gguf_arch(config)
     if n_params is None:
         n_params = count_params(checkpoint_shapes(model_dir), config)
-    kvs = [KV("general.architecture", arch, VT.STRING), KV("general.type", "model", VT.STRING)]
+    kvs = [KV("general.architecture", arch, VT.STRING), *generated(config)[0],
+           KV("general.type", "model", VT.STRING)]
     kvs += _sampling_kvs(model_dir)
     kvs.append(KV("general.name", name or default_name(config, model_dir), VT.STRING))
     if n_params > 0:
@@ -239,14 +240,29 @@ def gguf_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def tensor_plan(shapes: dict[str, Sequence[int]], config: dict) -> list[tuple[str, str, tuple]]:
-    """``(hf_name, gguf_name, ne)`` for every tensor the GGUF holds, in checkpoint order, plus
-    the generated ``rope_freqs.weight`` (hf_name "") for llama3 RoPE scaling."""
-    plan = [(hf, name, gguf_shape(shape)) for hf, shape in shapes.items()
-            if (name := gguf_name(hf, config)) is not None]
+    """``(hf_name, gguf_name, ne)`` for every tensor the GGUF holds: the generated ones first
+    (hf_name "": :func:`generated_tensors`), as the converter writes them, then the
+    checkpoint's in its order."""
+    plan = [("", name, gguf_shape(t.shape)) for name, t in generated_tensors(config).items()]
+    return plan + [(hf, name, gguf_shape(shape)) for hf, shape in shapes.items()
+                   if (name := gguf_name(hf, config)) is not None]
+
+
+def generated(config: dict) -> tuple[list[KV], dict[str, torch.Tensor]]:
+    """The keys and float32 tensors the family's converter class makes from the config
+    (``ArchSpec.gguf_generate``: Phi-3's LongRoPE factors), none for the others."""
+    hook = arch_for(config.get("model_type")).gguf_generate
+    return hook(config) if hook is not None else ([], {})
+
+
+def generated_tensors(config: dict) -> dict[str, torch.Tensor]:
+    """``{GGUF name: float32 tensor}`` of the tensors the converter makes from the config:
+    the family's (:func:`generated`) and llama3 RoPE scaling's ``rope_freqs.weight``."""
+    out = dict(generated(config)[1])
     freqs = rope_freqs(config)
     if freqs is not None:
-        plan.append(("", "rope_freqs.weight", (int(freqs.numel()),)))
-    return plan
+        out["rope_freqs.weight"] = freqs
+    return out
 
 
 def count_params(shapes: dict[str, Sequence[int]], config: dict) -> int:

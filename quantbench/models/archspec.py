@@ -176,7 +176,14 @@ class ArchSpec:
     the key ``gguf_file_type_before`` (None: after the block); ``gguf_arrange(config, kvs) ->
     list[KV]`` — for a converter class that writes its own list instead of TextModel's (Gemma
     2) or adds keys after ``general.file_type`` (Gemma 3): gets the ``<arch>.*`` keys with
-    ``general.file_type`` placed, returns them as the converter orders them. Each family lives in one file of
+    ``general.file_type`` placed, returns them as the converter orders them;
+    ``gguf_generated`` — GGUF names of tensors the converter makes from the config (Phi-3's
+    LongRoPE ``rope_factors_long/short.weight``): no checkpoint tensor, skipped as weights on
+    import (``gguf_config`` reads them back into the config, ``Metadata.floats``);
+    ``gguf_generate(config) -> (list[KV], {GGUF name: float32 tensor})`` — what the
+    converter's ``generate_extra_tensors`` writes for this config: its keys (written before
+    ``general.type``: the converter makes these tensors before its metadata) and its tensors
+    (written first), both empty where the config needs none. Each family lives in one file of
     ``quantbench/models/families/``.
 
     Multimodal wrappers (a text decoder inside a vision-language checkpoint): ``config_section``
@@ -231,6 +238,8 @@ class ArchSpec:
     gguf_params: Callable[[dict], list] | None = None
     gguf_file_type_before: str | None = None
     gguf_arrange: Callable[[dict, list], list] | None = None
+    gguf_generated: tuple[str, ...] = ()
+    gguf_generate: Callable[[dict], tuple[list, dict]] | None = None
     gguf_spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix written after
     #   a SentencePiece vocabulary (Gemma's converter: False), None: not written
     config_section: str | None = None  # the config key holding the decoder's hyperparameters

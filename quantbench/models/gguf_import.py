@@ -34,6 +34,12 @@ def hf_name(gguf_name: str) -> str:
 GENERATED = ("rope_freqs.weight",)  # llama.cpp-made tensors the HF config stands for
 
 
+def generated_names(spec: ArchSpec) -> tuple[str, ...]:
+    """The GGUF tensors of a file of this family that the HF config stands for (read into it,
+    not as weights): llama3's ``rope_freqs`` and the family's ``ArchSpec.gguf_generated``."""
+    return GENERATED + spec.gguf_generated
+
+
 def gguf_arch_spec(arch: str | None) -> ArchSpec:
     for spec in ARCHITECTURES:
         if spec.gguf_arch == arch:
@@ -188,6 +194,17 @@ class Metadata:
     def real(self, key: str, default: Any = None) -> float:
         return _number(self.reader, f"{self.arch}.{key}", float, default)
 
+    def floats(self, name: str) -> np.ndarray | None:
+        """The values of the F32 tensor ``name`` (a generated one: ``ArchSpec.gguf_generated``),
+        None when the file has none; refuses another type."""
+        t = next((t for t in self.reader.tensors if t.name == name), None)
+        if t is None:
+            return None
+        if t.tensor_type.name != "F32":
+            raise ModelLoadError(f"tensor {name} is {t.tensor_type.name}; llama.cpp stores it "
+                                 "as F32: the file is corrupted")
+        return np.asarray(t.data, dtype=np.float32).reshape(-1)
+
 
 def _config_class(spec: ArchSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
     """transformers' config class of the family (``ArchSpec.hf_classes``) of ``kwargs``, as a
@@ -222,7 +239,7 @@ def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
                         "tie_word_embeddings": "the absence of output.weight"})
     shapes = {}
     for t in reader.tensors:
-        if t.name in GENERATED:
+        if t.name in generated_names(spec):
             continue
         try:
             name = spec.hf_tensor_name(t.name)
@@ -321,7 +338,7 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
 
     spec = arch_for(config.get("model_type"))
     for t in reader.tensors:
-        if t.name in GENERATED:
+        if t.name in generated_names(spec):
             continue
         array = dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne[0] is innermost

@@ -25,8 +25,8 @@ from quantbench.formats.gguf_meta import (
     checkpoint_shapes,
     gguf_arch,
     gguf_metadata,
+    generated_tensors,
     gguf_name,
-    rope_freqs,
     size_label,
     tensor_plan,
     to_gguf_tensor,
@@ -131,9 +131,9 @@ def assert_matches_converter(converter: Path, model_dir: Path, out: Path) -> ggu
     assert {g: ne for _, g, ne in plan} == gguf_tensors(reader)
     weights = load_file(str(model_dir / "model.safetensors"))
     data = {t.name: np.asarray(t.data).astype(np.float32) for t in reader.tensors}
+    made = generated_tensors(config)  # llama3's rope_freqs, Phi-3's LongRoPE factors
     for hf, name, _ in plan:
-        ours = rope_freqs(config) if name == "rope_freqs.weight" else \
-            to_gguf_tensor(hf, weights[hf], config)
+        ours = to_gguf_tensor(hf, weights[hf], config) if hf else made[name]
         np.testing.assert_array_equal(ours.to(torch.float32).numpy(), data[name], err_msg=name)
     return reader
 

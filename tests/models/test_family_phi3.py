@@ -246,14 +246,86 @@ def test_llama_cpp_runs_our_gptq_gguf_with_our_perplexity(tiny_phi4ish, tmp_path
     assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
 
 
-def test_longrope_gguf_export_is_refused_before_work(tiny_phi3, tmp_path):
-    from quantbench.quant.run import make_config
-    from quantbench.registry import get_format
+# ---------------------------------------------------------------------------- LongRoPE GGUF
 
-    factors = [1.0] * 8
-    source = make_tiny_phi3(tmp_path / "long", tiny_phi3, max_position_embeddings=1024,
-                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                             "long_factor": factors, "short_factor": factors})
-    with pytest.raises(ConfigError, match="LongRoPE") as err:
-        get_format("gguf")().check(make_config("rtn", gguf_type="Q8_0"), load_model(source), [])
+HALF = 8  # rotary dimensions / 2 (head_dim 16)
+LONG = [1.0 + 0.25 * i for i in range(HALF)]
+SHORT = [1.0 + 0.05 * i for i in range(HALF)]
+
+
+def _longrope(**rope) -> dict:
+    return {"max_position_embeddings": 256, "original_max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                "long_factor": LONG, "short_factor": SHORT, **rope}}
+
+
+@pytest.fixture(scope="module")
+def tiny_longrope(tmp_path_factory, tiny_phi3) -> Path:
+    """Phi-3.5-mini's RoPE in small: LongRoPE factors (distinct per frequency) past an
+    original context of 64 positions; weights five times the default scale, so positions
+    move its perplexity (at the default, near-uniform logits hide which factors ran)."""
+    return make_tiny_phi3(tmp_path_factory.mktemp("phi3") / "longrope", tiny_phi3,
+                          initializer_range=0.1, **_longrope())
+
+
+def test_longrope_gguf_reads_back_with_its_factors(tiny_longrope, tmp_path):
+    """Our GGUF holds the factors as the converter's F32 tensors (first, outside the
+    manifest) and its attention scale; our reader turns them back into the same
+    rope_parameters, and its model computes the source's logits past the original context."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(tiny_longrope)
+    out = save(quantize(model, method="rtn", gguf_type="Q8_0"), tmp_path / "q8", format="gguf")
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    assert [t.name for t in reader.tensors[:2]] == ["rope_factors_long.weight",
+                                                    "rope_factors_short.weight"]
+    assert reader.tensors[0].data.tolist() == pytest.approx(LONG)
+    assert list(reader.fields)[4] == "phi3.rope.scaling.attn_factor"  # after the GGUF. keys
+    art = open_artifact(out)
+    assert {k: art.config["rope_parameters"][k] for k in ("rope_type", "long_factor",
+            "short_factor")} == {"rope_type": "longrope", "long_factor": LONG,
+                                 "short_factor": SHORT}
+    assert "rope_factors_long.weight" not in json.loads((out / "quantbench.json").read_text())[
+        "tensors"]
+    ids = torch.randint(2, 300, (1, 100), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_longrope), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ours = build_causal_lm(art.config, art.dequantized(), torch.float32)(ids).logits
+        ref = hf(ids).logits
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()  # Q8_0 rounding only
+
+
+@pytest.mark.parametrize("rope,what", [({"long_factor": LONG[:4]}, "long_factor must list 8"),
+                                       ({"rope_type": "yarn"}, "'yarn'")])
+def test_unwritable_longrope_is_refused_before_work(tiny_phi3, tmp_path, rope, what):
+    from quantbench.models.families.phi3 import gguf_generate
+
+    config = {**load_model(tiny_phi3).config, **_longrope(**rope)}
+    with pytest.raises(ConfigError, match=what) as err:
+        gguf_generate(config)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow  # a converter run
+def test_longrope_gguf_matches_the_converter_and_imports_back(tiny_longrope, converter,
+                                                              tmp_path):
+    """The converter's attn_factor key (before general.type), its rope_factors_long/short F32
+    tensors and every other key and tensor are ours; its file imports back to the original
+    rope_parameters and logits (200 positions: the long factors)."""
+    reader = assert_matches_converter(converter, tiny_longrope, tmp_path / "ref.gguf")
+    assert "rope_factors_short.weight" in {t.name for t in reader.tensors}
+    assert_imports_back(tmp_path / "ref.gguf", tiny_longrope, tmp_path / "back")
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_our_longrope_gguf_with_our_perplexity(tiny_longrope, tmp_path,
+                                                              llama_vs_ours):
+    """llama.cpp takes the long factors when its context (padded to 256) exceeds the original
+    64 positions, transformers when the sequence does: windows of 128 make both take them
+    (at --ctx 64 llama.cpp runs long, transformers short: 2 % apart on this model)."""
+    model = load_model(tiny_longrope)
+    out = save(quantize(model, method="rtn", gguf_type="Q8_0"), tmp_path / "q8", format="gguf")
+    ours, theirs, same_tokens = llama_vs_ours(out, model, ctx=128, chunks=2)
+    assert same_tokens
+    assert abs(ours / theirs - 1) < 0.005, (ours, theirs)

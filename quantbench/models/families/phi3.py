@@ -11,11 +11,17 @@ its own hyperparameter block (``set_gguf_parameters`` does not call TextModel's)
 below, with ``general.file_type`` before the sliding window. Partial rotary embeddings
 (Phi-4-mini: ``partial_rotary_factor`` 0.75) are ``rope.dimension_count``; LongRoPE
 (``long_factor``/``short_factor``, Phi-3-*-128k, Phi-3.5, Phi-4-mini) is written by the converter as
-two extra tensors, which quantbench's GGUF writer refuses for now.
+two F32 tensors made from the config, ``rope_factors_long/short.weight`` (written first), and
+the key ``phi3.rope.scaling.attn_factor`` (before ``general.type``: it makes the tensors before
+the metadata); import reads them back into ``rope_parameters``. llama.cpp picks the long
+factors when its context (padded to a multiple of 256) exceeds
+``original_max_position_embeddings``, transformers when the sequence does.
 """
 from __future__ import annotations
 
-from quantbench.errors import ConfigError
+import math
+
+from quantbench.errors import ConfigError, ModelLoadError
 from quantbench.models.archspec import LLAMA_HYPERPARAMETERS, ArchSpec, Fused, Sublayer
 
 QKV = Fused("self_attn.qkv_proj", (("self_attn.q_proj", "num_attention_heads*head_dim"),
@@ -35,10 +41,43 @@ def _rope(config: dict) -> dict:
     return rope
 
 
-def _longrope(config: dict) -> bool:
+LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")  # GGUF names
+
+
+def _longrope(config: dict) -> dict | None:
+    """The LongRoPE ``rope_parameters`` of a config (None without scaling factors); refuses
+    what llama.cpp's phi3 cannot run: another scaling type, factor lists that are missing or
+    not half the rotary dimensions long."""
     rope = _rope(config)
-    return bool(rope.get("long_factor")) or rope.get("rope_type", rope.get("type")) in (
-        "longrope", "su", "yarn")
+    kind = rope.get("rope_type", rope.get("type"))
+    if not rope.get("long_factor") and kind not in ("longrope", "su", "yarn"):
+        return None
+    if kind not in ("longrope", "su"):
+        raise ConfigError(f"config.json rope_parameters: phi3 RoPE scaling {kind!r} has no "
+                          "llama.cpp equivalent quantbench writes (LongRoPE does); export "
+                          "another format")
+    half = rope_dims(config) // 2
+    for key in ("long_factor", "short_factor"):
+        factors = rope.get(key)
+        if not isinstance(factors, list) or len(factors) != half:
+            raise ConfigError(f"config.json rope_parameters.{key} must list {half} factors "
+                              "(half the rotary dimensions) for LongRoPE; fix the config")
+    return rope
+
+
+def _original_ctx(config: dict) -> int:
+    return int(config.get("original_max_position_embeddings")
+               or _rope(config)["original_max_position_embeddings"])
+
+
+def attn_factor(config: dict, rope: dict) -> float:
+    """The LongRoPE attention scale transformers applies (``attention_factor``, else from
+    ``factor``, else from max / original positions: the converter's formula)."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    orig = _original_ctx(config)
+    scale = rope.get("factor") or int(config["max_position_embeddings"]) / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
 
 
 def rope_dims(config: dict) -> int:
@@ -55,10 +94,7 @@ def gguf_params(config: dict) -> list:
 
     from quantbench.formats.gguf_key import KV
 
-    if _longrope(config):
-        raise ConfigError("this phi3 model uses LongRoPE scaling (rope_parameters long_factor/"
-                          "short_factor), which quantbench's GGUF writer does not write yet; "
-                          "use llama.cpp's convert_hf_to_gguf.py for its GGUF")
+    _longrope(config)  # refusals
     rope = _rope(config)
     heads = int(config["num_attention_heads"])
     orig = config.get("original_max_position_embeddings",
@@ -78,6 +114,46 @@ def gguf_params(config: dict) -> list:
             u32("attention.sliding_window", config.get("sliding_window") or 0)]
 
 
+def gguf_generate(config: dict) -> tuple[list, dict]:
+    """``Phi3MiniModel.generate_extra_tensors``: for LongRoPE, the key
+    ``phi3.rope.scaling.attn_factor`` and the long, then short, factors as F32 tensors."""
+    from gguf import GGUFValueType as VT
+
+    from quantbench.formats.gguf_key import KV
+    from quantbench.lazy import torch
+
+    rope = _longrope(config)
+    if rope is None:
+        return [], {}
+    kv = KV("phi3.rope.scaling.attn_factor", attn_factor(config, rope), VT.FLOAT32)
+    return [kv], {name: torch.tensor([float(f) for f in rope[key]], dtype=torch.float32)
+                  for name, key in zip(LONGROPE, ("long_factor", "short_factor"))}
+
+
+def _longrope_back(meta, config: dict) -> dict | None:
+    """LongRoPE ``rope_parameters`` entries from the file's factor tensors (each float32 as
+    its shortest decimal: the config's own numbers), with ``attention_factor`` only where
+    the file's ``attn_factor`` is not the one the positions imply; None without them."""
+    import numpy as np
+
+    long, short = (meta.floats(name) for name in LONGROPE)
+    if long is None and short is None:
+        return None
+    half = meta.count("rope.dimension_count", meta.head_dim) // 2
+    if long is None or short is None or len(long) != half or len(short) != half:
+        raise ModelLoadError(f"the GGUF's LongRoPE tensors {', '.join(LONGROPE)} must both hold "
+                             f"{half} values (half the rotary dimensions): the file is "
+                             "corrupted")
+    out = {"rope_type": "longrope", **{key: [float(str(np.float32(v))) for v in values]
+                                       for key, values in (("long_factor", long),
+                                                           ("short_factor", short))}}
+    if meta.field("phi3.rope.scaling.attn_factor") is not None:
+        stored = meta.real("rope.scaling.attn_factor")
+        if np.float32(stored) != np.float32(attn_factor(config, out)):
+            out["attention_factor"] = stored
+    return out
+
+
 def gguf_config(meta, kwargs: dict) -> None:
     """phi3 GGUF → Phi3Config entries: the original context, the sliding window (0: none, as
     the converter writes for Phi-4) and the rotary share (``rope.dimension_count`` over
@@ -92,6 +168,7 @@ def gguf_config(meta, kwargs: dict) -> None:
                   original_max_position_embeddings=meta.count(
                       "rope.scaling.original_context_length",
                       kwargs["max_position_embeddings"]))
+    rope.update(_longrope_back(meta, kwargs) or {})
 
 
 PHI3 = ArchSpec(
@@ -122,7 +199,7 @@ PHI3 = ArchSpec(
         ("original_max_position_embeddings", "count")),
     hf_classes=("Phi3Config", "Phi3ForCausalLM"),
     gguf_params=gguf_params, gguf_file_type_before="phi3.attention.sliding_window",
-    gguf_config=gguf_config,
+    gguf_config=gguf_config, gguf_generated=LONGROPE, gguf_generate=gguf_generate,
     gguf_names=(("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"),
                 ("mlp.gate_up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
                 ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")),
