@@ -112,6 +112,16 @@ def output_error(inspect: Callable[[list[torch.Tensor]], torch.Tensor],
     return lambda trial: (inspect(trial).float() - ref).pow_(2).mean()
 
 
+def expected_candidates(n_grid: int, exhaustive: bool = False) -> int:
+    """How many α :func:`search_scales` evaluates: every lattice point and the identity when
+    ``exhaustive``; else the identity, the coarse points every ``n/5``-th and, on average,
+    half a coarse step of refinement plus the last failed neighbour (what the plan counts)."""
+    if exhaustive:
+        return n_grid + 1
+    step = max(1, n_grid // 5)
+    return 1 + -(-n_grid // step) + (step // 2 + 1 if step > 1 else 0)
+
+
 def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], grid: IntGridConfig,
                   inspect: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
                   reference: torch.Tensor | None = None, n_grid: int = 20, duo: bool = True,

@@ -10,8 +10,9 @@ from quantbench.errors import ConfigError
 from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
 from quantbench.quant import awq as awq_maths
-from quantbench.quant.awq import (apply_clip, candidate_scales, fake_quant, fake_quant_groups,
-                                  fold_scales, scaled_trial, search_clip, search_scales)
+from quantbench.quant.awq import (apply_clip, candidate_scales, expected_candidates, fake_quant,
+                                  fake_quant_groups, fold_scales, scaled_trial, search_clip,
+                                  search_scales)
 from quantbench.quant.grid import pad_groups
 from quantbench.quant.methods.awq import SEARCH_FILE
 from quantbench.quant.run import make_config
@@ -37,6 +38,9 @@ def test_scale_search_beats_plain_rounding_on_outlier_channels():
     full = search_scales(x.abs().mean(0), [w], GRID, lambda ws: x @ ws[0].t(), ref, n_grid=20,
                          exhaustive=True)
     assert len(full.losses) == 21 and full.ratio == found.ratio  # unimodal here
+    # what `convert --plan` counts per search (its estimate was 2.5x high counting all 21)
+    assert abs(len(found.losses) - expected_candidates(20)) <= 2
+    assert expected_candidates(20, exhaustive=True) == len(full.losses)
     err_rtn = (x @ fake_quant(w, GRID).t() - ref).pow(2).mean()
     s = found.scales
     err_awq = (x @ (fake_quant(w * s, GRID) / s).t() - ref).pow(2).mean()

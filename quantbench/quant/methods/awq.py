@@ -140,11 +140,13 @@ class AWQ(Transform):
                        tokens: int, fwd: float) -> dict[str, float]:
         """Two more block forwards (capture, branch outputs), the scale search's candidate
         forwards on the search windows, the clip search's candidate matmuls."""
+        from quantbench.quant.awq import expected_candidates
+
         o, n_blocks = self.config.options, model.num_blocks
         search_tokens = min(tokens, o.search_samples * o.calib_len)
+        candidates = expected_candidates(o.n_grid, o.exhaustive)
         parts = {"forwards": 2 * fwd * n_blocks,
-                 "scale search": (o.n_grid + 1) * fwd * search_tokens / max(tokens, 1)
-                 * n_blocks}
+                 "scale search": candidates * fwd * search_tokens / max(tokens, 1) * n_blocks}
         if o.clip:
             shrink = max(1, int(o.max_shrink * o.clip_grid))
             parts["clip search"] = sum(2 * o.clip_tokens * i * out * (shrink + 1)
