@@ -90,6 +90,35 @@ def bnb_reference_path():
     return _bnb_reference_path
 
 
+def rewrite_gguf(source: Path, out: Path, keep_tensor=lambda name: True,
+                 extra: dict | None = None) -> Path:
+    """``source`` written again by gguf-py: metadata as is, only the tensors ``keep_tensor``
+    accepts, ``extra`` (name → float32 array) written first — files quantbench's writer would
+    not make (a tensor missing, llama.cpp's generated ``rope_freqs``)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
+    for t in reader.tensors:
+        if keep_tensor(t.name):
+            writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def bnb_float_model(path):
     """transformers + bitsandbytes running our ``bitsandbytes`` file on the CPU as our evaluator
     computes it: float layers in float32, 4-bit layers on their reference path."""

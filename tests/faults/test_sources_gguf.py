@@ -13,9 +13,9 @@ import struct
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
+from tests.conftest import rewrite_gguf
 from tests.faults.conftest import assert_no_leftovers, assert_refused
 
 
@@ -211,22 +211,7 @@ def test_forged_gguf_is_refused_as_source_and_as_artifact(case, qb, pristine_ggu
 
 def _rewrite(pristine: Path, out: Path, keep_tensor=lambda name: True) -> Path:
     """The pristine file written again by gguf-py with only some tensors (metadata as is)."""
-    reader = gguf.GGUFReader(str(pristine))
-    writer = gguf.GGUFWriter(str(out), "llama")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-    for t in reader.tensors:
-        if keep_tensor(t.name):
-            writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return rewrite_gguf(pristine, out, keep_tensor)
 
 
 @pytest.mark.parametrize("dropped,needles", [

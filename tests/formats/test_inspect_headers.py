@@ -137,29 +137,14 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq
 def _with_rope_freqs(file: Path, out: Path) -> Path:
     """``file`` written again by gguf-py with llama3 RoPE scaling's rope_freqs tensor (what
     llama.cpp's converter writes; quantbench's writer does not yet)."""
-    import gguf
     import numpy as np
 
     from quantbench.formats.gguf_meta import rope_freqs
+    from tests.conftest import rewrite_gguf
 
-    reader = gguf.GGUFReader(str(file))
-    writer = gguf.GGUFWriter(str(out), "llama")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
     freqs = rope_freqs({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
                         "rope_parameters": LLAMA3}).numpy().astype(np.float32)
-    writer.add_tensor("rope_freqs.weight", freqs)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return rewrite_gguf(file, out, extra={"rope_freqs.weight": freqs})
 
 
 @pytest.mark.parametrize("variant", sorted(GGUF_VARIANTS))
