@@ -197,3 +197,80 @@ def test_llama_cpp_perplexity_equals_ours(kind, gguf_type, tiny_gemma, tmp_path,
     ours, theirs, same_tokens = llama_vs_ours(out, model, ctx=64, chunks=4)
     assert same_tokens
     assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
+
+
+# ------------------------------------------------------------------- every other method
+
+# (method, quantize options, format): EXL2's measurement and allocation, GGUF imatrix / GPTQ /
+# AWQ-then-GPTQ (scales folded into the (1 + w) norms the GGUF stores + 1), LLM.int8
+CALIB = dict(calib_samples=2, calib_len=32)
+METHODS = {
+    "exl2": (dict(method="exl2", bpw=4.0, batch_size=2, measure_samples=2, **CALIB), "exl2"),
+    "imatrix": (dict(method="imatrix", gguf_type="Q4_K_M", **CALIB), "gguf"),
+    "gguf-gptq": (dict(method="gptq", gguf_type="Q4_K_M", **CALIB), "gguf"),
+    "gguf-awq": (dict(method="awq", then="gptq", gguf_type="Q4_K_M", n_grid=3, **CALIB),
+                 "gguf"),
+    "llm_int8": (dict(method="llm_int8", **CALIB), "bitsandbytes"),
+}
+
+
+def _block_tensors(q) -> dict:
+    """Every tensor the quantized model holds (blocks are computed once and kept)."""
+    return {n: t for _, block in q.iter_blocks() for n, t in block.items()}
+
+
+def _kld(out: Path, model) -> float:
+    from quantbench.eval.run import evaluate_one
+
+    report = evaluate_one(out, baseline=model, ctx=64, max_tokens=256, use_cache=False,
+                          progress=False, device="cpu")
+    return next(iter(report.results.values())).kld_mean
+
+
+@pytest.fixture(scope="session")
+def rtn_q4_kld(tiny_gemma, tmp_path_factory) -> dict[str, float]:
+    """Our evaluator's KLD of the plain Q4_K_M rounding of each tiny Gemma."""
+    root = tmp_path_factory.mktemp("gemma-rtn")
+    return {kind: _kld(save(quantize(load_model(src), method="rtn", gguf_type="Q4_K_M",
+                                     progress=False), root / kind, format="gguf",
+                            progress=False), load_model(src))
+            for kind, src in tiny_gemma.items()}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_every_method_writes_reads_back_and_evaluates(kind, method, tiny_gemma, rtn_q4_kld,
+                                                      tmp_path, monkeypatch):
+    """Each quantized tensor reads back as the method produced it (AWQ-folded norms too: the
+    GGUF's + 1 comes off); our evaluator's KLD is finite and small — for the GGUF methods at
+    most 1.25× plain Q4_K_M rounding's (a fold that ignores Gemma's ``1 + w`` gives 7×);
+    transformers runs the LLM.int8 file with our logits."""
+    import math
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))  # EXL2's measurement
+    opts, fmt = METHODS[method]
+    model = load_model(tiny_gemma[kind])
+    q = quantize(model, progress=False, **opts)
+    out = save(q, tmp_path / fmt, format=fmt, progress=False)
+    art, held = open_artifact(out), _block_tensors(q)
+    assert sorted(art.quantized_names) == sorted(q.targets)
+    for name in q.targets:
+        assert art.quantized(name).equal(held[name]), name
+    norms = sorted(set(held) - set(q.targets))
+    for name in norms:  # AWQ's folded into input/pre-feedforward norms, the others as loaded
+        torch.testing.assert_close(art.weights.get(name).float(), held[name].float(), rtol=0,
+                                   atol=1e-6, msg=name)
+    folded = [n for n in norms if not torch.equal(held[n], model.weights.get(n).float())]
+    assert bool(folded) == (method == "gguf-awq"), folded
+    if method == "exl2":  # measured, then allocated under the target
+        assert json.loads((out / "exl2_strategy.json").read_text())["achieved_bpw"] <= 4.0
+    kld = _kld(out, model)
+    bound = 1.25 * rtn_q4_kld[kind] if fmt == "gguf" else 0.01
+    assert math.isfinite(kld) and kld < bound, (kld, bound)
+    if fmt == "bitsandbytes":
+        from quantbench.eval.run import artifact_factory
+
+        hf = bnb_float_model(out)
+        with torch.inference_mode():
+            theirs = hf(input_ids=IDS).logits.float()
+        assert torch.equal(artifact_factory(art)()(IDS).float(), theirs)
