@@ -23,6 +23,7 @@ from tests.conftest import TINY_VOCAB, _wikitext_head, bnb_float_model
 from tests.formats.test_gguf_meta import (
     assert_imports_back,
     assert_matches_converter,
+    assert_quantizes_like_llama_quantize,
     converter,  # noqa: F401  (a fixture)
 )
 
@@ -60,16 +61,19 @@ def make_gemma_tokenizer(directory: Path, add_bos: bool = True) -> None:
         "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
 
 
-def make_tiny_gemma(directory: Path, kind: str) -> Path:
+def make_tiny_gemma(directory: Path, kind: str, tokenizer_from: Path | None = None,
+                    **extra) -> Path:
     """gemma2: 2 layers (sliding, global), soft-caps that bite; gemma3: 6 layers (5 sliding, 1
     global: llama.cpp's default period), q/k norms. Both: one kv head, head_dim 32 ≠ 64/4,
-    norms away from their zero init so a missed ``1 + w`` shows."""
+    norms away from their zero init so a missed ``1 + w`` shows. ``extra`` overrides the
+    config; ``tokenizer_from`` copies that model's tokenizer files instead of training one."""
     import transformers
 
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
                   num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                   query_pre_attn_scalar=32, max_position_embeddings=512, sliding_window=16,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common.update(extra)
     torch.manual_seed(0)
     if kind == "gemma2":
         cfg = transformers.Gemma2Config(num_hidden_layers=2, attn_logit_softcapping=5.0,
@@ -86,7 +90,12 @@ def make_tiny_gemma(directory: Path, kind: str) -> Path:
     # float16 values stored as float32: llama.cpp's converter adds the norms' + 1 in the
     # stored dtype (float16 would round 1 + w), and its F16 file then holds the weights exactly
     model.to(torch.float16).to(torch.float32).save_pretrained(str(directory))
-    make_gemma_tokenizer(directory)
+    if tokenizer_from is None:
+        make_gemma_tokenizer(directory)
+        return directory
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (directory / f.name).write_bytes(f.read_bytes())
     return directory
 
 
@@ -182,6 +191,25 @@ def test_gguf_matches_converter_and_imports_back(kind, tiny_gemma, converter, tm
     reader = assert_matches_converter(converter, tiny_gemma[kind], tmp_path / "ref.gguf")
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
     assert_imports_back(tmp_path / "ref.gguf", tiny_gemma[kind], tmp_path / "back")
+
+
+@pytest.mark.slow  # a converter run, one llama-quantize
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_q4_k_m_is_llama_quantize_byte_for_byte(kind, tiny_gemma, converter, llamacpp,
+                                                tmp_path):
+    """Rows of 256 and 512 (whole k-quant super-blocks; llama.cpp has no Gemma-specific
+    mixture rule): the tied token_embd takes output's Q6_K, attn_v/ffn_down the use-more-bits
+    layers' Q6_K, and llama-quantize of the converter's F16 file holds every tensor (norms + 1
+    included) in our type with our bytes."""
+    wide = make_tiny_gemma(tmp_path / "wide", kind, tiny_gemma[kind], hidden_size=256,
+                           intermediate_size=512, head_dim=64, query_pre_attn_scalar=64)
+    reader = assert_quantizes_like_llama_quantize(llamacpp, converter, wide, "Q4_K_M",
+                                                  tmp_path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q6_K"
+    more_bits = {"gemma2": ["Q4_K", "Q6_K"],
+                 "gemma3": ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]}[kind]
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(len(more_bits))] == more_bits
 
 
 @pytest.mark.slow
