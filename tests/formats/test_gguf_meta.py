@@ -138,6 +138,29 @@ def assert_matches_converter(converter: Path, model_dir: Path, out: Path) -> ggu
     return reader
 
 
+
+def assert_quantizes_like_llama_quantize(llamacpp, converter: Path, model_dir: Path,
+                                         ftype: str, tmp_path: Path) -> gguf.GGUFReader:
+    """``llama-quantize <ftype>`` of the converter's F16 GGUF and our RTN GGUF of the same
+    checkpoint hold every tensor in the same ggml type with the same bytes (norms included:
+    Gemma's + 1)."""
+    from quantbench.api import quantize, save
+    from quantbench.models.loader import load_model
+
+    convert(converter, model_dir, tmp_path / "f16.gguf")
+    llamacpp.run("llama-quantize", tmp_path / "f16.gguf", tmp_path / "theirs.gguf", ftype, "2")
+    ours = save(quantize(load_model(model_dir), method="rtn", gguf_type=ftype, progress=False),
+                tmp_path / "ours", format="gguf", progress=False)
+    mine = {t.name: t for t in gguf.GGUFReader(str(ours / "model.gguf")).tensors}
+    reader = gguf.GGUFReader(str(tmp_path / "theirs.gguf"))
+    theirs = {t.name: t for t in reader.tensors}
+    assert sorted(mine) == sorted(theirs)
+    for name, t in theirs.items():
+        assert mine[name].tensor_type == t.tensor_type, (name, mine[name].tensor_type.name,
+                                                         t.tensor_type.name)
+        assert np.asarray(mine[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+    return reader
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_llama_matches_converter(tied, tiny_llama, tiny_llama_tied, converter, tmp_path):
     reader = assert_matches_converter(converter, tiny_llama_tied if tied else tiny_llama,

@@ -23,6 +23,7 @@ from tests.conftest import TINY_VOCAB, _wikitext_head, bnb_float_model
 from tests.formats.test_gguf_meta import (
     assert_imports_back,
     assert_matches_converter,
+    assert_quantizes_like_llama_quantize,
     converter,  # noqa: F401  (a fixture)
 )
 
@@ -60,16 +61,19 @@ def make_gemma_tokenizer(directory: Path, add_bos: bool = True) -> None:
         "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
 
 
-def make_tiny_gemma(directory: Path, kind: str) -> Path:
+def make_tiny_gemma(directory: Path, kind: str, tokenizer_from: Path | None = None,
+                    **extra) -> Path:
     """gemma2: 2 layers (sliding, global), soft-caps that bite; gemma3: 6 layers (5 sliding, 1
     global: llama.cpp's default period), q/k norms. Both: one kv head, head_dim 32 ≠ 64/4,
-    norms away from their zero init so a missed ``1 + w`` shows."""
+    norms away from their zero init so a missed ``1 + w`` shows. ``extra`` overrides the
+    config; ``tokenizer_from`` copies that model's tokenizer files instead of training one."""
     import transformers
 
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
                   num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                   query_pre_attn_scalar=32, max_position_embeddings=512, sliding_window=16,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common.update(extra)
     torch.manual_seed(0)
     if kind == "gemma2":
         cfg = transformers.Gemma2Config(num_hidden_layers=2, attn_logit_softcapping=5.0,
@@ -86,7 +90,12 @@ def make_tiny_gemma(directory: Path, kind: str) -> Path:
     # float16 values stored as float32: llama.cpp's converter adds the norms' + 1 in the
     # stored dtype (float16 would round 1 + w), and its F16 file then holds the weights exactly
     model.to(torch.float16).to(torch.float32).save_pretrained(str(directory))
-    make_gemma_tokenizer(directory)
+    if tokenizer_from is None:
+        make_gemma_tokenizer(directory)
+        return directory
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (directory / f.name).write_bytes(f.read_bytes())
     return directory
 
 
@@ -184,6 +193,25 @@ def test_gguf_matches_converter_and_imports_back(kind, tiny_gemma, converter, tm
     assert_imports_back(tmp_path / "ref.gguf", tiny_gemma[kind], tmp_path / "back")
 
 
+@pytest.mark.slow  # a converter run, one llama-quantize
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_q4_k_m_is_llama_quantize_byte_for_byte(kind, tiny_gemma, converter, llamacpp,
+                                                tmp_path):
+    """Rows of 256 and 512 (whole k-quant super-blocks; llama.cpp has no Gemma-specific
+    mixture rule): the tied token_embd takes output's Q6_K, attn_v/ffn_down the use-more-bits
+    layers' Q6_K, and llama-quantize of the converter's F16 file holds every tensor (norms + 1
+    included) in our type with our bytes."""
+    wide = make_tiny_gemma(tmp_path / "wide", kind, tiny_gemma[kind], hidden_size=256,
+                           intermediate_size=512, head_dim=64, query_pre_attn_scalar=64)
+    reader = assert_quantizes_like_llama_quantize(llamacpp, converter, wide, "Q4_K_M",
+                                                  tmp_path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q6_K"
+    more_bits = {"gemma2": ["Q4_K", "Q6_K"],
+                 "gemma3": ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]}[kind]
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(len(more_bits))] == more_bits
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,gguf_type", [("gemma2", "Q8_0"), ("gemma3", "Q8_0")])
 def test_llama_cpp_perplexity_equals_ours(kind, gguf_type, tiny_gemma, tmp_path, llama_vs_ours):
@@ -197,3 +225,80 @@ def test_llama_cpp_perplexity_equals_ours(kind, gguf_type, tiny_gemma, tmp_path,
     ours, theirs, same_tokens = llama_vs_ours(out, model, ctx=64, chunks=4)
     assert same_tokens
     assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
+
+
+# ------------------------------------------------------------------- every other method
+
+# (method, quantize options, format): EXL2's measurement and allocation, GGUF imatrix / GPTQ /
+# AWQ-then-GPTQ (scales folded into the (1 + w) norms the GGUF stores + 1), LLM.int8
+CALIB = dict(calib_samples=2, calib_len=32)
+METHODS = {
+    "exl2": (dict(method="exl2", bpw=4.0, batch_size=2, measure_samples=2, **CALIB), "exl2"),
+    "imatrix": (dict(method="imatrix", gguf_type="Q4_K_M", **CALIB), "gguf"),
+    "gguf-gptq": (dict(method="gptq", gguf_type="Q4_K_M", **CALIB), "gguf"),
+    "gguf-awq": (dict(method="awq", then="gptq", gguf_type="Q4_K_M", n_grid=3, **CALIB),
+                 "gguf"),
+    "llm_int8": (dict(method="llm_int8", **CALIB), "bitsandbytes"),
+}
+
+
+def _block_tensors(q) -> dict:
+    """Every tensor the quantized model holds (blocks are computed once and kept)."""
+    return {n: t for _, block in q.iter_blocks() for n, t in block.items()}
+
+
+def _kld(out: Path, model) -> float:
+    from quantbench.eval.run import evaluate_one
+
+    report = evaluate_one(out, baseline=model, ctx=64, max_tokens=256, use_cache=False,
+                          progress=False, device="cpu")
+    return next(iter(report.results.values())).kld_mean
+
+
+@pytest.fixture(scope="session")
+def rtn_q4_kld(tiny_gemma, tmp_path_factory) -> dict[str, float]:
+    """Our evaluator's KLD of the plain Q4_K_M rounding of each tiny Gemma."""
+    root = tmp_path_factory.mktemp("gemma-rtn")
+    return {kind: _kld(save(quantize(load_model(src), method="rtn", gguf_type="Q4_K_M",
+                                     progress=False), root / kind, format="gguf",
+                            progress=False), load_model(src))
+            for kind, src in tiny_gemma.items()}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_every_method_writes_reads_back_and_evaluates(kind, method, tiny_gemma, rtn_q4_kld,
+                                                      tmp_path, monkeypatch):
+    """Each quantized tensor reads back as the method produced it (AWQ-folded norms too: the
+    GGUF's + 1 comes off); our evaluator's KLD is finite and small — for the GGUF methods at
+    most 1.25× plain Q4_K_M rounding's (a fold that ignores Gemma's ``1 + w`` gives 7×);
+    transformers runs the LLM.int8 file with our logits."""
+    import math
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))  # EXL2's measurement
+    opts, fmt = METHODS[method]
+    model = load_model(tiny_gemma[kind])
+    q = quantize(model, progress=False, **opts)
+    out = save(q, tmp_path / fmt, format=fmt, progress=False)
+    art, held = open_artifact(out), _block_tensors(q)
+    assert sorted(art.quantized_names) == sorted(q.targets)
+    for name in q.targets:
+        assert art.quantized(name).equal(held[name]), name
+    norms = sorted(set(held) - set(q.targets))
+    for name in norms:  # AWQ's folded into input/pre-feedforward norms, the others as loaded
+        torch.testing.assert_close(art.weights.get(name).float(), held[name].float(), rtol=0,
+                                   atol=1e-6, msg=name)
+    folded = [n for n in norms if not torch.equal(held[n], model.weights.get(n).float())]
+    assert bool(folded) == (method == "gguf-awq"), folded
+    if method == "exl2":  # measured, then allocated under the target
+        assert json.loads((out / "exl2_strategy.json").read_text())["achieved_bpw"] <= 4.0
+    kld = _kld(out, model)
+    bound = 1.25 * rtn_q4_kld[kind] if fmt == "gguf" else 0.01
+    assert math.isfinite(kld) and kld < bound, (kld, bound)
+    if fmt == "bitsandbytes":
+        from quantbench.eval.run import artifact_factory
+
+        hf = bnb_float_model(out)
+        with torch.inference_mode():
+            theirs = hf(input_ids=IDS).logits.float()
+        assert torch.equal(artifact_factory(art)()(IDS).float(), theirs)

@@ -18,6 +18,7 @@ from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
 from tests.conftest import TINY_VOCAB, bnb_float_model, make_tokenizer
 from tests.formats.test_gguf_meta import (assert_imports_back, assert_matches_converter,
+                                          assert_quantizes_like_llama_quantize,
                                           converter)  # noqa: F401  (a fixture)
 
 QKV = "model.layers.0.self_attn.qkv_proj.weight"
@@ -231,6 +232,19 @@ def test_gguf_matches_the_converter_and_imports_back(tiny_phi4ish, converter, tm
     assert fields["phi3.rope.dimension_count"] == 8
     assert fields["phi3.attention.sliding_window"] == 256
     assert_imports_back(tmp_path / "ref.gguf", tiny_phi4ish, tmp_path / "back")
+
+
+@pytest.mark.slow  # a converter run, one llama-quantize
+def test_q4_k_m_is_llama_quantize_byte_for_byte(tiny_phi3, converter, llamacpp, tmp_path):
+    """Rows of 256 and 512 (whole k-quant super-blocks): llama-quantize classes the fused
+    attn_qkv as attn_v (Q6_K on the use-more-bits layer, counted among attn_v) and writes
+    every tensor in our type with our bytes."""
+    wide = make_tiny_phi3(tmp_path / "wide", tiny_phi3, hidden_size=256,
+                          intermediate_size=512)
+    reader = assert_quantizes_like_llama_quantize(llamacpp, converter, wide, "Q4_K_M",
+                                                  tmp_path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert (types["blk.0.attn_qkv.weight"], types["blk.1.attn_qkv.weight"]) == ("Q4_K", "Q6_K")
 
 
 @pytest.mark.slow
