@@ -1,7 +1,11 @@
 """GGUF on the sample, ours against llama.cpp's own pipeline, all measured by llama.cpp.
 
-    python benchmarks/bench_gguf.py [--types Q8_0,Q4_0,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K] [--chunks 16]
+    python benchmarks/bench_gguf.py [--model sample:smollm2] [--chunks 16]
+        [--types Q8_0,Q4_0,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K]
         [--methods rtn,imatrix,gptq,awq+gptq@Q4_K_M+Q3_K_M]
+
+Writes benchmarks/results/gguf_<model>.json (``--out`` to change it), e.g. gguf_smollm2.json,
+gguf_gemma3-270m.json.
 
 For each type: quantbench's ``convert --type`` with ``rtn`` (llama.cpp's reference search),
 ``imatrix``, ``gptq`` and ``awq+gptq`` (``--methods``), against llama.cpp's
@@ -77,10 +81,10 @@ def llama_pipeline(tools, model_dir: Path, work: Path, types: list[str], calib: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", default="sample:smollm2")
+    ap.add_argument("--model", "--source", dest="source", default="sample:smollm2")
     ap.add_argument("--types", default="Q8_0,Q4_0,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--chunks", type=int, default=16)
-    ap.add_argument("--out", default="benchmarks/results/gguf_smollm2.json")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/gguf_<model>.json")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--methods", default="rtn,imatrix,gptq,awq+gptq@Q4_K_M+Q3_K_M",
                     help=f"ours, of {', '.join(METHODS)}; NAME@T1+T2 runs NAME on those types only")
@@ -126,8 +130,14 @@ def main() -> None:
                "f16_ppl": f16.ppl, "llama_cpp_steps": llama["steps"], "calibration": CALIB,
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                "rows": rows}
-    write_json(Path(args.out), payload)
+    write_json(Path(args.out or f"benchmarks/results/gguf_{model_slug(args.source)}.json"),
+               payload)
     show(payload)
+
+
+def model_slug(source: str) -> str:
+    """The model's short name for the result file: ``sample:NAME`` → NAME, a path → its name."""
+    return source.split(":", 1)[1] if source.startswith("sample:") else Path(source).name
 
 
 def model_params(model) -> int:
