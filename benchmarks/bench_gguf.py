@@ -54,7 +54,8 @@ def calibration_text(model, path: Path) -> int:
     """Our calibration windows (same seed and sizes as ``CALIB``) as plain text for llama-imatrix."""
     tok = model.tokenizer()
     windows = sample_windows(tok, CalibrationSpec(int(CALIB[1]), int(CALIB[3]), 0, None, False))
-    path.write_text("\n".join(tok.decode(w) for w in windows))
+    # as text for llama-imatrix, which adds the BOS itself: the windows' own BOS is left out
+    path.write_text("\n".join(tok.decode(w, skip_special_tokens=True) for w in windows))
     return len(windows)
 
 

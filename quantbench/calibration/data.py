@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantbench.errors import QuantbenchError
-from quantbench.eval.data import load_eval_text
+from quantbench.eval.data import adds_bos, load_eval_text
 from quantbench.lazy import torch
 
 BUNDLED_C4 = "c4-validation-head1025.jsonl.gz"
@@ -81,7 +81,11 @@ def load_calibration_docs(data: str | None = None) -> list[str]:
 
 
 def sample_windows(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
-    """``[n_samples, seq_len]`` token windows at seeded random offsets of the shuffled text."""
+    """``[n_samples, seq_len]`` token windows at seeded random offsets of the shuffled text.
+
+    A tokenizer that adds BOS (Gemma, Llama 2) gets it at the start of every window, then
+    ``seq_len − 1`` text tokens: the statistics are taken on the activations the model has in
+    use (and in evaluation, and in ``llama-imatrix``); without it Gemma's are far off."""
     docs = load_calibration_docs(spec.data)
     rng = random.Random(spec.seed)
     rng.shuffle(docs)
@@ -102,5 +106,8 @@ def sample_windows(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
         raise QuantbenchError(f"calibration text has {len(ids)} tokens, fewer than "
                               f"--calib-len {spec.seq_len}")
     stream = torch.tensor(ids, dtype=torch.long)
-    starts = [rng.randrange(0, len(ids) - spec.seq_len + 1) for _ in range(spec.n_samples)]
-    return torch.stack([stream[s:s + spec.seq_len] for s in starts])
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    length = spec.seq_len - len(bos)
+    starts = [rng.randrange(0, len(ids) - length + 1) for _ in range(spec.n_samples)]
+    head = torch.tensor(bos, dtype=torch.long)
+    return torch.stack([torch.cat([head, stream[s:s + length]]) for s in starts])

@@ -82,6 +82,14 @@ def _encode(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS in front of what it encodes (Llama 2, Gemma: yes;
+    SmolLM2, Qwen: no) — the model then expects one at the start of every sequence."""
+    if tokenizer.bos_token_id is None:
+        return False
+    return tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
 def make_windows(ids: torch.Tensor, ctx: int, max_tokens: int | None = None,
                  n_windows: int | None = None, bos_id: int | None = None,
                  llama_cpp: bool = False) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantbench.errors import EvalError, QuantbenchError
-from quantbench.eval.data import load_eval_text, make_windows, tokenize_for_eval
+from quantbench.eval.data import adds_bos, load_eval_text, make_windows, tokenize_for_eval
 from quantbench.eval.metrics import (WindowStats, concat, log_probs, non_finite_window,
                                      perplexity, score_rows, summarize, to_cpu)
 from quantbench.eval.protocol import EvalProtocol
@@ -151,19 +151,13 @@ def _store_cache(cache_dir: Path | None, key: str, nlls: torch.Tensor, result: B
 
 def prepare_windows(tokenizer, protocol: EvalProtocol) -> tuple[torch.Tensor, Any]:
     data = load_eval_text(protocol.data)
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     need = None if protocol.max_tokens is None and protocol.n_windows is None else (
         min(x for x in (protocol.max_tokens, (protocol.n_windows or 0) * protocol.ctx or None)
             if x))
     ids = tokenize_for_eval(tokenizer, data.text, need)
     return make_windows(ids, protocol.ctx, protocol.max_tokens, protocol.n_windows, bos,
                         llama_cpp=protocol.scoring == "half"), data
-
-
-def _adds_bos(tokenizer) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    return tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokenizer,
@@ -182,7 +176,7 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
     report = EvalReport(cached, {}, protocol, data.name, data.data_id, len(windows))
     if cached is not None and not candidates:
         return report
-    span = _WindowSpan(windows.shape[1] - (1 if _adds_bos(tokenizer) else 0), data.name)
+    span = _WindowSpan(windows.shape[1] - (1 if adds_bos(tokenizer) else 0), data.name)
     base_fn = baseline()
     fns: dict[str, "CausalLM | LogitsFn"] = {}
     for name, factory in candidates.items():

@@ -172,3 +172,21 @@ def test_output_input_capture_skips_the_linear_and_restores_it():
         torch.testing.assert_close(s, mlp[1](mlp[0](x)), rtol=0, atol=0)
     with heap_for_temporaries():                     # usable again (threshold restored)
         assert torch.zeros(1 << 20).sum() == 0
+
+
+class _BosTokenizer:
+    """Characters as ids (offset 10); BOS 1 in front unless ``add_special_tokens=False``."""
+
+    bos_token_id, chat_template = 1, None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [10 + ord(c) % 200 for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one():
+    """Gemma / Llama 2 tokenizers add BOS: every calibration window starts with it (as the
+    evaluator's and llama-imatrix's do), then seq_len − 1 text tokens; none inside."""
+    w = sample_windows(_BosTokenizer(), CalibrationSpec(n_samples=5, seq_len=16, seed=0))
+    assert w.shape == (5, 16)
+    assert (w[:, 0] == 1).all() and not (w[:, 1:] == 1).any()
