@@ -154,9 +154,9 @@ def test_awq_keeps_the_float_model_and_formats_reload(kind, tiny_gemma, tmp_path
         out = save(q, tmp_path / fmt, format=fmt)
         ours = _our_logits(out)
         hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float16, **kwargs)
-        with torch.inference_mode():
+        with torch.inference_mode():  # its fp16 load rounds what we compute in fp32
             torch.testing.assert_close(hf.float().eval()(IDS).logits, ours, rtol=1e-3,
-                                       atol=1e-3)
+                                       atol=2e-3)
         assert (ours - want).abs().max() < 0.05 * want.abs().max(), fmt
 
 
