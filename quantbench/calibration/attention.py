@@ -108,10 +108,13 @@ def probing(config: Any, sink: Callable[[torch.Tensor], None]) -> Iterator[None]
 
 
 def value_hessians(mixer: torch.nn.Module, inputs: list[torch.Tensor],
-                   kwargs: list[dict[str, Any]], n_heads: int, n_kv_heads: int) -> HeadHessians:
+                   kwargs: list[dict[str, Any]], n_heads: int, n_kv_heads: int,
+                   weights: list[torch.Tensor] | None = None) -> HeadHessians:
     """``H_g [n_kv_heads, hidden, hidden]`` (float32) for the value projection of the attention
     ``mixer`` from its (normalized) ``inputs`` per micro-batch, scaled as the input Hessian is
-    (``2/n`` over the ``n`` tokens seen)."""
+    (``2/n`` over the ``n`` tokens seen). ``weights`` (``[b, t, 1]`` per micro-batch) scale
+    each query position's mix ``z_q`` — a norm after the branch counts position ``q``'s error
+    by ``1/rms_q²`` (``pipeline.post_norm_weights``)."""
     if n_heads % n_kv_heads:
         raise ValueError(f"{n_heads} attention heads do not split into {n_kv_heads} kv heads")
     hidden = inputs[0].shape[-1]
@@ -126,12 +129,16 @@ def value_hessians(mixer: torch.nn.Module, inputs: list[torch.Tensor],
         for b in range(x.shape[0]):
             for g in range(n_kv_heads):
                 z = torch.matmul(probs[b, g * per_group:(g + 1) * per_group].float(), x[b])
+                if "w" in current:
+                    z = z * current["w"][b].float()
                 z = z.reshape(-1, hidden)
                 acc[g].add_((z.T @ z).double())
 
     with probing(mixer.config, sink), torch.inference_mode():
-        for x, kw in zip(inputs, kwargs):
+        for i, (x, kw) in enumerate(zip(inputs, kwargs)):
             current["x"] = x
+            if weights is not None:
+                current["w"] = weights[i]
             mixer(x, **kw)
             seen += x.shape[0] * x.shape[1]
     return HeadHessians((acc * (2.0 / max(seen, 1))).float())

@@ -113,7 +113,8 @@ def _put_back(ctx: BlockContext, linear: str, qt: Any) -> Any:
 
 def _value_statistics(ctx: BlockContext, sub: Sublayer, group: tuple[str, ...],
                       mixer: torch.nn.Module, normed: list[torch.Tensor],
-                      kwargs: list[dict[str, Any]], statistic: str) -> dict[str, Any]:
+                      kwargs: list[dict[str, Any]], statistic: str,
+                      weights: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """``{value linear: HeadHessians}`` when the method asks for attention-weighted value
     statistics and this group quantizes the sublayer's value projection; else empty. A value
     projection stored inside a fused linear (``ArchSpec.fused``) gives that linear's
@@ -127,7 +128,7 @@ def _value_statistics(ctx: BlockContext, sub: Sublayer, group: tuple[str, ...],
 
     heads, kv_heads = ctx.model.arch.head_counts(ctx.model.hparams)
     with heap_for_temporaries():
-        found = value_hessians(mixer, normed, kwargs, heads, kv_heads)
+        found = value_hessians(mixer, normed, kwargs, heads, kv_heads, weights)
     if rows is not None:
         collector = COLLECTORS[statistic](ctx.layer.get_submodule(linear).in_features,
                                           device=ctx.device)
@@ -163,6 +164,9 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
         kwargs = ctx.sublayer_kwargs(sub)
         with torch.inference_mode():
             normed = [norm(h) for h in x]
+        weights = None
+        if sub.post_norm is not None and statistic == "hessian":
+            weights = post_norm_weights(mixer, normed, kwargs)
         out_feats = None
         for group in ctx.groups_of(sub):
             is_output = group == (sub.output,)
@@ -173,7 +177,8 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
             own: dict[str, Any] = {}
             if set(group) <= set(sub.inputs):
                 feats = normed
-                own = _value_statistics(ctx, sub, group, mixer, normed, kwargs, statistic)
+                own = _value_statistics(ctx, sub, group, mixer, normed, kwargs, statistic,
+                                        weights)
             elif is_output:
                 with heap_for_temporaries():
                     feats = capture_output_input(mixer, sub.output[len(sub.mixer) + 1:],
@@ -182,7 +187,13 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
                 feats = capture_linear_inputs(
                     mixer, {group[0]: ctx.layer.get_submodule(group[0])}, normed,
                     kwargs)[group[0]]
-            results.update(_quantize_group(ctx, group, feats, statistic, quantize_fn, own))
+            per_token = is_output or (set(group) <= set(sub.inputs)
+                                      and not sub.takes_layer_kwargs)  # an MLP's inputs
+            if weights is not None and per_token:
+                seen = [f * w.to(f.dtype) for f, w in zip(feats, weights)]
+            else:
+                seen = feats
+            results.update(_quantize_group(ctx, group, seen, statistic, quantize_fn, own))
             if is_output:
                 out_feats = feats
         with torch.inference_mode():
@@ -193,6 +204,21 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
                 branch = (call_mixer(mixer, n, kw) for n, kw in zip(normed, kwargs))
             x = residual_add(ctx.layer, sub, x, branch)
     return results, x
+
+
+def post_norm_weights(mixer: torch.nn.Module, normed: list[torch.Tensor],
+                      kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """``1/rms_t`` of the float branch output per token (mean square 1), for a branch normed
+    on its output (Gemma's post-branch norms): ``RMSNorm(y + Δy)`` moves by about
+    ``Δy / rms(y)``, so token ``t``'s squared error counts ``1/rms_t²``. Scaling a linear's
+    inputs by it gives the Hessian of that objective — exact for the output linear and for
+    the inputs of a per-token mixer (the MLP), instead of one that lets the few tokens with
+    huge branch outputs (the BOS sink) decide where the error goes."""
+    with torch.inference_mode():
+        inv = [call_mixer(mixer, n, kw).float().pow(2).mean(-1, keepdim=True).add(1e-12)
+               .reciprocal() for n, kw in zip(normed, kwargs)]
+        mean = torch.cat([w.reshape(-1) for w in inv]).mean()
+        return [(w / mean).sqrt() for w in inv]
 
 
 def quantize_block(ctx: BlockContext, statistic: str | None,

@@ -162,3 +162,27 @@ def test_attention_values_need_rows_with_their_own_scales():
     config = make_config("gptq", 4, 0, True, attention_values=True)  # 0: one scale per tensor
     with pytest.raises(ConfigError, match="scale per row"):
         get_method("gptq")(config)
+
+
+def test_weighted_head_hessians_give_the_weighted_output_error(tiny_llama):
+    """With per-position weights w_q (a norm after the branch: 1/rms_q), the Hessians give
+    ``Σ_q w_q² ‖Δ(attention output)_q‖²`` exactly."""
+    model, mixer, normed, kwargs = _attention_block(tiny_llama)
+    heads, kv = model.arch.head_counts(model.config)
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.rand(x.shape[0], x.shape[1], 1, generator=g) + 0.1 for x in normed]
+    stat = value_hessians(mixer, normed, kwargs, heads, kv, weights)
+    n = sum(x.shape[0] * x.shape[1] for x in normed)
+    v = mixer.v_proj.weight
+    base = _o_inputs(mixer, normed, kwargs)
+    d = 0.05 * torch.randn(v.shape, generator=g)
+    with torch.no_grad():
+        v.add_(d)
+    moved = _o_inputs(mixer, normed, kwargs)
+    with torch.no_grad():
+        v.sub_(d)
+    w = torch.cat([t.reshape(-1, 1) for t in weights]).double()
+    measured = float(((moved - base).double().reshape(-1, moved.shape[-1]) ** 2 * w ** 2).sum())
+    predicted = sum(float(torch.einsum("ij,jk,ik->", d[r].double(), h.double(), d[r].double()))
+                    for r, h in zip(stat.rows(v.shape[0]), stat.per_head)) * n / 2
+    assert measured == pytest.approx(predicted, rel=1e-3)

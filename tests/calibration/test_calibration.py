@@ -190,3 +190,23 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one():
     w = sample_windows(_BosTokenizer(), CalibrationSpec(n_samples=5, seq_len=16, seed=0))
     assert w.shape == (5, 16)
     assert (w[:, 0] == 1).all() and not (w[:, 1:] == 1).any()
+
+
+def test_post_norm_weights_count_each_token_as_the_norm_after_the_branch_does():
+    """A branch normed on its output (Gemma): token t's error counts 1/rms_t², so the inputs
+    are scaled by 1/rms_t (mean square 1) — the weighted Hessian is exactly Σ x xᵀ / rms²."""
+    from quantbench.calibration.pipeline import post_norm_weights
+
+    g = torch.Generator().manual_seed(0)
+    mixer = torch.nn.Linear(8, 6, bias=False)
+    xs = [torch.randn(2, 5, 8, generator=g) * torch.tensor([1.0, 30.0]).view(2, 1, 1)
+          for _ in range(2)]
+    w = post_norm_weights(mixer, xs, [{}, {}])
+    assert [t.shape for t in w] == [(2, 5, 1)] * 2
+    allw = torch.cat([t.reshape(-1) for t in w])
+    assert torch.allclose(allw.pow(2).mean(), torch.tensor(1.0), atol=1e-5)
+    with torch.no_grad():
+        rms = [mixer(x).pow(2).mean(-1, keepdim=True).sqrt() for x in xs]
+    ratio = torch.cat([(a * r).reshape(-1) for a, r in zip(w, rms)])
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)  # ∝ 1/rms_t
+    assert w[0][1].mean() < w[0][0].mean() / 10  # the loud sequence counts far less
