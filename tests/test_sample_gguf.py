@@ -16,14 +16,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def written(sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-sample")
-    jobs = {"F16": ("rtn", {}), "Q8_0": ("rtn", {}), "Q4_K_M": ("rtn", {}),
+    jobs = {"F16": ("rtn", {}), "Q4_K_M": ("rtn", {}),
             "Q4_K_M-imatrix": ("imatrix", {"calib_samples": 16, "calib_len": 256})}
     return {name: save(quantize(sample, method=method, gguf_type=name.split("-")[0], **opts),
                        root / name, format="gguf")
             for name, (method, opts) in jobs.items()}
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_K_M"])
+# Q4_K_M mixes Q4_K, Q6_K (and their Q8_K activation rounding); Q8_0 weights with Q8_0
+# activations are scored against llama-perplexity on the real Gemma 3 270M file
+# (tests/test_sample_gemma3.py, whose tied Q8_0 embedding is the output matmul)
+@pytest.mark.parametrize("name", ["Q4_K_M"])
 def test_llama_perplexity_equals_ours(sample, written, name, llama_vs_ours):
     ours, theirs, same_tokens = llama_vs_ours(written[name], sample, ctx=512, chunks=8)
     assert same_tokens  # llama.cpp's tokenization of the eval text is the HF tokenizer's
