@@ -40,6 +40,7 @@ METHODS = {  # our GGUF methods by label: convert options
     "rtn": ["--method", "rtn"],
     "imatrix": ["--method", "imatrix", *CALIB],
     "gptq": ["--method", "gptq", *CALIB],
+    "gptq-ft": ["--method", "gptq", "--float-targets", *CALIB],
     "awq+gptq": ["--method", "awq", "--then", "gptq", "--act-order", *CALIB],
 }
 

@@ -38,6 +38,7 @@ RECORDED = [
     ("device", "--device", "text", False),
     ("double_quant", "--double-quant", "boolean", True),
     ("exhaustive", "--exhaustive-search", "boolean", True),
+    ("float_targets", "--float-targets/--no-float-targets", "boolean", True),
     ("imatrix_file", "--imatrix", "text", False),
     ("measure_samples", "--measure-samples", "integer", False),
     ("measurement", "--measurement", "text", False),

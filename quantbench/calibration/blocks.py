@@ -135,14 +135,19 @@ def walk_blocks(model: Model, skeleton: torch.nn.Module, captured: Captured,
     """The one block loop: for every block, materialize it on ``device`` (weights read lazily),
     hand ``visit`` a :class:`BlockContext` with the block's inputs and its own layer arguments,
     take the next block's inputs from what ``visit`` returns, free the block, and yield
-    ``(index, visit's result)``. ``context`` fills the remaining ``BlockContext`` fields."""
+    ``(index, visit's result)``. ``context`` fills the remaining ``BlockContext`` fields; with
+    ``float_targets`` set the context also carries the float model's own block inputs
+    (``reference``), which the visitor advances."""
     hidden = captured.hidden
+    reference = list(hidden) if context.get("float_targets") is not None else None
     for index in range(model.num_blocks):
         check_activations(model, index, hidden)
         layer = materialize_block(skeleton, model, index, device)
         ctx = BlockContext(model, layer, index, hidden, captured.layer_kwargs[index],
-                           targets if targets is not None else set(), **context)
+                           targets if targets is not None else set(), reference=reference,
+                           **context)
         result, hidden = visit(ctx)
+        reference = ctx.reference
         layer.to("meta")  # release the block's memory
         yield index, result
 
@@ -242,6 +247,10 @@ class BlockContext:
     quantize_many: QuantizeManyFn | None = None  # linears sharing an input in one call
     attention_values: bool = False  # value projections get per-kv-head attention Hessians
     calibration: Captured | None = None  # every block's inputs (a measurement pass reuses them)
+    # GPTQ's float targets: the dampening its solve uses (None: off), and the float model's
+    # inputs of this block (the visitor replaces them with the next block's)
+    float_targets: float | None = None
+    reference: list[torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:

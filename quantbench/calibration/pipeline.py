@@ -39,10 +39,13 @@ QuantizeFn = Callable[[str, "torch.Tensor", Any], Any]
 
 def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch.Tensor] | None,
                     statistic: str | None, quantize_fn: QuantizeFn,
-                    own: dict[str, Any] | None = None) -> dict[str, Any]:
+                    own: dict[str, Any] | None = None,
+                    float_feats: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Quantize the targets of one group from a statistic over ``feats`` (their shared input);
     put the dequantized weights back so later groups see quantized inputs. ``own`` gives some
-    linears a statistic of their own (quantized one by one, after the shared ones)."""
+    linears a statistic of their own (quantized one by one, after the shared ones).
+    ``float_feats`` (the float model's inputs of the same tokens) turn each shared-statistic
+    weight into GPTQ's float-target weight (:func:`float_target_weight`) first."""
     own = own or {}
     active = [lin for lin in group if ctx.weight_name(lin) in ctx.targets]
     if not active:
@@ -50,7 +53,8 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
     results = {}
     if any(lin in own for lin in active):
         shared = tuple(lin for lin in group if lin not in own)
-        results = _quantize_group(ctx, shared, feats, statistic, quantize_fn) if shared else {}
+        results = _quantize_group(ctx, shared, feats, statistic, quantize_fn,
+                                  float_feats=float_feats) if shared else {}
         for lin in (lin for lin in active if lin in own):
             name = ctx.weight_name(lin)
             check_statistic(ctx, name, own[lin], None)
@@ -66,15 +70,39 @@ def _quantize_group(ctx: BlockContext, group: tuple[str, ...], feats: list[torch
             collector.add(f)
         stat = collector.result()
         check_statistic(ctx, names[0], stat, feats)
+    sources = [ctx.source_weight(lin) for lin in active]
+    if float_feats is not None and isinstance(stat, torch.Tensor) and \
+            ctx.float_targets is not None:
+        from quantbench.quant.gptq import float_target_weight
+
+        cross = cross_statistic(float_feats, feats or [])
+        sources = [float_target_weight(w, cross, stat, ctx.float_targets).to(w.dtype)
+                   for w in sources]
+        del cross
     qts = None
     if ctx.quantize_many is not None and len(active) > 1 and stat is not None and \
             sum(math.prod(ctx.model.weights.shape(n)) for n in names) <= stack_limit(ctx.device):
-        qts = ctx.quantize_many(names, [ctx.source_weight(lin) for lin in active], stat)
+        qts = ctx.quantize_many(names, sources, stat)
     if qts is None:
-        qts = [quantize_fn(name, ctx.source_weight(lin), stat) for name, lin in zip(names, active)]
+        qts = [quantize_fn(name, w, stat) for name, w in zip(names, sources)]
     for lin, name, qt in zip(active, names, qts):
         results[name] = _put_back(ctx, lin, qt)
     return results
+
+
+def cross_statistic(float_feats: list[torch.Tensor], feats: list[torch.Tensor]
+                    ) -> torch.Tensor:
+    """``C = 2·X_fᵀX_q / n`` over the same tokens (float model's inputs × the quantized
+    model's), scaled as the Hessian collector scales ``H``."""
+    cross, n = None, 0
+    for f, q in zip(float_feats, feats):
+        f2 = f.reshape(-1, f.shape[-1]).float()
+        q2 = q.reshape(-1, q.shape[-1]).float()
+        cross = f2.T @ q2 if cross is None else cross.addmm_(f2.T, q2)
+        n += q2.shape[0]
+    if cross is None:
+        raise QuantbenchError("float targets: no calibration inputs reached the linear")
+    return cross.mul_(2.0 / n)
 
 
 def _statistic_tensors(stat: Any) -> list[torch.Tensor]:
@@ -159,6 +187,7 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
     captured input. About 1.3 block forwards per block instead of one per group plus one."""
     results: dict[str, Any] = {}
     x = ctx.hidden
+    ref = ctx.reference if ctx.float_targets is not None and statistic == "hessian" else None
     for sub in ctx.model.arch.sublayers or ():
         norm, mixer = ctx.layer.get_submodule(sub.norm), ctx.layer.get_submodule(sub.mixer)
         kwargs = ctx.sublayer_kwargs(sub)
@@ -167,6 +196,9 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
         weights = None
         if sub.post_norm is not None and statistic == "hessian":
             weights = post_norm_weights(mixer, normed, kwargs)
+        float_inputs: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        if ref is not None:  # the float model's inputs of every group, before any is rounded
+            float_inputs, ref = float_model_inputs(ctx, sub, ref, kwargs)
         out_feats = None
         for group in ctx.groups_of(sub):
             is_output = group == (sub.output,)
@@ -189,11 +221,15 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
                     kwargs)[group[0]]
             per_token = is_output or (set(group) <= set(sub.inputs)
                                       and not sub.takes_layer_kwargs)  # an MLP's inputs
+            float_seen = float_inputs.get(group)
             if weights is not None and per_token:
                 seen = [f * w.to(f.dtype) for f, w in zip(feats, weights)]
+                if float_seen is not None:
+                    float_seen = [f * w.to(f.dtype) for f, w in zip(float_seen, weights)]
             else:
                 seen = feats
-            results.update(_quantize_group(ctx, group, seen, statistic, quantize_fn, own))
+            results.update(_quantize_group(ctx, group, seen, statistic, quantize_fn, own,
+                                           float_seen))
             if is_output:
                 out_feats = feats
         with torch.inference_mode():
@@ -203,7 +239,28 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
             else:
                 branch = (call_mixer(mixer, n, kw) for n, kw in zip(normed, kwargs))
             x = residual_add(ctx.layer, sub, x, branch)
+    if ref is not None:
+        ctx.reference = ref
     return results, x
+
+
+def float_model_inputs(ctx: BlockContext, sub: Sublayer, ref: list[torch.Tensor],
+                       kwargs: list[dict[str, Any]]
+                       ) -> tuple[dict[tuple[str, ...], list[torch.Tensor]], list[torch.Tensor]]:
+    """What the float model feeds each group of sublayer ``sub`` (its own stream ``ref``
+    through the float weights: run before any of the sublayer's groups is rounded), and the
+    float stream after the sublayer."""
+    norm, mixer = ctx.layer.get_submodule(sub.norm), ctx.layer.get_submodule(sub.mixer)
+    groups = ctx.groups_of(sub)
+    with torch.inference_mode():
+        normed = [norm(h) for h in ref]
+    inner = {g[0]: ctx.layer.get_submodule(g[0]) for g in groups if not set(g) <= set(sub.inputs)}
+    branch: list[torch.Tensor] = []
+    with heap_for_temporaries():
+        seen = capture_linear_inputs(mixer, inner, normed, kwargs, outputs=branch)
+    found = {g: normed if set(g) <= set(sub.inputs) else seen[g[0]] for g in groups}
+    with torch.inference_mode():
+        return found, residual_add(ctx.layer, sub, ref, branch)
 
 
 def post_norm_weights(mixer: torch.nn.Module, normed: list[torch.Tensor],
@@ -284,7 +341,12 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
                    for n in model.block_tensor_names(ctx.index)}
         return tensors, outputs
 
+    float_targets = method.float_targets
+    if float_targets is not None and run is quantize_block:
+        raise QuantbenchError(f"--float-targets needs the {model.arch.family} block "
+                              "declared as residual branches (ArchSpec.sublayers); drop the "
+                              "flag for this model")
     yield from walk_blocks(model, skeleton, captured, visit, device, targets,
                            quantize_many=quantize_many,
                            attention_values=bool(method.attention_values),
-                           calibration=captured)
+                           calibration=captured, float_targets=float_targets)

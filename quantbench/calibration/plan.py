@@ -118,12 +118,18 @@ def estimate(model: Model, config, gflops: float | None = None, method=None) -> 
         # one more attention pass; per head P·X [ctx, ctx]x[ctx, hidden] and ZᵀZ
         parts["attention values"] = (fwd * 0.3 + 2 * tokens * heads * hidden * (ctx + hidden)
                                      / 1e9) * n_blocks
+    if method.float_targets is not None:
+        # the float model's own pass per block, and each group's cross term X_fᵀX_q + solve
+        parts["float targets"] = (fwd + parts.get("hessians", 0.0) / n_blocks
+                                  + parts.get("solves", 0.0) / n_blocks) * n_blocks
     for part, gflop in method.plan_costs(model, shapes, hidden, tokens, fwd).items():
         parts[part] = parts.get(part, 0) + gflop  # AWQ's searches, an EXL2 measurement
     if not calibrated:
         parts["rounding"] = 20 * params * n_blocks / 1e9
     block_bytes = params * 4
     acts = tokens * hidden * 4 * 3 + tokens * inter * 4
+    if method.float_targets is not None:  # the float stream and its inner inputs
+        acts += tokens * hidden * 4 * 2 + tokens * inter * 4
     stat = (inter * inter * 4 * 2) if calibrated else 0
     vocab = int(model.hparams.get("vocab_size", 0))
     embed = vocab * hidden * 4 if calibrated else 0

@@ -70,6 +70,40 @@ def _reversed_factor(reversed_h: torch.Tensor, damp_percent: float, max_tries: i
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
 
 
+def float_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor,
+                        damp_percent: float) -> torch.Tensor:
+    """The weight GPTQ should round when its targets come from the float model (GPTAQ's
+    asymmetric calibration): with ``X_q`` the inputs the quantized model feeds the linear and
+    ``X_f`` the float model's, ``‖W·X_f − Q·X_q‖² = ‖(W̃ − Q)·X_q‖² + const`` for the
+    least-squares ``W̃ = W·C·H⁻¹`` (``C = 2·X_fᵀX_q/n``, ``H = 2·X_qᵀX_q/n``), so GPTQ on ``W̃``
+    with ``H`` minimises the error against the float model's outputs, earlier layers'
+    quantization error included. Computed as ``W + W·(C − H)·(H + λI)⁻¹``: only the correction
+    is damped (GPTQ's λ), so equal inputs give ``W`` itself. Returns float32 ``[out, in]``;
+    columns no input reaches stay 0 as GPTQ leaves them."""
+    H = hessian.float().clone()
+    delta = cross.float() - H                        # C − H
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean_diag = float(diag.mean())
+    damp = damp_percent * mean_diag if mean_diag > 0 else 1e-6
+    diag += damp
+    for _ in range(6):
+        lower, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            break
+        diag += 9.0 * damp
+        damp *= 10.0
+    else:
+        raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping "
+                                       f"{damp:g}")
+    W = weight.float()
+    change = torch.cholesky_solve((W @ delta).T.contiguous(), lower).T  # W·(C−H)·H⁻¹
+    out = W + change
+    out[:, dead] = 0.0
+    return out.contiguous()
+
+
 Upcoming = Callable[[int], "torch.Tensor"]
 RoundColumn = Callable[["torch.Tensor", int, Upcoming], "tuple[torch.Tensor, torch.Tensor]"]
 

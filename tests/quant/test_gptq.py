@@ -157,3 +157,28 @@ def test_row_parts_on_worker_threads_equal_one_sweep(static, monkeypatch):
     assert torch.equal(split.zeros, one.zeros)
     assert (split.g_idx is None) == (one.g_idx is None)
     assert stats.proxy_error == pytest.approx(one_stats.proxy_error, rel=1e-5)
+
+
+def test_float_target_weight_is_the_least_squares_target():
+    """GPTQ on ``W̃`` with ``H`` of the quantized model's inputs minimises the error against
+    the float model's outputs: ``‖W·X_f − Q·X_q‖² = ‖(W̃ − Q)·X_q‖² + const`` for any ``Q``,
+    ``W̃`` the least-squares fit of ``W·X_f`` from ``X_q``; equal inputs give ``W`` itself."""
+    from quantbench.quant.gptq import float_target_weight
+
+    W, Xq, H = _problem(out_f=8, in_f=24, n=400)
+    g = torch.Generator().manual_seed(1)
+    Xf = Xq + 0.2 * torch.randn(Xq.shape, generator=g) * Xq.std(0)
+    Xq, Xf, W = Xq.double(), Xf.double(), W.double()
+    n = Xq.shape[0]
+    C = 2 * Xf.T @ Xq / n
+    Wt = float_target_weight(W, C, 2 * Xq.T @ Xq / n, damp_percent=1e-9).double()
+    lstsq = torch.linalg.lstsq(Xq, Xf @ W.T).solution.T
+    assert torch.allclose(Wt, lstsq, rtol=1e-3, atol=1e-5)
+    gaps = []
+    for seed in (2, 3):
+        Q = W + 0.05 * torch.randn(W.shape, generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.float64)
+        gaps.append(float(((Xf @ W.T - Xq @ Q.T) ** 2).sum() - ((Xq @ (Wt - Q).T) ** 2).sum()))
+    assert gaps[0] == pytest.approx(gaps[1], rel=1e-4)
+    same = float_target_weight(W.float(), H, H, damp_percent=0.01)
+    assert torch.equal(same, W.float())

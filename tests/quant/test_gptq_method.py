@@ -88,3 +88,45 @@ def test_pipeline_sweeps_shared_input_linears_together(tiny_llama, monkeypatch):
         assert (qt.codes == single[name].codes).float().mean() > 0.999, name
         assert qt.meta["gptq_proxy_error"] == pytest.approx(
             single[name].meta["gptq_proxy_error"], rel=1e-2)
+
+
+def test_float_targets_follow_the_float_model(tiny_llama, tmp_path, monkeypatch):
+    """``--float-targets``: the float stream every block's targets come from is the float
+    model's own hidden states (transformers' forward on the calibration windows), while the
+    quantized stream drifts; the option changes the codes, and is recorded."""
+    from transformers import AutoModelForCausalLM
+
+    import quantbench.calibration.pipeline as pipeline
+
+    streams, windows = [], []
+    float_inputs, capture = pipeline.float_model_inputs, pipeline.capture_inputs
+
+    def spy_inputs(ctx, sub, ref, kwargs):
+        if sub is ctx.model.arch.sublayers[0]:
+            streams.append((torch.cat(ref), torch.cat(ctx.hidden)))
+        return float_inputs(ctx, sub, ref, kwargs)
+
+    def spy_capture(model, skeleton, batch, *args, **kwargs):
+        windows.append(batch)
+        return capture(model, skeleton, batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "float_model_inputs", spy_inputs)
+    monkeypatch.setattr(pipeline, "capture_inputs", spy_capture)
+    q = quantize(str(tiny_llama), method="gptq", bits=3, group_size=32, float_targets=True,
+                 **CALIB)
+    out = save(q, tmp_path / "ft", format="dense")
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    with torch.no_grad():
+        states = hf(windows[0], output_hidden_states=True).hidden_states
+    assert len(streams) == hf.config.num_hidden_layers
+    for i, (ref, quantized) in enumerate(streams):
+        assert (ref - states[i]).abs().max() < 1e-4 * states[i].abs().max(), i
+        if i:
+            assert (quantized - states[i]).abs().max() > 1e-3 * states[i].abs().max(), i
+    manifest = json.loads((out / "quantbench.json").read_text())
+    assert manifest["quantize"]["options"]["float_targets"] is True
+    name = "model.layers.1.mlp.down_proj.weight"
+    plain = quantize(str(tiny_llama), method="gptq", bits=3, group_size=32, **CALIB)
+    codes = [dict(t for _, block in m.iter_blocks() for t in block.items())[name].codes
+             for m in (q, plain)]
+    assert not torch.equal(*codes)

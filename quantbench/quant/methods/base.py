@@ -47,6 +47,7 @@ class Method:
     statistic: ClassVar[str | None] = None     # the collector the pipeline feeds (COLLECTORS)
     device_capable: ClassVar[bool] = False     # quantize_with_stats runs on a GPU's tensors
     attention_values: ClassVar[bool] = False   # value projections get per-kv-head statistics
+    float_targets: ClassVar[float | None] = None  # GPTQ's float-model targets: its dampening
     has_imatrix: ClassVar[bool] = False        # llama.cpp's GGUF type rules see an imatrix
 
     # -- options ------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ class GPTQOptions(CalibrationOptions):
     attention_values: bool | None = option(None, off_flag="--input-values", help=(
         "v_proj rows per kv head on the Hessian of the attention-weighted inputs they are read "
         "with (default on GGUF types; opt-in on integer grids), or on the plain input Hessian."))
+    float_targets: bool = option(False, help=(
+        "Fit each linear to the float model's outputs (GPTAQ's asymmetric calibration): "
+        "inputs from the quantized model, targets W·x from the float model, so a layer also "
+        "corrects the error earlier layers left; one more float forward per block."))
 
     def sweep(self) -> SweepSettings:
         return SweepSettings(self.act_order, self.static_groups, self.damp_percent)
@@ -73,6 +77,12 @@ class GPTQ(GGUFPlan, Method):
     def attention_values(self) -> bool:
         """Read by the calibration pipeline."""
         return self.wants_attention_values(self.config)
+
+    @property
+    def float_targets(self) -> float | None:  # type: ignore[override]
+        """The dampening of the float-target solve (the sweep's own), or None when off."""
+        o = self.config.options
+        return o.damp_percent if o.float_targets else None
 
     @classmethod
     def check(cls, config: QuantizeConfig) -> None:

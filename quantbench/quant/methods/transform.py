@@ -172,6 +172,10 @@ class Transform(Method):
     def has_imatrix(self) -> bool:  # type: ignore[override]
         return self.inner.has_imatrix
 
+    @property
+    def float_targets(self) -> float | None:  # type: ignore[override]
+        return self.inner.float_targets
+
     def prepare(self, model, targets: list[str]) -> None:
         self.inner.prepare(model, targets)
 
