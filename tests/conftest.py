@@ -132,6 +132,41 @@ def bnb_float_model(path):
     return hf
 
 
+PEER_GPTQMODEL = Path(os.environ.get("QUANTBENCH_PEER_GPTQMODEL",
+                                    "/work/peers/gptqmodel/bin/python"))
+needs_gptqmodel = pytest.mark.skipif(
+    not PEER_GPTQMODEL.is_file(), reason=f"GPTQModel peer venv not found at {PEER_GPTQMODEL} "
+    "(set QUANTBENCH_PEER_GPTQMODEL; see benchmarks/peers/README.md)")
+
+
+def assert_gptqmodel_reloads(out: Path, ids: torch.Tensor, ours: torch.Tensor,
+                             work: Path) -> None:
+    """transformers + GPTQModel's CPU kernels (the peer venv) load our gptq / awq file ``out``,
+    quantize the linears our file says it quantized, and give ``ours`` logits up to their
+    float16 arithmetic (the bounds of tests/formats/test_gptq/awq_runtime.py)."""
+    import json
+    import subprocess
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from quantbench.formats.io import open_artifact
+
+    (work / "ids.json").write_text(json.dumps(ids.tolist()))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "transformers_logits.py"
+    logits = work / "peer-logits.safetensors"
+    proc = subprocess.run([str(PEER_GPTQMODEL), str(script), str(out), str(work / "ids.json"),
+                           str(logits)], check=False, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(str(logits), "pt") as fh:
+        quantized = fh.metadata()["quantized"].split(",")
+    assert sorted(f"{m}.weight" for m in quantized) == sorted(open_artifact(out).quantized_names)
+    theirs = load_file(str(logits))["logits"]
+    assert (ours - theirs).abs().max() < 2e-2 * theirs.abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
+
+
 @pytest.fixture(scope="session")
 def llamacpp():
     """llama.cpp built from the llama-cpp-python sdist (``make test`` builds it first)."""

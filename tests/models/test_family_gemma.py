@@ -19,7 +19,8 @@ from quantbench.api import quantize, save
 from quantbench.formats.io import open_artifact
 from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
-from tests.conftest import TINY_VOCAB, _wikitext_head, bnb_float_model
+from tests.conftest import (TINY_VOCAB, _wikitext_head, assert_gptqmodel_reloads,
+                            bnb_float_model, needs_gptqmodel)
 from tests.formats.test_gguf_meta import (
     assert_imports_back,
     assert_matches_converter,
@@ -181,6 +182,20 @@ def test_other_formats_round_trip(kind, method, fmt, tiny_gemma, tmp_path):
     else:
         dense = save(q, tmp_path / "dense", format="dense")  # the same codes, unpacked
         torch.testing.assert_close(_our_logits(out), _our_logits(dense), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+@needs_gptqmodel
+@pytest.mark.parametrize("kind,fmt", [("gemma2", "awq"), ("gemma3", "gptq")])
+def test_gptqmodel_reloads_gptq_and_awq(kind, fmt, tiny_gemma, tmp_path):
+    """transformers + GPTQModel's CPU kernels (peer venv) run our gptq / awq files of Gemma
+    (soft-capped Gemma 2 with AWQ folded into its 1+w norms; Gemma 3 GPTQ act-order) with
+    our logits."""
+    options = {"act_order": True, "symmetric": False} if fmt == "gptq" else {}
+    q = quantize(load_model(tiny_gemma[kind]), method=fmt, bits=4, group_size=32,
+                 calib_samples=4, calib_len=32, progress=False, **options)
+    out = save(q, tmp_path / fmt, format=fmt, progress=False)
+    assert_gptqmodel_reloads(out, IDS, _our_logits(out), tmp_path)
 
 
 # --------------------------------------------------------------------------------- GGUF

@@ -16,7 +16,8 @@ from quantbench.formats.io import open_artifact
 from quantbench.models.families.phi3 import PHI3
 from quantbench.models.loader import load_model
 from quantbench.models.torch_model import build_causal_lm
-from tests.conftest import TINY_VOCAB, bnb_float_model, make_tokenizer
+from tests.conftest import (TINY_VOCAB, assert_gptqmodel_reloads, bnb_float_model,
+                            make_tokenizer, needs_gptqmodel)
 from tests.formats.test_gguf_meta import (assert_imports_back, assert_matches_converter,
                                           assert_quantizes_like_llama_quantize,
                                           converter)  # noqa: F401  (a fixture)
@@ -218,6 +219,19 @@ def test_gptq_and_awq_files_read_back(tiny_phi3, tmp_path, method, fmt):
     art = open_artifact(out)
     for name in (QKV, "model.layers.1.mlp.gate_up_proj.weight"):
         assert art.quantized(name).equal(_tensor(q, name)), name
+
+
+@pytest.mark.slow
+@needs_gptqmodel
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptqmodel_reloads_the_fused_linears(tiny_phi3, tmp_path, method):
+    """transformers + GPTQModel's CPU kernels (peer venv) load our gptq / awq files of Phi-3
+    with qkv_proj and gate_up_proj quantized as stored, and give our logits."""
+    q = quantize(load_model(tiny_phi3), method=method, bits=4, group_size=32, calib_samples=2,
+                 calib_len=32, progress=False, **({"act_order": True} if method == "gptq"
+                                                  else {}))
+    out = save(q, tmp_path / method, format=method, progress=False)
+    assert_gptqmodel_reloads(out, _ids(), _reader_logits(out), tmp_path)
 
 
 # -------------------------------------------------------------------------------------- GGUF

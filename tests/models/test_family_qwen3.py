@@ -22,7 +22,7 @@ from quantbench.eval.run import artifact_factory, source_factory
 from quantbench.formats.io import open_artifact
 from quantbench.models.arch import arch_for
 from quantbench.models.loader import load_model
-from tests.conftest import bnb_float_model
+from tests.conftest import assert_gptqmodel_reloads, bnb_float_model, needs_gptqmodel
 from tests.formats.test_gguf_meta import (_qwen_tokenizer, assert_imports_back,
                                           assert_matches_converter,
                                           converter)  # noqa: F401 (a fixture, used by name)
@@ -232,40 +232,17 @@ def test_bitsandbytes_reloads_with_our_logits(method, options, model, tmp_path):
     assert torch.equal(ours(open_artifact(out)), ref)
 
 
-PEER = Path(__import__("os").environ.get("QUANTBENCH_PEER_GPTQMODEL",
-                                         "/work/peers/gptqmodel/bin/python"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not PEER.is_file(), reason=f"GPTQModel peer venv not found at {PEER} (set "
-                    "QUANTBENCH_PEER_GPTQMODEL; see benchmarks/peers/README.md)")
+@needs_gptqmodel
 @pytest.mark.parametrize("fmt,options", [
     ("gptq", {"method": "gptq", "act_order": True, "symmetric": False, **CALIB}),
     ("awq", {"method": "awq", **CALIB})])
 def test_gptq_and_awq_reload_in_transformers(fmt, options, model, tmp_path):
     """transformers + GPTQModel's CPU kernels (peer venv) load our gptq / awq files of Qwen3
-    with our logits, up to their float16 arithmetic (the bounds of test_gptq/awq_runtime)."""
-    import os
-    import subprocess
-
+    with our logits, up to their float16 arithmetic."""
     out = save(quantize(model, bits=4, group_size=32, progress=False, **options),
                tmp_path / fmt, format=fmt, progress=False)
-    (tmp_path / "ids.json").write_text(json.dumps(IDS.tolist()))
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "transformers_logits.py"
-    proc = subprocess.run([str(PEER), str(script), str(out), str(tmp_path / "ids.json"),
-                           str(tmp_path / "logits.safetensors")], check=False, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "logits.safetensors"), "pt") as fh:
-        quantized = fh.metadata()["quantized"].split(",")
-    art = open_artifact(out)
-    assert sorted(f"{m}.weight" for m in quantized) == sorted(art.quantized_names)
-    theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
-    mine = ours(art)
-    assert (mine - theirs).abs().max() < 2e-2 * theirs.abs().max()
-    assert (mine.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
+    assert_gptqmodel_reloads(out, IDS, ours(open_artifact(out)), tmp_path)
 
 
 # ------------------------------------------------------------------------------- GGUF
