@@ -59,13 +59,13 @@ class PlannedTensor:
 
 def plan_file(qmodel) -> list[PlannedTensor]:
     """Every tensor of the output in write order (non-block tensors, then block by block)."""
-    from quantbench.formats.gguf_meta import generated
+    from quantbench.formats.gguf_meta import generated_tensors
     from quantbench.quant.gguf.plan import gguf_tensors
 
     model = qmodel.source
     types = qmodel.method.tensor_types()
     plan = [PlannedTensor("", name, tuple(t.shape), "F32")  # made from the config: first
-            for name, t in generated(decoder_config(model))[1].items()]
+            for name, t in generated_tensors(decoder_config(model)).items()]
     for name in gguf_tensors(model):
         shape = tuple(model.weights.shape(name))
         ggml_type = types.get(name) or ("F32" if len(shape) == 1 else "F16")
@@ -100,27 +100,24 @@ class GGUFFormat(Format):
     container = "gguf"
 
     def check(self, config: QuantizeConfig, model: Any, targets: list[str]) -> None:
-        from quantbench.formats.gguf_meta import gguf_arch, rope_freqs
+        from quantbench.formats.gguf_meta import gguf_arch
 
         if config.grid.kind != "gguf":
             raise ConfigError(f"gguf stores ggml block types, not {config.grid.describe()}; "
                               "pass --type Q4_K_M (or Q8_0, Q5_K_M, ...) with --method rtn, "
                               "imatrix or gptq")
-        gguf_arch(decoder_config(model))
+        decoder = decoder_config(model)
+        gguf_arch(decoder)
         for hook in (model.arch.gguf_params, model.arch.gguf_kvs, model.arch.gguf_generate):
             if hook is not None:  # a family's own refusals, before any work
-                hook(decoder_config(model))
-        if rope_freqs(decoder_config(model)) is not None:
-            raise ConfigError("llama3-style RoPE scaling (a rope_freqs tensor) is not written by "
-                              "quantbench's GGUF writer yet; use llama.cpp's converter for this "
-                              "model")
+                hook(decoder)
 
     def write_container(self, qmodel, file: Path,
                         on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Stream the GGUF into ``file``; returns the manifest's tensor info."""
         import gguf
 
-        from quantbench.formats.gguf_meta import generated
+        from quantbench.formats.gguf_meta import generated_tensors
         from quantbench.models.gguf_import import gguf_arch_spec
 
         model, config = qmodel.source, decoder_config(qmodel.source)
@@ -140,7 +137,7 @@ class GGUFFormat(Format):
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         info: dict[str, Any] = {}
-        for value in generated(config)[1].values():  # plan_file put them first; they
+        for value in generated_tensors(config).values():  # plan_file put them first; they
             writer.write_tensor_data(value.float().contiguous().numpy())  # get no manifest row
         pending = iter(item for item in plan if item.hf_name)
         read_back = gguf_arch_spec(model.arch.gguf_arch)  # names as the GGUF reads back

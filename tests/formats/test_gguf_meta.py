@@ -205,6 +205,13 @@ def _qwen_tokenizer(directory: Path) -> None:
 def test_variants_match_converter(kind, converter, tmp_path):
     """mistral, qwen2 (no Q/K permutation, q/k/v biases), llama3 RoPE (rope_freqs tensor), yarn
     and linear RoPE scaling keys, attention biases (permuted too)."""
+    model_dir = make_variant(kind, tmp_path / kind)
+    assert_matches_converter(converter, model_dir, tmp_path / "ref.gguf")
+    assert_imports_back(tmp_path / "ref.gguf", model_dir, tmp_path / "back")
+
+
+def make_variant(kind: str, model_dir: Path) -> Path:
+    """A tiny random checkpoint of ``VARIANTS[kind]`` with its tokenizer."""
     import transformers
 
     from tests.conftest import make_tokenizer
@@ -215,11 +222,32 @@ def test_variants_match_converter(kind, converter, tmp_path):
         "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
         "bos_token_id": 0, "eos_token_id": 1, **extra})
-    model_dir = tmp_path / kind
     getattr(transformers, model_cls)(cfg).to(torch.float16).save_pretrained(str(model_dir))
     (_qwen_tokenizer if kind == "qwen2" else make_tokenizer)(model_dir)
-    assert_matches_converter(converter, model_dir, tmp_path / "ref.gguf")
-    assert_imports_back(tmp_path / "ref.gguf", model_dir, tmp_path / "back")
+    return model_dir
+
+
+@pytest.mark.slow  # llama.cpp runs
+def test_llama3_rope_gguf_runs_in_llama_cpp_with_our_perplexity(tmp_path, llama_vs_ours):
+    """Llama 3.x RoPE scaling: our GGUF carries the rope_freqs tensor the converter makes (first,
+    as it writes it), and llama.cpp scores the file as our evaluator does. (F16: the vendored
+    llama.cpp 0.3.36 build crashes — SIGILL/SIGSEGV at warm-up — on any quantized type of such
+    a tiny llama3-RoPE model, llama-quantize's own Q8_0/Q4_K_M of the converter's file too.)"""
+    from quantbench.api import quantize, save
+    from quantbench.formats.gguf_meta import rope_freqs
+    from quantbench.models.loader import load_model
+
+    model = load_model(make_variant("llama3-rope", tmp_path / "llama3"))
+    out = save(quantize(model, method="rtn", gguf_type="F16", progress=False),
+               tmp_path / "f16", format="gguf", progress=False)
+    first = gguf.GGUFReader(str(out / "model.gguf")).tensors[0]
+    assert first.name == "rope_freqs.weight"
+    np.testing.assert_array_equal(np.asarray(first.data),
+                                  rope_freqs(json.loads((tmp_path / "llama3" / "config.json")
+                                                        .read_text())).numpy())
+    mine, theirs, same_tokens = llama_vs_ours(out, model, ctx=64, chunks=4)
+    assert same_tokens
+    assert abs(mine / theirs - 1) < 0.005, (mine, theirs)
 
 
 def assert_imports_back(gguf_file: Path, model_dir: Path, out: Path) -> None:
