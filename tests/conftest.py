@@ -91,10 +91,11 @@ def bnb_reference_path():
 
 
 def rewrite_gguf(source: Path, out: Path, keep_tensor=lambda name: True,
-                 extra: dict | None = None) -> Path:
-    """``source`` written again by gguf-py: metadata as is, only the tensors ``keep_tensor``
-    accepts, ``extra`` (name → float32 array) written first — files quantbench's writer would
-    not make (a tensor missing, llama.cpp's generated ``rope_freqs``)."""
+                 extra: dict | None = None, kvs: dict | None = None) -> Path:
+    """``source`` written again by gguf-py: metadata as is (``kvs``: keys given new values of
+    their own type, None dropping one), only the tensors ``keep_tensor`` accepts, ``extra``
+    (name → float32 array) written first — files quantbench's writer would not make (a tensor
+    missing, llama.cpp's generated ``rope_freqs``, a key changed)."""
     import gguf
     import numpy as np
 
@@ -106,7 +107,9 @@ def rewrite_gguf(source: Path, out: Path, keep_tensor=lambda name: True,
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        value = (kvs or {}).get(key, field.contents())
+        if value is not None:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
     for name, array in (extra or {}).items():
         writer.add_tensor(name, array)
     for t in reader.tensors:

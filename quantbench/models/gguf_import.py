@@ -141,6 +141,8 @@ def _config_from_metadata(reader, full: bool = True) -> dict[str, Any]:
     theta = real("rope.freq_base", 10000.0)
     head_dim = count("attention.key_length", 0) or count("rope.dimension_count", 0) or \
         hidden // n_head
+    _check_head_sizes(arch, head_dim, count("attention.value_length", 0),
+                      count("rope.dimension_count", 0))
     kwargs: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=count("feed_forward_length"),
         num_hidden_layers=count("block_count"), num_attention_heads=n_head,
@@ -167,6 +169,20 @@ def _config_from_metadata(reader, full: bool = True) -> dict[str, Any]:
     config.pop("transformers_version", None)
     config["gguf_arch"] = arch
     return config
+
+
+def _check_head_sizes(arch: str, head_dim: int, value_length: int, rotary: int) -> None:
+    """One head size for keys and values (what the HF configs of every supported family
+    hold), and rotary dimensions that fit in it (llama.cpp asserts the same at load)."""
+    if value_length and value_length != head_dim:
+        raise ModelLoadError(f"GGUF metadata {arch}.attention.value_length is {value_length} "
+                             f"but the key head size is {head_dim}; no supported {arch} model "
+                             "has different key and value head sizes: the file is corrupted, "
+                             "re-create it")
+    if rotary and (rotary > head_dim or rotary % 2):
+        raise ModelLoadError(f"GGUF metadata {arch}.rope.dimension_count is {rotary}, "
+                             f"{'odd' if rotary % 2 else 'more than the head size'} "
+                             f"({head_dim}); the file is corrupted: re-create it")
 
 
 def _invalid_values() -> tuple[type[Exception], ...]:

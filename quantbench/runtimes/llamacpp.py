@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import platform
 import re
 import shutil
 import struct
@@ -141,6 +142,16 @@ def install_dir(version: str = VERSION) -> Path:
     return cache_root() / "llama.cpp" / version
 
 
+# Built for this machine's CPU (-march=native) without Intel AMX: virtual machines can report
+# AMX tiles that the guest kernel never enabled, and ggml's AMX kernels then die on their first
+# instruction (SIGILL in tinygemm_kernel_amx on every quantized matmul). A cached build without
+# this tag (an older, AMX-enabled one) is rebuilt.
+ISA_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    if platform.machine().lower() in ("x86_64", "amd64") else ""
+BUILD_TAG = f"native {ISA_FLAGS}"
+BUILD_FILE = "BUILD"  # beside the tools: the BUILD_TAG they were built with
+
+
 def _complete(directory: Path) -> bool:
     return all((directory / t).is_file() for t in TOOLS)
 
@@ -153,7 +164,9 @@ def find(version: str = VERSION) -> LlamaCpp | None:
             raise LlamaCppUnavailable(f"{ENV}={path} does not hold {', '.join(TOOLS)}")
         return LlamaCpp(path, "external")
     path = install_dir(version) / "bin"
-    return LlamaCpp(path, version) if _complete(path) else None
+    built = path / BUILD_FILE
+    current = _complete(path) and built.is_file() and built.read_text().strip() == BUILD_TAG
+    return LlamaCpp(path, version) if current else None
 
 
 def ensure(version: str = VERSION, jobs: int | None = None) -> LlamaCpp:
@@ -197,7 +210,8 @@ def build(root: Path, version: str = VERSION, jobs: int | None = None) -> None:
         _call(["cmake", "-S", str(src), "-B", str(build_dir), *generator,
                "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=OFF",
+               "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=OFF", "-DGGML_NATIVE=ON",
+               f"-DCMAKE_C_FLAGS={ISA_FLAGS}", f"-DCMAKE_CXX_FLAGS={ISA_FLAGS}",
                "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN"])
         _call(["cmake", "--build", str(build_dir), "--config", "Release", "-j",
                str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
@@ -206,6 +220,7 @@ def build(root: Path, version: str = VERSION, jobs: int | None = None) -> None:
             for f in (build_dir / "bin").iterdir():
                 if f.is_file() and (f.name in TOOLS or ".so" in f.name or f.suffix == ".dylib"):
                     shutil.copy2(f, staged / "bin" / f.name)
+            (staged / "bin" / BUILD_FILE).write_text(BUILD_TAG + "\n")
             if root.exists():
                 shutil.rmtree(root)
             staged.rename(root)

@@ -260,3 +260,28 @@ def test_header_walk_bounds_every_length_without_reading_the_data(tmp_path):
     with pytest.raises(FormatError, match="items"):
         check_gguf(tmp_path / "a.gguf", FormatError)
     assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize("family,key,scale,needles", [
+    ("phi3", "phi3.rope.dimension_count", 2, ["phi3.rope.dimension_count", "head size"]),
+    ("qwen3", "qwen3.attention.value_length", 2, ["qwen3.attention.value_length", "key head"]),
+])
+def test_head_sizes_the_weights_cannot_have_are_refused(family, key, scale, needles, qb,
+                                                        tmp_path, cache):
+    """Keys no tensor shape checks: rotary dimensions beyond the head (accepted, it failed at
+    evaluation inside the rotary embedding) and a value head size other than the key head size
+    (accepted and ignored) are refused at import, in one line, leaving nothing behind."""
+    from tests.models.test_family_phi3 import make_tiny_phi3
+    from tests.models.test_family_qwen3 import make_tiny_qwen3
+
+    make = {"phi3": make_tiny_phi3, "qwen3": make_tiny_qwen3}[family]
+    src = make(tmp_path / "src")
+    assert qb("convert", src, "--type", "Q8_0", "-o", tmp_path / "q").code == 0
+    good = tmp_path / "q" / "model.gguf"
+    value = gguf.GGUFReader(str(good)).fields[key].contents()
+    bad = rewrite_gguf(good, tmp_path / "bad.gguf", kvs={key: value * scale})
+    out = tmp_path / "out"
+    assert_refused(qb("convert", bad, "--format", "dense", "-o", out), *needles)
+    assert_refused(qb("inspect", bad), *needles)
+    assert_no_leftovers(out)
+    assert not list(cache.glob("gguf/*/config.json")), "an import was cached"

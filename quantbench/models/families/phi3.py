@@ -159,10 +159,15 @@ def gguf_config(meta, kwargs: dict) -> None:
     the converter writes for Phi-4) and the rotary share (``rope.dimension_count`` over
     hidden / heads)."""
     head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    rotary = meta.count("rope.dimension_count", head_dim)
+    if rotary > head_dim or rotary % 2:
+        raise ModelLoadError(f"GGUF metadata phi3.rope.dimension_count is {rotary}, "
+                             f"{'odd' if rotary % 2 else 'more than the head size'} "
+                             f"({head_dim}); the file is corrupted: re-create it")
     rope = dict(kwargs.pop("rope_parameters", None) or {"rope_type": "default"})
     rope.setdefault("rope_theta", kwargs.pop("rope_theta", 10000.0))
     kwargs.pop("rope_theta", None)
-    rope["partial_rotary_factor"] = meta.count("rope.dimension_count", head_dim) / head_dim
+    rope["partial_rotary_factor"] = rotary / head_dim
     window = meta.field("phi3.attention.sliding_window") or None
     kwargs.update(rope_parameters=rope, sliding_window=window,
                   original_max_position_embeddings=meta.count(
