@@ -74,23 +74,17 @@ def plan_file(qmodel) -> list[PlannedTensor]:
 
 
 def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndarray:
-    from quantbench.formats.gguf_meta import (norm_offset, permute_qk, plus_norm_offset,
-                                              qk_permute_heads)
+    from quantbench.formats.gguf_meta import permute_qk, qk_permute_heads, to_gguf_tensor
 
-    offset = norm_offset(config, item.hf_name)
-    if offset and not isinstance(value, QuantizedTensor):
-        value = plus_norm_offset(value, offset)  # llama.cpp's Gemma norms hold 1 + w
-    if isinstance(value, QuantizedTensor):
-        if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
-            raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "
-                              f"{item.ggml_type}")
-        data = value.codes
-    else:
-        data = get_codec(item.ggml_type).quantize_rows(value.reshape(-1, value.shape[-1])) \
-            .reshape(*item.byte_shape())
-    heads = qk_permute_heads(config, item.hf_name)
-    if heads:
-        data = permute_qk(data, heads)
+    if not isinstance(value, QuantizedTensor):  # norms (+1 for Gemma), Q/K rows permuted
+        value = to_gguf_tensor(item.hf_name, value, config)
+        return get_codec(item.ggml_type).quantize_rows(value.reshape(-1, value.shape[-1])) \
+            .reshape(*item.byte_shape()).contiguous().numpy()
+    if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
+        raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "
+                          f"{item.ggml_type}")
+    heads = qk_permute_heads(config, item.hf_name)  # block rows move whole
+    data = permute_qk(value.codes, heads) if heads else value.codes
     return data.contiguous().numpy()
 
 
