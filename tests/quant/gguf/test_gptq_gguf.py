@@ -207,5 +207,6 @@ def test_row_parts_on_worker_threads_equal_one_sweep(monkeypatch):
         split, stats, losses = gptq_gguf_rows(W, H, "Q4_K")
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(split, one) and torch.allclose(losses, one_losses)
+    assert torch.equal(split, one)  # the proxy losses: equal up to GEMM summation order
+    assert torch.allclose(losses, one_losses, rtol=1e-4)
     assert stats.proxy_error == pytest.approx(one_stats.proxy_error, rel=1e-5)
