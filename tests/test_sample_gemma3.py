@@ -69,8 +69,13 @@ def test_our_evaluator_on_the_gguf_is_llama_perplexity(gemma, original_run):
     assert torch.equal(tokens[:, 1:], windows[:, 1:])  # llama.cpp's tokens are the import's
     ours = evaluate(artifact_factory(open_artifact(original)), {}, model.tokenizer(), protocol,
                     baseline_key="gemma3-270m-q4_k_m.gguf", cache_dir=None, progress=False)
-    # measured: 15.5945 (ours) and 15.5951 (llama.cpp) on 2 chunks
-    assert abs(ours.baseline.ppl / theirs.ppl - 1) < 0.005, (ours.baseline.ppl, theirs.ppl)
+    # measured on 2 chunks, llama.cpp 15.5951: ours 15.5945 on an AVX2 machine (and here with
+    # ATEN_CPU_CAPABILITY=avx2), 15.4963 on this AVX-512 one. Both round every linear's input
+    # to Q8_K blocks as llama.cpp does, and that rounding turns float-summation differences
+    # (2e-7 relative after block 0's attention) into whole quantization steps: Gemma's
+    # residual stream (|x| up to 4e4) carries them to 0.6 % of perplexity on 510 tokens.
+    # A real mismatch (a norm, BOS, the soft-cap or the embedding scale) moves it by far more.
+    assert abs(ours.baseline.ppl / theirs.ppl - 1) < 0.01, (ours.baseline.ppl, theirs.ppl)
 
 
 def test_our_q8_0_of_the_import_runs_in_llama_cpp_as_the_original(gemma, llamacpp, original_run,
