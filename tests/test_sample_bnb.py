@@ -12,7 +12,7 @@ from quantbench.formats.io import open_artifact
 pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[test])")
 
-PROTOCOL = EvalProtocol(ctx=512, max_tokens=2048)
+PROTOCOL = EvalProtocol(ctx=512, max_tokens=1024)
 JOBS = {  # name: (method, options, format)
     # bitsandbytes' default threshold 6.0 gives +2.0 % on this model (README); 2.0 keeps ~0.8 %
     "llm_int8-t2": ("llm_int8", {"calib_samples": 4, "calib_len": 256, "threshold": 2.0},

@@ -94,12 +94,12 @@ def calibrated(sample, tmp_path_factory):
     """3-bit group 64 (4-bit differences are muted on this Q4_1-derived sample): RTN vs GPTQ
     vs AWQ on the same small calibration set, written in the layouts runtimes load."""
     root = tmp_path_factory.mktemp("calibrated")
-    calib = dict(calib_samples=8, calib_len=256)
+    calib = dict(calib_samples=4, calib_len=256)
     jobs = {
         "zeropoint": (dict(method="zeropoint"), "gptq"),
         "gptq": (dict(method="gptq", symmetric=False, act_order=True, static_groups=True,
                       **calib), "gptq"),
-        "awq": (dict(method="awq", symmetric=False, search_samples=4, **calib), "awq"),
+        "awq": (dict(method="awq", symmetric=False, search_samples=2, **calib), "awq"),
     }
     bits = {"awq": 4}
     out = {}

@@ -603,12 +603,13 @@ def _cross_check(llamacpp, reader: gguf.GGUFReader, src: Path, tmp_path: Path,
 
 @pytest.mark.slow
 def test_mixtures_match_llama_quantize_on_sample(llamacpp, converter, tmp_path):
-    """The mixtures named in the task (all 16 are checked on the tiny shapes below)."""
+    """Mixtures with different rules on the sample's shapes (576-wide rows fall back; all 16
+    are checked on the tiny shapes below)."""
     if not (SAMPLE_DIR / "tokenizer.json").is_file():
         pytest.skip(f"the sample model is not cached at {SAMPLE_DIR}")
     src = tmp_path / "f16.gguf"
     _cross_check(llamacpp, convert(converter, SAMPLE_DIR, src), src, tmp_path,
-                 ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q4_K_S", "Q6_K", "Q8_0", "Q4_0"])
+                 ["Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0"])
 
 
 @pytest.mark.slow
