@@ -86,9 +86,13 @@ def main() -> None:
     ap.add_argument("--format", default="compressed-tensors")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
-    ap.add_argument("--out", default=None, help="JSON path (benchmarks/results/SUITE_smollm2.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (benchmarks/results/SUITE_<model>.json, e.g. "
+                         "calibrated_smollm2.json, calibrated_gemma3-270m.json)")
     args = ap.parse_args()
-    args.out = args.out or f"benchmarks/results/{args.suite}_smollm2.json"
+    slug = args.source.split(":", 1)[1] if args.source.startswith("sample:") else \
+        Path(args.source).name
+    args.out = args.out or f"benchmarks/results/{args.suite}_{slug}.json"
     console = Console()
     model = load_model(args.source)
     protocol = EvalProtocol(ctx=args.ctx, max_tokens=args.max_tokens)
