@@ -317,3 +317,24 @@ def test_every_method_writes_reads_back_and_evaluates(kind, method, tiny_gemma, 
         with torch.inference_mode():
             theirs = hf(input_ids=IDS).logits.float()
         assert torch.equal(artifact_factory(art)()(IDS).float(), theirs)
+
+
+def test_untied_gemma2_gguf_is_refused_and_untied_gemma3_is_written(tmp_path, capsys,
+                                                                    monkeypatch):
+    """llama.cpp's gemma2 always reuses token_embd as the head (a file with output.weight
+    fails to load: "wrong number of tensors"), so an untied Gemma 2 gets no GGUF, refused in
+    one line before any work; Gemma 3's loader takes a separate head, so its file holds it."""
+    import gguf
+
+    from tests.faults.conftest import _qb, assert_no_leftovers, assert_refused
+
+    monkeypatch.setenv("COLUMNS", "400")
+    out = tmp_path / "outputs"
+    g2 = make_tiny_gemma(tmp_path / "g2", "gemma2", tie_word_embeddings=False)
+    assert_refused(_qb(capsys, "convert", g2, "-o", out / "g2", "--type", "Q8_0"),
+                   "tie_word_embeddings", "gemma2")
+    assert_no_leftovers(out)
+    g3 = make_tiny_gemma(tmp_path / "g3", "gemma3", tie_word_embeddings=False)
+    assert _qb(capsys, "convert", g3, "-o", out / "g3", "--type", "Q8_0").code == 0
+    names = {t.name for t in gguf.GGUFReader(str(out / "g3" / "model.gguf")).tensors}
+    assert "output.weight" in names

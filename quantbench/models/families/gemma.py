@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from quantbench.errors import ConfigError
 from quantbench.models.archspec import (
     LLAMA_GGUF_LINEARS,
     LLAMA_HYPERPARAMETERS,
@@ -193,6 +194,18 @@ def _gemma3_gguf_config(meta, kwargs: dict) -> None:
         kwargs["layer_types"] = ["full_attention"] * kwargs["num_hidden_layers"]
 
 
+def _gemma2_kvs(config: dict) -> list:
+    """No keys beyond ``_gemma2_arrange``'s; refuses an untied output head: llama.cpp's gemma2
+    always runs the head from ``token_embd`` and fails to load a file holding ``output.weight``
+    ("wrong number of tensors"; the converter drops ``lm_head`` instead — a different model).
+    Gemma 3's loader takes a separate head, so only Gemma 2 is refused."""
+    if config.get("tie_word_embeddings") is False:
+        raise ConfigError("this Gemma 2 checkpoint has its own lm_head (tie_word_embeddings: "
+                          "false), which llama.cpp's gemma2 architecture cannot hold (it "
+                          "always reuses token_embd); write another format")
+    return []
+
+
 GEMMA2 = ArchSpec(
     family="gemma2", model_types=("gemma2",), gguf_arch="gemma2",
     linears=LLAMA_LINEARS, norms=GEMMA2_NORMS, sublayers=GEMMA_SUBLAYERS,
@@ -202,7 +215,7 @@ GEMMA2 = ArchSpec(
     tied_by_default=True, hyperparameters=GEMMA_HYPERPARAMETERS, norm_offset=1.0,
     gguf_norm_plus_offset=True, hf_classes=("Gemma2Config", "Gemma2ForCausalLM"),
     gguf_arrange=_gemma2_arrange, gguf_spm_space_prefix=False, gguf_config=_gemma2_gguf_config,
-    gguf_names=GEMMA_GGUF_NAMES[:11])
+    gguf_kvs=_gemma2_kvs, gguf_names=GEMMA_GGUF_NAMES[:11])
 
 GEMMA3 = ArchSpec(
     family="gemma3", model_types=("gemma3_text",), gguf_arch="gemma3",
