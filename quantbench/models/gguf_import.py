@@ -179,7 +179,13 @@ def _check_head_sizes(arch: str, head_dim: int, value_length: int, rotary: int) 
                              f"but the key head size is {head_dim}; no supported {arch} model "
                              "has different key and value head sizes: the file is corrupted, "
                              "re-create it")
-    if rotary and (rotary > head_dim or rotary % 2):
+    if rotary:
+        check_rotary(arch, rotary, head_dim)
+
+
+def check_rotary(arch: str, rotary: int, head_dim: int) -> None:
+    """``<arch>.rope.dimension_count``: even and no more than the head size."""
+    if rotary > head_dim or rotary % 2:
         raise ModelLoadError(f"GGUF metadata {arch}.rope.dimension_count is {rotary}, "
                              f"{'odd' if rotary % 2 else 'more than the head size'} "
                              f"({head_dim}); the file is corrupted: re-create it")
@@ -196,7 +202,7 @@ def _invalid_values() -> tuple[type[Exception], ...]:
 class Metadata:
     """What a family's ``ArchSpec.gguf_config`` hook reads: ``field(key)`` (raw),
     ``count(key, default)`` / ``real(key, default)`` (``<arch>.`` prefixed, type-checked),
-    ``names`` (the file's tensor names), ``head_dim``."""
+    ``rotary_dims(head_dim)``, ``names`` (the file's tensor names), ``head_dim``."""
 
     def __init__(self, reader, arch: str, names: set[str], head_dim: int):
         self.reader, self.arch, self.names, self.head_dim = reader, arch, names, head_dim
@@ -209,6 +215,12 @@ class Metadata:
 
     def real(self, key: str, default: Any = None) -> float:
         return _number(self.reader, f"{self.arch}.{key}", float, default)
+
+    def rotary_dims(self, head_dim: int) -> int:
+        """``rope.dimension_count`` (default ``head_dim``), checked against ``head_dim``."""
+        rotary = self.count("rope.dimension_count", head_dim)
+        check_rotary(self.arch, rotary, head_dim)
+        return rotary
 
     def floats(self, name: str) -> np.ndarray | None:
         """The values of the F32 tensor ``name`` (a generated one: ``ArchSpec.gguf_generated``),

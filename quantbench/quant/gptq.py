@@ -55,16 +55,25 @@ def _reversed_factor(reversed_h: torch.Tensor, damp_percent: float, max_tries: i
     so ``H⁻¹ = (R⁻¹)ᵀ·R⁻¹`` and the factor wanted is ``R⁻¹ = J·L⁻¹·J``: one Cholesky and one
     triangular inverse, without forming ``H⁻¹`` (about 2x faster than inverting and
     factorising again, as accurate)."""
-    diag = reversed_h.diagonal()
+    lower, damp, increased = damped_cholesky(reversed_h, damp_percent, max_tries)
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    return upper, damp, increased
+
+
+def damped_cholesky(hessian: torch.Tensor, damp_percent: float, max_tries: int = 6
+                    ) -> tuple[torch.Tensor, float, bool]:
+    """Lower Cholesky factor of ``H + λI`` (``H`` overwritten), λ starting at
+    ``damp_percent·mean(diag H)`` and growing ×10 until the factorisation succeeds; returns
+    ``(L, λ, whether λ grew)``."""
+    diag = hessian.diagonal()
     mean_diag = float(diag.mean())
     damp = damp_percent * mean_diag if mean_diag > 0 else 1e-6
     diag += damp
     for attempt in range(max_tries):
-        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        lower, info = torch.linalg.cholesky_ex(hessian)
         if int(info) == 0:
-            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-            return upper, damp, attempt > 0
+            return lower, damp, attempt > 0
         diag += 9.0 * damp  # λ → 10·λ
         damp *= 10.0
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
@@ -82,21 +91,9 @@ def float_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torc
     columns no input reaches stay 0 as GPTQ leaves them."""
     H = hessian.float().clone()
     delta = cross.float() - H                        # C − H
-    diag = H.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    mean_diag = float(diag.mean())
-    damp = damp_percent * mean_diag if mean_diag > 0 else 1e-6
-    diag += damp
-    for _ in range(6):
-        lower, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            break
-        diag += 9.0 * damp
-        damp *= 10.0
-    else:
-        raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping "
-                                       f"{damp:g}")
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    lower, _, _ = damped_cholesky(H, damp_percent)
     W = weight.float()
     change = torch.cholesky_solve((W @ delta).T.contiguous(), lower).T  # W·(C−H)·H⁻¹
     out = W + change

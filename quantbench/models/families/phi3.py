@@ -159,11 +159,9 @@ def gguf_config(meta, kwargs: dict) -> None:
     the converter writes for Phi-4) and the rotary share (``rope.dimension_count`` over
     hidden / heads)."""
     head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
-    rotary = meta.count("rope.dimension_count", head_dim)
-    if rotary > head_dim or rotary % 2:
-        raise ModelLoadError(f"GGUF metadata phi3.rope.dimension_count is {rotary}, "
-                             f"{'odd' if rotary % 2 else 'more than the head size'} "
-                             f"({head_dim}); the file is corrupted: re-create it")
+    # checked against hidden / heads here: without key_length the common import took its head
+    # size from rope.dimension_count itself, so it cannot see a count past the head
+    rotary = meta.rotary_dims(head_dim)
     rope = dict(kwargs.pop("rope_parameters", None) or {"rope_type": "default"})
     rope.setdefault("rope_theta", kwargs.pop("rope_theta", 10000.0))
     kwargs.pop("rope_theta", None)
