@@ -31,15 +31,13 @@ from quantbench.api import quantize, save
 from quantbench.config import TargetConfig
 from quantbench.eval.run import artifact_factory
 from quantbench.formats.io import open_artifact
+from tests.conftest import PEER_GPTQMODEL as PEER, needs_gptqmodel
 
-PEER = Path(os.environ.get("QUANTBENCH_PEER_GPTQMODEL", "/work/peers/gptqmodel/bin/python"))
 PEERS = Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
 FP16_TOL = 2e-3   # AwqTorchLinear: float16 compute, measured <= 7.3e-4
 BF16_TOL = 1.5e-2  # TorchAtenAwqLinear: bfloat16 compute and scales, measured <= 5.4e-3
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not PEER.is_file(), reason=f"GPTQModel peer venv not found at {PEER} (set "
-    "QUANTBENCH_PEER_GPTQMODEL; see benchmarks/peers/README.md)")]
+pytestmark = [pytest.mark.slow, needs_gptqmodel]
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,11 @@ from safetensors.torch import load_file
 from quantbench.api import quantize, save
 from quantbench.formats.io import open_artifact
 from quantbench.models.torch_model import build_causal_lm
+from tests.conftest import PEER_GPTQMODEL as PEER, needs_gptqmodel
 
-PEER = Path(os.environ.get("QUANTBENCH_PEER_GPTQMODEL", "/work/peers/gptqmodel/bin/python"))
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "transformers_logits.py"
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not PEER.is_file(), reason=f"GPTQModel peer venv not found at {PEER} (set "
-    "QUANTBENCH_PEER_GPTQMODEL; see benchmarks/peers/README.md)")]
+pytestmark = [pytest.mark.slow, needs_gptqmodel]
 
 
 @pytest.mark.parametrize("symmetric,act_order,static", [(True, True, False), (False, False, True),
