@@ -132,6 +132,14 @@ class CalibrationOptions(MethodOptions):
                              help="Calibration windows per forward batch.")
     device: str = option("auto", help="Where blocks, statistics and solves run: auto (a CUDA "
                          "GPU when torch sees one, else cpu), cpu, cuda, cuda:N.")
+    expert_min_tokens: int = option(16, allowed=Range(0, integer=True), help=(
+        "Mixture-of-experts models: an expert routed fewer calibration tokens than this in a "
+        "layer takes its statistics from all of that layer's tokens instead (force-routing); "
+        "the manifest lists each layer's coverage."))
+    router_weighted: bool = option(True, off_flag="--no-router-weighted", help=(
+        "Mixture-of-experts models: each routed token counts in an expert's Hessian by its "
+        "squared router weight (the expert's output is scaled by it); off: every routed token "
+        "alike."))
 
 
 @dataclass(frozen=True)

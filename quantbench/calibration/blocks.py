@@ -20,6 +20,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.finite import count_non_finite
 from quantbench.lazy import torch
 from quantbench.models.arch import Sublayer
+from quantbench.models.experts import install_routed_experts
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
 
@@ -58,7 +59,7 @@ def _skeleton(model: Model) -> torch.nn.Module:
     hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"), _no_init():
         net = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    return net
+    return install_routed_experts(net, model.arch)
 
 
 def _set(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
@@ -251,6 +252,11 @@ class BlockContext:
     # inputs of this block (the visitor replaces them with the next block's)
     float_targets: float | None = None
     reference: list[torch.Tensor] | None = None
+    # mixture-of-experts models (pipeline.quantize_experts): where token counts go, the
+    # force-routing threshold, whether Hessians weight tokens by their routing weight
+    expert_tokens: dict[int, list[int]] | None = None
+    expert_min_tokens: int = 16
+    router_weighted: bool = True
 
     @property
     def device(self) -> torch.device:

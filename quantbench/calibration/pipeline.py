@@ -193,6 +193,14 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
         kwargs = ctx.sublayer_kwargs(sub)
         with torch.inference_mode():
             normed = [norm(h) for h in x]
+        if sub.output is None:  # routed experts (models/experts.py)
+            if ref is not None:
+                raise QuantbenchError("--float-targets does not support mixture-of-experts "
+                                      "blocks; drop the flag")
+            results.update(quantize_experts(ctx, sub, mixer, normed, statistic, quantize_fn))
+            with torch.inference_mode():
+                x = residual_add(ctx.layer, sub, x, (call_mixer(mixer, n, {}) for n in normed))
+            continue
         weights = None
         if sub.post_norm is not None and statistic == "hessian":
             weights = post_norm_weights(mixer, normed, kwargs)
@@ -242,6 +250,64 @@ def quantize_block_staged(ctx: BlockContext, statistic: str | None,
     if ref is not None:
         ctx.reference = ref
     return results, x
+
+
+def _expert_inputs(experts: torch.nn.Module, projection: str, mixer: torch.nn.Module,
+                   normed: list[torch.Tensor]
+                   ) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
+    """One pass of the MoE ``mixer``: what each expert's ``projection`` receives (only the
+    tokens routed to it) and those tokens' routing weights, by expert index."""
+    modules = {str(e): getattr(expert, projection) for e, expert in enumerate(experts)}
+    experts.recording = {}
+    try:
+        seen = capture_linear_inputs(mixer, modules, normed, [{} for _ in normed])
+        routed = experts.recording
+    finally:
+        experts.recording = None
+    return {int(e): v for e, v in seen.items()}, routed
+
+
+def quantize_experts(ctx: BlockContext, sub: Sublayer, mixer: torch.nn.Module,
+                     normed: list[torch.Tensor], statistic: str | None,
+                     quantize_fn: QuantizeFn) -> dict[str, Any]:
+    """A mixture-of-experts branch, calibrated by the router: one mixer pass captures what
+    every expert's gate/up receive (the tokens routed to it), each expert's gate+up are
+    quantized on that; a second pass (quantized gate/up) does the same for the downs.
+
+    With a Hessian statistic and ``router_weighted`` each token's input is scaled by its
+    routing weight (the expert's output is, so its squared error counts ``w²``). An expert
+    routed fewer than ``expert_min_tokens`` tokens takes all of the layer's tokens instead
+    (force-routing: its gate/up see every ``norm(x)``, its down what its own quantized
+    gate/up make of them), unweighted. Token counts are recorded in ``ctx.expert_tokens``."""
+    spec = ctx.model.arch.experts
+    experts = ctx.layer.get_submodule(spec.module)
+    gate, up, down = (p for p, _ in spec.projections)
+    results: dict[str, Any] = {}
+    counts: list[int] = []
+    for stage, projections in enumerate(((gate, up), (down,))):
+        feats: dict[int, list[torch.Tensor]] = {}
+        routed: dict[int, list[torch.Tensor]] = {}
+        if statistic is not None:
+            with heap_for_temporaries():
+                feats, routed = _expert_inputs(experts, projections[0], mixer, normed)
+        for e, expert in enumerate(experts):
+            group = tuple(spec.linear(e, p) for p in projections)
+            n = sum(int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats.get(e, []))
+            if stage == 0:
+                counts.append(n)
+            seen = None
+            if statistic is not None:
+                if n < max(1, ctx.expert_min_tokens):  # force-routing: every token
+                    with torch.inference_mode():
+                        seen = normed if stage == 0 else [expert.inner(h) for h in normed]
+                elif statistic == "hessian" and ctx.router_weighted:
+                    seen = [f * w.to(f.dtype)[:, None] for f, w in zip(feats[e], routed[e])]
+                else:
+                    seen = feats[e]
+            results.update(_quantize_group(ctx, group, seen, statistic, quantize_fn))
+    if ctx.expert_tokens is not None:
+        ctx.expert_tokens[ctx.index] = counts
+    return results
 
 
 def float_model_inputs(ctx: BlockContext, sub: Sublayer, ref: list[torch.Tensor],
@@ -310,7 +376,8 @@ def _on_cpu(quantize_fn: QuantizeFn) -> QuantizeFn:
 
 
 def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method: "Method",
-                 batch_size: int = 8, staged: bool = True, device: torch.device = CPU
+                 batch_size: int = 8, staged: bool = True, device: torch.device = CPU,
+                 expert_tokens: dict[int, list[int]] | None = None
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(block index, {tensor name: QuantizedTensor or tensor})`` in order, on the CPU.
 
@@ -320,7 +387,8 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
     first (AWQ rescales and clips there). Non-quantized tensors come from the block as the
     method left it, in the checkpoint's dtype. On a GPU ``device`` the block forwards and
     statistics run there; so does ``quantize_with_stats`` when the method is
-    ``device_capable``."""
+    ``device_capable``. ``expert_tokens`` (a mixture-of-experts model) receives each block's
+    calibration token count per expert."""
     pin_mmap_threshold()
     skeleton = _skeleton(model)
     captured = capture_inputs(model, skeleton, windows, batch_size, device)
@@ -342,6 +410,10 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
         return tensors, outputs
 
     float_targets = method.float_targets
+    options = method.config.options
+    if model.arch.experts is not None and run is quantize_block:
+        raise QuantbenchError("a mixture-of-experts model is calibrated branch by branch; "
+                              "it cannot run unstaged")
     if float_targets is not None and run is quantize_block:
         raise QuantbenchError(f"--float-targets needs the {model.arch.family} block "
                               "declared as residual branches (ArchSpec.sublayers); drop the "
@@ -349,4 +421,7 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
     yield from walk_blocks(model, skeleton, captured, visit, device, targets,
                            quantize_many=quantize_many,
                            attention_values=bool(method.attention_values),
-                           calibration=captured, float_targets=float_targets)
+                           calibration=captured, float_targets=float_targets,
+                           expert_tokens=expert_tokens,
+                           expert_min_tokens=getattr(options, "expert_min_tokens", 16),
+                           router_weighted=getattr(options, "router_weighted", True))

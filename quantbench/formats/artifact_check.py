@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from quantbench.errors import FormatError, ModelLoadError
 from quantbench.formats.base import MANIFEST, Artifact
-from quantbench.models.arch import arch_for
+from quantbench.models.arch import arch_of
 from quantbench.models.validate import Context, check_tensors, expected_tensors
 
 
@@ -32,7 +32,7 @@ def check_artifact(art: Artifact, config_checked: bool = False) -> Artifact:
             shapes[name] = tuple(table[name]["shape"])
     if not config_checked:
         try:
-            arch, ctx = arch_for(art.config.get("model_type")), Context(str(art.path))
+            arch, ctx = arch_of(art.config), Context(str(art.path))
             skip = check_tensors(art.config, arch, shapes, ctx)
             implied = expected_tensors(art.config, arch, ctx)
         except ModelLoadError as exc:  # an artifact is a format's concern
@@ -111,7 +111,7 @@ def _check_settings(art: Artifact, table: Mapping[str, Any]) -> None:
                           f"quantization ({type(exc).__name__}: {exc}); the manifest is "
                           "damaged: re-create the artifact") from exc
     targets = [name for name, row in table.items() if row.get("quantized")]
-    arch = arch_for(art.config.get("model_type"))
+    arch = arch_of(art.config)
     expected = {"config.json": fmt.quantization_config(config, targets, arch)}
     for fname, text in fmt.extra_files(config, targets, arch).items():
         if fname.endswith(".json"):

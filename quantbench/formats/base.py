@@ -9,7 +9,7 @@ from quantbench.config import QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
 from quantbench.finite import count_non_finite, describe_non_finite
 from quantbench.lazy import torch
-from quantbench.models.arch import ArchSpec, arch_for
+from quantbench.models.arch import ArchSpec, arch_of
 from quantbench.models.weights import LazyWeights
 from quantbench.tensor import QuantizedTensor
 
@@ -57,7 +57,7 @@ class Artifact:
 
     @property
     def arch(self) -> ArchSpec:
-        return arch_for(self.config.get("model_type"))
+        return arch_of(self.config)
 
     def quantized(self, name: str) -> QuantizedTensor:
         qt = self._decoded(self.decode, name)

@@ -186,6 +186,12 @@ class BitsAndBytesFormat(Format):
         if f"{model.arch.lm_head}.weight" in targets:
             raise ConfigError("transformers keeps lm_head in 16-bit in bitsandbytes "
                               "checkpoints; drop --quantize-lm-head or use --format dense")
+        spec = model.arch.experts
+        if spec is not None and any(f".{spec.module}." in t for t in targets):
+            raise ConfigError("transformers holds mixture-of-experts experts as fused 3-D "
+                              "parameters, which its bitsandbytes loading does not quantize; "
+                              f"add --exclude '{spec.module}' (attention only) or use --format "
+                              "gptq, compressed-tensors or gguf")
 
     def quantization_config(self, config: QuantizeConfig, targets: list[str],
                             arch: ArchSpec) -> dict[str, Any]:

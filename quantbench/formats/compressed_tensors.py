@@ -80,7 +80,7 @@ class CompressedTensorsFormat(Format):
             "observer": "minmax",
             "observer_kwargs": {},
         }
-        modules = [_module(t) for t in targets]
+        modules = [arch.output_name(_module(t)) for t in targets]
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",

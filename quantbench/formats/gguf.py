@@ -234,12 +234,12 @@ class GGUFWeights:
     rows back in the HF layout); the file is memory-mapped by gguf-py, read per tensor."""
 
     def __init__(self, file: Path, reader, config: dict[str, Any]):
-        from quantbench.models.arch import arch_for
+        from quantbench.models.arch import arch_of
         from quantbench.models.gguf_import import generated_names
 
         self.file, self.config = file, config
         self.tensors = {}
-        spec = arch_for(config.get("model_type"))
+        spec = arch_of(config)
         for t in reader.tensors:
             if t.name in generated_names(spec):  # already in the config's rope_parameters
                 continue
@@ -369,10 +369,10 @@ def _manifest(path: Path, file: Path) -> dict[str, Any] | None:
 def _activations(weights: GGUFWeights) -> dict[str, str]:
     """Module → the type llama.cpp rounds its input to (every matmul with a 2-D weight; the
     tied token_embd also serves as lm_head)."""
-    from quantbench.models.arch import arch_for
+    from quantbench.models.arch import arch_of
     from quantbench.quant.gguf.activations import vec_dot_type
 
-    arch = arch_for(weights.config.get("model_type"))
+    arch = arch_of(weights.config)
     out = {}
     for name in weights.names():
         act = vec_dot_type(weights.ggml_type(name))

@@ -24,7 +24,7 @@ from quantbench.formats.gguf_kv import (ARCHS, KV, gguf_arch, kv_dict,  # noqa: 
                                         read_json)
 from quantbench.lazy import torch
 from quantbench.quant.gguf.mixtures import file_type
-from quantbench.models.arch import arch_for
+from quantbench.models.arch import arch_of
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: st
         kvs.append(KV("general.size_label", size_label(n_params), VT.STRING))
     arch_kvs = _with_file_type(arch_metadata(config), KV("general.file_type", file_type(ftype),
                                                         VT.UINT32), config)
-    spec = arch_for(config.get("model_type"))
+    spec = arch_of(config)
     kvs += spec.gguf_arrange(config, arch_kvs) if spec.gguf_arrange is not None else arch_kvs
     if arch == "llama":
         kvs.append(KV("llama.vocab_size", int(config["vocab_size"]), VT.UINT32))
@@ -81,7 +81,7 @@ def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: st
 def _with_file_type(kvs: list[KV], ftype: KV, config: dict) -> list[KV]:
     """``general.file_type`` where the converter writes it: after the ``<arch>.*`` block, or
     before the family's ``ArchSpec.gguf_file_type_before`` key."""
-    before = arch_for(config.get("model_type")).gguf_file_type_before
+    before = arch_of(config).gguf_file_type_before
     at = next((i for i, kv in enumerate(kvs) if kv.key == before), len(kvs))
     return kvs[:at] + [ftype] + kvs[at:]
 
@@ -114,7 +114,7 @@ def arch_metadata(config: dict) -> list[KV]:
     order; ``vocab_size``/``rope.dimension_count`` (llama only) are added by gguf_metadata.
     A family whose converter writes its own block (``ArchSpec.gguf_params``) gives it whole."""
     a = gguf_arch(config)
-    spec = arch_for(config.get("model_type"))
+    spec = arch_of(config)
     if spec.gguf_params is not None:
         return spec.gguf_params(config)
     kvs = [KV(f"{a}.block_count", int(config["num_hidden_layers"]), VT.UINT32)]
@@ -228,7 +228,7 @@ def gguf_name(hf_name: str, config: dict) -> str | None:
         raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a "
                           f"{config.get('model_type')} model")
     try:
-        return arch_for(config.get("model_type")).gguf_tensor_name(hf_name)
+        return arch_of(config).gguf_tensor_name(hf_name)
     except ModelLoadError as exc:
         raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a "
                           f"{config.get('model_type')} model") from exc
@@ -251,7 +251,7 @@ def tensor_plan(shapes: dict[str, Sequence[int]], config: dict) -> list[tuple[st
 def generated(config: dict) -> tuple[list[KV], dict[str, torch.Tensor]]:
     """The keys and float32 tensors the family's converter class makes from the config
     (``ArchSpec.gguf_generate``: Phi-3's LongRoPE factors), none for the others."""
-    hook = arch_for(config.get("model_type")).gguf_generate
+    hook = arch_of(config).gguf_generate
     return hook(config) if hook is not None else ([], {})
 
 
@@ -288,14 +288,14 @@ def needs_qk_permute(config: dict) -> bool:
     """llama-arch GGUFs store Q/K rows in llama.cpp's interleaved RoPE order; qwen2 does not
     (the family's ``ArchSpec.gguf_qk_permute``)."""
     gguf_arch(config)  # refuses an unsupported model type
-    return arch_for(config.get("model_type")).gguf_qk_permute
+    return arch_of(config).gguf_qk_permute
 
 
 def norm_offset(config: dict, hf_name: str) -> float:
     """What llama.cpp's converter adds to the norm weight ``hf_name`` (Gemma stores ``1 + w``:
     ``ArchSpec.gguf_norm_plus_offset``); 0.0 for every other tensor and family. The writer
     adds it, the readers subtract it."""
-    spec = arch_for(config.get("model_type"))
+    spec = arch_of(config)
     if not spec.gguf_norm_plus_offset or not hf_name.endswith(".weight"):
         return 0.0
     module = hf_name[: -len(".weight")]

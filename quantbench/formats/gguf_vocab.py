@@ -28,7 +28,7 @@ from gguf import GGUFValueType as VT
 from quantbench.errors import ConfigError, FormatError
 from quantbench.formats.gguf_kv import KV, gguf_arch, read_json
 from quantbench.formats.gguf_special import SPECIAL_TYPES, special_metadata
-from quantbench.models.arch import arch_for
+from quantbench.models.arch import arch_of
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def tokenizer_metadata(model_dir: Path, config: dict,
     spm = vocab[0] == "llama"  # SentencePiece-style: ids checked against the vocab, no merges
     kvs += special_metadata(model_dir, load_merges=not spm,
                             n_vocab=len(vocab[2]) if spm else None)
-    space = arch_for(config.get("model_type")).gguf_spm_space_prefix
+    space = arch_of(config).gguf_spm_space_prefix
     if spm and space is not None:
         kvs = _set(kvs, KV("tokenizer.ggml.add_space_prefix", space, VT.BOOL))
     if arch == "llama" and config.get("vocab_size") == 49152:  # the converter's Granite rule,

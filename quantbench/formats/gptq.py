@@ -44,11 +44,12 @@ def refuse_embeddings(label: str, model: Any, targets: list[str]) -> None:
 
 
 def untargeted_modules(targets: list[str], arch: ArchSpec) -> list[str]:
-    """Linears of the quantized blocks that stay in float (loaders must skip them)."""
+    """Linears of the quantized blocks that stay in float (loaders must skip them), as the
+    files name them (``ArchSpec.output_name``)."""
     wanted = set(targets)
     blocks = sorted({b for t in targets if (b := arch.block_of(t)) is not None})
     modules = [arch.block_module(b, lin) for b in blocks for lin in arch.linears]
-    return [m for m in modules if f"{m}.weight" not in wanted]
+    return [arch.output_name(m) for m in modules if f"{m}.weight" not in wanted]
 
 
 def fp16_scales(qt: QuantizedTensor, label: str) -> torch.Tensor:

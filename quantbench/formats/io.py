@@ -214,14 +214,15 @@ def _write_shards(qmodel, writer_fmt: Format, tmp: Path,
     model = qmodel.source
     tensor_info: dict[str, dict[str, Any]] = {}
     writer = ShardedWriter(tmp, max_shard_bytes)
+    stored = model.arch.output_name  # the names runtimes read (Mixtral's block_sparse_moe)
     for label, tensors in qmodel.iter_blocks():
         for name, value in tensors.items():
             if isinstance(value, QuantizedTensor):
                 for key, packed in writer_fmt.encode(name, value).items():
-                    writer.add(key, packed)
+                    writer.add(stored(key), packed)
                 tensor_info[name] = _qt_info(value)
             else:
-                writer.add(name, value)
+                writer.add(stored(name), value)
                 tensor_info[name] = _plain_info(value)
         if on_step:
             on_step(label)
@@ -292,8 +293,23 @@ def open_artifact(path: str | os.PathLike, headers_only: bool = False) -> Artifa
     if not weights.names():
         raise FormatError(f"{path} holds no safetensors or GGUF weights to read back; a "
                           "pytorch_model.bin checkpoint: run quantbench convert on it first")
+    _module_names(config, weights)
     name = (manifest or {}).get("format") or _detect(config, weights)
     return check_artifact(get_format(name)().read(path, config, weights, manifest))
+
+
+def _module_names(config: dict[str, Any], weights: LazyWeights) -> None:
+    """Know the tensors of an artifact stored under a family's checkpoint names (Mixtral's
+    ``block_sparse_moe``: ``ArchSpec.output_renames``) by the model's module paths."""
+    from quantbench.errors import ModelLoadError
+    from quantbench.models.arch import arch_for
+
+    try:
+        arch = arch_for(config.get("model_type"))
+    except ModelLoadError:
+        return  # the format's reader says what is wrong with the config
+    if arch.output_renames:
+        weights.rename(arch.module_name)
 
 
 def _detect(config: dict[str, Any], weights: LazyWeights) -> str:

@@ -122,6 +122,8 @@ def build_manifest(directory: Path, qmodel, fmt: str, tensor_info: dict[str, dic
     }
     if command:
         manifest["command"] = [str(arg) for arg in command]
+    if coverage := qmodel.expert_coverage():  # a mixture-of-experts model's calibration
+        manifest["experts"] = coverage
     if kept := model.passthrough_report():  # parts copied through unquantized (vision tower);
         # a GGUF holds the text model only (llama.cpp reads the vision part from an mmproj)
         manifest["left_out" if fmt == "gguf" else "passthrough"] = kept

@@ -78,6 +78,12 @@ MANIFEST_SCHEMA = Obj({
     # parts of a multimodal model copied through unquantized (absent: none)
     "passthrough": MapOf(Obj({"tensors": INT, "dtype": STR})),
     "left_out": MapOf(Obj({"tensors": INT, "dtype": STR})),  # ... not in the file (GGUF)
+    # a mixture-of-experts model's calibration coverage (absent: dense, or not calibrated)
+    "experts": Obj({"experts": INT, "min_tokens_threshold": INT, "fallback": STR,
+                    "router_weighted": BOOL, "router": STR,
+                    "layers": ListOf(Obj({"layer": INT, "min_tokens": INT,
+                                          "median_tokens": INT, "max_tokens": INT,
+                                          "force_routed": ListOf(INT)}))}),
 }, required=("manifest_version", "format"))
 
 

@@ -40,3 +40,9 @@ def arch_for(model_type: str | None) -> ArchSpec:
         f"which linears a block holds, its norms, its GGUF names); it supports "
         f"{', '.join(supported_model_types())}"
     )
+
+
+def arch_of(config: dict) -> ArchSpec:
+    """The architecture of a model config, specialised to it (a mixture-of-experts family
+    expanded to its expert count: ``ArchSpec.for_config``)."""
+    return arch_for(config.get("model_type")).for_config(config)

@@ -34,7 +34,7 @@ class Sublayer:
     norm: str
     mixer: str
     inputs: tuple[str, ...]
-    output: str
+    output: str | None  # None: no single output linear (routed experts sum their outputs)
     takes_layer_kwargs: bool = False  # attention needs the mask / position embeddings
     values: str | None = None  # attention's value projection (its rows are read per kv head)
     post_norm: str | None = None  # a norm on the branch output before the residual add
@@ -66,6 +66,60 @@ class Fused:
             out[part] = slice(start, start + n)
             start += n
         return out
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The routed experts of a mixture-of-experts MLP (Mixtral, Qwen3-MoE), as the model holds
+    them once loaded: ``<mixer>.experts.<e>.<gate|up|down>_proj`` linears (the per-expert
+    layout older checkpoints store; a checkpoint with transformers 5's fused 3-D parameters
+    ``<mixer>.experts.gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` is read as views of
+    those) and a router ``<mixer>.gate`` ([E, H], never quantized). ``count_keys`` /
+    ``top_k_key`` / ``size_key`` name the config's expert count, experts per token and
+    per-expert intermediate size; ``normalize_key`` whether the top-k weights are
+    renormalised (None: always, as Mixtral); ``gguf_arch_experts`` the GGUF key suffix.
+    ``ArchSpec.for_config`` expands a spec to a model's expert count; see
+    ``models/experts.py`` for the module that runs them."""
+
+    count_keys: tuple[str, ...]  # the first the config holds (transformers renamed some)
+    size_key: str
+    top_k_key: str = "num_experts_per_tok"
+    normalize_key: str | None = None
+    mixer: str = "mlp"
+    projections: tuple[tuple[str, str], ...] = (("gate_proj", "ffn_gate_exps"),
+                                                ("up_proj", "ffn_up_exps"),
+                                                ("down_proj", "ffn_down_exps"))
+    router_gguf: str = "ffn_gate_inp"
+
+    @property
+    def router(self) -> str:
+        return f"{self.mixer}.gate"
+
+    @property
+    def module(self) -> str:
+        return f"{self.mixer}.experts"
+
+    def linear(self, expert: int, projection: str) -> str:
+        return f"{self.module}.{expert}.{projection}"
+
+    def parse(self, linear: str) -> tuple[int, str] | None:
+        """``(expert, projection)`` of an expert linear (block-relative), else None."""
+        head = self.module + "."
+        if not linear.startswith(head):
+            return None
+        index, _, projection = linear[len(head):].partition(".")
+        return (int(index), projection) if index.isdigit() and projection else None
+
+    def count_key(self, config: dict) -> str:
+        """The config key that holds the expert count (the first of ``count_keys`` present)."""
+        return next((k for k in self.count_keys if config.get(k) is not None),
+                    self.count_keys[0])
+
+    def count(self, config: dict) -> int:
+        return int(config[self.count_key(config)])
+
+    def top_k(self, config: dict) -> int:
+        return int(config[self.top_k_key])
 
 
 def config_value(config: dict, key: str):
@@ -245,10 +299,24 @@ class ArchSpec:
     config_section: str | None = None  # the config key holding the decoder's hyperparameters
     passthrough: tuple[tuple[str, str], ...] = ()  # (tensor prefix, what it is): never quantized
     checkpoint_renames: tuple[tuple[str, str], ...] = ()  # (stored-name regex, replacement)
+    output_renames: tuple[tuple[str, str], ...] = ()  # module path → the name outputs store
     gguf_names: tuple[tuple[str, str], ...] = LLAMA_GGUF_LINEARS + (
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
     )
+    kept: tuple[str, ...] = ()  # block modules with a weight never quantized (an MoE router)
+    experts: Experts | None = None  # a mixture-of-experts MLP (expanded by for_config)
+    num_experts: int = 0  # set by for_config: the model's expert count
+
+    def for_config(self, config: dict) -> "ArchSpec":
+        """This spec for one model: a mixture-of-experts family expanded to the config's
+        expert count (every expert's linears, groups, shapes and folding pairs named); any
+        other family as it is."""
+        if self.experts is None or self.num_experts:
+            return self
+        from quantbench.models.experts import expand
+
+        return expand(self, self.hparams(config))
 
     def hparams(self, config: dict) -> dict:
         """The decoder's hyperparameters: ``config`` itself, or a multimodal wrapper's
@@ -273,6 +341,16 @@ class ArchSpec:
             if n:
                 return new
         return stored
+
+    def output_name(self, name: str) -> str:
+        """A module path (or a tensor under it) as the safetensors outputs store it
+        (``output_renames``: Mixtral's experts under ``block_sparse_moe``); read back through
+        ``checkpoint_renames``."""
+        for pattern, replacement in self.output_renames:
+            new, n = re.subn(pattern, replacement, name, count=1)
+            if n:
+                return new
+        return name
 
     def passthrough_part(self, tensor_name: str) -> str | None:
         """What a tensor copied through unquantized belongs to (``vision tower``), or None."""

@@ -362,9 +362,9 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
     from gguf.quants import dequantize
 
     from quantbench.formats.gguf_meta import norm_offset, qk_permute_heads
-    from quantbench.models.arch import arch_for
+    from quantbench.models.arch import arch_of
 
-    spec = arch_for(config.get("model_type"))
+    spec = arch_of(config)
     for t in reader.tensors:
         if t.name in generated_names(spec):
             continue

@@ -13,7 +13,7 @@ from quantbench.errors import ModelLoadError
 from quantbench.inputs import os_error_message, read_json_object
 from quantbench.lazy import torch
 from quantbench.localpath import looks_local, missing
-from quantbench.models.arch import ArchSpec, arch_for
+from quantbench.models.arch import ArchSpec, arch_of
 from quantbench.models.weights import LazyWeights, load_pickled_weights
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
     (``models/validate.py``); ``allow_non_finite`` lets NaN/Inf weights be read (kept
     unquantized) instead of refused."""
     config = _read_config(directory)
-    arch = arch_for(config.get("model_type"))
+    arch = arch_of(config)
     for key in ("dtype", "torch_dtype"):  # copied into every output's config: must be a dtype
         if config.get(key) is not None and config[key] not in (*DTYPE_NAMES, "float64", "auto"):
             raise ModelLoadError(f"{directory / 'config.json'} '{key}' is {config[key]!r}, not a "
@@ -219,6 +219,10 @@ def open_model_dir(directory: Path, source: str, trust_remote_code: bool = False
     weights.allow_non_finite = allow_non_finite
     if arch.checkpoint_renames:
         weights.rename(arch.module_name)
+    if arch.experts is not None:  # transformers 5's fused 3-D experts, read per expert
+        from quantbench.models.experts import fused_views
+
+        weights.split(fused_views(arch, {n: weights.shape(n) for n in weights.names()}))
     _validate(directory, config, arch, weights)
     meta: dict[str, Any] = {}
     sample_meta = directory / "quantbench_sample.json"

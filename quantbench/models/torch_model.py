@@ -36,6 +36,7 @@ def build_causal_lm(
         model = AutoModelForCausalLM.from_config(
             hf_config, dtype=dtype, trust_remote_code=trust_remote_code
         )
+    _install_experts(model, config)
     state = {name: t.to(dtype) for name, t in tensors}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not _is_tied(k, hf_config)]
@@ -47,6 +48,18 @@ def build_causal_lm(
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()
+
+
+def _install_experts(model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """Per-expert linears in place of transformers' fused experts (``models/experts.py``)."""
+    from quantbench.models.arch import ArchSpec, arch_of
+    from quantbench.models.experts import install_routed_experts
+
+    try:
+        arch: ArchSpec = arch_of(config)
+    except ModelLoadError:
+        return  # a model type quantbench has no layout for (trust_remote_code): as built
+    install_routed_experts(model, arch)
 
 
 def _is_tied(key: str, hf_config) -> bool:

@@ -183,7 +183,7 @@ def _expected(config: Mapping, arch: ArchSpec, ctx: Context) -> dict[str, Expect
     with_bias = [lin for flag, lins in arch.biases
                  if flag is None or config.get(flag) for lin in lins]
     for index in range(n_blocks):
-        for relative in dict.fromkeys(arch.linears + arch.norms):
+        for relative in dict.fromkeys(arch.linears + arch.norms + arch.kept):
             module = arch.block_module(index, relative)
             weight = add(module, relative)
             if relative in with_bias:

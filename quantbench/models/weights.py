@@ -53,6 +53,7 @@ class LazyWeights:
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
         self._stored: dict[str, str] = {}  # name → the name the file stores it under (renamed)
+        self._views: dict[str, tuple[int, tuple[int, ...]]] = {}  # name → (element offset, shape)
         self.allow_non_finite = False
         self.non_finite: dict[str, int] = {}
 
@@ -105,6 +106,21 @@ class LazyWeights:
     def _key(self, name: str) -> str:
         return self._stored.get(name, name)
 
+    def split(self, views: dict[str, list[tuple[str, int, tuple[int, ...]]]]) -> None:
+        """Know each stored tensor of ``views`` as pieces of it instead: ``(name, element
+        offset, shape)``, each a contiguous range of the stored tensor (a fused expert
+        parameter read per expert: ``models/experts.py``); nothing is read now."""
+        for stored, pieces in views.items():
+            path, key = self._shards.pop(stored), self._key(stored)
+            self._stored.pop(stored, None)
+            for name, offset, shape in pieces:
+                if name in self._shards:
+                    raise ModelLoadError(f"{path} holds {name} twice (as a tensor and inside "
+                                         f"{key}); remove one of them")
+                self._shards[name] = path
+                self._stored[name] = key
+                self._views[name] = (offset, tuple(shape))
+
     def drop(self, names: Iterable[str]) -> None:
         """Forget tensors the model does not use (leftover buffers; see models/validate.py)."""
         for name in names:
@@ -134,6 +150,8 @@ class LazyWeights:
         return sorted(set(self._shards.values()))
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._views:
+            return self._views[name][1]
         return tuple(self._handle(self._shards[name]).get_slice(self._key(name)).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
@@ -148,13 +166,22 @@ class LazyWeights:
                 self._headers[path] = (8 + n, json.loads(fh.read(n)))
         return self._headers[path]
 
-    def _read(self, path: Path, name: str) -> torch.Tensor:
-        """Read one tensor with a plain file read (no memory map: the pages of a multi-GB
-        checkpoint would otherwise stay resident, and counted, for the whole run)."""
+    def _read(self, path: Path, name: str, view: tuple[int, tuple[int, ...]] | None = None
+              ) -> torch.Tensor:
+        """Read one tensor (or a ``view``: element offset and shape inside it) with a plain
+        file read (no memory map: the pages of a multi-GB checkpoint would otherwise stay
+        resident, and counted, for the whole run)."""
         base, header = self._header(path)
         entry = header[name]
         dtype = _torch_dtypes()[entry["dtype"]]
         start, end = entry["data_offsets"]
+        if view is not None:
+            size = torch.empty((), dtype=dtype).element_size()
+            numel = 1
+            for d in view[1]:
+                numel *= d
+            start, end = start + view[0] * size, start + (view[0] + numel) * size
+            entry = {"shape": list(view[1])}
         buf = bytearray(end - start)
         with open(path, "rb") as fh:
             fh.seek(base + start)
@@ -169,7 +196,7 @@ class LazyWeights:
             raise KeyError(name)
         try:
             self._handle(self._shards[name])  # validated header
-            tensor = self._read(self._shards[name], self._key(name))
+            tensor = self._read(self._shards[name], self._key(name), self._views.get(name))
         except (SafetensorError, KeyError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot read {name} from {self._shards[name]} ({exc}); the file may be "
@@ -211,6 +238,16 @@ class InMemoryWeights(LazyWeights):
     def drop(self, names: Iterable[str]) -> None:
         for name in names:
             self._tensors.pop(name, None)
+
+    def split(self, views: dict[str, list[tuple[str, int, tuple[int, ...]]]]) -> None:
+        for stored, pieces in views.items():
+            flat = self._tensors.pop(stored).reshape(-1)
+            for name, offset, shape in pieces:
+                if name in self._tensors:
+                    raise ModelLoadError(f"the checkpoint holds {name} twice (as a tensor and "
+                                         f"inside {stored}); remove one of them")
+                numel = shape[0] * shape[1]
+                self._tensors[name] = flat[offset:offset + numel].reshape(shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)

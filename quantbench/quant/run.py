@@ -126,6 +126,30 @@ class QuantizedModel:
     device: str = "cpu"  # where the calibrated maths ran, set when the blocks are pulled
     device_peak_bytes: int | None = None  # a GPU's peak allocated memory during the run
     store: Any = None  # the BlockStore, once run
+    # a mixture-of-experts model's calibration tokens per block and expert (calibrated runs)
+    expert_tokens: dict[int, list[int]] | None = None
+
+    def expert_coverage(self) -> dict[str, Any] | None:
+        """Per-layer expert coverage of the calibration (the manifest's ``experts``): each
+        layer's min / median tokens routed to an expert and the experts under the
+        force-routing threshold, which took all of the layer's tokens instead."""
+        if not self.expert_tokens:
+            return None
+        threshold = max(1, int(getattr(self.config.options, "expert_min_tokens", 16)))
+        layers = []
+        for index in sorted(self.expert_tokens):
+            counts = self.expert_tokens[index]
+            ranked = sorted(counts)
+            layers.append({"layer": index, "min_tokens": ranked[0],
+                           "median_tokens": ranked[len(ranked) // 2],
+                           "max_tokens": ranked[-1],
+                           "force_routed": [e for e, n in enumerate(counts) if n < threshold]})
+        return {"experts": len(self.expert_tokens[min(self.expert_tokens)]),
+                "min_tokens_threshold": threshold,
+                "fallback": "force-routing: statistics from all of the layer's tokens",
+                "router_weighted": bool(getattr(self.config.options, "router_weighted", True)),
+                "router": "not quantized (kept in the source dtype)",
+                "layers": layers}
 
     @property
     def seconds(self) -> float:
@@ -234,8 +258,11 @@ class QuantizedModel:
         self.device = describe(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if self.source.arch.experts is not None:
+            self.expert_tokens = {}
         for index, tensors in run_pipeline(self.source, windows, self._target_set,
-                                           self.method, o.batch_size, device=device):
+                                           self.method, o.batch_size, device=device,
+                                           expert_tokens=self.expert_tokens):
             self.timings[f"block {index}"] = time.perf_counter() - start
             start = time.perf_counter()
             yield f"block {index}", tensors

@@ -6,12 +6,13 @@ converter and runtime)."""
 from __future__ import annotations
 
 from quantbench.models.families import gemma
+from quantbench.models.families.moe import MIXTRAL, QWEN3_MOE
 from quantbench.models.families.phi3 import PHI3
 from quantbench.models.families.qwen3 import QWEN3
 
-FAMILIES: tuple = (QWEN3, gemma.GEMMA2, gemma.GEMMA3, gemma.GEMMA3_MM, PHI3)
+FAMILIES: tuple = (QWEN3, gemma.GEMMA2, gemma.GEMMA3, gemma.GEMMA3_MM, PHI3, MIXTRAL, QWEN3_MOE)
 # model_type → what is missing and what to do (arch_for says it in one line)
-_MOE = ("a mixture-of-experts model: quantbench does not route calibration through experts "
-        "or write stacked expert tensors yet; quantize a dense model")
-UNSUPPORTED: dict[str, str] = {"mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE,
+_MOE = ("a mixture-of-experts layout quantbench does not support (it supports mixtral and "
+        "qwen3_moe: routed experts without shared experts)")
+UNSUPPORTED: dict[str, str] = {"qwen2_moe": _MOE,
                                "deepseek_v3": _MOE, "gpt_oss": _MOE}
