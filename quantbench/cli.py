@@ -404,6 +404,10 @@ def _print_inspect(artifact: Path, info: dict[str, Any], failed: list, tensors: 
         from quantbench.config import grid_from_dict
 
         head.add_row("method", f"{q['method']} {grid_from_dict(q['grid']).describe()}")
+    if info.get("experts"):
+        from quantbench.quant.run import describe_coverage
+
+        head.add_row("experts", escape(describe_coverage(info["experts"])))
     if info.get("eval"):
         e = info["eval"]
         head.add_row("eval", f"ppl {_num(e.get('ppl'), '.4f')}  "

@@ -143,10 +143,11 @@ needs_gptqmodel = pytest.mark.skipif(
 
 
 def assert_gptqmodel_reloads(out: Path, ids: torch.Tensor, ours: torch.Tensor,
-                             work: Path) -> None:
+                             work: Path, script: str = "transformers_logits.py") -> None:
     """transformers + GPTQModel's CPU kernels (the peer venv) load our gptq / awq file ``out``,
     quantize the linears our file says it quantized, and give ``ours`` logits up to their
-    float16 arithmetic (the bounds of tests/formats/test_gptq/awq_runtime.py)."""
+    float16 arithmetic (the bounds of tests/formats/test_gptq/awq_runtime.py). ``script``:
+    ``gptqmodel_logits.py`` loads with ``GPTQModel.load`` instead (mixture-of-experts)."""
     import json
     import subprocess
 
@@ -156,7 +157,7 @@ def assert_gptqmodel_reloads(out: Path, ids: torch.Tensor, ours: torch.Tensor,
     from quantbench.formats.io import open_artifact
 
     (work / "ids.json").write_text(json.dumps(ids.tolist()))
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "transformers_logits.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / script
     logits = work / "peer-logits.safetensors"
     proc = subprocess.run([str(PEER_GPTQMODEL), str(script), str(out), str(work / "ids.json"),
                            str(logits)], check=False, capture_output=True, text=True,

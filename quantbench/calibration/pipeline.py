@@ -21,6 +21,7 @@ from quantbench.calibration.blocks import (BlockContext, Captured, QuantizeManyF
                                            materialize_block, residual_add, walk_blocks)
 from quantbench.calibration.collectors import COLLECTORS
 from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
+from quantbench.config import CalibrationOptions
 from quantbench.devices import CPU
 from quantbench.errors import QuantbenchError
 from quantbench.finite import count_non_finite
@@ -257,7 +258,7 @@ def _expert_inputs(experts: torch.nn.Module, projection: str, mixer: torch.nn.Mo
                    ) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
     """One pass of the MoE ``mixer``: what each expert's ``projection`` receives (only the
     tokens routed to it) and those tokens' routing weights, by expert index."""
-    modules = {str(e): getattr(expert, projection) for e, expert in enumerate(experts)}
+    modules = {str(e): expert.get_submodule(projection) for e, expert in enumerate(experts)}
     experts.recording = {}
     try:
         seen = capture_linear_inputs(mixer, modules, normed, [{} for _ in normed])
@@ -410,7 +411,11 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
         return tensors, outputs
 
     float_targets = method.float_targets
-    options = method.config.options
+    expert_options = {}
+    if model.arch.experts is not None and isinstance(method.config.options, CalibrationOptions):
+        options = method.config.options
+        expert_options = {"expert_min_tokens": options.expert_min_tokens,
+                          "router_weighted": options.router_weighted}
     if model.arch.experts is not None and run is quantize_block:
         raise QuantbenchError("a mixture-of-experts model is calibrated branch by branch; "
                               "it cannot run unstaged")
@@ -423,5 +428,4 @@ def run_pipeline(model: Model, windows: torch.Tensor, targets: set[str], method:
                            attention_values=bool(method.attention_values),
                            calibration=captured, float_targets=float_targets,
                            expert_tokens=expert_tokens,
-                           expert_min_tokens=getattr(options, "expert_min_tokens", 16),
-                           router_weighted=getattr(options, "router_weighted", True))
+                           **expert_options)

@@ -104,7 +104,7 @@ class AWQFormat(ModuleTensorsFormat):
         """AutoAWQ ``to_transformers_dict`` keys (§2.4), plus GPTQModel's ``dynamic`` skip rules
         when modules stay unquantized: ``GPTQModel.load`` ignores ``modules_to_not_convert``
         (7.6.0) and would run those modules as empty quantized linears."""
-        skipped = untargeted_modules(targets, arch)
+        skipped = untargeted_modules(targets, arch, stored=False)
         q: dict[str, Any] = {"quant_method": "awq", "zero_point": True,
                              "group_size": config.grid.group_size, "bits": 4, "version": "gemm",
                              "modules_to_not_convert": skipped or None}

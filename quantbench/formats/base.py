@@ -157,6 +157,10 @@ class Format:
     description: ClassVar[str] = ""
     container: ClassVar[str | None] = None  # a format with its own file (gguf): write_container
     stores_codes: ClassVar[bool] = True  # False: quantized weights are written dequantized
+    # True: tensors under the family's stored checkpoint names (``ArchSpec.output_name``:
+    # Mixtral's block_sparse_moe.experts.N.w1, what transformers' conversion and vLLM read);
+    # False: under the module paths (GPTQModel names Mixtral's experts mlp.experts.N.gate_proj)
+    checkpoint_names: ClassVar[bool] = True
 
     def write_container(self, qmodel, file: Path,
                         on_step: Callable[[str], None] | None = None) -> dict[str, Any]:

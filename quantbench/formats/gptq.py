@@ -43,13 +43,14 @@ def refuse_embeddings(label: str, model: Any, targets: list[str]) -> None:
             "the embedding) or use --format dense or compressed-tensors")
 
 
-def untargeted_modules(targets: list[str], arch: ArchSpec) -> list[str]:
-    """Linears of the quantized blocks that stay in float (loaders must skip them), as the
-    files name them (``ArchSpec.output_name``)."""
+def untargeted_modules(targets: list[str], arch: ArchSpec, stored: bool = True) -> list[str]:
+    """Linears of the quantized blocks that stay in float (loaders must skip them), named as
+    the files store them (``stored``: ``ArchSpec.output_name``; else the module paths)."""
     wanted = set(targets)
     blocks = sorted({b for t in targets if (b := arch.block_of(t)) is not None})
     modules = [arch.block_module(b, lin) for b in blocks for lin in arch.linears]
-    return [arch.output_name(m) for m in modules if f"{m}.weight" not in wanted]
+    name = arch.output_name if stored else str
+    return [name(m) for m in modules if f"{m}.weight" not in wanted]
 
 
 def fp16_scales(qt: QuantizedTensor, label: str) -> torch.Tensor:
@@ -213,6 +214,7 @@ class ModuleTensorsFormat(Format):
 
     method_key: ClassVar[str]
     codec: ClassVar[Callable[[QuantizedTensor], dict[str, torch.Tensor]]]
+    checkpoint_names = False  # GPTQModel (transformers 5) names experts mlp.experts.N.*_proj
 
     def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         module = module_of(name)
@@ -265,7 +267,7 @@ class GPTQFormat(ModuleTensorsFormat):
             "lm_head": f"{arch.lm_head}.weight" in targets,
             "meta": {"quantizer": [f"quantbench:{__version__}"]},
         }
-        skipped = untargeted_modules(targets, arch)
+        skipped = untargeted_modules(targets, arch, stored=False)
         if skipped:  # GPTQModel "dynamic": a "-:" pattern leaves the module unquantized
             q["dynamic"] = {f"-:^{re.escape(m)}$": {} for m in skipped}
         return q

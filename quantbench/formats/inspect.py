@@ -71,6 +71,7 @@ def _unreadable(path: Path, problems: list[FileProblem], exc: Exception) -> dict
 
 
 _KEYS = ("path", "format", "architecture", "quantization_config", "quantize", "source", "eval",
+         "experts",
          "size_bytes", "weights", "quantized_weights", "bits_per_weight_quantized",
          "bits_per_weight", "files_ok", "tensors")
 
@@ -106,6 +107,7 @@ def _describe(path: Path, art) -> dict[str, Any]:
         "quantize": manifest.get("quantize"),
         "source": manifest.get("source"),
         "eval": manifest.get("eval"),
+        "experts": manifest.get("experts"),
         "size_bytes": art.size_bytes(),
         "weights": total_w,
         "quantized_weights": q_weights,

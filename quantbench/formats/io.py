@@ -214,7 +214,8 @@ def _write_shards(qmodel, writer_fmt: Format, tmp: Path,
     model = qmodel.source
     tensor_info: dict[str, dict[str, Any]] = {}
     writer = ShardedWriter(tmp, max_shard_bytes)
-    stored = model.arch.output_name  # the names runtimes read (Mixtral's block_sparse_moe)
+    # the names its runtimes read (Mixtral's block_sparse_moe for transformers and vLLM)
+    stored = model.arch.output_name if writer_fmt.checkpoint_names else str
     for label, tensors in qmodel.iter_blocks():
         for name, value in tensors.items():
             if isinstance(value, QuantizedTensor):

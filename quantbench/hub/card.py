@@ -185,6 +185,11 @@ def _what_was_done(manifest: dict[str, Any]) -> str:
         rows.append("- **Not quantized:** " + ", ".join(
             f"{what} ({info.get('tensors')} tensors, {info.get('dtype')})"
             for what, info in manifest["passthrough"].items()) + ", copied as stored")
+    if manifest.get("experts"):  # a mixture-of-experts model: calibration coverage
+        from quantbench.quant.run import describe_coverage
+
+        rows.append(f"- **Experts:** {describe_coverage(manifest['experts'])}; the router "
+                    "is not quantized")
     if manifest.get("left_out"):  # a GGUF of a multimodal model: the text model only
         rows.append("- **Not in this file:** " + ", ".join(manifest["left_out"]) + " (llama.cpp "
                     "reads them from a separate mmproj file, which quantbench does not write)")

@@ -105,8 +105,6 @@ def expand(arch: "ArchSpec", config: dict) -> "ArchSpec":
     first, then each expert's gate, up, down), true-sequential groups (each expert's gate+up
     share its routed input; downs after every gate/up), shapes, and the router among the
     modules validated but never quantized."""
-    from quantbench.models.archspec import Sublayer
-
     spec = arch.experts
     count_key = spec.count_key(config)
     count = _positive(config, count_key, "the number of experts")
@@ -124,15 +122,22 @@ def expand(arch: "ArchSpec", config: dict) -> "ArchSpec":
     shapes = [(spec.linear(e, p), (spec.size_key, "hidden_size") if p != down
                else ("hidden_size", spec.size_key)) for e in range(count) for p in proj]
     shapes.append((spec.router, (count_key, "hidden_size")))
+    # AWQ: the norm's scales fold into the router (exact: it stays in float) and every
+    # expert's gate/up, each expert's up into its down
+    folding = [(mlp_norm, (spec.router, *(spec.linear(e, p) for e in range(count)
+                                          for p in (gate, up))))
+               for mlp_norm in {s.norm for s in arch.sublayers if s.mixer == spec.mixer}]
+    folding += [(spec.linear(e, up), (spec.linear(e, down),)) for e in range(count)]
     attention = [s for s in arch.sublayers if s.mixer != spec.mixer]
     mlp = next(s for s in arch.sublayers if s.mixer == spec.mixer)
     return replace(
         arch, num_experts=count,
         linears=(*arch.linears, *linears),
         sequential_groups=(*arch.sequential_groups, *groups),
+        scale_folding=(*arch.scale_folding, *folding),
         shapes=(*arch.shapes, *shapes),
         kept=(*arch.kept, spec.router),
-        sublayers=(*attention, Sublayer(mlp.norm, mlp.mixer, (), None, post_norm=mlp.post_norm)),
+        sublayers=(*attention, replace(mlp, inputs=(), output=None)),
     )
 
 

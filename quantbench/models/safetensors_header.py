@@ -192,6 +192,20 @@ class HeaderWeights:
     def __init__(self, shards: dict[str, Path]):
         self._shards = shards  # tensor name -> file
         self._headers: dict[Path, tuple[int, Header]] = {}
+        self._stored: dict[str, str] = {}  # name → the name the file stores it under
+
+    def rename(self, new_name) -> None:
+        """Know every tensor by ``new_name(stored name)`` (``LazyWeights.rename``)."""
+        shards: dict[str, Path] = {}
+        for name, path in self._shards.items():
+            new = new_name(name)
+            if new in shards:
+                raise ModelLoadError(f"{path} holds {self._stored.get(name, name)} and another "
+                                     f"tensor that both name {new}; remove one of them")
+            shards[new] = path
+            if new != name:
+                self._stored[new] = self._stored.pop(name, name)
+        self._shards = shards
 
     @classmethod
     def from_dir(cls, directory: Path) -> "HeaderWeights":
@@ -210,7 +224,7 @@ class HeaderWeights:
         return self._headers[path]
 
     def _entry(self, name: str) -> dict[str, Any]:
-        return self._header(self._shards[name])[1][name]
+        return self._header(self._shards[name])[1][self._stored.get(name, name)]
 
     def names(self) -> list[str]:
         return list(self._shards)

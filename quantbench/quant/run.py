@@ -133,9 +133,10 @@ class QuantizedModel:
         """Per-layer expert coverage of the calibration (the manifest's ``experts``): each
         layer's min / median tokens routed to an expert and the experts under the
         force-routing threshold, which took all of the layer's tokens instead."""
-        if not self.expert_tokens:
+        options = self.config.options
+        if not self.expert_tokens or not isinstance(options, CalibrationOptions):
             return None
-        threshold = max(1, int(getattr(self.config.options, "expert_min_tokens", 16)))
+        threshold = max(1, options.expert_min_tokens)
         layers = []
         for index in sorted(self.expert_tokens):
             counts = self.expert_tokens[index]
@@ -147,7 +148,7 @@ class QuantizedModel:
         return {"experts": len(self.expert_tokens[min(self.expert_tokens)]),
                 "min_tokens_threshold": threshold,
                 "fallback": "force-routing: statistics from all of the layer's tokens",
-                "router_weighted": bool(getattr(self.config.options, "router_weighted", True)),
+                "router_weighted": options.router_weighted,
                 "router": "not quantized (kept in the source dtype)",
                 "layers": layers}
 
@@ -266,6 +267,10 @@ class QuantizedModel:
             self.timings[f"block {index}"] = time.perf_counter() - start
             start = time.perf_counter()
             yield f"block {index}", tensors
+        coverage = self.expert_coverage()
+        if coverage and any(layer["force_routed"] for layer in coverage["layers"]):
+            log.warning("%s; more calibration (--calib-samples) reaches more experts",
+                        describe_coverage(coverage))
         if device.type == "cuda":
             self.device_peak_bytes = int(torch.cuda.max_memory_allocated(device))
 
@@ -382,3 +387,19 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
     if kept := model.passthrough_report():  # a multimodal model's vision tower, projector
         log.info("%s", describe_passthrough(kept))
     return QuantizedModel(source=model, config=config, targets=names, method=method)
+
+
+def describe_coverage(coverage: dict[str, Any]) -> str:
+    """One line of a manifest's ``experts`` coverage (card, ``inspect``, the run's log)."""
+    layers = coverage["layers"]
+    starved = [(layer["layer"], layer["force_routed"]) for layer in layers
+               if layer["force_routed"]]
+    text = (f"{coverage['experts']} experts per layer; calibration tokens per expert min "
+            f"{min(layer['min_tokens'] for layer in layers)}, median of layer medians "
+            f"{sorted(layer['median_tokens'] for layer in layers)[len(layers) // 2]}")
+    if not starved:
+        return text + f"; every expert reached {coverage['min_tokens_threshold']}+ tokens"
+    shown = "; ".join(f"layer {i}: {', '.join(map(str, e))}" for i, e in starved[:4])
+    more = f" (+{len(starved) - 4} more layers)" if len(starved) > 4 else ""
+    return (text + f"; force-routed (under {coverage['min_tokens_threshold']} tokens, "
+            f"statistics from all of the layer's tokens): {shown}{more}")

@@ -26,16 +26,19 @@ MOE_SUBLAYERS = (LLAMA.sublayers[0],
                  Sublayer("post_attention_layernorm", "mlp", (), None))
 MOE_HYPERPARAMETERS = LLAMA_HYPERPARAMETERS + (("num_experts_per_tok", "count"),)
 
+# tensor or module names (a module path ends where a tensor name goes on: ``(?=\.|$)``)
 _LAYER = r"^(model\.layers\.\d+)\.block_sparse_moe\."
-MIXTRAL_RENAMES = ((_LAYER + r"gate\.", r"\1.mlp.gate."),
-                   (_LAYER + r"experts\.(\d+)\.w1\.", r"\1.mlp.experts.\2.gate_proj."),
-                   (_LAYER + r"experts\.(\d+)\.w3\.", r"\1.mlp.experts.\2.up_proj."),
-                   (_LAYER + r"experts\.(\d+)\.w2\.", r"\1.mlp.experts.\2.down_proj."))
+_END = r"(?=\.|$)"
+MIXTRAL_RENAMES = ((_LAYER + r"gate" + _END, r"\1.mlp.gate"),
+                   (_LAYER + r"experts\.(\d+)\.w1" + _END, r"\1.mlp.experts.\2.gate_proj"),
+                   (_LAYER + r"experts\.(\d+)\.w3" + _END, r"\1.mlp.experts.\2.up_proj"),
+                   (_LAYER + r"experts\.(\d+)\.w2" + _END, r"\1.mlp.experts.\2.down_proj"))
 _MODULE = r"^(model\.layers\.\d+)\.mlp\."
-MIXTRAL_OUTPUT_NAMES = ((_MODULE + r"gate\.", r"\1.block_sparse_moe.gate."),
-                        (_MODULE + r"experts\.(\d+)\.gate_proj\.", r"\1.block_sparse_moe.experts.\2.w1."),
-                        (_MODULE + r"experts\.(\d+)\.up_proj\.", r"\1.block_sparse_moe.experts.\2.w3."),
-                        (_MODULE + r"experts\.(\d+)\.down_proj\.", r"\1.block_sparse_moe.experts.\2.w2."))
+MIXTRAL_OUTPUT_NAMES = (
+    (_MODULE + r"gate" + _END, r"\1.block_sparse_moe.gate"),
+    (_MODULE + r"experts\.(\d+)\.gate_proj" + _END, r"\1.block_sparse_moe.experts.\2.w1"),
+    (_MODULE + r"experts\.(\d+)\.up_proj" + _END, r"\1.block_sparse_moe.experts.\2.w3"),
+    (_MODULE + r"experts\.(\d+)\.down_proj" + _END, r"\1.block_sparse_moe.experts.\2.w2"))
 
 MIXTRAL = replace(
     LLAMA, family="mixtral", model_types=("mixtral",),

@@ -30,8 +30,6 @@ from quantbench.quant.gptq import (SINGLE_THREAD_ELEMENTS, GPTQParams, GPTQStats
 from quantbench.threads import run_chunks, single_threaded
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-import os
-_BEST_OF = os.environ.get('QB_BESTOF') == '1'
 _FIT_CHUNK = 512  # blocks of 256 per fit pass (the k-quant searches' temporaries)
 
 
@@ -103,19 +101,7 @@ def _gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str,
         q = codec.round_to_grid(w, scale[:, j], offset[:, j], fallback[:, j])
         return decode(codec, q, scale[:, j], offset[:, j]), q
 
-    W0 = W.clone() if _BEST_OF else None
     q_proc, losses = column_sweep(W, Hinv, params.block_size, round_col)
-    if _BEST_OF:
-        Hp = hessian.float()[order][:, order]
-        q_rtn = codec.round_to_grid(W0, scale, offset, fallback).float()
-        d_g = W0 - decode(codec, q_proc, scale, offset)
-        d_r = W0 - decode(codec, q_rtn, scale, offset)
-        e_g = ((d_g @ Hp) * d_g).sum(1)
-        e_r = ((d_r @ Hp) * d_r).sum(1)
-        pick = e_r < e_g
-        import sys
-        print(f"bestof rows {int(pick.sum())}/{out_f} err {float(e_g.sum()):.4g} -> {float(torch.minimum(e_g, e_r).sum()):.4g} (rtn {float(e_r.sum()):.4g})", file=sys.stderr)
-        q_proc = torch.where(pick[:, None], q_rtn, q_proc)
     codes = torch.empty(out_f, in_f, dtype=torch.long)
     codes[:, order] = q_proc.long()
     data = codec.pack(codes.reshape(-1, codec.block_size), fitted)

@@ -146,6 +146,11 @@ def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, t
             for h in normed:
                 branch_in.add(h)
             inputs.update({lin: branch_in for g in reads for lin in g})
+        if sub.output is None:  # routed experts: the router reads norm(x) (scales fold
+            router = arch.experts.router  # into it exactly), each expert only its tokens
+            inputs[router] = _Input(total, n_search, o.clip_tokens, True)
+            for h in normed:
+                inputs[router].add(h)
         for group in groups:
             if group[0] not in sub.inputs:
                 shared = _Input(total, n_search, o.clip_tokens, any(g in firsts for g in group))
@@ -167,22 +172,27 @@ def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, t
             prev_mod = layer.get_submodule(stored)
             mods = [layer.get_submodule(lin) for lin in linears]
             width = prev_mod.weight.shape[0] if rows is None else rows.stop - rows.start
-            if width != mods[0].in_features:
+            if width != mods[0].weight.shape[1]:
                 log.debug("block %d: %s → %s shapes differ, no scales", ctx.index, prev, linears)
                 continue
             feed = inputs[linears[0]]
-            if set(linears) <= set(sub.inputs):   # inspect the whole branch
-                reference = _joined(outs[:n_search])
-                inspect = _branch_inspector(mixer, mods, normed[:n_search], kwargs[:n_search])
+            if not feed.seen:  # an expert no calibration token reached: no scales
+                continue
+            # the linears the search quantizes: an MoE router takes the scales, unquantized
+            lins = [lin for lin in linears if arch.experts is None or lin != arch.experts.router]
+            qmods = [layer.get_submodule(lin) for lin in lins]
+            if set(linears) <= set(sub.inputs) or (sub.output is None and prev == sub.norm):
+                reference = _joined(outs[:n_search])  # inspect the whole branch
+                inspect = _branch_inspector(mixer, qmods, normed[:n_search], kwargs[:n_search])
             else:                                 # inspect the single consuming linear
                 x_sub = _joined(feed.search)
                 reference = mods[0](x_sub)
                 inspect = _linear_inspector(mods[0], x_sub)
-            grids = [g for g in (grid_for(ctx.weight_name(lin)) for lin in linears) if g]
+            grids = [g for g in (grid_for(ctx.weight_name(lin)) for lin in lins) if g]
             if not grids:  # e.g. GGUF tensors kept in float
                 continue
             grid = min(grids, key=lambda g: g.bits)  # the coarsest grid the scales must serve
-            found = search_scales(feed.mean, [m.weight.data for m in mods], grid,
+            found = search_scales(feed.mean, [m.weight.data for m in qmods], grid,
                                   n_grid=o.n_grid, duo=o.duo_scaling, exhaustive=o.exhaustive,
                                   error=output_error(inspect, reference))
             fold_scales(prev_mod, mods, found.scales, arch.norm_offset, rows)
@@ -193,7 +203,8 @@ def _search_block(ctx, config: QuantizeConfig, grid_for: GridFor) -> dict[str, t
             samples: dict[tuple[int, int], torch.Tensor] = {}
             for group in groups:
                 for lin in group:
-                    if lin.endswith(CLIP_EXEMPT) or ctx.weight_name(lin) not in ctx.targets:
+                    if lin.endswith(CLIP_EXEMPT) or ctx.weight_name(lin) not in ctx.targets \
+                            or not inputs[lin].seen:  # (an expert no token reached)
                         continue
                     module = layer.get_submodule(lin)
                     key = id(inputs[lin]), id(scaled.get(lin))
