@@ -17,6 +17,12 @@ Two layouts, both read by llama.cpp 0.3.36 (``common/imatrix-loader.cpp``):
 ``ImatrixEntry.importance`` computes exactly that. A tensor without an entry is quantized
 without importance; an entry whose size is not the tensor's row length is an error (ignored
 for ``token_embd``).
+
+A mixture-of-experts block's experts of one projection are one stacked llama.cpp tensor
+(``blk.N.ffn_down_exps.weight``) and one entry, one row of ``in_sum2`` and one count per expert
+(what ``llama-imatrix`` collects from ``mul_mat_id``: each expert's routed tokens); quantbench
+quantizes each expert as its own linear with its own row (:func:`gguf_entries` stacks them,
+:func:`importance_for_model` splits them).
 """
 from __future__ import annotations
 
@@ -160,36 +166,64 @@ def _read_gguf(path: Path, data: bytes) -> Imatrix:
                    int(_field(reader, KEY_CHUNK_SIZE) or 0))
 
 
+def gguf_entries(stats: Mapping[str, ImatrixEntry], arch) -> dict[str, ImatrixEntry]:
+    """Per-linear entries (HF names of a model of ``arch``) as llama.cpp's imatrix holds them:
+    by llama.cpp tensor name, each expert of a stacked ``*_exps`` tensor one row of its entry
+    (in expert order). ConfigError when some expert of a stacked tensor has no entry."""
+    from quantbench.formats.gguf_kv import expert_part, gguf_tensor_name
+
+    out: dict[str, ImatrixEntry] = {}
+    stacked: dict[str, dict[int, ImatrixEntry]] = {}
+    for name, entry in stats.items():
+        part = expert_part(arch, name)
+        if part is None:
+            out[gguf_tensor_name(arch, name)] = entry
+        else:
+            stacked.setdefault(part[0], {})[part[1]] = entry
+    for name, experts in stacked.items():
+        if sorted(experts) != list(range(arch.num_experts)):
+            raise ConfigError(f"imatrix: statistics for {len(experts)} of the "
+                              f"{arch.num_experts} experts of {name}; the pipeline skipped some")
+        rows = [experts[e] for e in range(arch.num_experts)]
+        out[name] = ImatrixEntry.of(torch.cat([e.sums for e in rows]),
+                                    torch.cat([e.counts for e in rows]))
+    return out
+
+
 def importance_for_model(imatrix: Imatrix, model, targets: Sequence[str]
                          ) -> dict[str, torch.Tensor]:
     """``{HF name: importance}`` for the ``targets`` of ``model`` that have an entry, matched
-    by llama.cpp tensor name. A file naming tensors the model lacks, or whose entry is not one
-    value per input column, was computed for another model: ConfigError, before any work (an
-    entry for ``token_embd`` of another size is ignored, as llama-quantize ignores it)."""
-    from quantbench.quant.gguf.plan import gguf_tensors
+    by llama.cpp tensor name (an expert of a stacked tensor: its part of the entry). A file
+    naming tensors the model lacks, or whose entry is not one value per input column (per
+    expert), was computed for another model: ConfigError, before any work (an entry for
+    ``token_embd`` of another size is ignored, as llama-quantize ignores it)."""
+    from quantbench.formats.gguf_kv import gguf_tensor_name
+    from quantbench.quant.gguf.plan import gguf_layout
 
     where = imatrix.path or "the imatrix"
-    hf_of = {model.arch.gguf_tensor_name(n): n for n in gguf_tensors(model)}
-    unknown = sorted(set(imatrix.entries) - set(hf_of))
+    layout = gguf_layout(model)
+    unknown = sorted(set(imatrix.entries) - set(layout))
     if unknown:
         raise ConfigError(f"{where} has entries for tensors this model does not have "
                           f"({len(unknown)} of {len(imatrix.entries)}, e.g. {unknown[0]}); it "
                           "was computed for another model")
     wanted, found = set(targets), {}
     for name, importance in imatrix.importance().items():
-        hf = hf_of[name]
-        cols = model.weights.shape(hf)[-1]
-        if importance.numel() != cols:
+        hf = layout[name]
+        cols = model.weights.shape(hf[0])[-1]
+        if importance.numel() != cols * len(hf):
             if name == "token_embd.weight":
                 log.warning("%s: ignoring its %s entry (%d values for %d columns), as "
                             "llama-quantize does", where, name, importance.numel(), cols)
                 continue
+            per = f" × {len(hf)} experts" if len(hf) > 1 else ""
             raise ConfigError(f"{where}: {name} has {importance.numel()} importance values but "
-                              f"the model's tensor has {cols} columns; it was computed for "
-                              "another model")
-        if hf in wanted:
-            found[hf] = importance
-    missing = [model.arch.gguf_tensor_name(n) for n in targets
+                              f"the model's tensor has {cols} columns{per}; it was computed "
+                              "for another model")
+        for n, part in zip(hf, importance.reshape(len(hf), cols)):
+            if n in wanted:
+                found[n] = part.contiguous()
+    missing = [gguf_tensor_name(model.arch, n) for n in targets
                if n not in found and model.arch.block_of(n) is not None]
     if missing:
         log.warning("%s has no entry for %d block tensors (e.g. %s); they are quantized "

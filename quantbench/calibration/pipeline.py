@@ -22,6 +22,8 @@ from quantbench.calibration.blocks import (BlockContext, Captured, QuantizeManyF
 from quantbench.calibration.collectors import COLLECTORS
 from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
 from quantbench.config import CalibrationOptions
+from quantbench.quant.gptq import SINGLE_THREAD_ELEMENTS
+from quantbench.threads import run_chunks
 from quantbench.devices import CPU
 from quantbench.errors import QuantbenchError
 from quantbench.finite import count_non_finite
@@ -291,21 +293,37 @@ def quantize_experts(ctx: BlockContext, sub: Sublayer, mixer: torch.nn.Module,
         if statistic is not None:
             with heap_for_temporaries():
                 feats, routed = _expert_inputs(experts, projections[0], mixer, normed)
-        for e, expert in enumerate(experts):
+        tokens = [sum(int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats.get(e, []))
+                  for e in range(len(experts))]
+        if stage == 0:
+            counts = tokens
+        done: dict[int, dict[str, Any]] = {}
+
+        def one(e: int, projections: tuple[str, ...] = projections,
+                feats: dict = feats, routed: dict = routed, done: dict = done) -> None:
             group = tuple(spec.linear(e, p) for p in projections)
-            n = sum(int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats.get(e, []))
-            if stage == 0:
-                counts.append(n)
             seen = None
             if statistic is not None:
-                if n < max(1, ctx.expert_min_tokens):  # force-routing: every token
+                if tokens[e] < max(1, ctx.expert_min_tokens):  # force-routing: every token
                     with torch.inference_mode():
-                        seen = normed if stage == 0 else [expert.inner(h) for h in normed]
+                        seen = normed if projections[0] == gate else \
+                            [experts[e].inner(h) for h in normed]
                 elif statistic == "hessian" and ctx.router_weighted:
                     seen = [f * w.to(f.dtype)[:, None] for f, w in zip(feats[e], routed[e])]
                 else:
                     seen = feats[e]
-            results.update(_quantize_group(ctx, group, seen, statistic, quantize_fn))
+            done[e] = _quantize_group(ctx, group, seen, statistic, quantize_fn)
+
+        # small experts side by side on worker threads (each single-threaded: its solve is
+        # many small ops), large ones or a GPU one at a time with every thread
+        size = experts[0].get_submodule(projections[0]).weight.numel()
+        if ctx.device.type == "cpu" and size <= SINGLE_THREAD_ELEMENTS:
+            run_chunks(one, range(len(experts)))
+        else:
+            for e in range(len(experts)):
+                one(e)
+        for e in range(len(experts)):
+            results.update(done[e])
     if ctx.expert_tokens is not None:
         ctx.expert_tokens[ctx.index] = counts
     return results

@@ -5,13 +5,17 @@ An output directory holds ``model.gguf`` (what llama.cpp loads) and ``quantbench
 (``formats/file_output.py``). The container and constants come from gguf-py (llama.cpp's own
 Python library); the block bytes from our codecs (``quant/gguf``). Every tensor's type is
 declared before any data is written (the GGUF header lists them), so the plan is fixed up
-front: quantized targets get their planned ggml type, 1-D tensors F32, other 2-D tensors F16.
-Q/K rows are permuted to llama.cpp's interleaved rotary layout on the way out and back on the
-way in; row permutation commutes with block quantization (blocks run along rows), so methods
-work in the HF layout.
+front: quantized targets get their planned ggml type, 1-D tensors F32, other 2-D tensors F16
+(an MoE router F32, as the converter keeps it). Q/K rows are permuted to llama.cpp's interleaved
+rotary layout on the way out and back on the way in; row permutation commutes with block
+quantization (blocks run along rows), so methods work in the HF layout. A mixture-of-experts
+block's experts are quantized one linear each and written as llama.cpp holds them: one 3-D
+``blk.N.ffn_*_exps`` tensor per projection (ggml ``ne = [cols, rows, experts]``), every expert
+in its one planned type, the experts' block rows one after the other.
 
-The reader opens any llama-family GGUF (ours or llama.cpp's): quantized 2-D tensors become
-QuantizedTensors holding the block bytes, the rest dequantized floats.
+The reader opens any llama-family GGUF (ours or llama.cpp's): quantized 2-D tensors (and each
+expert of a stacked tensor) become QuantizedTensors holding the block bytes, the rest
+dequantized floats.
 
 gguf-py (and numpy) is imported by the functions that read or write a GGUF file, not by this
 module: registering the format costs a command that never touches a GGUF nothing.
@@ -41,10 +45,16 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    hf_name: str
+    hf_name: str  # "" for a tensor made from the config; a stacked one: expert 0's
     gguf_name: str
-    shape: tuple[int, ...]  # HF shape ([out, in] for weights)
+    shape: tuple[int, ...]  # HF shape ([out, in] for weights; stacked: [experts, out, in])
     ggml_type: str
+    parts: tuple[str, ...] = ()  # a stacked expert tensor: every expert's HF tensor, in order
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The HF tensors whose bytes the GGUF tensor holds, in order."""
+        return self.parts or ((self.hf_name,) if self.hf_name else ())
 
     def nbytes(self) -> int:
         codec = get_codec(self.ggml_type)
@@ -59,31 +69,51 @@ class PlannedTensor:
 
 def plan_file(qmodel) -> list[PlannedTensor]:
     """Every tensor of the output in write order (non-block tensors, then block by block)."""
+    from quantbench.formats.gguf_kv import expert_part
     from quantbench.formats.gguf_meta import generated_tensors
-    from quantbench.quant.gguf.plan import gguf_tensors
+    from quantbench.quant.gguf.plan import gguf_layout
 
     model = qmodel.source
     types = qmodel.method.tensor_types()
+    experts = model.arch.experts
+    routers = {model.arch.block_module(i, experts.router) for i in range(model.num_blocks)
+               } if experts else set()  # F32 (the converter's rule for ffn_gate_inp)
     plan = [PlannedTensor("", name, tuple(t.shape), "F32")  # made from the config: first
             for name, t in generated_tensors(decoder_config(model)).items()]
-    for name in gguf_tensors(model):
-        shape = tuple(model.weights.shape(name))
-        ggml_type = types.get(name) or ("F32" if len(shape) == 1 else "F16")
-        plan.append(PlannedTensor(name, model.arch.gguf_tensor_name(name), shape, ggml_type))
+    for gguf_name, names in gguf_layout(model).items():
+        name, shape = names[0], tuple(model.weights.shape(names[0]))
+        plain = "F32" if len(shape) == 1 or name.rpartition(".")[0] in routers else "F16"
+        ggml_type = {types.get(n) or plain for n in names}
+        if len(ggml_type) != 1:
+            raise FormatError(f"the experts of {gguf_name} were planned in several types "
+                              f"({', '.join(sorted(ggml_type))}); llama.cpp stores them in one")
+        stacked = expert_part(model.arch, name) is not None
+        plan.append(PlannedTensor(name, gguf_name, (len(names), *shape) if stacked else shape,
+                                  ggml_type.pop(), tuple(names) if stacked else ()))
     return plan
 
 
-def _tensor_bytes(item: PlannedTensor, value, config: dict[str, Any]) -> np.ndarray:
+def _tensor_bytes(item: PlannedTensor, tensors: dict[str, Any], config: dict[str, Any]
+                  ) -> np.ndarray:
+    """The GGUF bytes of ``item`` from its HF tensors (a stacked one: each expert's rows, in
+    expert order)."""
+    if not item.parts:
+        return _rows_bytes(item, item.hf_name, tensors[item.hf_name], config)
+    one = PlannedTensor(item.hf_name, item.gguf_name, item.shape[1:], item.ggml_type)
+    return np.stack([_rows_bytes(one, name, tensors[name], config) for name in item.parts])
+
+
+def _rows_bytes(item: PlannedTensor, name: str, value, config: dict[str, Any]) -> np.ndarray:
     from quantbench.formats.gguf_meta import permute_qk, qk_permute_heads, to_gguf_tensor
 
     if not isinstance(value, QuantizedTensor):  # norms (+1 for Gemma), Q/K rows permuted
-        value = to_gguf_tensor(item.hf_name, value, config)
+        value = to_gguf_tensor(name, value, config)
         return get_codec(item.ggml_type).quantize_rows(value.reshape(-1, value.shape[-1])) \
             .reshape(*item.byte_shape()).contiguous().numpy()
     if value.grid.kind != "gguf" or value.grid.type != item.ggml_type:
-        raise FormatError(f"{item.hf_name} came as {value.grid.describe()}, planned "
+        raise FormatError(f"{name} came as {value.grid.describe()}, planned "
                           f"{item.ggml_type}")
-    heads = qk_permute_heads(config, item.hf_name)  # block rows move whole
+    heads = qk_permute_heads(config, name)  # block rows move whole
     data = permute_qk(value.codes, heads) if heads else value.codes
     return data.contiguous().numpy()
 
@@ -102,6 +132,13 @@ class GGUFFormat(Format):
                               "imatrix or gptq")
         decoder = decoder_config(model)
         gguf_arch(decoder)
+        experts = model.arch.experts
+        if experts is not None and experts.normalize_key and not decoder.get(
+                experts.normalize_key):
+            raise ConfigError(f"this {model.arch.family} config does not renormalise the "
+                              f"top-k routing weights ({experts.normalize_key}: false), which "
+                              f"llama.cpp's {model.arch.gguf_arch} always does (its logits "
+                              "would differ from the model's); write another format")
         for hook in (model.arch.gguf_params, model.arch.gguf_kvs, model.arch.gguf_generate):
             if hook is not None:  # a family's own refusals, before any work
                 hook(decoder)
@@ -134,13 +171,13 @@ class GGUFFormat(Format):
         for value in generated_tensors(config).values():  # plan_file put them first; they
             writer.write_tensor_data(value.float().contiguous().numpy())  # get no manifest row
         pending = iter(item for item in plan if item.hf_name)
-        read_back = gguf_arch_spec(model.arch.gguf_arch)  # names as the GGUF reads back
-        #   (a multimodal model's text decoder reads back as the text-only model)
+        read_back = gguf_arch_spec(model.arch.gguf_arch, model.arch.num_experts)  # names as
+        #   the GGUF reads back (a multimodal model's text decoder: the text-only model)
         for label, tensors in qmodel.iter_blocks():
             tensors = {n: t for n, t in tensors.items() if model.arch.passthrough_part(n) is None}
             for item in _take(pending, tensors):
-                writer.write_tensor_data(_tensor_bytes(item, tensors[item.hf_name], config))
-                info[read_back.hf_tensor_name(item.gguf_name)] = _info(item)
+                writer.write_tensor_data(_tensor_bytes(item, tensors, config))
+                info.update(_infos(item, read_back))
             if on_step:
                 on_step(label)
         writer.close()
@@ -157,10 +194,10 @@ class GGUFFormat(Format):
 
 def add_metadata(writer, model, mixture: str, plan: list[PlannedTensor]) -> None:
     """llama.cpp converter's keys (general.*, <arch>.*, tokenizer.*) for ``model``."""
-    from quantbench.formats.gguf_meta import gguf_metadata
+    from quantbench.formats.gguf_meta import gguf_metadata, gguf_shape, parameter_counts
 
-    n_params = sum(int(np.prod(item.shape)) for item in plan)
-    for kv in gguf_metadata(decoder_config(model), model.path, ftype=mixture, n_params=n_params):
+    counts = parameter_counts((item.gguf_name, gguf_shape(item.shape)) for item in plan)
+    for kv in gguf_metadata(decoder_config(model), model.path, ftype=mixture, n_params=counts):
         if kv.key != "general.architecture":  # GGUFWriter(arch=...) wrote it
             writer.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)
 
@@ -172,15 +209,30 @@ def decoder_config(model) -> dict[str, Any]:
 
 
 def _take(pending: Iterator[PlannedTensor], tensors: dict[str, Any]) -> list[PlannedTensor]:
-    """The planned tensors that this yielded group holds, in plan order."""
-    items = []
-    while len(items) < len(tensors):
+    """The planned tensors that this yielded group holds, in plan order (a stacked one with
+    every expert)."""
+    items, taken = [], 0
+    while taken < len(tensors):
         item = next(pending, None)
-        if item is None or item.hf_name not in tensors:
-            raise FormatError(f"{item.hf_name if item else 'end of plan'} arrived out of order; "
-                              "the GGUF plan and the quantizer disagree")
+        missing = [n for n in item.sources if n not in tensors] if item else ["end of plan"]
+        if missing:
+            raise FormatError(f"{missing[0]} arrived out of order; the GGUF plan and the "
+                              "quantizer disagree")
         items.append(item)
+        taken += len(item.sources)
     return items
+
+
+def _infos(item: PlannedTensor, read_back) -> dict[str, dict[str, Any]]:
+    """The manifest rows of ``item``: one per HF tensor the GGUF reads back as (each expert
+    of a stacked tensor, named as the reader names it)."""
+    from quantbench.formats.gguf_kv import hf_tensor_names
+
+    names = hf_tensor_names(read_back, item.gguf_name, len(item.parts) or None)
+    if not item.parts:
+        return {names[0]: _info(item)}
+    one = PlannedTensor(item.hf_name, item.gguf_name, item.shape[1:], item.ggml_type)
+    return {name: _info(one) for name in names}
 
 
 def _info(item: PlannedTensor) -> dict[str, Any]:
@@ -231,23 +283,20 @@ def open_reader(file: Path, headers_only: bool = False):
 
 class GGUFWeights:
     """The LazyWeights interface over a GGUF file: HF names, HF shapes, float tensors (Q/K
-    rows back in the HF layout); the file is memory-mapped by gguf-py, read per tensor."""
+    rows back in the HF layout; each expert of a stacked ``ffn_*_exps`` tensor on its own);
+    the file is memory-mapped by gguf-py, read per tensor."""
 
     def __init__(self, file: Path, reader, config: dict[str, Any]):
         from quantbench.models.arch import arch_of
-        from quantbench.models.gguf_import import generated_names
+        from quantbench.models.gguf_import import tensor_parts
 
         self.file, self.config = file, config
-        self.tensors = {}
-        spec = arch_of(config)
-        for t in reader.tensors:
-            if t.name in generated_names(spec):  # already in the config's rope_parameters
-                continue
-            try:
-                name = spec.hf_tensor_name(t.name)
-            except ModelLoadError as exc:
-                raise FormatError(f"{file}: {exc}") from exc
-            self.tensors[name] = t
+        try:  # (the tensors the config stands for, e.g. rope_freqs, are left out)
+            parts = tensor_parts(reader, arch_of(config))
+        except ModelLoadError as exc:
+            raise FormatError(f"{file}: {exc}") from exc
+        self.tensors = {name: t for name, (t, _) in parts.items()}
+        self.experts = {name: e for name, (_, e) in parts.items() if e is not None}
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -259,7 +308,8 @@ class GGUFWeights:
         return [self.file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+        ne = self.tensors[name].shape
+        return tuple(int(d) for d in reversed(ne[:2] if name in self.experts else ne))
 
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32
@@ -272,8 +322,9 @@ class GGUFWeights:
         return 32
 
     def n_bytes(self, name: str) -> int:
-        """The tensor's bytes in the file."""
-        return int(self.tensors[name].n_bytes)
+        """The tensor's bytes in the file (an expert's: its share of the stacked tensor)."""
+        t = self.tensors[name]
+        return int(t.n_bytes) // (int(t.shape[2]) if name in self.experts else 1)
 
     def ggml_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
@@ -284,8 +335,10 @@ class GGUFWeights:
 
         t = self.tensors[name]
         shape = self.shape(name)
-        data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).copy())
-        data = data.reshape(int(np.prod(shape[:-1])), -1)
+        data = np.ascontiguousarray(t.data).view(np.uint8)
+        if name in self.experts:  # expert-major: one expert's rows are one contiguous run
+            data = data.reshape(int(t.shape[2]), -1)[self.experts[name]]
+        data = torch.from_numpy(data.copy()).reshape(int(np.prod(shape[:-1])), -1)
         heads = qk_permute_heads(self.config, name)
         return unpermute_qk(data, heads) if heads else data
 

@@ -1,7 +1,8 @@
 """HF → GGUF, the data-level parts: metadata, tokenizer, tensor names and Q/K permutation.
 
 What llama.cpp's own ``convert_hf_to_gguf.py`` (llama-cpp-python 0.3.36's vendored copy) writes
-for the llama family (HF ``model_type`` llama, mistral → GGUF ``llama``; qwen2 → ``qwen2``),
+for the llama family (HF ``model_type`` llama, mistral, mixtral → GGUF ``llama``; qwen2 →
+``qwen2``; the other families of ``models/families/``, Qwen3-MoE → ``qwen3moe``),
 computed from ``config.json``, ``generation_config.json`` and the tokenizer files alone: no
 weights are read, no remote code runs, nothing is unpickled. The per-tensor types of the
 ``llama-quantize`` mixtures live in :mod:`quantbench.quant.gguf.mixtures`; the ``tokenizer.*``
@@ -20,8 +21,10 @@ from typing import Any
 from gguf import GGUFValueType as VT
 
 from quantbench.errors import ConfigError, ModelLoadError
-from quantbench.formats.gguf_kv import (ARCHS, KV, gguf_arch, kv_dict,  # noqa: F401  (re-exported)
-                                        read_json)
+from quantbench.formats.gguf_kv import (ARCHS, KV, expert_count_kvs,  # noqa: F401
+                                        expert_part, expert_size_kvs, gguf_arch,
+                                        gguf_tensor_name, hf_tensor_names, kv_dict,
+                                        parameter_counts, read_json)  # (some re-exported)
 from quantbench.lazy import torch
 from quantbench.quant.gguf.mixtures import file_type
 from quantbench.models.arch import arch_of
@@ -43,11 +46,12 @@ _SAMPLING = (("sequence", "sequence", VT.STRING), ("top_k", "top_k", VT.INT32),
 # ---------------------------------------------------------------------------------- metadata
 
 def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: str | None = None,
-                  n_params: int | None = None, alignment: int = DEFAULT_ALIGNMENT,
+                  n_params: int | Sequence[int] | None = None, alignment: int = DEFAULT_ALIGNMENT,
                   tokenizer: bool = True, unknown_pre: str | None = "default") -> list[KV]:
     """Every ``general.*``, ``<arch>.*`` (and, with ``tokenizer``, ``tokenizer.*``) key that
     llama.cpp's converter writes for this model, in its order, with ``general.file_type`` of the
-    mixture ``ftype``. ``n_params`` (for ``general.size_label``) defaults to the count of the
+    mixture ``ftype``. ``n_params`` (for ``general.size_label``: a count, or gguf-py's
+    :func:`parameter_counts` of a mixture-of-experts model) defaults to the counts of the
     tensors the GGUF will hold, from the safetensors headers in ``model_dir``."""
     from quantbench.formats.gguf_vocab import tokenizer_metadata
 
@@ -55,14 +59,16 @@ def gguf_metadata(config: dict, model_dir: Path, *, ftype: str = "F16", name: st
     arch = gguf_arch(config)
     if n_params is None:
         n_params = count_params(checkpoint_shapes(model_dir), config)
+    counts = (n_params, n_params, 0, 0) if isinstance(n_params, int) else tuple(n_params)
     kvs = [KV("general.architecture", arch, VT.STRING), *generated(config)[0],
            KV("general.type", "model", VT.STRING)]
     kvs += _sampling_kvs(model_dir)
     kvs.append(KV("general.name", name or default_name(config, model_dir), VT.STRING))
-    if n_params > 0:
-        kvs.append(KV("general.size_label", size_label(n_params), VT.STRING))
+    if counts[0] > 0:
+        kvs.append(KV("general.size_label", size_label(*counts), VT.STRING))
     arch_kvs = _with_file_type(arch_metadata(config), KV("general.file_type", file_type(ftype),
                                                         VT.UINT32), config)
+    arch_kvs += expert_size_kvs(config)
     spec = arch_of(config)
     kvs += spec.gguf_arrange(config, arch_kvs) if spec.gguf_arrange is not None else arch_kvs
     if arch == "llama":
@@ -138,6 +144,7 @@ def arch_metadata(config: dict) -> list[KV]:
     eps = config.get("rms_norm_eps", config.get("norm_eps"))
     if eps is not None:
         kvs.append(KV(f"{a}.attention.layer_norm_rms_epsilon", float(eps), VT.FLOAT32))
+    kvs += expert_count_kvs(config)
     if config.get("head_dim") is not None:
         kvs.append(KV(f"{a}.attention.key_length", int(config["head_dim"]), VT.UINT32))
         kvs.append(KV(f"{a}.attention.value_length", int(config["head_dim"]), VT.UINT32))
@@ -185,8 +192,12 @@ def default_name(config: dict, model_dir: Path) -> str:
                     else w for w in words)
 
 
-def size_label(n_params: int) -> str:
-    """gguf-py's rounded parameter count: 134515008 → "135M", 115008 → "115K"."""
+def size_label(n_params: int, shared: int = 0, expert: int = 0, experts: int = 0) -> str:
+    """gguf-py's rounded parameter count: 134515008 → "135M", 115008 → "115K"; with
+    ``experts`` (a mixture-of-experts model: :func:`parameter_counts`), the count of the
+    ``shared`` parameters and one expert's, after the expert count: "8x7.2B"."""
+    if experts > 0:
+        return f"{experts}x{size_label(shared + expert)}"
     for limit, scale, suffix in ((1e12, 1e-12, "T"), (1e9, 1e-9, "B"), (1e6, 1e-6, "M")):
         if n_params > limit:
             break
@@ -227,8 +238,9 @@ def gguf_name(hf_name: str, config: dict) -> str | None:
     if not hf_name.endswith((".weight", ".bias")):
         raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a "
                           f"{config.get('model_type')} model")
+    spec = arch_of(config)
     try:
-        return arch_of(config).gguf_tensor_name(hf_name)
+        return gguf_tensor_name(spec, spec.module_name(hf_name))
     except ModelLoadError as exc:
         raise ConfigError(f"no GGUF name for tensor {hf_name!r} of a "
                           f"{config.get('model_type')} model") from exc
@@ -242,10 +254,25 @@ def gguf_shape(shape: Sequence[int]) -> tuple[int, ...]:
 def tensor_plan(shapes: dict[str, Sequence[int]], config: dict) -> list[tuple[str, str, tuple]]:
     """``(hf_name, gguf_name, ne)`` for every tensor the GGUF holds: the generated ones first
     (hf_name "": :func:`generated_tensors`), as the converter writes them, then the
-    checkpoint's in its order."""
+    checkpoint's in its order; a block's experts as one stacked tensor each (``ne`` with the
+    expert count last, hf_name expert 0's; a fused 3-D checkpoint read per expert)."""
+    from quantbench.models.experts import fused_views
+
+    spec = arch_of(config)
+    for fused, pieces in fused_views(spec, dict(shapes)).items():
+        shapes = {**{k: v for k, v in shapes.items() if k != fused},
+                  **{name: shape for name, _, shape in pieces}}
     plan = [("", name, gguf_shape(t.shape)) for name, t in generated_tensors(config).items()]
-    return plan + [(hf, name, gguf_shape(shape)) for hf, shape in shapes.items()
-                   if (name := gguf_name(hf, config)) is not None]
+    stacked: set[str] = set()
+    for hf, shape in shapes.items():
+        name = gguf_name(hf, config)
+        if name is None or name in stacked:
+            continue
+        part = expert_part(spec, spec.module_name(hf))
+        if part is not None:
+            stacked.add(name)
+        plan.append((hf, name, gguf_shape(shape) + ((spec.num_experts,) if part else ())))
+    return plan
 
 
 def generated(config: dict) -> tuple[list[KV], dict[str, torch.Tensor]]:
@@ -265,9 +292,10 @@ def generated_tensors(config: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def count_params(shapes: dict[str, Sequence[int]], config: dict) -> int:
-    """Elements in the tensors the GGUF will hold (what ``general.size_label`` counts)."""
-    return sum(math.prod(ne) for _, _, ne in tensor_plan(shapes, config))
+def count_params(shapes: dict[str, Sequence[int]], config: dict) -> tuple[int, int, int, int]:
+    """:func:`parameter_counts` of the tensors the GGUF will hold (``general.size_label``)."""
+    return parameter_counts((name, ne) for _, name, ne in tensor_plan(shapes, config))
+
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Turn a llama-family GGUF file (GGUF arch ``llama`` — llama, mistral — or ``qwen2``) into an
-FP16 Hugging Face checkpoint: the sample, and any such GGUF given as a source, including files
-made by llama.cpp (RoPE scaling keys and llama3's ``rope_freqs`` tensor read back into the
-config)."""
+"""Turn a llama-family GGUF file (GGUF arch ``llama`` — llama, mistral, and Mixtral when it has
+``llama.expert_count`` — ``qwen2``, ``qwen3``, ``qwen3moe``, ...) into an FP16 Hugging Face
+checkpoint: the sample, and any such GGUF given as a source, including files made by llama.cpp
+(RoPE scaling keys and llama3's ``rope_freqs`` tensor read back into the config; a
+mixture-of-experts block's stacked ``ffn_*_exps`` tensors split into one tensor per expert)."""
 from __future__ import annotations
 
 import logging
@@ -40,13 +41,39 @@ def generated_names(spec: ArchSpec) -> tuple[str, ...]:
     return GENERATED + spec.gguf_generated
 
 
-def gguf_arch_spec(arch: str | None) -> ArchSpec:
-    for spec in ARCHITECTURES:
-        if spec.gguf_arch == arch:
-            return spec
-    known = sorted({spec.gguf_arch for spec in ARCHITECTURES})
-    raise ModelLoadError(f"GGUF architecture {arch!r} is not supported for import; quantbench "
-                         f"reads {', '.join(repr(a) for a in known)} GGUF files")
+def gguf_arch_spec(arch: str | None, expert_count: int = 0) -> ArchSpec:
+    """The family a GGUF architecture reads back as: llama.cpp's ``llama`` holds Mixtral too,
+    told apart by its ``expert_count`` (a family with experts for a count above 0)."""
+    specs = [spec for spec in ARCHITECTURES if spec.gguf_arch == arch]
+    if not specs:
+        known = sorted({spec.gguf_arch for spec in ARCHITECTURES})
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported for import; "
+                             f"quantbench reads {', '.join(repr(a) for a in known)} GGUF files")
+    return next((s for s in specs if (s.experts is not None) == (expert_count > 0)), specs[0])
+
+
+def tensor_parts(reader, spec: ArchSpec) -> dict[str, tuple[Any, int | None]]:
+    """``{HF name: (GGUF tensor of reader, expert index or None)}`` for the file's weights
+    (not the tensors the config stands for): a stacked ``ffn_*_exps`` tensor gives one entry
+    per expert (``spec`` expanded by ``arch_of``). ModelLoadError for a name the family does
+    not have, or a stacked tensor that is not 3-D."""
+    from quantbench.formats.gguf_kv import expert_part, hf_tensor_names
+
+    out: dict[str, tuple[Any, int | None]] = {}
+    for t in reader.tensors:
+        if t.name in generated_names(spec):
+            continue
+        first = hf_tensor_names(spec, t.name, 1)[0]
+        if expert_part(spec, first) is None:
+            out[first] = (t, None)
+            continue
+        if len(t.shape) != 3:
+            raise ModelLoadError(f"tensor {t.name} has {len(t.shape)} dimensions; llama.cpp "
+                                 "stores a block's experts as one 3-D tensor: the file is "
+                                 "corrupted")
+        for e, name in enumerate(hf_tensor_names(spec, t.name, int(t.shape[2]))):
+            out[name] = (t, e)
+    return out
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -78,7 +105,10 @@ GGUF_KEYS = {"hidden_size": "embedding_length", "num_hidden_layers": "block_coun
              "head_dim": "attention.key_length", "vocab_size": "vocab_size",
              "rms_norm_eps": "attention.layer_norm_rms_epsilon",
              "rope_theta": "rope.freq_base", "rope_parameters.rope_theta": "rope.freq_base",
-             "max_position_embeddings": "context_length"}
+             "max_position_embeddings": "context_length",
+             "num_local_experts": "expert_count", "num_experts": "expert_count",
+             "num_experts_per_tok": "expert_used_count",
+             "moe_intermediate_size": "expert_feed_forward_length"}
 
 
 def _number(reader, key: str, kind: type, default: Any = None, positive: bool = False) -> Any:
@@ -119,9 +149,11 @@ def hf_config_from_gguf(reader, where: str = "", full: bool = True) -> dict[str,
     ``full=False``: only the keys the metadata gives (and ``model_type``), checked as the
     config class checks them, without building it (transformers' configs import torch):
     enough to check the tensors and describe the file (``quantbench inspect``)."""
+    from quantbench.models.arch import arch_of
+
     try:
         config = _config_from_metadata(reader, full)
-        check_gguf_tensors(reader, config, gguf_arch_spec(config["gguf_arch"]))
+        check_gguf_tensors(reader, config, arch_of(config))
     except ModelLoadError as exc:
         raise ModelLoadError(f"{where}: {exc}" if where else str(exc)) from exc
     config.pop("gguf_arch")
@@ -130,8 +162,8 @@ def hf_config_from_gguf(reader, where: str = "", full: bool = True) -> dict[str,
 
 def _config_from_metadata(reader, full: bool = True) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
-    spec = gguf_arch_spec(arch)
     count = lambda k, d=None: _number(reader, f"{arch}.{k}", int, d, positive=True)  # noqa: E731
+    spec = gguf_arch_spec(arch, _number(reader, f"{arch}.expert_count", int, 0))
     real = lambda k, d: _number(reader, f"{arch}.{k}", float, d)  # noqa: E731
     n_head = count("attention.head_count")
     hidden = count("embedding_length")
@@ -156,6 +188,8 @@ def _config_from_metadata(reader, full: bool = True) -> dict[str, Any]:
         hidden_act="silu")
     rope = _rope_parameters(reader, arch, theta, head_dim)
     kwargs.update({"rope_parameters": rope} if rope else {"rope_theta": theta})
+    if spec.experts is not None:
+        kwargs.update(_expert_config(spec, arch, count))
     if spec.gguf_config is not None:  # the family's own entries (models/families/<family>.py)
         spec.gguf_config(Metadata(reader, arch, names, head_dim), kwargs)
     try:  # the config class checks the values against each other (heads dividing hidden, ...)
@@ -169,6 +203,24 @@ def _config_from_metadata(reader, full: bool = True) -> dict[str, Any]:
     config.pop("transformers_version", None)
     config["gguf_arch"] = arch
     return config
+
+
+def _expert_config(spec: ArchSpec, arch: str, count) -> dict[str, Any]:
+    """A mixture-of-experts family's config entries: expert count, experts per token, the
+    experts' width (``expert_feed_forward_length``, or ``feed_forward_length`` where the
+    family's experts are ``intermediate_size`` wide: Mixtral), and top-k renormalisation on
+    (llama.cpp's llama and qwen3moe always renormalise the k routing weights)."""
+    experts = spec.experts
+    n, used = count("expert_count"), count("expert_used_count")
+    if used > n:
+        raise ModelLoadError(f"GGUF metadata {arch}.expert_used_count is {used}, more than "
+                             f"{arch}.expert_count ({n}); the file is corrupted: re-create it")
+    out = {experts.count_keys[0]: n, experts.top_k_key: used}
+    if experts.size_key != "intermediate_size":
+        out[experts.size_key] = count("expert_feed_forward_length")
+    if experts.normalize_key is not None:
+        out[experts.normalize_key] = True
+    return out
 
 
 def _check_head_sizes(arch: str, head_dim: int, value_length: int, rotary: int) -> None:
@@ -265,21 +317,21 @@ def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
     ctx = Context("", show=lambda n: _gguf_name(spec, n), config_file="the GGUF metadata",
                   keys={**{k: f"{arch}.{v}" for k, v in GGUF_KEYS.items()},
                         "tie_word_embeddings": "the absence of output.weight"})
-    shapes = {}
-    for t in reader.tensors:
-        if t.name in generated_names(spec):
-            continue
-        try:
-            name = spec.hf_tensor_name(t.name)
-        except ModelLoadError as exc:
-            raise ctx.fail(str(exc)) from exc
-        shapes[name] = tuple(int(d) for d in reversed(t.shape))
+    try:
+        parts = tensor_parts(reader, spec)
+    except ModelLoadError as exc:
+        raise ctx.fail(str(exc)) from exc
+    shapes = {name: tuple(int(d) for d in reversed(t.shape[:2] if e is not None else t.shape))
+              for name, (t, e) in parts.items()}
     check_tensors(config, spec, shapes, ctx)
 
 
 def _gguf_name(spec: ArchSpec, hf: str) -> str:
+    from quantbench.formats.gguf_kv import expert_part, gguf_tensor_name
+
     try:
-        return spec.gguf_tensor_name(hf)
+        part = expert_part(spec, hf)
+        return f"{part[0]} (expert {part[1]})" if part else gguf_tensor_name(spec, hf)
     except ModelLoadError:
         return hf
 
@@ -358,20 +410,21 @@ def llama3_rope(freqs: np.ndarray, theta: float, head_dim: int) -> dict[str, Any
 
 
 def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """``(hf_name, float32 tensor [HF shape], ggml type name)`` for every tensor, Q/K unpermuted."""
+    """``(hf_name, float32 tensor [HF shape], ggml type name)`` for every tensor, Q/K
+    unpermuted, a stacked expert tensor split per expert."""
     from gguf.quants import dequantize
 
     from quantbench.formats.gguf_meta import norm_offset, qk_permute_heads
     from quantbench.models.arch import arch_of
 
-    spec = arch_of(config)
-    for t in reader.tensors:
-        if t.name in generated_names(spec):
-            continue
-        array = dequantize(t.data, t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne[0] is innermost
-        w = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
-        name = spec.hf_tensor_name(t.name)
+    whole: dict[str, torch.Tensor] = {}  # a stacked tensor, dequantized once for its experts
+    for name, (t, e) in tensor_parts(reader, arch_of(config)).items():
+        if t.name not in whole:
+            whole.clear()
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne[0] is innermost
+            array = dequantize(t.data, t.tensor_type)
+            whole[t.name] = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
+        w = whole[t.name] if e is None else whole[t.name][e]
         heads = qk_permute_heads(config, name)
         w = unpermute_qk(w, heads) if heads else w
         offset = norm_offset(config, name)
@@ -381,6 +434,8 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype | None = None,
                        tokenizer: bool = True) -> dict[str, Any]:
     """Write config.json, model.safetensors, generation_config.json and the tokenizer."""
+    from quantbench.models.arch import arch_of
+
     dtype = dtype or torch.float16
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open(gguf_path)
@@ -388,8 +443,9 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype | None
     out_dir.mkdir(parents=True, exist_ok=True)
     types: Counter[str] = Counter()
     tensors = {}
-    for name, w, ggml_type in read_gguf_tensors(reader, config):
-        tensors[name] = w.to(dtype).contiguous()
+    spec = arch_of(config)
+    for name, w, ggml_type in read_gguf_tensors(reader, config):  # under the names the
+        tensors[spec.output_name(name)] = w.to(dtype).contiguous()  # family's checkpoints use
         types[ggml_type] += 1
     from safetensors.torch import save_file  # (imports torch)
 

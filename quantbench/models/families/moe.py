@@ -40,6 +40,13 @@ MIXTRAL_OUTPUT_NAMES = (
     (_MODULE + r"experts\.(\d+)\.up_proj" + _END, r"\1.block_sparse_moe.experts.\2.w3"),
     (_MODULE + r"experts\.(\d+)\.down_proj" + _END, r"\1.block_sparse_moe.experts.\2.w2"))
 
+def _mixtral_gguf_config(meta, kwargs: dict) -> None:
+    """llama arch GGUF with experts → MixtralConfig entries: ``head_dim`` only where it is not
+    hidden / heads (MixtralConfig has no bias flags)."""
+    if meta.head_dim != kwargs["hidden_size"] // kwargs["num_attention_heads"]:
+        kwargs["head_dim"] = meta.head_dim
+
+
 MIXTRAL = replace(
     LLAMA, family="mixtral", model_types=("mixtral",),
     linears=ATTENTION, sequential_groups=ATTENTION_GROUPS, scale_folding=ATTENTION_FOLDING,
@@ -47,6 +54,7 @@ MIXTRAL = replace(
     hf_classes=("MixtralConfig", "MixtralForCausalLM"),
     experts=Experts(count_keys=("num_local_experts",), size_key="intermediate_size"),
     checkpoint_renames=MIXTRAL_RENAMES, output_renames=MIXTRAL_OUTPUT_NAMES,
+    gguf_config=_mixtral_gguf_config,
     gguf_names=tuple((h, g) for h, g in LLAMA.gguf_names if not h.startswith("mlp.")),
 )
 

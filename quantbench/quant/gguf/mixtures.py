@@ -1,12 +1,15 @@
 """Per-tensor ggml types of llama.cpp's named mixtures (``llama-quantize <ftype>``).
 
 A port of ``llama_tensor_get_type`` from ``src/llama-quant.cpp`` of the llama.cpp that
-llama-cpp-python 0.3.36 vendors, for dense llama-family models (no experts, no IQ types):
-which tensors a mixture such as Q4_K_M promotes (output, tied token_embd, attn_v, ffn_down,
-attn_output), the tensors that are never quantized, and the fallback for rows that are not a
-multiple of the block size. Input is the tensor list of the F16 GGUF that llama.cpp's converter
-writes (GGUF names, ``ne`` shapes with ``ne[0]`` the row length); output is the ggml type name of
-every tensor, exactly as ``llama-quantize`` would pick it.
+llama-cpp-python 0.3.36 vendors, for llama-family models, dense or mixture-of-experts (no IQ
+types): which tensors a mixture such as Q4_K_M promotes (output, tied token_embd, attn_v,
+ffn_down, attn_output; with 8 experts attn_v and attn_k to Q8_0, attn_output to Q5_K), the
+tensors that are never quantized (norms, the expert router ``ffn_gate_inp``), and the fallback
+for rows that are not a multiple of the block size. Stacked expert tensors (``ffn_*_exps``, 3-D)
+are matched by substring as llama.cpp matches them (``ffn_down_exps`` is an ffn_down, its layer
+read from its name). Input is the tensor list of the F16 GGUF that llama.cpp's converter writes
+(GGUF names, ``ne`` shapes with ``ne[0]`` the row length); output is the ggml type name of every
+tensor, exactly as ``llama-quantize`` would pick it.
 """
 from __future__ import annotations
 
@@ -54,8 +57,9 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def allows_quantization(name: str, ne: Sequence[int]) -> bool:
-    """``tensor_allows_quantization`` for llama-family names: 2-D+ ``*weight`` tensors that are
-    not norms; the rest keep the type the converter gave them (F32)."""
+    """``tensor_allows_quantization`` for llama-family names: 2-D and 3-D (stacked experts)
+    ``*weight`` tensors that are neither norms nor the expert router; the rest keep the type
+    the converter gave them (F32)."""
     return (len(ne) >= 2 and name.endswith("weight") and "_norm.weight" not in name
             and "ffn_gate_inp.weight" not in name)
 
@@ -95,6 +99,7 @@ class _State:
     is_70b: bool
     has_imatrix: bool
     tied: bool
+    n_expert: int = 0
     n_attention_wv: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"attn_v": 0, "ffn_down": 0})
 
@@ -121,12 +126,18 @@ def _attn_v_type(st: _State, new: str) -> str:
         new = "Q5_K"
     if st.is_70b and new in ("Q3_K", "Q4_K"):
         new = "Q5_K"  # 8 heads share attn_v, so it is 8x smaller than attn_q: more bits are cheap
+    if st.n_expert == 8:
+        new = "Q8_0"  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
     st.counters["attn_v"] += 1
     return new
 
 
-def _ffn_down_type(st: _State, new: str) -> str:
+def _ffn_down_type(st: _State, new: str, name: str) -> str:
+    """``i`` counts the ffn_down tensors seen; with experts llama.cpp reads the layer from the
+    name instead (``layer_info``)."""
     f, i, n = st.ftype, st.counters["ffn_down"], st.n_layers
+    if st.n_expert > 1:
+        i = _layer_of(name, n)
     if f == "Q2_K":
         new = "Q3_K"
     elif f == "Q3_K_M":
@@ -145,21 +156,37 @@ def _ffn_down_type(st: _State, new: str) -> str:
     return new
 
 
+def _layer_of(name: str, n_layers: int) -> int:
+    parts = name.split(".")
+    if parts[0] != "blk" or len(parts) < 2 or not parts[1].isdigit() or \
+            int(parts[1]) >= n_layers:
+        raise ConfigError(f"cannot read the layer (of {n_layers}) of tensor {name}")
+    return int(parts[1])
+
+
+# with 8 experts, the mixtures whose attn_output becomes Q5_K (the others keep their type)
+_ATTN_OUTPUT_8_EXPERTS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
+
+
 def _attn_output_type(st: _State, new: str) -> str:
+    if st.n_expert == 8:
+        return "Q5_K" if st.ftype in _ATTN_OUTPUT_8_EXPERTS else new
     return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(st.ftype, new)
 
 
 def _mixture_type(st: _State, name: str, ncols: int, new: str) -> str:
-    """``llama_tensor_get_type_impl`` for the k-quant and legacy mixtures of a dense model
-    (the expert-count and Falcon branches never apply; attn_q/attn_k, ffn_gate/ffn_up and an
-    untied token_embd only change in IQ mixtures)."""
+    """``llama_tensor_get_type_impl`` for the k-quant and legacy mixtures (the Falcon branches
+    never apply; attn_q, ffn_gate/ffn_up and an untied token_embd only change in IQ mixtures,
+    attn_k only with 8 experts)."""
     cat = category(name)
     if cat == "output" or (st.tied and cat == "token_embd"):
         return _output_type(new, ncols)
     if cat == "attn_v":
         return _attn_v_type(st, new)
+    if cat == "attn_k" and st.n_expert == 8:
+        return "Q8_0"
     if cat == "ffn_down":
-        return _ffn_down_type(st, new)
+        return _ffn_down_type(st, new, name)
     if cat == "attn_output":
         return _attn_output_type(st, new)
     return new
@@ -172,18 +199,20 @@ def _check_ftype(ftype: str) -> str:
     return name
 
 
-def is_70b(arch: str, n_layers: int, n_head: int, n_head_kv: int) -> bool:
-    """llama.cpp's LLM_TYPE_70B test, the only model size its mixtures look at."""
+def is_70b(arch: str, n_layers: int, n_head: int, n_head_kv: int, n_expert: int = 0) -> bool:
+    """llama.cpp's LLM_TYPE_70B test, the only model size its mixtures look at (a llama with 8
+    experts is typed by its expert layout instead: never 70B)."""
     if arch == "llama":
-        return n_layers == 80 and n_head != n_head_kv
+        return n_layers == 80 and n_head != n_head_kv and n_expert != 8
     return arch == "qwen2" and n_layers == 80
 
 
 def tensor_types(ftype: str, tensors: Sequence[tuple[str, Sequence[int]]], n_layers: int, *,
                  n_head: int, n_head_kv: int, arch: str = "llama",
-                 has_imatrix: bool = False) -> dict[str, str]:
+                 has_imatrix: bool = False, n_expert: int = 0) -> dict[str, str]:
     """``{gguf_name: ggml type name}`` that ``llama-quantize <ftype>`` gives each tensor of an
-    F16 GGUF holding ``tensors`` (``(gguf_name, ne)`` with ``ne[0]`` the row length).
+    F16 GGUF holding ``tensors`` (``(gguf_name, ne)`` with ``ne[0]`` the row length) of a model
+    with ``n_expert`` experts per block (``<arch>.expert_count``; 0 for a dense model).
 
     Tensors are visited in llama.cpp's order (non-block tensors first, then by layer, names
     sorted within each group), which the attn_v/ffn_down counters depend on. ``has_imatrix``
@@ -193,8 +222,8 @@ def tensor_types(ftype: str, tensors: Sequence[tuple[str, Sequence[int]]], n_lay
     default = DEFAULT_TYPES[ftype]
     names = {n for n, _ in tensors}
     st = _State(ftype=ftype, n_layers=n_layers, n_gqa=n_head // max(1, n_head_kv),
-                is_70b=is_70b(arch, n_layers, n_head, n_head_kv),
-                has_imatrix=has_imatrix, tied="output.weight" not in names,
+                is_70b=is_70b(arch, n_layers, n_head, n_head_kv, n_expert),
+                has_imatrix=has_imatrix, tied="output.weight" not in names, n_expert=n_expert,
                 n_attention_wv=sum(category(n) == "attn_v" for n in names))
     out: dict[str, str] = {}
     for name, ne in sorted(tensors, key=lambda t: _order_key(t[0])):

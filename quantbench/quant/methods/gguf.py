@@ -144,9 +144,10 @@ class Imatrix(_GGUFMethod):
         self.loaded = load_imatrix(path) if path else None
         self.needs_calibration = self.loaded is None  # a file replaces the calibration pass
         self.importance: dict[str, torch.Tensor] = {}  # HF name → importance, from the file
-        self.collected: dict[str, Any] = {}            # GGUF name → ImatrixEntry, calibrated
+        self.collected: dict[str, Any] = {}            # HF name → ImatrixEntry, calibrated
         self.gguf_names: dict[str, str] = {}
         self.block_targets: list[str] = []
+        self.arch = None
 
     @property
     def has_imatrix(self) -> bool:
@@ -168,9 +169,11 @@ class Imatrix(_GGUFMethod):
 
     def prepare(self, model, targets: list[str]) -> None:
         from quantbench.calibration.imatrix_file import importance_for_model
+        from quantbench.formats.gguf_kv import gguf_tensor_name
 
         super().prepare(model, targets)
-        self.gguf_names = {n: model.arch.gguf_tensor_name(n) for n in targets}
+        self.arch = model.arch
+        self.gguf_names = {n: gguf_tensor_name(model.arch, n) for n in targets}
         self.block_targets = [n for n in targets if model.arch.block_of(n) is not None]
         if self.loaded is not None:
             self.importance = importance_for_model(self.loaded, model, targets)
@@ -185,7 +188,7 @@ class Imatrix(_GGUFMethod):
         from quantbench.calibration.imatrix_file import ImatrixEntry
 
         entry = ImatrixEntry.of(stat[0].cpu(), stat[1])
-        self.collected[self.gguf_names[name]] = entry
+        self.collected[name] = entry  # (an expert's: a row of its stacked tensor's entry)
         return self.quantize_gguf(name, weight, entry.importance())
 
     def _dataset(self) -> str:
@@ -206,9 +209,10 @@ class Imatrix(_GGUFMethod):
             kvs.append(("quantize.imatrix.entries_count", len(self.loaded.entries), "UINT32"))
             chunks = self.loaded.chunk_count
         else:
+            entries = {self.gguf_names[n] for n in self.block_targets}  # (experts share one)
             kvs = [("quantize.imatrix.file", IMATRIX_FILE, "STRING"),
                    ("quantize.imatrix.dataset", _c_string(self._dataset()), "STRING"),
-                   ("quantize.imatrix.entries_count", len(self.block_targets), "UINT32")]
+                   ("quantize.imatrix.entries_count", len(entries), "UINT32")]
             chunks = self.config.options.calib_samples
         if chunks > 0:
             kvs.append(("quantize.imatrix.chunks_count", chunks, "UINT32"))
@@ -216,16 +220,16 @@ class Imatrix(_GGUFMethod):
 
     def side_files(self, directory: Path) -> list[str]:
         """Calibrated: the importance this run used, as llama.cpp's imatrix GGUF."""
-        from quantbench.calibration.imatrix_file import write_imatrix
+        from quantbench.calibration.imatrix_file import gguf_entries, write_imatrix
 
         if self.loaded is not None:
             return []
-        expected = {self.gguf_names[n] for n in self.block_targets}
-        if set(self.collected) != expected:
+        if set(self.collected) != set(self.block_targets):
             raise ConfigError(f"imatrix: statistics for {len(self.collected)} of "
-                              f"{len(expected)} block linears; the pipeline skipped some")
+                              f"{len(self.block_targets)} block linears; the pipeline skipped "
+                              "some")
         o = self.config.options
-        write_imatrix(Path(directory) / IMATRIX_FILE, self.collected,
+        write_imatrix(Path(directory) / IMATRIX_FILE, gguf_entries(self.collected, self.arch),
                       datasets=[self._dataset()], chunk_count=o.calib_samples,
                       chunk_size=o.calib_len)
         return [IMATRIX_FILE]
