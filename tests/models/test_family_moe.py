@@ -256,6 +256,23 @@ def test_dense_reloads_in_transformers_under_the_stored_names(kind, models, tmp_
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_compressed_tensors_reloads_in_transformers(kind, models, tmp_path):
+    """transformers + compressed-tensors decompress our MoE file (Mixtral under vLLM's
+    ``block_sparse_moe`` names, converted by transformers on load) to our logits up to the
+    float16 rounding of its weights."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    q = quantize(models[kind], method="absmax", bits=4, group_size=32, progress=False)
+    out = save(q, tmp_path / "ct", format="compressed-tensors", progress=False)
+    mine = ours(open_artifact(out))
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float16, quantization_config=CompressedTensorsConfig(dequantize=True))
+    with torch.inference_mode():
+        theirs = hf.float()(IDS).logits
+    assert (theirs - mine).abs().max() < 1e-3 * mine.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_gptq_and_compressed_tensors_name_experts_as_stored(kind, models, tmp_path):
     q = quantize(models[kind], method="gptq", bits=4, group_size=32, progress=False, **CALIB)
     for fmt, suffix in (("gptq", "qweight"), ("compressed-tensors", "weight_packed")):
