@@ -41,7 +41,7 @@ METHODS = {  # our GGUF methods by label: convert options
     "imatrix": ["--method", "imatrix", *CALIB],
     "gptq": ["--method", "gptq", *CALIB],
     "gptq-ft": ["--method", "gptq", "--float-targets", *CALIB],
-    "gptq-unweighted": ["--method", "gptq", "--no-router-weighted", *CALIB],  # MoE models
+    "gptq-weighted": ["--method", "gptq", "--router-weighted", *CALIB],  # MoE models
     "awq+gptq": ["--method", "awq", "--then", "gptq", "--act-order", *CALIB],
 }
 

@@ -256,7 +256,7 @@ class BlockContext:
     # force-routing threshold, whether Hessians weight tokens by their routing weight
     expert_tokens: dict[int, list[int]] | None = None
     expert_min_tokens: int = 16
-    router_weighted: bool = True
+    router_weighted: bool = False
 
     @property
     def device(self) -> torch.device:

@@ -277,8 +277,8 @@ def quantize_experts(ctx: BlockContext, sub: Sublayer, mixer: torch.nn.Module,
     every expert's gate/up receive (the tokens routed to it), each expert's gate+up are
     quantized on that; a second pass (quantized gate/up) does the same for the downs.
 
-    With a Hessian statistic and ``router_weighted`` each token's input is scaled by its
-    routing weight (the expert's output is, so its squared error counts ``w²``). An expert
+    With a Hessian statistic and ``router_weighted`` (opt-in) each token's input is scaled by
+    its routing weight (the expert's output is, so its squared error counts ``w²``). An expert
     routed fewer than ``expert_min_tokens`` tokens takes all of the layer's tokens instead
     (force-routing: its gate/up see every ``norm(x)``, its down what its own quantized
     gate/up make of them), unweighted. Token counts are recorded in ``ctx.expert_tokens``."""

@@ -146,25 +146,25 @@ def test_coverage_is_recorded_and_starved_experts_fall_back(models, tmp_path):
 
 
 def test_threshold_and_router_weighting_options(models, tmp_path):
-    """``expert_min_tokens`` moves experts to the fallback; ``router_weighted`` off changes
-    the Hessians (so the codes) of routed experts only, never of a force-routed one."""
+    """``expert_min_tokens`` moves experts to the fallback; ``router_weighted`` (opt-in)
+    changes the Hessians (so the codes) of routed experts only, never of a force-routed
+    one."""
     model = models["mixtral"]
     runs = {}
     for label, opts in {"default": {}, "all": {"expert_min_tokens": 10 ** 6},
-                        "unweighted": {"router_weighted": False}}.items():
+                        "weighted": {"router_weighted": True}}.items():
         q = quantize(model, method="gptq", bits=4, group_size=16, progress=False, **CALIB,
                      **opts)
         runs[label] = {n: t for _, block in q.run().iter_blocks() for n, t in block.items()}
         coverage = q.expert_coverage()
         if label == "all":
             assert all(layer["force_routed"] == list(range(6)) for layer in coverage["layers"])
-        if label == "unweighted":
-            assert coverage["router_weighted"] is False
+        assert coverage["router_weighted"] is (label == "weighted")
     starved = "model.layers.0.mlp.experts.0.gate_proj.weight"
     routed = "model.layers.0.mlp.experts.2.gate_proj.weight"
     codes = {k: {n: r[n].codes for n in (starved, routed)} for k, r in runs.items()}
-    assert torch.equal(codes["default"][starved], codes["unweighted"][starved])
-    assert not torch.equal(codes["default"][routed], codes["unweighted"][routed])
+    assert torch.equal(codes["default"][starved], codes["weighted"][starved])
+    assert not torch.equal(codes["default"][routed], codes["weighted"][routed])
     assert not torch.equal(codes["default"][routed], codes["all"][routed])
 
 
