@@ -270,6 +270,17 @@ def _expert_inputs(experts: torch.nn.Module, projection: str, mixer: torch.nn.Mo
     return {int(e): v for e, v in seen.items()}, routed
 
 
+def _routed_counts(router: torch.nn.Module, normed: list[torch.Tensor], count: int
+                   ) -> list[int]:
+    """Tokens the router sends each expert over the calibration batches (a top-k slot each)."""
+    total = torch.zeros(count, dtype=torch.long)
+    with torch.inference_mode():
+        for h in normed:
+            indices = router(h.reshape(-1, h.shape[-1]))[-1]
+            total += torch.bincount(indices.reshape(-1).cpu(), minlength=count)[:count]
+    return [int(n) for n in total]
+
+
 def quantize_experts(ctx: BlockContext, sub: Sublayer, mixer: torch.nn.Module,
                      normed: list[torch.Tensor], statistic: str | None,
                      quantize_fn: QuantizeFn) -> dict[str, Any]:
@@ -295,8 +306,9 @@ def quantize_experts(ctx: BlockContext, sub: Sublayer, mixer: torch.nn.Module,
                 feats, routed = _expert_inputs(experts, projections[0], mixer, normed)
         tokens = [sum(int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats.get(e, []))
                   for e in range(len(experts))]
-        if stage == 0:
-            counts = tokens
+        if stage == 0:  # (no statistic: the router alone says how the tokens are spread)
+            counts = tokens if statistic is not None else \
+                _routed_counts(ctx.layer.get_submodule(spec.router), normed, len(experts))
         done: dict[int, dict[str, Any]] = {}
 
         def one(e: int, projections: tuple[str, ...] = projections,

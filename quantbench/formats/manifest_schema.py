@@ -83,6 +83,7 @@ MANIFEST_SCHEMA = Obj({
                     "router_weighted": BOOL, "router": STR,
                     "layers": ListOf(Obj({"layer": INT, "min_tokens": INT,
                                           "median_tokens": INT, "max_tokens": INT,
+                                          "below_threshold": ListOf(INT),
                                           "force_routed": ListOf(INT)}))}),
 }, required=("manifest_version", "format"))
 

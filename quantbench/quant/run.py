@@ -131,23 +131,30 @@ class QuantizedModel:
 
     def expert_coverage(self) -> dict[str, Any] | None:
         """Per-layer expert coverage of the calibration (the manifest's ``experts``): each
-        layer's min / median tokens routed to an expert and the experts under the
-        force-routing threshold, which took all of the layer's tokens instead."""
+        layer's min / median / max tokens routed to an expert and the experts under the
+        ``expert_min_tokens`` threshold (``below_threshold``); with a per-expert statistic
+        (GPTQ's Hessians, the imatrix) those were force-routed (``force_routed``: statistics
+        from all of the layer's tokens), else (AWQ then rounding) they were rounded without
+        one."""
         options = self.config.options
         if not self.expert_tokens or not isinstance(options, CalibrationOptions):
             return None
         threshold = max(1, options.expert_min_tokens)
+        statistic = self.method.statistic is not None
         layers = []
         for index in sorted(self.expert_tokens):
             counts = self.expert_tokens[index]
             ranked = sorted(counts)
+            below = [e for e, n in enumerate(counts) if n < threshold]
             layers.append({"layer": index, "min_tokens": ranked[0],
                            "median_tokens": ranked[len(ranked) // 2],
-                           "max_tokens": ranked[-1],
-                           "force_routed": [e for e, n in enumerate(counts) if n < threshold]})
+                           "max_tokens": ranked[-1], "below_threshold": below,
+                           "force_routed": below if statistic else []})
         return {"experts": len(self.expert_tokens[min(self.expert_tokens)]),
                 "min_tokens_threshold": threshold,
-                "fallback": "force-routing: statistics from all of the layer's tokens",
+                "fallback": "force-routing: statistics from all of the layer's tokens"
+                if statistic else "no fallback: the quantizer takes no per-expert statistic "
+                "(AWQ searches scales and clips only for experts some token reached)",
                 "router_weighted": options.router_weighted,
                 "router": "not quantized (kept in the source dtype)",
                 "layers": layers}
@@ -268,7 +275,7 @@ class QuantizedModel:
             start = time.perf_counter()
             yield f"block {index}", tensors
         coverage = self.expert_coverage()
-        if coverage and any(layer["force_routed"] for layer in coverage["layers"]):
+        if coverage and any(layer["below_threshold"] for layer in coverage["layers"]):
             log.warning("%s; more calibration (--calib-samples) reaches more experts",
                         describe_coverage(coverage))
         if device.type == "cuda":
@@ -392,8 +399,8 @@ def quantize(model: Model, config: QuantizeConfig) -> QuantizedModel:
 def describe_coverage(coverage: dict[str, Any]) -> str:
     """One line of a manifest's ``experts`` coverage (card, ``inspect``, the run's log)."""
     layers = coverage["layers"]
-    starved = [(layer["layer"], layer["force_routed"]) for layer in layers
-               if layer["force_routed"]]
+    starved = [(layer["layer"], layer.get("below_threshold", layer["force_routed"]))
+               for layer in layers if layer.get("below_threshold", layer["force_routed"])]
     text = (f"{coverage['experts']} experts per layer; calibration tokens per expert min "
             f"{min(layer['min_tokens'] for layer in layers)}, median of layer medians "
             f"{sorted(layer['median_tokens'] for layer in layers)[len(layers) // 2]}")
@@ -401,5 +408,8 @@ def describe_coverage(coverage: dict[str, Any]) -> str:
         return text + f"; every expert reached {coverage['min_tokens_threshold']}+ tokens"
     shown = "; ".join(f"layer {i}: {', '.join(map(str, e))}" for i, e in starved[:4])
     more = f" (+{len(starved) - 4} more layers)" if len(starved) > 4 else ""
-    return (text + f"; force-routed (under {coverage['min_tokens_threshold']} tokens, "
-            f"statistics from all of the layer's tokens): {shown}{more}")
+    forced = any(layer["force_routed"] for layer in layers)
+    how = ("force-routed: statistics from all of the layer's tokens" if forced
+           else coverage["fallback"])
+    return (text + f"; under {coverage['min_tokens_threshold']} tokens ({how}): "
+            f"{shown}{more}")

@@ -129,6 +129,7 @@ def test_coverage_is_recorded_and_starved_experts_fall_back(models, tmp_path):
     assert coverage["experts"] == 8 and coverage["min_tokens_threshold"] == 16
     layer0 = coverage["layers"][0]
     assert layer0["min_tokens"] == 0 and 0 in layer0["force_routed"]
+    assert layer0["below_threshold"] == layer0["force_routed"]
     total = CALIB["calib_samples"] * CALIB["calib_len"] * 2  # top-2: two slots per token
     assert sum(q.expert_tokens[0]) == total and sum(q.expert_tokens[1]) == total
     art = open_artifact(out)
@@ -143,6 +144,19 @@ def test_coverage_is_recorded_and_starved_experts_fall_back(models, tmp_path):
         assert (back - source).norm() < 0.25 * source.norm()
         assert not torch.equal(back, rtn_w["block 0"][name].dequantize().float()), e
         del gptq_w
+
+
+def test_awq_coverage_says_no_statistic_was_needed(models, tmp_path):
+    """AWQ then rounding takes no per-expert statistic: the coverage still counts every
+    expert's tokens (from the router) and names the starved ones, without claiming a
+    force-routing that did not happen."""
+    q = quantize(models["mixtral"], method="awq", bits=4, group_size=32, progress=False,
+                 **CALIB)
+    coverage = q.run().expert_coverage()
+    layer0 = coverage["layers"][0]
+    assert 0 in layer0["below_threshold"] and layer0["force_routed"] == []
+    assert coverage["fallback"].startswith("no fallback")
+    assert sum(q.expert_tokens[0]) == CALIB["calib_samples"] * CALIB["calib_len"] * 2
 
 
 def test_threshold_and_router_weighting_options(models, tmp_path):
