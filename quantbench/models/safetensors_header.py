@@ -142,6 +142,23 @@ def weight_map(index: Path) -> dict[str, str]:
     return found
 
 
+def renamed_shards(shards: dict[str, Path], stored: dict[str, str],
+                   new_name: Callable[[str], str]) -> dict[str, Path]:
+    """``shards`` (tensor name → file) with every name replaced by ``new_name(name)``;
+    ``stored`` (name → the name the file stores it under) is updated in place. Two tensors
+    that would take one name are refused."""
+    out: dict[str, Path] = {}
+    for name, path in shards.items():
+        new = new_name(name)
+        if new in out:
+            raise ModelLoadError(f"{path} holds {stored.get(name, name)} and another "
+                                 f"tensor that both name {new}; remove one of them")
+        out[new] = path
+        if new != name:
+            stored[new] = stored.pop(name, name)
+    return out
+
+
 def find_shards(directory: Path, keys: Callable[[Path], Iterable[str]]) -> dict[str, Path]:
     """Tensor name → the file holding it: from the index when there is one, else from every
     weights file's own names (``keys``); a tensor in two files is refused."""
@@ -196,16 +213,7 @@ class HeaderWeights:
 
     def rename(self, new_name) -> None:
         """Know every tensor by ``new_name(stored name)`` (``LazyWeights.rename``)."""
-        shards: dict[str, Path] = {}
-        for name, path in self._shards.items():
-            new = new_name(name)
-            if new in shards:
-                raise ModelLoadError(f"{path} holds {self._stored.get(name, name)} and another "
-                                     f"tensor that both name {new}; remove one of them")
-            shards[new] = path
-            if new != name:
-                self._stored[new] = self._stored.pop(name, name)
-        self._shards = shards
+        self._shards = renamed_shards(self._shards, self._stored, new_name)
 
     @classmethod
     def from_dir(cls, directory: Path) -> "HeaderWeights":

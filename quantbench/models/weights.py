@@ -15,7 +15,7 @@ from quantbench.finite import count_non_finite, describe_non_finite
 from quantbench.inputs import os_error_message
 from quantbench.lazy import torch
 from quantbench.models.safetensors_header import (check_shards, check_single_copies,
-                                                  find_shards, read_checked)
+                                                  find_shards, read_checked, renamed_shards)
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,7 @@ class LazyWeights:
     def rename(self, new_name: Callable[[str], str]) -> None:
         """Know every tensor by ``new_name(stored name)`` (a checkpoint layout older than the
         model's modules: ``ArchSpec.checkpoint_renames``); the files are read as stored."""
-        shards: dict[str, Path] = {}
-        for name, path in self._shards.items():
-            new = new_name(name)
-            if new in shards:
-                raise ModelLoadError(f"{path} holds {self._stored.get(name, name)} and another "
-                                     f"tensor that both name {new}; remove one of them")
-            shards[new] = path
-            if new != name:
-                self._stored[new] = self._stored.pop(name, name)
-        self._shards = shards
+        self._shards = renamed_shards(self._shards, self._stored, new_name)
 
     def _key(self, name: str) -> str:
         return self._stored.get(name, name)
