@@ -52,6 +52,14 @@ def _protocol_options(f):
     return f
 
 
+def _stream_option(f):
+    return click.option(
+        "--stream", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+        help="on: run each model block by block over all windows (memory: one block and the "
+             "windows' hidden states, not the model); off: whole models in float32; auto: "
+             "whole when they fit the available memory (see eval --plan).")(f)
+
+
 def _no_verify_option(what: str):
     return click.option("--no-verify", is_flag=True,
                         help=f"Use {what} without checking its files against the sizes and "
@@ -284,20 +292,53 @@ def _print_plan(model, config, json_path: str | None, method=None) -> None:
 @click.option("--device", default="auto", show_default=True,
               help="Where the models run: auto (a CUDA GPU when torch sees one), cpu, cuda:N.")
 @_no_verify_option("TARGET (and a quantbench output given as --baseline)")
+@_stream_option
+@click.option("--plan", is_flag=True,
+              help="Print the estimated peak memory of each mode (whole model, block-streamed) "
+                   "and the one that would run, then exit without evaluating.")
 @_wide_option
 def eval_cmd(target, baseline, ctx, max_tokens, n_windows, scoring, data, no_cache, json_path,
-             device, no_verify, wide):
+             device, no_verify, stream, plan, wide):
     """Perplexity, KLD and top-1 of TARGET against its FP baseline (or of a source alone)."""
     from quantbench.eval.report import eval_table
-    from quantbench.eval.run import evaluate_one
+    from quantbench.eval.run import evaluate_one, plan_eval
 
     _check_files_to_write(json=json_path)
+    fields = _protocol_fields(ctx, max_tokens, n_windows, scoring, data)
+    if plan:
+        estimate = plan_eval(target, baseline=baseline, device=device, verify=not no_verify,
+                             stream=stream, **fields)
+        _print_eval_plan(estimate, str(target))
+        _write_json(json_path, estimate.to_dict())
+        return
     report = evaluate_one(target, baseline=baseline, progress=None, use_cache=not no_cache,
-                          device=device, verify=not no_verify,
-                          **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
+                          device=device, verify=not no_verify, stream=stream, **fields)
     out.print(eval_table(report, str(target), wide), crop=False)
     _print_bits(report.artifacts)
     _write_json(json_path, report.to_dict())
+
+
+def _print_eval_plan(p, target: str) -> None:
+    from rich.table import Table
+
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    chosen = "whole model" if p.mode == "whole" else (
+        "block-streamed, hidden states spilled to disk" if p.spill else "block-streamed")
+    table = Table(title=escape(f"eval plan: {target}"))
+    table.add_column("")
+    table.add_column("", justify="right")
+    table.add_row("models (baseline + candidates)", str(p.models))
+    table.add_row("parameters per model", f"{p.parameters:,}")
+    table.add_row("tokens", f"{p.tokens:,}")
+    table.add_row("peak memory, whole model", gib(p.whole_bytes))
+    table.add_row("peak memory, streamed", gib(p.streamed_bytes))
+    table.add_row("peak memory, streamed + spilled", gib(p.spilled_bytes))
+    if p.spill_file_bytes:
+        table.add_row("spill file", gib(p.spill_file_bytes))
+    table.add_row("memory available", gib(p.available_bytes))
+    table.add_row("work", f"{p.gflop:,.0f} GFLOP")
+    table.add_row("[bold]runs as[/]", f"[bold]{chosen}[/]")
+    out.print(table)
 
 
 def _print_bits(artifacts: dict[str, dict[str, Any]]) -> None:
@@ -322,9 +363,11 @@ def _print_bits(artifacts: dict[str, dict[str, Any]]) -> None:
 @click.option("--json", "json_path", default="compare.json", show_default=True)
 @click.option("--plot", "plot_path", default="compare.png", show_default=True)
 @_no_verify_option("SOURCE (when it is a quantbench output) and the artifacts written")
+@_stream_option
 @_wide_option
 def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_windows,
-            scoring, data, no_cache, json_path, plot_path, no_verify, wide, **calibration):
+            scoring, data, no_cache, json_path, plot_path, no_verify, stream, wide,
+            **calibration):
     """Quantize SOURCE with each method × bits, evaluate all, print a table, save JSON + plot.
 
     Exits 1 when a row has no result (its artifact failed verification, or its results were
@@ -340,7 +383,7 @@ def compare(source, methods, bits, group_size, fmt, out_dir, ctx, max_tokens, n_
         _method_options(methods[0], given)  # names the option no method takes
     result = run_compare(source, methods=methods, bits=bits, group_size=group_size, fmt=fmt,
                          out_dir=out_dir, progress=None, use_cache=not no_cache,
-                         method_options=given, verify=not no_verify,
+                         method_options=given, verify=not no_verify, stream=stream,
                          **_protocol_fields(ctx, max_tokens, n_windows, scoring, data))
     title = f"quantbench compare — {source} ({fmt})"
     out.print(render_table(result.rows, title, result.report.describe(), result.errors, wide),

@@ -19,7 +19,7 @@ from quantbench.devices import CPU
 from quantbench.errors import QuantbenchError
 from quantbench.finite import count_non_finite
 from quantbench.lazy import torch
-from quantbench.models.arch import Sublayer
+from quantbench.models.arch import ArchSpec, Sublayer
 from quantbench.models.experts import install_routed_experts
 from quantbench.models.loader import Model
 from quantbench.models.torch_model import _no_init
@@ -53,13 +53,19 @@ class Captured:
 
 
 def _skeleton(model: Model) -> torch.nn.Module:
+    return skeleton_for(model.config, model.arch)
+
+
+def skeleton_for(config: dict[str, Any], arch: ArchSpec) -> torch.nn.Module:
+    """The model of ``config`` on the meta device (no memory), routed experts installed: its
+    blocks are materialized one at a time (``materialize_block``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = {k: v for k, v in model.config.items() if k != "quantization_config"}
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
     hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"), _no_init():
         net = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    return install_routed_experts(net, model.arch)
+    return install_routed_experts(net, arch)
 
 
 def _set(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
@@ -105,16 +111,26 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
     """Run the model's forward once per micro-batch with every decoder layer replaced by a tap:
     the embeddings (+ rotary) run, the model makes each layer's arguments (its own mask and
     position embeddings), the taps record them and block 0's input. No block is run."""
-    arch = model.arch
+    return capture_layer_inputs(model.arch, skeleton, model.weights.get(f"{model.arch.embed}.weight"),
+                                windows, batch_size, device)
+
+
+def capture_layer_inputs(arch: ArchSpec, skeleton: torch.nn.Module, embed_weight: torch.Tensor,
+                         windows: torch.Tensor, batch_size: int, device: torch.device = CPU,
+                         hidden: "list[torch.Tensor] | None" = None) -> Captured:
+    """:func:`capture_inputs` for any weights: the embedding matrix given; block 0's inputs go
+    to ``hidden`` (anything with ``append``: the streamed evaluator writes them to its store)."""
     embed = skeleton.get_submodule(arch.embed).to_empty(device=device)
     if embed._non_persistent_buffers_set:  # e.g. Gemma's embedding scale √hidden: not on disk
         skeleton._init_weights(embed)
-    embed.weight.data.copy_(model.weights.get(f"{arch.embed}.weight").float())
+    embed.weight.data.copy_(embed_weight.float())
+    del embed_weight
     base = skeleton.get_submodule(arch.base_model)  # its config: the decoder's (multimodal too)
     rotary_cls = type(skeleton.get_submodule(arch.rotary))
     _set(skeleton, arch.rotary, rotary_cls(config=base.config).to(device))
     layers = skeleton.get_submodule(arch.block_prefix)
-    captured = Captured([], [[] for _ in range(len(layers))])
+    norm = skeleton.get_submodule(arch.final_norm)
+    captured = Captured([] if hidden is None else hidden, [[] for _ in range(len(layers))])
     taps = torch.nn.ModuleList([_ArgumentTap(layer, i, captured) for i, layer in
                                 enumerate(layers)])
     _set(skeleton, arch.block_prefix, taps)
@@ -125,6 +141,7 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
                 base(input_ids=batch.to(device), use_cache=False)
     finally:
         _set(skeleton, arch.block_prefix, layers)
+        _set(skeleton, arch.final_norm, norm)
         embed.to("meta")  # only the blocks' inputs were needed
     return captured
 

@@ -175,14 +175,15 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
                 targets: TargetConfig | None = None, protocol: EvalProtocol | None = None,
                 progress: bool | None = None, use_cache: bool = True,
                 method_options: dict[str, Any] | None = None, verify: bool = True,
-                **protocol_fields: Any) -> CompareResult:
+                stream: str = "auto", **protocol_fields: Any) -> CompareResult:
     """Quantize with each method × bits, write with ``fmt``, read back, evaluate in lock-step.
 
     ``source``, when it is a quantbench output, and every artifact written are checked against
     their manifests before they are read (``verify=False`` skips it). A row whose artifact
     fails the check, or whose results are NaN/Inf, gets its error in ``errors`` instead of a
     result; the other rows still run. ``progress``: None follows ``QUANTBENCH_PROGRESS``
-    (shown by default), False is silent.
+    (shown by default), False is silent. ``stream``: as ``evaluate_one`` (auto: the models
+    run block by block when the baseline and every artifact do not fit in memory together).
 
     Without ``group_size``: 128 where it divides every quantized row, else the largest of 64
     or 32 that does (``quant.run.fit_default_group``, announced once)."""
@@ -211,7 +212,7 @@ def run_compare(source: "Model | str", methods: Sequence[str] = ("absmax", "zero
         report = evaluate(source_factory(model, device), factories, model.tokenizer(), protocol,
                           baseline_key=model.fingerprint(),
                           cache_dir=eval_cache_dir() if use_cache else None, progress=progress,
-                          baseline_name=str(model.source))
+                          baseline_name=str(model.source), stream=stream)
         failed.update(report.errors)
         errors = {job.name: failed[job.name] for job in jobs if job.name in failed}
         for why in errors.values():

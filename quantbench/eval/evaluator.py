@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantbench.errors import EvalError, QuantbenchError
+from quantbench.eval.budget import choose
 from quantbench.eval.data import adds_bos, load_eval_text, make_windows, tokenize_for_eval
 from quantbench.eval.metrics import (WindowStats, concat, log_probs, non_finite_window,
                                      perplexity, score_rows, summarize, to_cpu)
@@ -73,6 +74,7 @@ class EvalReport:
     errors: dict[str, str] = field(default_factory=dict)  # candidate → why it has no result
     # candidate → both bits per weight of its artifact (quantbench/bits_per_weight.py)
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mode: str = "whole"  # how the models ran: whole, or block-streamed (eval/streamed.py)
 
     def describe(self) -> str:
         return self.protocol.describe(self.n_windows, self.data_name)
@@ -80,7 +82,7 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol.to_dict(), "protocol_text": self.describe(),
                 "data": {"name": self.data_name, "sha256": self.data_id},
-                "baseline": asdict(self.baseline),
+                "mode": self.mode, "baseline": asdict(self.baseline),
                 "results": {k: v.to_dict() for k, v in self.results.items()},
                 **({"errors": dict(self.errors)} if self.errors else {}),
                 **({"artifacts": dict(self.artifacts)} if self.artifacts else {})}
@@ -162,8 +164,17 @@ def prepare_windows(tokenizer, protocol: EvalProtocol) -> tuple[torch.Tensor, An
 
 def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokenizer,
              protocol: EvalProtocol, baseline_key: str, cache_dir: Path | None = None,
-             progress: bool | None = None, baseline_name: str = "the baseline") -> EvalReport:
+             progress: bool | None = None, baseline_name: str = "the baseline",
+             stream: "str | bool" = "auto", spill: "bool | Path | None" = None) -> EvalReport:
     """Evaluate every candidate against the baseline on the same windows, in one pass.
+
+    ``stream`` ("auto", "on", "off" or a bool; ``eval/budget.py`` decides "auto" by the
+    estimated memory): each model runs block by block over all windows (``eval/streamed.py``;
+    the models must be ``EvalSource`` s), the candidates one after another against the
+    baseline's kept final hidden states, its head recomputed per chunk; the hidden states
+    spill to a temporary file when they do not fit (``spill``: True or a folder forces it).
+    Otherwise every model is built whole and the windows run through all of them a batch at
+    a time. Both give the same results.
 
     No NaN or infinity is ever a result: a baseline with non-finite log-probabilities (or
     perplexity) on some window raises ``EvalError`` naming it and the first such window; a
@@ -177,48 +188,166 @@ def evaluate(baseline: ModelFactory, candidates: dict[str, ModelFactory], tokeni
     if cached is not None and not candidates:
         return report
     span = _WindowSpan(windows.shape[1] - (1 if adds_bos(tokenizer) else 0), data.name)
+    tally = _Tally(report, span, baseline_name, {name: [] for name in candidates}, [],
+                   {name: 0.0 for name in ["baseline", *candidates]})
+    plan = choose(baseline, 1 + len(candidates), windows, protocol.batch_size, stream,
+                  chunk_rows)
+    streamed = plan is not None and plan.mode == "streamed"
+    if streamed and spill is None:
+        spill = plan.spill
+    run = _run_streamed if streamed else _run_whole
+    run(baseline, candidates, windows, protocol, tally, progress, cached is None, spill)
+    if cached is None:
+        nlls = torch.cat(tally.base_nll)
+        cached = BaselineResult(perplexity(nlls), int(nlls.numel()), tally.seconds["baseline"])
+        _store_cache(cache_dir, key, nlls, cached, protocol)
+    report.baseline = cached
+    report.mode = "streamed" if streamed else "whole"
+    for name in candidates:
+        if name not in report.errors:
+            _add_result(report, name, summarize(tally.stats[name]),
+                        round(tally.seconds[name], 3))
+    return report
+
+
+@dataclass
+class _Tally:
+    """What the scoring passes gather: each candidate's stats, the baseline's per-token
+    losses, each model's seconds; non-finite windows become errors as they are met."""
+
+    report: EvalReport
+    span: "_WindowSpan"
+    baseline_name: str
+    stats: dict[str, list[WindowStats]]
+    base_nll: list[torch.Tensor]
+    seconds: dict[str, float]
+
+    def add(self, first_window: int, count: int, nll_base: torch.Tensor | None,
+            scored: dict[str, WindowStats], live: dict[str, Any]) -> None:
+        """One batch of ``count`` windows: the baseline's losses (``None``: not needed in
+        this pass) and each candidate's stats, checked; a candidate with a non-finite window
+        gets its error and leaves ``live``."""
+        if nll_base is not None:
+            problem = non_finite_window(WindowStats(nll_base), count, candidate=False)
+            if problem is not None:
+                raise EvalError(self.span.baseline_message(self.baseline_name, first_window,
+                                                           *problem))
+            self.base_nll.append(nll_base)
+        for name, s in scored.items():
+            problem = non_finite_window(s, count, candidate=True)
+            if problem is None:
+                self.stats[name].append(s)
+                continue
+            self.report.errors[name] = self.span.candidate_message(name, first_window, *problem)
+            del live[name]  # the caller reports it (one line), the others go on
+
+
+def _run_whole(baseline: ModelFactory, candidates: dict[str, ModelFactory],
+               windows: torch.Tensor, protocol: EvalProtocol, tally: _Tally,
+               progress: bool | None, need_base: bool, spill: "bool | Path") -> None:
+    """Every model built whole; each batch of windows through all of them, then scored."""
     base_fn = baseline()
     fns: dict[str, "CausalLM | LogitsFn"] = {}
     for name, factory in candidates.items():
         try:  # a candidate that cannot be built (a damaged or non-finite tensor) is its error
             fns[name] = factory()
         except QuantbenchError as exc:
-            report.errors[name] = f"{name}: {exc}"
+            tally.report.errors[name] = f"{name}: {exc}"
     if candidates and not fns:  # nothing left to compare with the baseline: say so now
-        raise EvalError(next(iter(report.errors.values())))
-    stats: dict[str, list[WindowStats]] = {name: [] for name in fns}
-    base_nll: list[torch.Tensor] = []
-    seconds = {name: 0.0 for name in ["baseline", *fns]}
-    batches = windows.split(protocol.batch_size)
+        raise EvalError(next(iter(tally.report.errors.values())))
+    first = protocol.first_scored
     what = (f"eval {len(fns)} model{'s' if len(fns) > 1 else ''} + baseline" if fns
             else "eval baseline")
     with block_progress(len(windows), what, progress, unit="windows") as advance, \
             torch.inference_mode():
-        for index, batch in enumerate(batches):
-            first_window = index * protocol.batch_size
-            nll_base, scored = _score_batch(base_fn, fns, batch, protocol.first_scored, seconds)
-            problem = non_finite_window(WindowStats(nll_base), len(batch), candidate=False)
-            if problem is not None:
-                raise EvalError(span.baseline_message(baseline_name, first_window, *problem))
-            base_nll.append(nll_base)
-            for name, s in scored.items():
-                problem = non_finite_window(s, len(batch), candidate=True)
-                if problem is None:
-                    stats[name].append(s)
-                    continue
-                report.errors[name] = span.candidate_message(name, first_window, *problem)
-                del fns[name]  # the caller reports it (one line), the others go on
+        for index, batch in enumerate(windows.split(protocol.batch_size)):
+            base = _body(base_fn, batch, first, "baseline", tally.seconds)
+            passes = {name: _body(fn, batch, first, name, tally.seconds)
+                      for name, fn in fns.items()}
+            nll_base, scored = _score(base, passes, batch[:, first + 1:].reshape(-1),
+                                      tally.seconds)
+            tally.add(index * protocol.batch_size, len(batch), nll_base, scored, fns)
             advance("", len(batch))
-            if candidates and not fns and cached is not None:
+            if candidates and not fns and not need_base:
                 break  # every candidate failed and the baseline's result is cached
-    if cached is None:
-        nlls = torch.cat(base_nll)
-        cached = BaselineResult(perplexity(nlls), int(nlls.numel()), seconds["baseline"])
-        _store_cache(cache_dir, key, nlls, cached, protocol)
-    report.baseline = cached
-    for name in fns:
-        _add_result(report, name, summarize(stats[name]), round(seconds[name], 3))
-    return report
+
+
+def _run_streamed(baseline: ModelFactory, candidates: dict[str, ModelFactory],
+                  windows: torch.Tensor, protocol: EvalProtocol, tally: _Tally,
+                  progress: bool | None, need_base: bool, spill: "bool | Path") -> None:
+    """The baseline streamed once and kept (final hidden states + head); then each candidate
+    streamed and scored against it, one at a time (its head beside the baseline's)."""
+    from quantbench.eval.streamed import Stores, StreamedLM
+
+    stores = Stores(spill)
+    built: list[str] = []
+    base = None
+    try:
+        base = _streamed(StreamedLM(baseline), "baseline", windows, protocol, stores, tally,
+                         progress)
+        if not candidates:
+            _score_streamed(base, None, windows, protocol, tally, progress, need_base)
+        for name, source in candidates.items():
+            try:
+                lm = _streamed(StreamedLM(source), name, windows, protocol, stores, tally,
+                               progress)
+            except QuantbenchError as exc:  # damaged or non-finite tensors: its error
+                tally.report.errors[name] = f"{name}: {exc}"
+                continue
+            built.append(name)
+            try:
+                _score_streamed(base, (name, lm), windows, protocol, tally, progress, need_base)
+            finally:
+                lm.close()
+            need_base = False
+        if candidates and not built:
+            raise EvalError(next(iter(tally.report.errors.values())))
+    finally:
+        if base is not None:
+            base.close()
+        stores.close()
+
+
+def _streamed(lm: "StreamedLM", name: str, windows: torch.Tensor, protocol: EvalProtocol,
+              stores: "Stores", tally: _Tally, progress: bool | None) -> "StreamedLM":
+    from quantbench.eval.streamed import timed_run
+
+    blocks = len(lm.skeleton.get_submodule(lm.arch.block_prefix))
+    with block_progress(blocks + 1, f"eval {name}", progress, unit="blocks") as advance:
+        try:
+            timed_run(lm, windows, protocol.batch_size, stores, lambda label: advance(label),
+                      tally.seconds, name)
+        except BaseException:
+            lm.close()
+            raise
+    return lm
+
+
+def _score_streamed(base: "StreamedLM", candidate: "tuple[str, StreamedLM] | None",
+                    windows: torch.Tensor, protocol: EvalProtocol, tally: _Tally,
+                    progress: bool | None, need_base: bool) -> None:
+    """Score one candidate (or none: the baseline alone) over every window against the
+    baseline's final hidden states; the baseline's losses are gathered when ``need_base``
+    (on to the last window even when the candidate fails on the way)."""
+    live = {} if candidate is None else {candidate[0]: candidate[1]}
+    first, size = protocol.first_scored, protocol.batch_size
+
+    def rows(name: str, lm: "StreamedLM", start: int, count: int) -> _Pass:
+        hidden = _timed(tally.seconds, name, lm.rows, start, count, first)
+        return _Pass(hidden, lm.head, lm.vocab_size)
+
+    what = f"score {candidate[0]}" if candidate else "score baseline"
+    with block_progress(len(windows), what, progress, unit="windows") as advance:
+        for start in range(0, len(windows), size):
+            if not live and not need_base:
+                return
+            count = min(size, len(windows) - start)
+            passes = {name: rows(name, lm, start, count) for name, lm in live.items()}
+            targets = windows[start:start + count, first + 1:].reshape(-1)
+            nll_base, scored = _score(rows("baseline", base, start, count), passes, targets,
+                                      tally.seconds)
+            tally.add(start, count, nll_base if need_base else None, scored, live)
+            advance("", count)
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -256,30 +385,27 @@ def _body(fn: "CausalLM | LogitsFn", batch: torch.Tensor, first: int, name: str,
     return _Pass(hidden[:, first:-1].reshape(-1, hidden.shape[-1]), head, vocab)
 
 
-def _score_batch(base_fn: "CausalLM | LogitsFn", fns: dict[str, "CausalLM | LogitsFn"],
-                 batch: torch.Tensor, first: int, seconds: dict[str, float]
-                 ) -> tuple[torch.Tensor, dict[str, WindowStats]]:
-    """One batch of windows: every model's body once, then, ``chunk_rows`` positions at a time,
-    the baseline's head once and each candidate's head compared with it (a chunk's logits never
-    outlive it: at most the baseline's and one candidate's exist at once); returns the
-    baseline's NLL and each candidate's stats (on the CPU, windows in order), and adds the
-    models' time to ``seconds``."""
-    base = _body(base_fn, batch, first, "baseline", seconds)
-    passes = {name: _body(fn, batch, first, name, seconds) for name, fn in fns.items()}
-    targets = batch[:, first + 1:].reshape(-1)
+def _score(base: _Pass, passes: dict[str, _Pass], targets: torch.Tensor,
+           seconds: dict[str, float]) -> tuple[torch.Tensor, dict[str, WindowStats]]:
+    """One batch of windows, every model's body already run: ``chunk_rows`` positions at a
+    time, the baseline's head once and each candidate's head compared with it (a chunk's
+    logits never outlive it: at most the baseline's and one candidate's exist at once);
+    returns the baseline's NLL and each candidate's stats (on the CPU, windows in order), and
+    adds the heads' time to ``seconds``."""
     step = chunk_rows(base.vocab_size)
     base_parts: list[WindowStats] = []
     parts: dict[str, list[WindowStats]] = {name: [] for name in passes}
-    for start in range(0, len(targets), step):
-        rows = slice(start, start + step)
-        base_logp = log_probs(_timed(seconds, "baseline", base.head, base.rows[rows]))
-        chunk_targets = targets[rows].to(base_logp.device)
-        base_parts.append(to_cpu(score_rows(base_logp, None, chunk_targets)))
-        for name, model in passes.items():
-            cand_logp = log_probs(_timed(seconds, name, model.head, model.rows[rows]))
-            parts[name].append(to_cpu(score_rows(base_logp, cand_logp, chunk_targets)))
-            del cand_logp
-        del base_logp
+    with torch.inference_mode():
+        for start in range(0, len(targets), step):
+            rows = slice(start, start + step)
+            base_logp = log_probs(_timed(seconds, "baseline", base.head, base.rows[rows]))
+            chunk_targets = targets[rows].to(base_logp.device)
+            base_parts.append(to_cpu(score_rows(base_logp, None, chunk_targets)))
+            for name, model in passes.items():
+                cand_logp = log_probs(_timed(seconds, name, model.head, model.rows[rows]))
+                parts[name].append(to_cpu(score_rows(base_logp, cand_logp, chunk_targets)))
+                del cand_logp
+            del base_logp
     return concat(base_parts).nll_base, {name: concat(p) for name, p in parts.items()}
 
 

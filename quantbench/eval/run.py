@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantbench.devices import resolve_device
 from quantbench.errors import EvalError, QuantbenchError
@@ -15,8 +15,10 @@ from quantbench.formats.io import open_artifact
 from quantbench.formats.manifest import record_eval, verify_artifact
 from quantbench.lazy import torch
 from quantbench.models.loader import Model, load_model
-from quantbench.models.runtime import apply_runtime
-from quantbench.models.torch_model import build_causal_lm, logits_fn
+from quantbench.eval.sources import artifact_factory, source_factory  # noqa: F401 (API)
+
+if TYPE_CHECKING:
+    from quantbench.eval.budget import EvalEstimate
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +27,6 @@ def eval_cache_dir() -> Path:
     from quantbench.models.sample import cache_root
 
     return cache_root() / "eval"
-
-
-def source_factory(model: Model, device: "torch.device | None" = None):
-    """Baseline: the source weights as stored, computed in float32 (on ``device``)."""
-    def build():
-        tensors = model.weights.iter(model.weights.names())
-        net = build_causal_lm(model.config, tensors, torch.float32, model.trust_remote_code)
-        return logits_fn(net, device)
-
-    return build
-
-
-def artifact_factory(artifact: Artifact, device: "torch.device | None" = None):
-    """Candidate: the artifact read back through its format's reader, computed in float32 (with
-    the format's run-time semantics, e.g. LLM.int8's outlier decomposition), on ``device``."""
-    def build():
-        net = build_causal_lm(artifact.config, artifact.dequantized(), torch.float32)
-        return logits_fn(apply_runtime(net, artifact), device)
-
-    return build
 
 
 def _is_artifact_dir(text: str) -> bool:
@@ -93,7 +75,7 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
                  protocol: EvalProtocol | None = None, progress: bool | None = None,
                  cache_dir: Path | None = None, use_cache: bool = True,
                  device: "str | torch.device | None" = "auto", verify: bool = True,
-                 **protocol_fields: Any) -> EvalReport:
+                 stream: str = "auto", **protocol_fields: Any) -> EvalReport:
     """Evaluate an artifact against its baseline, or a source model on its own; the models
     run on ``device`` (auto: a CUDA GPU when torch sees one).
 
@@ -101,32 +83,22 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
     manifest's sizes and sha256 before anything reads it (``verify=False``: skipped, with a
     warning); the result is recorded in the manifest only if its files verify. A model with
     NaN/Inf results raises ``EvalError`` naming it and the first such window. ``progress``:
-    None follows ``QUANTBENCH_PROGRESS`` (shown by default), False is silent."""
+    None follows ``QUANTBENCH_PROGRESS`` (shown by default), False is silent. ``stream``:
+    "on" runs the models block by block (memory: one block, not the model), "off" whole,
+    "auto" picks by the estimated memory (``eval/budget.py``; ``plan_eval`` shows it)."""
     dev = resolve_device(device)
     protocol = make_protocol(protocol, **protocol_fields)
     cache = (cache_dir or eval_cache_dir()) if use_cache else None
-    if not isinstance(target, Model):
-        verify_artifact(target, verify)
-    artifact = None
-    if not isinstance(target, Model) and _is_artifact_dir(str(target)):
-        artifact = open_artifact(target)
-    if not isinstance(target, Model) and artifact is None:
-        _refuse_non_model_dir(str(target))
-    if baseline is None and (artifact is None or artifact.manifest is None):
-        model = target if isinstance(target, Model) else load_model(str(target))
-        return evaluate(source_factory(model, dev), {}, model.tokenizer(), protocol,
-                        baseline_key=model.fingerprint(), cache_dir=cache, progress=progress,
-                        baseline_name=str(model.source))
+    base, artifact = _resolve(target, baseline, verify)
     if artifact is None:
-        path = target.path if isinstance(target, Model) else load_model(str(target)).path
-        verify_artifact(path, verify)
-        artifact = open_artifact(path)
-    base = resolve_baseline(artifact, baseline, verify)
+        return evaluate(source_factory(base, dev), {}, base.tokenizer(), protocol,
+                        baseline_key=base.fingerprint(), cache_dir=cache, progress=progress,
+                        baseline_name=str(base.source), stream=stream)
     name = Path(artifact.path).name
     report = evaluate(source_factory(base, dev), {name: artifact_factory(artifact, dev)},
                       base.tokenizer(),
                       protocol, baseline_key=base.fingerprint(), cache_dir=cache,
-                      progress=progress, baseline_name=str(base.source))
+                      progress=progress, baseline_name=str(base.source), stream=stream)
     if name in report.errors:
         raise EvalError(report.errors[name])
     if (artifact.manifest or {}).get("summary"):
@@ -136,6 +108,42 @@ def evaluate_one(target: "str | os.PathLike | Model", baseline: "Model | str | N
     if artifact.manifest is not None:
         record_eval(artifact.path, summary_for(report, name))
     return report
+
+
+def _resolve(target: "str | os.PathLike | Model", baseline: "Model | str | None",
+             verify: bool) -> tuple[Model, Artifact | None]:
+    """The baseline model and the artifact evaluated against it (None: a source alone)."""
+    if not isinstance(target, Model):
+        verify_artifact(target, verify)
+    artifact = None
+    if not isinstance(target, Model) and _is_artifact_dir(str(target)):
+        artifact = open_artifact(target)
+    if not isinstance(target, Model) and artifact is None:
+        _refuse_non_model_dir(str(target))
+    if baseline is None and (artifact is None or artifact.manifest is None):
+        return (target if isinstance(target, Model) else load_model(str(target))), None
+    if artifact is None:
+        path = target.path if isinstance(target, Model) else load_model(str(target)).path
+        verify_artifact(path, verify)
+        artifact = open_artifact(path)
+    return resolve_baseline(artifact, baseline, verify), artifact
+
+
+def plan_eval(target: "str | os.PathLike | Model", baseline: "Model | str | None" = None,
+              protocol: EvalProtocol | None = None, device: "str | torch.device | None" = "auto",
+              verify: bool = True, stream: str = "auto", **protocol_fields: Any
+              ) -> "EvalEstimate":
+    """What ``evaluate_one`` with these arguments would hold in memory, and in which mode it
+    would run (``quantbench eval --plan``); tokenizes the text, runs nothing."""
+    from quantbench.eval.budget import estimate
+    from quantbench.eval.evaluator import chunk_rows, prepare_windows
+
+    protocol = make_protocol(protocol, **protocol_fields)
+    base, artifact = _resolve(target, baseline, verify)
+    windows, _ = prepare_windows(base.tokenizer(), protocol)
+    return estimate(source_factory(base, resolve_device(device)), 1 + (artifact is not None),
+                    len(windows), windows.shape[1], protocol.batch_size, stream,
+                    chunk_rows=chunk_rows)
 
 
 def summary_for(report: EvalReport, name: str) -> dict[str, Any]:

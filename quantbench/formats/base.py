@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from quantbench.config import QuantizeConfig
 from quantbench.errors import ConfigError, FormatError
@@ -106,11 +106,18 @@ class Artifact:
                           f"{_describe(got)}, the manifest records {_describe(want)}; its config "
                           "or manifest was edited: re-create the artifact")
 
-    def dequantized(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.plain_names:
-            yield name, self.weights.get(name)
-        for name in self.quantized_names:  # exact scale·(code−zero), as a runtime computes it
-            yield name, finite(self.path, name, self.quantized(name).dequantize())
+    def dequantized(self, names: Iterable[str] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor (or those of ``names``, in that order) as a runtime sees it."""
+        if names is None:
+            names = [*self.plain_names, *self.quantized_names]
+        quantized = set(self.quantized_names)
+        for name in names:  # quantized: exact scale·(code−zero), as a runtime computes it
+            yield name, (finite(self.path, name, self.quantized(name).dequantize())
+                         if name in quantized else self.weights.get(name))
+
+    def tensor_names(self) -> list[str]:
+        return [*self.plain_names, *self.quantized_names]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weights.files())

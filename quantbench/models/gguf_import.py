@@ -321,9 +321,14 @@ def check_gguf_tensors(reader, config: dict[str, Any], spec: ArchSpec) -> None:
         parts = tensor_parts(reader, spec)
     except ModelLoadError as exc:
         raise ctx.fail(str(exc)) from exc
-    shapes = {name: tuple(int(d) for d in reversed(t.shape[:2] if e is not None else t.shape))
-              for name, (t, e) in parts.items()}
+    shapes = {name: part_shape(t, e) for name, (t, e) in parts.items()}
     check_tensors(config, spec, shapes, ctx)
+
+
+def part_shape(t, expert: int | None) -> tuple[int, ...]:
+    """The HF shape of a GGUF tensor (``ne`` reversed: ``ne[0]`` is innermost), or of one
+    expert's part of a stacked one."""
+    return tuple(int(d) for d in reversed(t.shape[:2] if expert is not None else t.shape))
 
 
 def _gguf_name(spec: ArchSpec, hf: str) -> str:
@@ -429,12 +434,29 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
         w = unpermute_qk(w, heads) if heads else w
         offset = norm_offset(config, name)
         yield name, (w - offset if offset else w), t.tensor_type.name
+        del w  # not held while the next tensor is dequantized
+
+
+def hf_tensor_infos(reader, config: dict[str, Any], dtype: torch.dtype
+                    ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(name, dtype, HF shape)`` of every tensor :func:`read_gguf_tensors` yields, in its
+    order, under the names the family's checkpoints use (``ArchSpec.output_name``): known
+    from the tensor infos before any data is read."""
+    from quantbench.models.arch import arch_of
+
+    spec = arch_of(config)
+    return [(spec.output_name(name), dtype, part_shape(t, e))
+            for name, (t, e) in tensor_parts(reader, spec).items()]
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype | None = None,
                        tokenizer: bool = True) -> dict[str, Any]:
-    """Write config.json, model.safetensors, generation_config.json and the tokenizer."""
+    """Write config.json, model.safetensors (shards and their index past
+    ``safetensors_writer.MAX_SHARD_BYTES``), generation_config.json and the tokenizer. The
+    tensors stream to the file one at a time (a stacked expert tensor held while it is
+    split): memory is the largest tensor, not the model."""
     from quantbench.models.arch import arch_of
+    from quantbench.models.safetensors_writer import SafetensorsWriter
 
     dtype = dtype or torch.float16
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -442,14 +464,12 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype | None
     config = hf_config_from_gguf(reader, str(gguf_path))
     out_dir.mkdir(parents=True, exist_ok=True)
     types: Counter[str] = Counter()
-    tensors = {}
-    spec = arch_of(config)
-    for name, w, ggml_type in read_gguf_tensors(reader, config):  # under the names the
-        tensors[spec.output_name(name)] = w.to(dtype).contiguous()  # family's checkpoints use
-        types[ggml_type] += 1
-    from safetensors.torch import save_file  # (imports torch)
-
-    save_file(tensors, str(out_dir / "model.safetensors"), {"format": "pt"})
+    output_name = arch_of(config).output_name  # the names the family's checkpoints use
+    with SafetensorsWriter(out_dir, hf_tensor_infos(reader, config, dtype)) as writer:
+        for name, w, ggml_type in read_gguf_tensors(reader, config):
+            writer.write(output_name(name), w.to(dtype).contiguous())
+            types[ggml_type] += 1
+            del w  # not held while the next tensor is dequantized
     try:
         text = dumps(config, what="config.json", indent=2, sort_keys=True)
     except NonFiniteJSON as exc:  # a float of the GGUF's metadata (rms eps, rope base...)

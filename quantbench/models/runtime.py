@@ -46,16 +46,25 @@ def _swap(net: torch.nn.Module, path: str, make) -> None:
     setattr(parent, child, make(getattr(parent, child)))
 
 
-def apply_runtime(net: torch.nn.Module, artifact: Any) -> torch.nn.Module:
+def _within(path: str, under: str) -> bool:
+    return not under or path == under or path.startswith(under + ".")
+
+
+def apply_runtime(net: torch.nn.Module, artifact: Any, under: str = "") -> torch.nn.Module:
     """Swap in run-time modules for the artifact's quantized linears where its format computes
     differently from ``x @ dequantize(W)ᵀ``: LLM.int8 in ``bitsandbytes`` files, llama.cpp's
-    activation rounding in ``gguf`` files (``runtime["gguf_activations"]``: module → type)."""
+    activation rounding in ``gguf`` files (``runtime["gguf_activations"]``: module → type).
+    ``under``: only the modules at or below that path (the block or head the streamed
+    evaluator has just materialized inside ``net``)."""
     for path, act_type in artifact.runtime.get("gguf_activations", {}).items():
-        _swap(net, path, lambda old, t=act_type: ActivationRoundingLinear(old, t))
+        if _within(path, under):
+            _swap(net, path, lambda old, t=act_type: ActivationRoundingLinear(old, t))
     threshold = artifact.runtime.get("llm_int8_threshold")
     if threshold is None:
         return net
     for name in artifact.quantized_names:
+        if not _within(name[: -len(".weight")], under):
+            continue
         qt = artifact.quantized(name)
         if qt.grid.kind != "int8_row":
             continue
