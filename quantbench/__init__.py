@@ -20,6 +20,7 @@ _API = {
     "quantize": "quantbench.api",
     "save": "quantbench.api",
     "evaluate": "quantbench.api",
+    "plan_eval": "quantbench.api",
     "compare": "quantbench.api",
     "inspect": "quantbench.api",
     "upload": "quantbench.api",
@@ -47,8 +48,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from quantbench.api import (compare, evaluate, inspect, load_model, quantize, save,
-                                upload)
+    from quantbench.api import (compare, evaluate, inspect, load_model, plan_eval, quantize,
+                                save, upload)
     from quantbench.config import IntGridConfig, QuantizeConfig, TargetConfig
     from quantbench.recipes import Recipe, run_recipe
     from quantbench.tensor import QuantizedTensor

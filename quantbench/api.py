@@ -74,10 +74,21 @@ def evaluate(target, baseline=None, verify: bool = True, progress: bool | None =
              **kwargs: Any):
     """Perplexity, KLD and top-1 of an artifact (or source) against its FP baseline; a
     quantbench output is first checked against its manifest (``verify=False`` skips it).
-    Progress counts the windows scored (``progress=False`` silences it)."""
+    Progress counts the windows scored (``progress=False`` silences it). ``stream="on"``
+    runs the models block by block (a model larger than memory), "off" whole, "auto" (the
+    default) by the estimated memory; ``plan_eval`` takes the same arguments and returns
+    that estimate."""
     from quantbench.eval.run import evaluate_one
 
     return evaluate_one(target, baseline=baseline, verify=verify, progress=progress, **kwargs)
+
+
+def plan_eval(target, baseline=None, **kwargs: Any):
+    """The estimated peak memory of :func:`evaluate` with these arguments, whole and
+    block-streamed, and the mode it would run in (nothing is evaluated)."""
+    from quantbench.eval.run import plan_eval as plan
+
+    return plan(target, baseline=baseline, **kwargs)
 
 
 def compare(source, methods=("absmax", "zeropoint"), bits=(8, 4),

@@ -120,9 +120,13 @@ def estimate(source: EvalSource, models: int, windows: int, ctx: int, batch_size
         if spill and spilled > budget:
             raise EvalError(
                 f"this evaluation needs about {_gib(spilled)} even block-streamed with its "
-                f"hidden states on disk (one block {_gib(8 * block)}, the vocabulary head "
-                f"{_gib(8 * matrix)}, logits {_gib(chunk)}), {_gib(available)} is available: "
-                "lower --batch-size or --ctx, or free memory")
+                f"hidden states on disk, {_gib(available)} is available (the runtime "
+                f"{_gib(RUNTIME_BASE_BYTES)}, one block "
+                f"{_gib(8 * block)} and two vocabulary heads {_gib(8 * matrix)} must fit; "
+                f"lower --ctx for the activations, {_gib(act)}, or QUANTBENCH_LOGITS_MB for "
+                f"the logits chunk, {_gib(chunk)}), or free memory")
+        if spill:
+            _check_spill_room((3 if models > 1 else 2) * store, tokens)
     flop = 2 * (params - 2 * matrix) * tokens * models + 2 * matrix * tokens * (
         2 * models - 1 if mode == "streamed" else models)
     return EvalEstimate(mode, spill, models, params, tokens, int(whole), int(streamed),
@@ -130,8 +134,20 @@ def estimate(source: EvalSource, models: int, windows: int, ctx: int, batch_size
                         int(available), flop / 1e9)
 
 
+def _check_spill_room(need: int, tokens: int) -> None:
+    import shutil
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise EvalError(f"the hidden states of {tokens:,} tokens do not fit in memory and need "
+                        f"{_gib(need)} of spill space in {folder}, {_gib(free)} is free: set "
+                        "TMPDIR to a disk with room, or lower --max-tokens or --windows")
+
+
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def device_fits(source: EvalSource, models: int) -> bool:

@@ -35,8 +35,8 @@ LOGITS_BYTES = 64 * 2**20
 """Bytes of float32 full-vocabulary logits one model's head makes at once: the positions of a
 batch are scored this many bytes' worth at a time (a 262,144-token vocabulary: 64 positions;
 a 32k one: 512). Scoring a chunk holds a few buffers of that size (the baseline's and one
-candidate's log-probabilities, the KL terms). A module constant: patch it to trade speed for
-memory."""
+candidate's log-probabilities, the KL terms). ``QUANTBENCH_LOGITS_MB`` overrides it (less
+memory, more head calls)."""
 
 
 @dataclass
@@ -351,8 +351,19 @@ def _score_streamed(base: "StreamedLM", candidate: "tuple[str, StreamedLM] | Non
 
 
 def chunk_rows(vocab_size: int) -> int:
-    """Positions whose logits fit in ``LOGITS_BYTES`` (at least one)."""
-    return max(1, LOGITS_BYTES // (4 * vocab_size))
+    """Positions whose logits fit in ``LOGITS_BYTES`` (or ``QUANTBENCH_LOGITS_MB`` MiB when
+    set: less memory, more head calls; at least one position)."""
+    import os
+
+    limit = LOGITS_BYTES
+    text = os.environ.get("QUANTBENCH_LOGITS_MB", "").strip()
+    if text:
+        try:
+            limit = int(float(text) * 2**20)
+        except ValueError:
+            raise EvalError(f"QUANTBENCH_LOGITS_MB must be a number of MiB, got {text!r}") \
+                from None
+    return max(1, limit // (4 * vocab_size))
 
 
 @dataclass

@@ -143,8 +143,13 @@ class StreamedLM:
         names = [n for n in self.source.names if n.startswith(prefix)]
         module = self.skeleton.get_submodule(path).to_empty(device=self.device)
         module.load_state_dict(self._tensors(names, prefix), strict=True)
+        return self._runtime(path)
+
+    def _runtime(self, path: str) -> "torch.nn.Module":
+        """The module at ``path`` with the format's run-time modules swapped in, all on the
+        device (a swapped-in module is built where its tensors were read)."""
         self.source.runtime(self.skeleton, path)
-        return self.skeleton.get_submodule(path).eval()
+        return self.skeleton.get_submodule(path).to(self.device).eval()
 
     def _free(self, path: str) -> None:
         self.skeleton.get_submodule(path).to("meta")
@@ -195,8 +200,7 @@ class StreamedLM:
             module = self.skeleton.get_submodule(self.arch.lm_head).to_empty(device=self.device)
             name = f"{self.arch.embed}.weight"
             module.load_state_dict({"weight": dict(self.source.read([name]))[name].float()})
-            self.source.runtime(self.skeleton, self.arch.lm_head)
-            self._head = self.skeleton.get_submodule(self.arch.lm_head).eval()
+            self._head = self._runtime(self.arch.lm_head)
         else:
             self._head = self._load(self.arch.lm_head)
 

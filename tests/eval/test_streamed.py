@@ -32,11 +32,6 @@ PROTOCOL = EvalProtocol(ctx=64, max_tokens=640, batch_size=3)  # 10 windows, a s
 CALIB = {"calib_samples": 4, "calib_len": 32}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
-
-
 def both_modes(model, artifacts: dict[str, Path], protocol: EvalProtocol = PROTOCOL, **kw):
     """The same evaluation whole and streamed (no baseline cache: each computes it)."""
     def run(stream):
@@ -195,7 +190,7 @@ def test_auto_streams_when_the_models_do_not_fit(llama_artifacts):
     less = int((tight.spilled_bytes + 1) / budget.MEMORY_SHARE)
     spilled = budget.estimate(src, 2, 10, 64, 1, available=less)
     assert (spilled.mode, spilled.spill) == ("streamed", True) and spilled.spill_file_bytes
-    with pytest.raises(EvalError, match="--batch-size or --ctx"):
+    with pytest.raises(EvalError, match="lower --ctx"):
         budget.estimate(src, 2, 10, 64, 1, available=less // 4)
     assert budget.estimate(src, 2, 10, 64, 1, stream="off", available=1).mode == "whole"
     assert budget.estimate(src, 2, 10, 64, 1, stream="on").mode == "streamed"
@@ -256,3 +251,35 @@ def test_spill_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     assert not dead.exists() and stores.folder.parent == tmp_path
     stores.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals_say_what_to_lower(llama_artifacts, monkeypatch):
+    model, _ = llama_artifacts
+    src = source_factory(model)
+    tiny = budget.estimate(src, 2, 10, 64, 1)
+    with pytest.raises(EvalError, match="QUANTBENCH_LOGITS_MB.*or free memory"):
+        budget.estimate(src, 2, 10, 64, 1, available=int(tiny.spilled_bytes / 2))
+    room = int((tiny.spilled_bytes + 1) / budget.MEMORY_SHARE)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: type("U", (), {"free": 10})())
+    with pytest.raises(EvalError, match="spill space .* set TMPDIR"):
+        budget.estimate(src, 2, 10, 64, 1, available=room)
+
+
+def test_logits_chunk_from_the_environment(monkeypatch):
+    from quantbench.eval.evaluator import chunk_rows
+
+    assert chunk_rows(32768) == 512
+    monkeypatch.setenv("QUANTBENCH_LOGITS_MB", "1")
+    assert chunk_rows(32768) == 8
+    monkeypatch.setenv("QUANTBENCH_LOGITS_MB", "lots")
+    with pytest.raises(EvalError, match="QUANTBENCH_LOGITS_MB must be a number"):
+        chunk_rows(32768)
+
+
+@pytest.mark.slow
+def test_sample_streamed_equals_whole(sample, tmp_path):
+    """The bundled SmolLM2 and a GPTQ artifact of it, 2048 tokens: the same numbers."""
+    q = quantize(sample, method="gptq", bits=4, group_size=64, progress=False, **CALIB)
+    out = save(q, tmp_path / "q", format="gptq", progress=False)
+    whole, stream = both_modes(sample, {"q": out}, EvalProtocol(ctx=256, max_tokens=2048))
+    assert_same(whole, stream)
