@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _measure import run_measured
+from _measure import run_measured, spawn_measured
 from rich.console import Console
 from rich.table import Table
 
@@ -62,20 +62,15 @@ def number(pattern: str, log: str) -> float | None:
 
 
 def run_logged(cmd: list[str], env: dict) -> tuple[dict, str]:
-    """``cmd`` in a child; wall seconds, peak RSS (``wait4``) and its output (to a file, never a
-    pipe that could fill)."""
+    """``cmd`` in a child; wall seconds, peak RSS (``_measure.spawn_measured``) and its output
+    (to a file, never a pipe that could fill)."""
     with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
+        code, seconds, peak = spawn_measured(cmd, log, subprocess.STDOUT, env)
         log.seek(0)
         text = log.read().decode(errors="replace")
-    if status != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}\n"
-                         f"{text[-3000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}, text
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{text[-3000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}, text
 
 
 def llama_perplexity(tools, gguf: Path, text: Path, ctx: int, chunks: int, threads: int) -> dict:

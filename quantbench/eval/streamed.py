@@ -119,7 +119,8 @@ class _Sink:
 
 class StreamedLM:
     """A model evaluated block by block: :meth:`run` leaves the final hidden states of every
-    window in ``self.final``; :meth:`head` is its vocabulary head (as ``CausalLM.head``)."""
+    window in ``self.final``; :meth:`head` is its vocabulary head (as ``CausalLM.head``);
+    :meth:`close` frees both (and a spilled file), after a failure too."""
 
     def __init__(self, source: EvalSource):
         self.source = source
@@ -162,7 +163,7 @@ class StreamedLM:
         stay resident, and the peak would grow with the number of blocks."""
         pin_mmap_threshold()
         arch, shape = self.arch, (len(windows), windows.shape[1], self._hidden_size())
-        current = stores.new(shape)
+        self.final = current = stores.new(shape)  # closed by close(), also after a failure
         embed = dict(self.source.read([f"{arch.embed}.weight"]))[f"{arch.embed}.weight"]
         captured = capture_layer_inputs(arch, self.skeleton, embed, windows, batch_size,
                                         self.device, _Sink(current))
@@ -175,20 +176,23 @@ class StreamedLM:
             path = f"{arch.block_prefix}.{index}"
             layer = self._load(path)
             nxt = stores.new(shape)
-            with torch.inference_mode(), heap_for_temporaries():
-                for (first, count), kwargs in zip(batches, captured.layer_kwargs[index]):
-                    out = layer(current.read(first, count).to(self.device), **kwargs)
-                    nxt.write(first, out[0] if isinstance(out, tuple) else out)
+            try:
+                with torch.inference_mode(), heap_for_temporaries():
+                    for (first, count), kwargs in zip(batches, captured.layer_kwargs[index]):
+                        out = layer(current.read(first, count).to(self.device), **kwargs)
+                        nxt.write(first, out[0] if isinstance(out, tuple) else out)
+            except BaseException:
+                nxt.close()
+                raise
             self._free(path)
             current.close()
-            current = nxt
+            self.final = current = nxt
             step(f"block {index + 1}/{blocks}")
         norm = self._load(arch.final_norm)
         with torch.inference_mode():
             for first, count in batches:
                 current.write(first, norm(current.read(first, count).to(self.device)))
         self._free(arch.final_norm)
-        self.final = current
 
     def _hidden_size(self) -> int:
         return int(self.skeleton.get_submodule(self.arch.embed).weight.shape[1])

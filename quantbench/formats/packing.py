@@ -24,6 +24,12 @@ def pack_bits_lsb_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits_lsb_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack_bits_lsb_rows``: int32 words → uint8 ``[rows, n]``."""
+    if 32 % bits == 0:  # no element straddles two words: shift each word by every slot
+        per = 32 // bits
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        # an arithmetic shift fills the top with sign bits; the mask keeps the slot's own
+        value = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return value.reshape(packed.shape[0], -1)[:, :n].to(torch.uint8)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.cat([words, torch.zeros(words.shape[0], 1, dtype=torch.int64)], dim=1)
     pos = torch.arange(n, dtype=torch.int64) * bits

@@ -173,8 +173,26 @@ def dequantize_codes(
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scale * (code - zero)`` in float32, ``[out, in]``."""
+    rows, cols = codes.shape
+    if _in_order(g_idx, cols, grid) and scales.shape[1] == cols // grid.group_size > 1:
+        # whole groups in column order: broadcast each group's scale and zero over its columns
+        # (the same products as the gathered per-column ones, without the [out, in] copies)
+        g = grid.group_size
+        z = zero_points(zeros, grid, codes)
+        z = z.reshape(rows, -1, 1) if z.numel() > 1 else z
+        out = (codes.float().reshape(rows, -1, g) - z) * scales.float().reshape(rows, -1, 1)
+        return out.reshape(rows, cols)
     s, z = _per_column(codes, scales, zeros, grid, g_idx)
     return (codes.float() - z) * s
+
+
+def _in_order(g_idx: torch.Tensor | None, cols: int, grid: IntGridConfig) -> bool:
+    """Whether column ``c`` is in group ``c // group_size`` for every column (no act-order
+    permutation) and the groups are whole."""
+    if grid.granularity != "group" or cols % grid.group_size:
+        return False
+    return g_idx is None or torch.equal(g_idx.to(torch.int32),
+                                        group_index(cols, grid, g_idx.device))
 
 
 def pad_groups(w: torch.Tensor, grid: IntGridConfig) -> torch.Tensor:

@@ -196,12 +196,15 @@ def test_auto_streams_when_the_models_do_not_fit(llama_artifacts):
     assert budget.estimate(src, 2, 10, 64, 1, stream="on").mode == "streamed"
 
 
+# the child's own peak: VmHWM belongs to its address space (getrusage's ru_maxrss would carry
+# this test process's peak over the exec)
 _RSS = """
-import os, resource, sys
+import sys
 from quantbench.eval.run import evaluate_one
 evaluate_one(sys.argv[1], use_cache=False, progress=False, stream=sys.argv[2], ctx=64,
              max_tokens=256)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(status.split()[0])
 """
 
 
@@ -283,3 +286,34 @@ def test_sample_streamed_equals_whole(sample, tmp_path):
     out = save(q, tmp_path / "q", format="gptq", progress=False)
     whole, stream = both_modes(sample, {"q": out}, EvalProtocol(ctx=256, max_tokens=2048))
     assert_same(whole, stream)
+
+
+def test_candidate_that_cannot_be_read_is_its_error_and_leaves_no_spill(llama_artifacts,
+                                                                       tmp_path):
+    """A tensor of block 1 that cannot be read: whole, the candidate is not built; streamed,
+    it fails after block 0 — the same error either way, the other candidate still scored,
+    and the spill folder empty afterwards."""
+    from quantbench.errors import FormatError
+
+    model, artifacts = llama_artifacts
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    reports = []
+    for stream in ("off", "on"):
+        art = open_artifact(artifacts["dense"])
+
+        def damaged(names=None, real=art.dequantized):
+            for n, t in real(names):
+                if n.startswith("model.layers.1."):
+                    raise FormatError(f"{n} is damaged")
+                yield n, t
+        bad = artifact_factory(art)
+        bad.read = damaged
+        cands = {"bad": bad, "good": artifact_factory(open_artifact(artifacts["gptq"]))}
+        reports.append(evaluate(source_factory(model), cands, model.tokenizer(), PROTOCOL,
+                                model.fingerprint(), progress=False, stream=stream,
+                                spill=spill if stream == "on" else None))
+    whole, stream = reports
+    assert whole.errors == stream.errors and "damaged" in stream.errors["bad"]
+    assert stream.results["good"].kld_mean == whole.results["good"].kld_mean
+    assert list(spill.iterdir()) == []
