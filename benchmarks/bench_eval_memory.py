@@ -47,12 +47,6 @@ def ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def eval_options() -> set[str]:
-    """Which of ``--stream`` and ``--plan`` this quantbench's ``eval`` takes (issue 24)."""
-    text = subprocess.run([*CLI, "eval", "--help"], capture_output=True, text=True).stdout
-    return {opt for opt in ("--stream", "--plan") if opt in text}
-
-
 def plan(cmd: list[str], path: Path) -> dict | None:
     """``eval --plan``'s estimate (peak memory of each mode, the mode chosen), or None."""
     proc = subprocess.run([*cmd, "--plan", "--json", str(path)], capture_output=True, text=True)
@@ -101,12 +95,6 @@ def main() -> None:
     if "off" in streams and 2 * fp32 > ram and not args.force:
         raise SystemExit(f"--stream off holds two models of {fp32 / 2**30:.1f} GiB in float32 "
                          f"on a machine of {ram / 2**30:.1f} GiB: leave it out or pass --force")
-    options = eval_options()
-    has_stream = "--stream" in options
-    if not has_stream:
-        console.print("[yellow]quantbench eval has no --stream yet: each eval runs with the flag "
-                      "omitted (recorded as stream null)[/]")
-        streams = streams[:1]
     root = Path(args.workdir or tempfile.mkdtemp(prefix="qb-evalmem-"))
     root.mkdir(parents=True, exist_ok=True)
     src, dst = root / "synthetic-llama", root / f"synthetic-{args.method}-{args.format}"
@@ -137,21 +125,20 @@ def main() -> None:
         for stream in streams:
             report = root / f"eval-{stream}.json"
             cmd = [*CLI, "eval", str(dst), "--baseline", str(src), "--ctx", str(args.ctx),
-                   "--windows", str(args.windows), "--max-tokens", "0",
-                   *(["--stream", stream] if has_stream else [])]
-            estimate = plan(cmd, root / f"plan-{stream}.json") if "--plan" in options else None
+                   "--windows", str(args.windows), "--max-tokens", "0", "--stream", stream]
+            estimate = plan(cmd, root / f"plan-{stream}.json")
             cmd += ["--no-cache", "--json", str(report)]
             run = run_measured(cmd)
             data = json.loads(report.read_text())
             result = next(iter(data["results"].values()))
-            evals.append({"stream": stream if has_stream else None, "command": cmd[3:], **run,
+            evals.append({"stream": stream, "command": cmd[3:], **run,
                           "baseline_ppl": data["baseline"]["ppl"], "ppl": result["ppl"],
                           "kld_mean": result["kld_mean"], "top1": result["top1"],
                           "n_tokens": result["n_tokens"],
                           "eval_seconds": {"baseline": round(data["baseline"]["seconds"], 3),
                                            "candidate": round(result["seconds"], 3)},
                           "mode": data.get("mode"), "plan": estimate})
-            console.print(f"eval --stream {evals[-1]['stream'] or '-'}: {run['seconds']} s, "
+            console.print(f"eval --stream {stream}: {run['seconds']} s, "
                           f"peak RSS {run['peak_rss_mb']} MB")
     finally:
         if not args.keep:  # only what this script made: a --workdir itself stays

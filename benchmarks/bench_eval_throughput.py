@@ -9,8 +9,7 @@ The source is written as an F16 GGUF (``quantbench convert --type F16``: the sam
 the checkpoint) and scored by ``llama-perplexity -c CTX --chunks N -t THREADS``; quantbench's
 evaluator scores the checkpoint alone with llama.cpp's windowing (``eval --scoring half --ctx
 CTX --windows N --max-tokens 0 --no-cache``: the same chunks, the same scored second halves), once
-per ``--streams`` value (``eval --stream S``; when this quantbench's ``eval`` has no ``--stream``
-yet, once with the flag omitted), with ``OMP_NUM_THREADS=THREADS``. Each runs in a child process
+per ``--streams`` value (``eval --stream S``), with ``OMP_NUM_THREADS=THREADS``. Each runs in a child process
 measured by ``wait4`` (wall seconds, peak RSS). Compute time is what each tool reports itself:
 llama-perplexity's log timestamps from "calculating perplexity" to "Final estimate" (its warm-up
 and tokenization excluded; its "seconds per pass" is kept too), quantbench's per-model
@@ -96,12 +95,6 @@ def llama_perplexity(tools, gguf: Path, text: Path, ctx: int, chunks: int, threa
             "seconds_per_pass": per_pass, "passes": passes, "n_seq": n_seq}
 
 
-def stream_supported() -> bool:
-    """Whether this quantbench's ``eval`` takes ``--stream`` (issue 24)."""
-    text = subprocess.run([*CLI, "eval", "--help"], capture_output=True, text=True).stdout
-    return "--stream" in text
-
-
 def ours(source: str, work: Path, ctx: int, chunks: int, threads: int,
          stream: str | None) -> dict:
     report = work / f"ours-{stream or 'default'}.json"
@@ -165,10 +158,6 @@ def measure(args: argparse.Namespace, tools, model, work: Path, console: Console
     console.print(f"llama-perplexity: ppl {llama['ppl']}, {llama['compute_seconds']} s "
                   f"computing, {llama['seconds']} s wall")
     streams = [s.strip() for s in args.streams.split(",") if s.strip()]
-    if not stream_supported():
-        console.print("[yellow]quantbench eval has no --stream yet: ours runs once with the flag "
-                      "omitted (stream null)[/]")
-        streams = [None]
     rows = []
     for stream in streams:
         r = best(args.repeat, ours, str(model.path), work, args.ctx, args.chunks, args.threads,
@@ -214,7 +203,7 @@ def show(p: dict, console: Console) -> None:
     pr = p["protocol"]
     table = Table(title=f"{p['source']} F16: {pr['chunks']} chunks × {pr['ctx']}, "
                         f"{pr['threads']} threads",
-                  caption="ours: --stream off/on (none: flag omitted). tok/s: chunks × ctx "
+                  caption="ours: --stream off/on. tok/s: chunks × ctx "
                           "over each tool's own compute time (comp s); ratio: ours / llama.cpp; "
                           "wall: the whole child process, load included (its tok/s and ratio "
                           "in the JSON)")

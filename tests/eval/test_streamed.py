@@ -317,3 +317,32 @@ def test_candidate_that_cannot_be_read_is_its_error_and_leaves_no_spill(llama_ar
     assert whole.errors == stream.errors and "damaged" in stream.errors["bad"]
     assert stream.results["good"].kld_mean == whole.results["good"].kld_mean
     assert list(spill.iterdir()) == []
+
+
+def test_cli_eval_and_compare_take_stream(llama_artifacts, tmp_path):
+    """``eval --stream on`` reports the streamed mode with the whole mode's numbers; ``compare
+    --stream on`` streams its baseline and every artifact it wrote."""
+    import json
+
+    from click.testing import CliRunner
+
+    from quantbench.cli import cli
+
+    model, artifacts = llama_artifacts
+    runner, reports = CliRunner(), {}
+    for stream in ("off", "on"):
+        path = tmp_path / f"eval-{stream}.json"
+        result = runner.invoke(cli, ["eval", str(artifacts["awq"]), "--baseline", str(model.path),
+                                     "--ctx", "64", "--max-tokens", "640", "--no-cache",
+                                     "--stream", stream, "--json", str(path)])
+        assert result.exit_code == 0, result.output
+        reports[stream] = json.loads(path.read_text())
+    assert (reports["off"]["mode"], reports["on"]["mode"]) == ("whole", "streamed")
+    assert reports["on"]["results"]["awq"]["kld_mean"] == \
+        reports["off"]["results"]["awq"]["kld_mean"]
+    out = tmp_path / "compare.json"
+    result = runner.invoke(cli, ["compare", str(model.path), "-m", "absmax", "-b", "4",
+                                 "--ctx", "64", "--max-tokens", "256", "--no-cache",
+                                 "--stream", "on", "--json", str(out), "--plot", ""])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["mode"] == "streamed"
