@@ -290,7 +290,7 @@ class GGUFWeights:
         from quantbench.models.arch import arch_of
         from quantbench.models.gguf_import import tensor_parts
 
-        self.file, self.config = file, config
+        self.file, self.config, self.reader = file, config, reader
         try:  # (the tensors the config stands for, e.g. rope_freqs, are left out)
             parts = tensor_parts(reader, arch_of(config))
         except ModelLoadError as exc:
@@ -333,12 +333,16 @@ class GGUFWeights:
         """The stored bytes ``[rows, row_bytes]`` (HF row order)."""
         from quantbench.formats.gguf_meta import qk_permute_heads, unpermute_qk
 
+        from quantbench.models.gguf_import import tensor_data
+
         t = self.tensors[name]
         shape = self.shape(name)
-        data = np.ascontiguousarray(t.data).view(np.uint8)
         if name in self.experts:  # expert-major: one expert's rows are one contiguous run
-            data = data.reshape(int(t.shape[2]), -1)[self.experts[name]]
-        data = torch.from_numpy(data.copy()).reshape(int(np.prod(shape[:-1])), -1)
+            size = self.n_bytes(name)
+            data = tensor_data(self.reader, t, self.experts[name] * size, size)
+        else:
+            data = tensor_data(self.reader, t).view(np.uint8)
+        data = torch.from_numpy(data).reshape(int(np.prod(shape[:-1])), -1)
         heads = qk_permute_heads(self.config, name)
         return unpermute_qk(data, heads) if heads else data
 

@@ -414,6 +414,23 @@ def llama3_rope(freqs: np.ndarray, theta: float, head_dim: int) -> dict[str, Any
                          "quantbench cannot import this file")
 
 
+def tensor_data(reader, t, start: int = 0, length: int | None = None) -> np.ndarray:
+    """The stored data of GGUF tensor ``t`` (as ``t.data``: its dtype and shape), or the bytes
+    ``start .. start+length`` of it, read from the file with a plain read: gguf-py's ``t.data``
+    is a view of a memory map whose touched pages would stay in the process's resident memory
+    (a whole multi-GB file by the end of a pass)."""
+    count = int(t.n_bytes) - start if length is None else length
+    buf = bytearray(count)
+    with open(reader.data.filename, "rb") as fh:
+        fh.seek(int(t.data_offset) + start)
+        if fh.readinto(buf) != count:
+            raise ModelLoadError(f"{reader.data.filename} ends inside tensor {t.name}; the file "
+                                 "is truncated: re-create or re-download it")
+    if length is not None:
+        return np.frombuffer(buf, dtype=np.uint8)
+    return np.frombuffer(buf, dtype=t.data.dtype).reshape(t.data.shape)
+
+
 def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor, str]]:
     """``(hf_name, float32 tensor [HF shape], ggml type name)`` for every tensor, Q/K
     unpermuted, a stacked expert tensor split per expert."""
@@ -427,7 +444,7 @@ def read_gguf_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, tor
         if t.name not in whole:
             whole.clear()
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne[0] is innermost
-            array = dequantize(t.data, t.tensor_type)
+            array = dequantize(tensor_data(reader, t), t.tensor_type)
             whole[t.name] = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
         w = whole[t.name] if e is None else whole[t.name][e]
         heads = qk_permute_heads(config, name)
