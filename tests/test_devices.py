@@ -162,3 +162,28 @@ def test_plan_on_cuda(tiny_llama, tmp_path):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["device"] == "cuda" and plan["machine_gflops"] > 1000
     assert not (tmp_path / "q").exists()
+
+
+@needs_cuda
+@pytest.mark.parametrize("method,fmt", [("gptq", "gptq"), ("llm_int8", "bitsandbytes"),
+                                        ("rtn", "gguf")])
+def test_streamed_eval_on_cuda(tiny_llama, tmp_path, method, fmt):
+    """Block-streamed evaluation with the blocks and heads on the GPU (hidden states on the
+    host, moved per micro-batch; run-time modules — LLM.int8, GGUF activation rounding —
+    moved with their block) scores as the CPU does."""
+    from quantbench.eval.run import evaluate_one
+
+    extra = ("--type", "Q4_K_M") if fmt == "gguf" else ("--format", fmt)
+    out = _convert(tiny_llama, tmp_path / "q", method, "cpu", extra) if method != "rtn" else \
+        tmp_path / "q"
+    if method == "rtn":
+        proc = run("convert", tiny_llama, "--method", "rtn", *extra, "-o", out)
+        assert proc.returncode == 0, proc.stderr
+    got = {(dev, s): evaluate_one(out, use_cache=False, device=dev, stream=s, max_tokens=2048)
+           for dev in ("cpu", "cuda") for s in ("off", "on")}
+    assert got["cuda", "on"].mode == "streamed"
+    ref = only(got["cpu", "off"])
+    for key, report in got.items():
+        r = only(report)
+        assert abs(r.ppl / ref.ppl - 1) < 1e-3, (key, r.ppl, ref.ppl)
+        assert abs(r.kld_mean - ref.kld_mean) < 1e-3 * max(ref.kld_mean, 1e-3), key
