@@ -31,6 +31,7 @@ from quantbench import tempfiles
 from quantbench.calibration.blocks import capture_layer_inputs, skeleton_for
 from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
 from quantbench.devices import CPU
+from quantbench.errors import EvalError
 from quantbench.eval.sources import EvalSource
 from quantbench.lazy import torch
 from quantbench.models.arch import ArchSpec, arch_of
@@ -60,9 +61,14 @@ class HiddenStore:
             return
         view = memoryview(values.numpy()).cast("B")
         offset = first * self.window_bytes
-        while view:  # pwrite may write less than asked
-            done = os.pwrite(self.fd, view, offset)
-            view, offset = view[done:], offset + done
+        try:
+            while view:  # pwrite may write less than asked
+                done = os.pwrite(self.fd, view, offset)
+                view, offset = view[done:], offset + done
+        except OSError as exc:  # a full disk: say where, and what to change
+            raise EvalError(f"cannot write the evaluation's spilled hidden states to "
+                            f"{self.path} ({exc.strerror or exc}): set TMPDIR to a disk with "
+                            "room, or lower --max-tokens or --windows") from None
 
     def read(self, first: int, count: int) -> "torch.Tensor":
         if self.data is not None:

@@ -352,3 +352,17 @@ def test_cli_eval_and_compare_take_stream(llama_artifacts, tmp_path):
                                  "--stream", "on", "--json", str(out), "--plot", ""])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["mode"] == "streamed"
+
+
+def test_full_disk_while_spilling_is_one_clear_error(tmp_path, monkeypatch):
+    store = streamed.Stores(tmp_path)
+    hidden = store.new((2, 4, 8))
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(EvalError, match="No space left on device.*set TMPDIR"):
+        hidden.write(0, torch.ones(1, 4, 8))
+    hidden.close()
+    store.close()
+    assert list(tmp_path.iterdir()) == []
