@@ -76,13 +76,19 @@ def _set(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
 def materialize_block(skeleton: torch.nn.Module, model: Model, index: int,
                       device: torch.device = CPU) -> torch.nn.Module:
     """Decoder block ``index`` on ``device`` in float32 with its weights read lazily from disk."""
-    layer = skeleton.get_submodule(f"{model.arch.block_prefix}.{index}")
-    layer = layer.to_empty(device=device)
-    prefix = f"{model.arch.block_prefix}.{index}."
-    state = {n[len(prefix):]: t.float() for n, t in model.weights.iter(
-        model.block_tensor_names(index))}
-    layer.load_state_dict(state, strict=True)
-    return layer.eval()
+    return materialize(skeleton, f"{model.arch.block_prefix}.{index}",
+                       model.weights.iter(model.block_tensor_names(index)), device)
+
+
+def materialize(skeleton: torch.nn.Module, path: str,
+                tensors: Iterable[tuple[str, torch.Tensor]], device: torch.device = CPU
+                ) -> torch.nn.Module:
+    """The skeleton's module at ``path`` made real in place on ``device``, float32, holding
+    exactly ``tensors`` (full names under ``path``); ``module.to("meta")`` frees it again."""
+    module = skeleton.get_submodule(path).to_empty(device=device)
+    prefix = f"{path}."
+    module.load_state_dict({n[len(prefix):]: t.float() for n, t in tensors}, strict=True)
+    return module.eval()
 
 
 class _ArgumentTap(torch.nn.Module):
@@ -111,8 +117,8 @@ def capture_inputs(model: Model, skeleton: torch.nn.Module, windows: torch.Tenso
     """Run the model's forward once per micro-batch with every decoder layer replaced by a tap:
     the embeddings (+ rotary) run, the model makes each layer's arguments (its own mask and
     position embeddings), the taps record them and block 0's input. No block is run."""
-    return capture_layer_inputs(model.arch, skeleton, model.weights.get(f"{model.arch.embed}.weight"),
-                                windows, batch_size, device)
+    embed = model.weights.get(f"{model.arch.embed}.weight")
+    return capture_layer_inputs(model.arch, skeleton, embed, windows, batch_size, device)
 
 
 def capture_layer_inputs(arch: ArchSpec, skeleton: torch.nn.Module, embed_weight: torch.Tensor,

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
+from quantbench.calibration.plan import RUNTIME_BASE_BYTES
 from quantbench.errors import EvalError, ModelLoadError
 from quantbench.eval.sources import EvalSource
 from quantbench.lazy import torch
 from quantbench.models.arch import arch_of
 
+if TYPE_CHECKING:
+    from quantbench.models.arch import ArchSpec
+
 STREAM_CHOICES = ("auto", "on", "off")
 MEMORY_SHARE = 0.8               # of MemAvailable an evaluation may plan to use
-RUNTIME_BASE_BYTES = 600 * 2**20  # Python + torch + transformers (calibration/plan.py)
 HEAD_BUFFERS = 4                  # a chunk's logits: baseline and candidate log-probs, KL terms
 
 
@@ -57,20 +61,14 @@ class EvalEstimate:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def peak_bytes(self) -> int:
-        if self.mode == "whole":
-            return self.whole_bytes
-        return self.spilled_bytes if self.spill else self.streamed_bytes
 
-
-def streamable(source: EvalSource) -> bool:
-    """Whether quantbench knows the model's layout (a ``trust_remote_code`` model: not)."""
+def _arch(source: EvalSource) -> "ArchSpec | None":
+    """The model's layout, or None where quantbench has none (a ``trust_remote_code`` model:
+    it runs whole only)."""
     try:
-        arch_of(source.config)
+        return arch_of(source.config)
     except ModelLoadError:
-        return False
-    return True
+        return None
 
 
 def estimate(source: EvalSource, models: int, windows: int, ctx: int, batch_size: int,
@@ -83,7 +81,7 @@ def estimate(source: EvalSource, models: int, windows: int, ctx: int, batch_size
     (``evaluator.chunk_rows``)."""
     if stream not in STREAM_CHOICES:
         raise EvalError(f"--stream must be one of {', '.join(STREAM_CHOICES)}, got {stream!r}")
-    arch = arch_of(source.config) if streamable(source) else None
+    arch = _arch(source)
     hp = arch.hparams(source.config) if arch else source.config
     hidden = int(hp.get("hidden_size", 0))
     vocab = int(hp.get("vocab_size", 0))
@@ -103,9 +101,10 @@ def estimate(source: EvalSource, models: int, windows: int, ctx: int, batch_size
     whole = RUNTIME_BASE_BYTES + models * 4 * params + models * batch_size * ctx * hidden * 4 \
         + act + chunk
     store = tokens * hidden * 4
+    stores = (3 if models > 1 else 2) * store  # baseline's final, a candidate's current + next
     held = RUNTIME_BASE_BYTES + 2 * 4 * block + max(4 * matrix, 2 * 4 * matrix * (models > 1)) \
         + act + chunk
-    streamed = held + (3 if models > 1 else 2) * store
+    streamed = held + stores
     spilled = held + 3 * batch_size * ctx * hidden * 4
     available = available_memory() if available is None else available
     budget = MEMORY_SHARE * available
@@ -126,21 +125,22 @@ def estimate(source: EvalSource, models: int, windows: int, ctx: int, batch_size
                 f"lower --ctx for the activations, {_gib(act)}, or QUANTBENCH_LOGITS_MB for "
                 f"the logits chunk, {_gib(chunk)}), or free memory")
         if spill:
-            _check_spill_room((3 if models > 1 else 2) * store, tokens)
+            _check_spill_room(stores, tokens)
     flop = 2 * (params - 2 * matrix) * tokens * models + 2 * matrix * tokens * (
         2 * models - 1 if mode == "streamed" else models)
     return EvalEstimate(mode, spill, models, params, tokens, int(whole), int(streamed),
-                        int(spilled), (3 if models > 1 else 2) * store if spill else 0,
+                        int(spilled), stores if spill else 0,
                         int(available), flop / 1e9)
 
 
 def _check_spill_room(need: int, tokens: int) -> None:
-    import shutil
     import tempfile
 
+    from quantbench.diskspace import free_bytes
+
     folder = tempfile.gettempdir()
-    free = shutil.disk_usage(folder).free
-    if need > free:
+    free = free_bytes(Path(folder))
+    if free is not None and need > free:
         raise EvalError(f"the hidden states of {tokens:,} tokens do not fit in memory and need "
                         f"{_gib(need)} of spill space in {folder}, {_gib(free)} is free: set "
                         "TMPDIR to a disk with room, or lower --max-tokens or --windows")

@@ -315,7 +315,7 @@ def _streamed(lm: "StreamedLM", name: str, windows: torch.Tensor, protocol: Eval
     blocks = len(lm.skeleton.get_submodule(lm.arch.block_prefix))
     with block_progress(blocks + 1, f"eval {name}", progress, unit="blocks") as advance:
         try:
-            timed_run(lm, windows, protocol.batch_size, stores, lambda label: advance(label),
+            timed_run(lm, windows, protocol.batch_size, stores, advance,
                       tally.seconds, name)
         except BaseException:
             lm.close()

@@ -8,6 +8,7 @@ tensors, dequantized the same way, with the same run-time modules swapped in.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -52,7 +53,7 @@ def source_factory(model: Model, device: "torch.device | None" = None) -> EvalSo
     names = model.weights.names()
     return EvalSource(model.config, names, model.weights.iter, device=device,
                       trust_remote_code=model.trust_remote_code,
-                      sizes={n: _numel(model.weights.shape(n)) for n in names})
+                      sizes={n: math.prod(model.weights.shape(n)) for n in names})
 
 
 def artifact_factory(artifact: Artifact, device: "torch.device | None" = None) -> EvalSource:
@@ -61,9 +62,3 @@ def artifact_factory(artifact: Artifact, device: "torch.device | None" = None) -
     return EvalSource(artifact.config, artifact.tensor_names(), artifact.dequantized,
                       lambda net, under: apply_runtime(net, artifact, under), device=device)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -25,10 +25,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from quantbench import tempfiles
-from quantbench.calibration.blocks import capture_layer_inputs, skeleton_for
+from quantbench.calibration.blocks import capture_layer_inputs, materialize, skeleton_for
 from quantbench.calibration.memory import heap_for_temporaries, pin_mmap_threshold
 from quantbench.devices import CPU
 from quantbench.errors import EvalError
@@ -140,16 +140,11 @@ class StreamedLM:
         self.final: HiddenStore | None = None
         self._head: "torch.nn.Module | None" = None
 
-    def _tensors(self, names: list[str], prefix: str) -> dict[str, "torch.Tensor"]:
-        return {n[len(prefix):]: t.float() for n, t in self.source.read(names)}
-
     def _load(self, path: str) -> "torch.nn.Module":
         """The module at ``path`` of the skeleton on the device, its weights read, run-time
         modules swapped in (the skeleton keeps it until :meth:`_free`)."""
-        prefix = f"{path}."
-        names = [n for n in self.source.names if n.startswith(prefix)]
-        module = self.skeleton.get_submodule(path).to_empty(device=self.device)
-        module.load_state_dict(self._tensors(names, prefix), strict=True)
+        names = [n for n in self.source.names if n.startswith(f"{path}.")]
+        materialize(self.skeleton, path, self.source.read(names), self.device)
         return self._runtime(path)
 
     def _runtime(self, path: str) -> "torch.nn.Module":
@@ -206,10 +201,10 @@ class StreamedLM:
     def load_head(self) -> None:
         """The vocabulary head on the device (the embedding matrix when tied)."""
         weight = f"{self.arch.lm_head}.weight"
-        if self.tied or weight not in self.source.names:
-            module = self.skeleton.get_submodule(self.arch.lm_head).to_empty(device=self.device)
-            name = f"{self.arch.embed}.weight"
-            module.load_state_dict({"weight": dict(self.source.read([name]))[name].float()})
+        if self.tied or weight not in self.source.names:  # the embedding matrix, renamed
+            embed = self.source.read([f"{self.arch.embed}.weight"])
+            materialize(self.skeleton, self.arch.lm_head,
+                        ((weight, t) for _, t in embed), self.device)
             self._head = self._runtime(self.arch.lm_head)
         else:
             self._head = self._load(self.arch.lm_head)
@@ -245,7 +240,3 @@ def timed_run(lm: StreamedLM, windows: "torch.Tensor", batch_size: int, stores: 
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
     seconds[name] += time.perf_counter() - start
-
-
-def describe_stores(stores: Stores) -> dict[str, Any]:
-    return {"spill": None if stores.folder is None else str(stores.folder)}

@@ -110,7 +110,7 @@ class Artifact:
                     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor (or those of ``names``, in that order) as a runtime sees it."""
         if names is None:
-            names = [*self.plain_names, *self.quantized_names]
+            names = self.tensor_names()
         quantized = set(self.quantized_names)
         for name in names:  # quantized: exact scale·(code−zero), as a runtime computes it
             yield name, (finite(self.path, name, self.quantized(name).dequantize())

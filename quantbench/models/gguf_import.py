@@ -419,13 +419,14 @@ def tensor_data(reader, t, start: int = 0, length: int | None = None) -> np.ndar
     ``start .. start+length`` of it, read from the file with a plain read: gguf-py's ``t.data``
     is a view of a memory map whose touched pages would stay in the process's resident memory
     (a whole multi-GB file by the end of a pass)."""
+    from quantbench.models.weights import read_range
+
     count = int(t.n_bytes) - start if length is None else length
-    buf = bytearray(count)
-    with open(reader.data.filename, "rb") as fh:
-        fh.seek(int(t.data_offset) + start)
-        if fh.readinto(buf) != count:
-            raise ModelLoadError(f"{reader.data.filename} ends inside tensor {t.name}; the file "
-                                 "is truncated: re-create or re-download it")
+    try:
+        buf = read_range(reader.data.filename, int(t.data_offset) + start, count)
+    except ValueError:
+        raise ModelLoadError(f"{reader.data.filename} ends inside tensor {t.name}; the file "
+                             "is truncated: re-create or re-download it") from None
     if length is not None:
         return np.frombuffer(buf, dtype=np.uint8)
     return np.frombuffer(buf, dtype=t.data.dtype).reshape(t.data.shape)

@@ -41,6 +41,17 @@ def _open_checked(path: Path):
         ) from exc
 
 
+def read_range(path: Path, offset: int, count: int) -> bytearray:
+    """``count`` bytes of ``path`` from ``offset``, with a plain read (no memory map: its
+    touched pages would stay resident); ValueError when the file ends first."""
+    buf = bytearray(count)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        if fh.readinto(buf) != count:
+            raise ValueError("the file ends before the tensor's data")
+    return buf
+
+
 class LazyWeights:
     """Name → tensor, read on demand with ``safe_open`` (memory-mapped, nothing preloaded).
 
@@ -173,11 +184,7 @@ class LazyWeights:
                 numel *= d
             start, end = start + view[0] * size, start + (view[0] + numel) * size
             entry = {"shape": list(view[1])}
-        buf = bytearray(end - start)
-        with open(path, "rb") as fh:
-            fh.seek(base + start)
-            if fh.readinto(buf) != len(buf):
-                raise ValueError("the file ends before the tensor's data")
+        buf = read_range(path, base + start, end - start)
         if not buf:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
